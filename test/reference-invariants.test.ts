@@ -123,3 +123,20 @@ function permutedModel(model: ReferenceModel, seed: number, moveRouter = true): 
   });
   return new (model.constructor as new (...a: unknown[]) => ReferenceModel)(s, { ...model.w, layers });
 }
+
+t.test('generated weights keep activations in a sane range through every layer', async (t) => {
+  const rms = (a: Float32Array) => Math.sqrt(a.reduce((acc, v) => acc + v * v, 0) / a.length);
+  for (const arch of ARCHITECTURES) {
+    const spec = tinySpec(arch, { numLayers: 8 });
+    const model = memoryModel(spec, 1);
+    const perLayer: number[] = [];
+    const logits = model.forward(randomTokens(16, spec.vocabSize, 2), model.newCache(), {
+      onResidual: (_l, x) => perLayer.push(rms(x)),
+    });
+    t.ok(logits.every(Number.isFinite), `${arch}: finite logits`);
+    t.comment(`${arch}: residual rms by layer ${perLayer.map((r) => r.toFixed(2)).join(' ')}; logit rms ${rms(logits).toFixed(2)}`);
+    // Embeddings have rms 1; each of 16 sublayers adds O(1), so the stream stays within a few units.
+    t.ok(perLayer.every((r) => r > 0.5 && r < 8), `${arch}: residual rms within (0.5, 8)`);
+    t.ok(rms(logits) > 1 && rms(logits) < 20, `${arch}: logit rms within (1, 20)`);
+  }
+});

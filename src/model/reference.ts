@@ -223,6 +223,8 @@ export interface ForwardOptions {
   forcedRouting?: Routing[][];
   /** Called with each layer's routing of the new tokens. */
   onRouting?: (layer: number, routing: Routing[]) => void;
+  /** Called with the residual stream (tokens, hidden) after each layer. */
+  onResidual?: (layer: number, x: Float32Array) => void;
 }
 
 export class ReferenceModel {
@@ -266,6 +268,7 @@ export class ReferenceModel {
       const moe = moeBlock(s, lw, normed, T, opts.forcedRouting?.[l]);
       opts.onRouting?.(l, moe.routing);
       for (let i = 0; i < x.length; i++) x[i] += moe.out[i];
+      opts.onResidual?.(l, x);
     }
     const logits = new Float32Array(T * s.vocabSize);
     for (let t = 0; t < T; t++) {
