@@ -11,9 +11,13 @@
 
 #include "cpu_features.h"
 #include "device_probe.h"
+#include "engine_napi.h"
 #include "safetensors.h"
 
 namespace moe {
+
+void RegisterKernels(Napi::Env env, Napi::Object exports);  // kernels_napi.cc
+
 namespace {
 
 Napi::Value Version(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), MOE_NATIVE_VERSION); }
@@ -77,6 +81,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo, "cudaInfo"));
   exports.Set("hardwareConcurrency", Napi::Function::New(env, HardwareConcurrency, "hardwareConcurrency"));
   RegisterSafetensors(env, exports);
+  RegisterEngine(env, exports);
+  RegisterKernels(env, exports);
   return exports;
 }
 

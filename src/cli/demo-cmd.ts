@@ -9,7 +9,7 @@ const DEMO_ARCH = 'qwen3_moe';
 const DEMO_PRESET = 'demo';
 const DEMO_SEED = 1;
 /** Bump when the generated demo checkpoint changes, so stale caches are not reused. */
-const DEMO_REVISION = 1;
+const DEMO_REVISION = 2;
 
 /** The built-in demo model's directory, generated on first use and reused after. */
 export function ensureDemoModel(log: (s: string) => void = () => {}): string {

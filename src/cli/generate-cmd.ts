@@ -1,8 +1,27 @@
+import { availableParallelism } from 'node:os';
 import { generateTokens } from '../engine/generate.js';
-import { openModel } from '../model/checkpoint.js';
+import { NativeRunner, WEIGHT_FORMATS, type WeightFormat } from '../engine/native-runner.js';
+import { storedFormat } from '../engine/weight-format.js';
+import type { ModelRunner } from '../engine/runner.js';
+import { openModel, type OpenedModel } from '../model/checkpoint.js';
 import { ReferenceModel } from '../model/reference.js';
 import { IncrementalDecoder } from '../model/tokenizer.js';
-import { intOpt, numOpt, parse, required } from './args.js';
+import { choiceOpt, intOpt, numOpt, parse, required } from './args.js';
+
+export const WEIGHT_CHOICES = ['auto', ...Object.keys(WEIGHT_FORMATS)] as readonly string[] as readonly ('auto' | WeightFormat)[];
+
+
+/** The runner a command asked for: the native engine (default) or the reference pass. */
+export function makeRunner(m: OpenedModel, engine: 'native' | 'reference', weights: 'auto' | WeightFormat, threads: number, positions: number): ModelRunner | ReferenceModel {
+  if (engine === 'reference') return ReferenceModel.fromSource(m.spec, (name) => m.weights.float32(name));
+  const blockSize = 16;
+  return NativeRunner.fromCheckpoint(m.spec, m.weights, {
+    weights: weights === 'auto' ? storedFormat(m) : weights,
+    threads,
+    kvBlockSize: blockSize,
+    kvBlocks: Math.ceil(positions / blockSize),
+  });
+}
 
 const HELP = `usage: moe-serve generate --model DIR --prompt TEXT [options]
 
@@ -18,6 +37,9 @@ options:
   --top-p P          nucleus sampling [1]
   --top-k K          keep the K most likely tokens, 0 for all [0]
   --seed N           sampling seed [0]
+  --engine E         native | reference (the plain TypeScript oracle) [native]
+  --weights W        weights in memory: auto (as stored) | f32 | bf16 | f16 | q8 | q4 [auto]
+  --threads N        compute threads [all cores]
 `;
 
 export interface GenerateArgs {
@@ -30,6 +52,9 @@ export interface GenerateArgs {
   topP: number;
   topK: number;
   seed: number;
+  engine?: 'native' | 'reference';
+  weights?: 'auto' | WeightFormat;
+  threads?: number;
 }
 
 export async function runGenerate(a: GenerateArgs, out: (s: string) => void): Promise<void> {
@@ -48,7 +73,8 @@ export async function runGenerate(a: GenerateArgs, out: (s: string) => void): Pr
     if (promptIds.length >= m.spec.maxPositionEmbeddings) {
       throw new Error(`the prompt has ${promptIds.length} tokens; the model's context is ${m.spec.maxPositionEmbeddings}`);
     }
-    const model = ReferenceModel.fromSource(m.spec, (name) => m.weights.float32(name));
+    const positions = Math.min(m.spec.maxPositionEmbeddings, promptIds.length + a.maxTokens);
+    const model = makeRunner(m, a.engine ?? 'native', a.weights ?? 'auto', a.threads ?? availableParallelism(), positions);
     const stopIds = [...new Set([...m.spec.eosTokenIds, ...tok.eosTokenIds])];
     const dec = new IncrementalDecoder(tok);
     const gen = generateTokens(model, promptIds, {
@@ -58,7 +84,11 @@ export async function runGenerate(a: GenerateArgs, out: (s: string) => void): Pr
       stopIds,
       vocabLimit: tok.vocabSize,
     });
-    for (let r = gen.next(); !r.done; r = gen.next()) out(dec.push(r.value));
+    try {
+      for (let r = gen.next(); !r.done; r = gen.next()) out(dec.push(r.value));
+    } finally {
+      if (!(model instanceof ReferenceModel)) model.close();
+    }
     out(dec.flush());
     out('\n');
   } finally {
@@ -79,6 +109,9 @@ export const generateCommand = {
       'top-p': { type: 'string' },
       'top-k': { type: 'string' },
       seed: { type: 'string' },
+      engine: { type: 'string' },
+      weights: { type: 'string' },
+      threads: { type: 'string' },
     });
     if (v.help) {
       process.stdout.write(HELP);
@@ -95,6 +128,9 @@ export const generateCommand = {
         topP: numOpt(v, 'top-p', 1, 0.000001, 1),
         topK: intOpt(v, 'top-k', 0, 0),
         seed: intOpt(v, 'seed', 0, 0, 0xffffffff),
+        engine: choiceOpt(v, 'engine', ['native', 'reference'] as const, 'native'),
+        weights: choiceOpt(v, 'weights', WEIGHT_CHOICES, 'auto'),
+        threads: intOpt(v, 'threads', availableParallelism(), 1, 1024),
       },
       (s) => process.stdout.write(s),
     );

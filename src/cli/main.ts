@@ -2,9 +2,11 @@
 
 import { UsageError } from './args.js';
 import { demoCommand } from './demo-cmd.js';
+import { exportGgufCommand } from './export-gguf-cmd.js';
 import { generateCommand } from './generate-cmd.js';
 import { inspectCommand } from './inspect-cmd.js';
 import { makeModelCommand } from './make-model-cmd.js';
+import { serveCommand } from './serve-cmd.js';
 
 interface Command {
   summary: string;
@@ -15,7 +17,9 @@ const COMMANDS: Record<string, Command> = {
   'make-model': makeModelCommand,
   generate: generateCommand,
   inspect: inspectCommand,
+  'export-gguf': exportGgufCommand,
   demo: demoCommand,
+  serve: serveCommand,
 };
 
 function usage(): string {

@@ -92,6 +92,103 @@ export interface SafetensorsOpenResult {
   tensors: NativeTensorEntry[];
 }
 
+/** Options of a NativeEngine: the model's shape, the weight format, threads and the KV pool. */
+export interface NativeEngineOptions {
+  vocab: number;
+  hidden: number;
+  layers: number;
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+  experts: number;
+  topK: number;
+  expertWidth: number;
+  /** 0 when there is no shared expert. */
+  sharedWidth: number;
+  /** softmax → top-k → renormalise (true), or keep the softmax values (false). */
+  renormTopK: boolean;
+  qkNorm: 'none' | 'per_head' | 'full';
+  qkvBias: boolean;
+  tieEmbeddings: boolean;
+  rmsEps: number;
+  ropeTheta: number;
+  maxPositions: number;
+  /** Storage format of the large matrices: f32, f16, bf16, q8_0, q4_0. */
+  weights: string;
+  threads: number;
+  kvBlockSize: number;
+  kvBlocks: number;
+}
+
+/**
+ * The native CPU engine. A step's batch is given as three flat arrays: `tokens` (all new
+ * tokens, sequence after sequence), `seqs` ([startPos, nTokens, wantLogits 0/1, nBlocks] per
+ * sequence) and `blocks` (the sequences' KV block tables, concatenated). Logits come back
+ * as (rows, vocab), one row per sequence with wantLogits, in batch order.
+ */
+export interface NativeEngine {
+  /** Loads one tensor (rows, cols) stored as F32, F16 or BF16, converting it to the engine's format. Roles: see native/src/engine.h. */
+  setTensor(role: string, layer: number, expert: number, bytes: Uint8Array, dtype: string, rows: number, cols: number): void;
+  /** Checks that every tensor was given; the engine runs after this. */
+  finalize(): void;
+  /** The fused step: every layer with the model's own router. */
+  step(tokens: Int32Array, seqs: Int32Array, blocks: Int32Array): Float32Array;
+  /** The step in pieces: beginStep, then per layer in order attention(l) → experts(l, ...), then endStep. */
+  beginStep(tokens: Int32Array, seqs: Int32Array, blocks: Int32Array): void;
+  /** Attention of layer l for the step's tokens; returns the router logits (tokens, experts). */
+  attention(layer: number): Float32Array;
+  /** Routed experts of layer l: ids and gate weights, k per token (tokens * k entries). */
+  experts(layer: number, ids: Int32Array, weights: Float32Array, k: number): void;
+  endStep(): Float32Array;
+  /** The model's gating rule on router logits (tokens, experts) → top-k ids and weights. */
+  route(routerLogits: Float32Array, tokens: number): { ids: Int32Array; weights: Float32Array };
+  info(): { weightBytes: number; kvBytes: number; expertBytes: number; weights: string; isa: string; threads: number };
+  /** Frees the weights and the KV cache; the engine is unusable after. */
+  close(): void;
+}
+
+/** Weight storage formats of the matrix kernels (ggml block layouts for q8_0 / q4_0). */
+export type WeightType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_0';
+/** Kernel families; the default is the best the CPU supports unless MOE_SERVE_ISA names another. */
+export type KernelIsa = 'scalar' | 'avx2' | 'avx512';
+
+export interface KernelInfo {
+  /** What this CPU and OS support. */
+  best: KernelIsa;
+  /** What serves calls now (MOE_SERVE_ISA at first use, or setIsa). */
+  active: KernelIsa;
+  /** The avx512 family uses vpdpbusd for q8_0 / q4_0. */
+  vnni: boolean;
+  /** The avx512 family uses vdpbf16ps for bf16. */
+  bf16: boolean;
+  /** AMX tile kernels in use (not implemented yet: always false). */
+  amx: boolean;
+}
+
+/** Result of kernelBench: one matmul over all rows, timed natively. */
+export interface KernelBenchResult {
+  calls: number;
+  /** Seconds per call (mean). */
+  seconds: number;
+  /** Weight bytes read per call (rows * rowBytes). */
+  bytesPerCall: number;
+  /** Distinct weight matrices cycled through, together >= minBytes. */
+  copies: number;
+  /** Seconds of one prepare_acts for the same activations (buffer reused). */
+  prepareSeconds: number;
+  isa: KernelIsa;
+  checksum: number;
+}
+
+/** Result of streamBench: the memory-bandwidth probe. */
+export interface StreamBenchResult {
+  passes: number;
+  /** Seconds per pass over the whole buffer (mean). */
+  seconds: number;
+  bytes: number;
+  checksum: number;
+}
+
 export interface NativeAddon {
   /** Version of the native addon, e.g. "0.1.0". */
   version(): string;
@@ -108,6 +205,56 @@ export interface NativeAddon {
    * file, the tensor when there is one, and the problem.
    */
   safetensorsOpen(path: string): SafetensorsOpenResult;
+
+  // ---- Matrix kernels (native/src/kernels*.cc); test and benchmark entry points ----
+  kernelInfo(): KernelInfo;
+  /** Forces a kernel family for this process; false (and no change) if the CPU cannot run it. */
+  setIsa(name: KernelIsa): boolean;
+  /** Row-major (rows, cols) float32 -> the format's bytes (rows * rowBytes); cols % 32 == 0 for q8_0 / q4_0. */
+  quantizeRows(type: WeightType, f32: Float32Array, rows: number, cols: number): Uint8Array;
+  /** One row of `cols` weights back to float32. */
+  dequantizeRow(type: WeightType, bytes: Uint8Array, cols: number): Float32Array;
+  /**
+   * The activations X (n, cols) as the kernels for `type` multiply them: bf16-rounded for
+   * bf16, int8 blocks times their scale for q8_0 / q4_0, unchanged for f32 / f16.
+   */
+  actsDequantize(type: WeightType, x: Float32Array, n: number, cols: number): Float32Array;
+  /**
+   * Y = X W^T with the active kernels on a fresh pool of `threads`: weights (rows, cols) in
+   * `type`, X (n, cols) float32; returns Y (n, rows), y[t * rows + r].
+   */
+  matmulTest(
+    type: WeightType,
+    weights: Uint8Array,
+    rows: number,
+    cols: number,
+    x: Float32Array,
+    n: number,
+    threads: number,
+  ): Float32Array;
+  /**
+   * Runs `items` short items on a pool of `threads` (>= 2) where the first item run by a
+   * worker throws; the error must reach the caller (this function then throws it). Returns
+   * the number of items run if no worker ever got an item.
+   */
+  poolThrowTest(threads: number, items: number): number;
+  /**
+   * Times matmuls (rows, cols) x n tokens on `threads`, cycling over distinct weight copies
+   * totalling >= minBytes so that caches do not help, for at least `seconds`.
+   */
+  kernelBench(
+    type: WeightType,
+    rows: number,
+    cols: number,
+    n: number,
+    threads: number,
+    minBytes: number,
+    seconds: number,
+  ): KernelBenchResult;
+  /** Memory-bandwidth probe: `threads` stream-read a buffer of `bytes` for at least `seconds`. */
+  streamBench(bytes: number, threads: number, seconds: number): StreamBenchResult;
+  /** The CPU engine (native/src/engine.h). */
+  NativeEngine: new (options: NativeEngineOptions) => NativeEngine;
 }
 
 /** Walks up from this module to the moe-serve package root (works from src/ and dist/). */

@@ -30,13 +30,14 @@ const TORCH_DTYPE = { f32: 'float32', f16: 'float16', bf16: 'bfloat16' } as cons
 
 /** The spec a preset gives for an architecture, with the generated tokenizer's ids. */
 export function specForPreset(arch: Architecture, preset = 'tiny', overrides: Partial<ModelSpec> = {}) {
-  const { bpeMerges, ...shape } = presetShape(preset, arch);
+  const { bpeMerges, vocabSize, ...shape } = presetShape(preset, arch);
   const tok = buildTokenizerFiles(arch, { numMerges: bpeMerges });
+  if (vocabSize !== undefined && vocabSize < tok.size) throw new Error(`preset ${preset}: vocabSize ${vocabSize} is below the tokenizer's ${tok.size} ids`);
   const spec: ModelSpec = {
     arch,
     ...shape,
     // Real checkpoints pad the embedding matrix past the tokenizer's ids.
-    vocabSize: Math.ceil(tok.size / 64) * 64,
+    vocabSize: vocabSize ?? Math.ceil(tok.size / 64) * 64,
     gating: arch === 'mixtral' || arch === 'qwen3_moe' ? 'softmax_topk_renorm' : 'softmax_topk',
     qkNorm: arch === 'qwen3_moe' ? 'per_head' : arch === 'olmoe' ? 'full' : 'none',
     qkvBias: arch === 'qwen2_moe',
@@ -48,10 +49,11 @@ export function specForPreset(arch: Architecture, preset = 'tiny', overrides: Pa
 }
 
 /**
- * Initial values scaled as a real initialisation: linear weights with variance 1/fan_in
- * so each projection preserves the activations' scale through every layer; norm weights
- * near 1 (not exactly 1, so that a forgotten norm weight shows in tests); the LM head a
- * little wider so next-token distributions are peaked as a trained model's are.
+ * Initial values scaled as a real initialisation: linear weights uniform with variance
+ * 1/fan_in (the shape of PyTorch's default Kaiming-uniform init) so each projection
+ * preserves the activations' scale through every layer; norm weights near 1 (not exactly
+ * 1, so that a forgotten norm weight shows in tests); the LM head a little wider so
+ * next-token distributions are peaked as a trained model's are.
  */
 export function initTensor(t: TensorShape, seed: number): Float32Array {
   const n = t.shape.reduce((a, b) => a * b, 1);
@@ -59,17 +61,17 @@ export function initTensor(t: TensorShape, seed: number): Float32Array {
   const rng = new Rng(hashSeed(seed, t.name));
   switch (t.role) {
     case 'embed':
-      return rng.fillNormal(out, 0, 1);
+      return rng.fillUniform(out, 0, 1);
     case 'norm':
       return rng.fillNormal(out, 1, 0.1);
     case 'bias':
       return rng.fillNormal(out, 0, 0.1);
     case 'lm_head':
-      return rng.fillNormal(out, 0, 4 / Math.sqrt(t.fanIn));
+      return rng.fillUniform(out, 0, 4 / Math.sqrt(t.fanIn));
     case 'linear':
     case 'router':
     case 'expert':
-      return rng.fillNormal(out, 0, 1 / Math.sqrt(t.fanIn));
+      return rng.fillUniform(out, 0, 1 / Math.sqrt(t.fanIn));
   }
 }
 

@@ -7,6 +7,8 @@ import type { Architecture, ModelSpec } from './spec.js';
 export type PresetShape = Omit<ModelSpec, 'arch' | 'vocabSize' | 'bosTokenId' | 'eosTokenIds' | 'gating' | 'qkNorm' | 'qkvBias'> & {
   /** BPE merges learned for the generated tokenizer. */
   bpeMerges: number;
+  /** Embedding rows, when the real model's (padded past the tokenizer) are wanted; else the tokenizer's size rounded up to 64. */
+  vocabSize?: number;
 };
 
 export interface Preset {
@@ -53,6 +55,53 @@ export const PRESETS: Record<string, Preset> = {
         tieWordEmbeddings: false,
         bpeMerges: 4000,
       },
+    },
+  },
+};
+
+// Real models' shapes with fewer layers, for benchmarks: the bytes read per token per
+// layer are the real model's, so decode speed scales to the full depth.
+PRESETS['qwen3-30b-a3b-8l'] = {
+  description: 'Qwen3-30B-A3B shape (hidden 2048, 128 experts, top-8, width 768, vocab 151936) with 8 of its 48 layers',
+  shapes: {
+    qwen3_moe: {
+      hiddenSize: 2048,
+      numLayers: 8,
+      numHeads: 32,
+      numKvHeads: 4,
+      headDim: 128,
+      numExperts: 128,
+      topK: 8,
+      expertIntermediateSize: 768,
+      sharedExpertIntermediateSize: 0,
+      rmsNormEps: 1e-6,
+      ropeTheta: 1e6,
+      maxPositionEmbeddings: 40960,
+      tieWordEmbeddings: false,
+      bpeMerges: 4000,
+      vocabSize: 151936,
+    },
+  },
+};
+PRESETS['mixtral-8x7b-2l'] = {
+  description: 'Mixtral-8x7B shape (hidden 4096, 8 experts, top-2, width 14336, vocab 32000) with 2 of its 32 layers',
+  shapes: {
+    mixtral: {
+      hiddenSize: 4096,
+      numLayers: 2,
+      numHeads: 32,
+      numKvHeads: 8,
+      headDim: 128,
+      numExperts: 8,
+      topK: 2,
+      expertIntermediateSize: 14336,
+      sharedExpertIntermediateSize: 0,
+      rmsNormEps: 1e-5,
+      ropeTheta: 1e6,
+      maxPositionEmbeddings: 32768,
+      tieWordEmbeddings: false,
+      bpeMerges: 4000,
+      vocabSize: 32000,
     },
   },
 };

@@ -1,0 +1,84 @@
+// Matrix-kernel benchmark: `npx tsx bench/kernels.ts` (about a minute on 2 cores).
+//
+// Decode (n <= 8) is memory-bound: its figure is the effective bandwidth of weight
+// traffic (weight bytes / time per call) against a streaming-read probe measured in the
+// same run with the same threads and the same pool. Each matmul cycles over distinct
+// copies of the matrix (>= 256 MB together, like the experts of a layer) so that the
+// caches do not help. Prefill (n >= 32) is compute-bound: its figure is GMAC/s.
+//
+// Options (environment): BENCH_THREADS (default 2), BENCH_SECONDS per figure (default 0.4).
+// The last line is JSON: [{name, value, unit, compared_to}].
+import { loadNative, type WeightType } from '../src/engine/native.js';
+
+interface Figure {
+  name: string;
+  value: number;
+  unit: string;
+  compared_to: string | null;
+}
+
+const MB = 1 << 20;
+const threads = Number(process.env.BENCH_THREADS ?? 2);
+const seconds = Number(process.env.BENCH_SECONDS ?? 0.4);
+const addon = loadNative();
+const info = addon.kernelInfo();
+const figures: Figure[] = [];
+const round = (v: number, digits = 2) => Number(v.toFixed(digits));
+
+console.log(
+  `kernels: isa=${info.active} (best ${info.best}, vnni ${info.vnni}, bf16 ${info.bf16}, amx ${info.amx}), threads=${threads}`,
+);
+
+// The probe: a plain streaming read of a 512 MB buffer, split over the pool's threads.
+const probe = addon.streamBench(512 * MB, threads, 1.0);
+const probeGBs = probe.bytes / probe.seconds / 1e9;
+const probe1 = addon.streamBench(512 * MB, 1, 0.5);
+const probe1GBs = probe1.bytes / probe1.seconds / 1e9;
+console.log(`stream-read probe: ${probeGBs.toFixed(1)} GB/s with ${threads} threads, ${probe1GBs.toFixed(1)} GB/s with 1`);
+figures.push({ name: `stream-read probe, ${threads} threads`, value: round(probeGBs), unit: 'GB/s', compared_to: null });
+figures.push({ name: 'stream-read probe, 1 thread', value: round(probe1GBs), unit: 'GB/s', compared_to: null });
+
+const types: WeightType[] = ['q8_0', 'q4_0', 'bf16'];
+const shapes: [number, number][] = [
+  [768, 2048],
+  [2048, 768],
+  [4096, 2048],
+];
+const ns = [1, 8, 32, 512];
+
+function run(type: WeightType, rows: number, cols: number, n: number): void {
+  // Decode cycles over >= 256 MB of copies; prefill is compute-bound, 64 MB is plenty.
+  const minBytes = n <= 8 ? 256 * MB : 64 * MB;
+  const r = addon.kernelBench(type, rows, cols, n, threads, minBytes, seconds);
+  const gbs = r.bytesPerCall / r.seconds / 1e9;
+  const gmacs = (rows * cols * n) / r.seconds / 1e9;
+  const label = `${type} ${rows}x${cols} n=${n}`;
+  const frac = gbs / probeGBs;
+  console.log(
+    `${label.padEnd(26)} ${(r.seconds * 1e6).toFixed(1).padStart(9)} us  ${gbs.toFixed(1).padStart(6)} GB/s` +
+      ` (${(100 * frac).toFixed(0).padStart(3)}% of probe)  ${gmacs.toFixed(1).padStart(7)} GMAC/s` +
+      `  prepare ${(r.prepareSeconds * 1e6).toFixed(1)} us`,
+  );
+  if (n <= 8) {
+    figures.push({
+      name: `${label} weight traffic`,
+      value: round(gbs),
+      unit: 'GB/s',
+      compared_to: `stream-read probe ${probeGBs.toFixed(1)} GB/s: ${(100 * frac).toFixed(1)}%`,
+    });
+  } else {
+    figures.push({
+      name: `${label} throughput`,
+      value: round(gmacs),
+      unit: 'GMAC/s',
+      compared_to: `weight traffic ${gbs.toFixed(1)} GB/s = ${(100 * frac).toFixed(1)}% of probe`,
+    });
+  }
+}
+
+for (const type of types) {
+  for (const [rows, cols] of shapes) for (const n of ns) run(type, rows, cols, n);
+  run(type, 151936, 2048, 1);
+}
+
+console.log(JSON.stringify(figures));

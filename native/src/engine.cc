@@ -1,0 +1,575 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "vecops.h"
+
+namespace moe {
+
+namespace {
+
+// Rows per work item of a matrix product: large enough to amortise the dispatch, small
+// enough that two threads stay balanced on the small matrices of decode.
+constexpr int64_t kRowChunk = 32;
+
+std::string fmt(const char* what, int64_t a, int64_t b) {
+  return std::string(what) + " (" + std::to_string(a) + " vs " + std::to_string(b) + ")";
+}
+
+void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* y) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; i++) ss += static_cast<double>(x[i]) * x[i];
+  const double inv = 1.0 / std::sqrt(ss / static_cast<double>(n) + eps);
+  for (int64_t i = 0; i < n; i++) y[i] = w[i] * static_cast<float>(x[i] * inv);
+}
+
+float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+}  // namespace
+
+void OwnedMat::alloc(WType t, int64_t rows, int64_t cols) {
+  bytes.assign(row_bytes(t, cols) * static_cast<size_t>(rows), 0);
+  m = WMat{t, rows, cols, bytes.data()};
+}
+
+Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
+  const auto positive = [](int64_t v, const char* name) {
+    if (v <= 0) throw std::invalid_argument(std::string(name) + " must be positive, got " + std::to_string(v));
+  };
+  positive(cfg.vocab, "vocab");
+  positive(cfg.hidden, "hidden");
+  positive(cfg.layers, "layers");
+  positive(cfg.heads, "heads");
+  positive(cfg.kv_heads, "kv_heads");
+  positive(cfg.head_dim, "head_dim");
+  positive(cfg.experts, "experts");
+  positive(cfg.top_k, "top_k");
+  positive(cfg.expert_width, "expert_width");
+  positive(cfg.kv_block_size, "kv_block_size");
+  positive(cfg.kv_blocks, "kv_blocks");
+  positive(cfg.threads, "threads");
+  if (cfg.heads % cfg.kv_heads != 0) throw std::invalid_argument(fmt("heads must be a multiple of kv_heads", cfg.heads, cfg.kv_heads));
+  if (cfg.top_k > cfg.experts) throw std::invalid_argument(fmt("top_k exceeds experts", cfg.top_k, cfg.experts));
+  if (cfg.head_dim % 2 != 0) throw std::invalid_argument("head_dim must be even");
+  const int64_t bc = block_cols(cfg.wtype);
+  const int64_t q_dim = cfg.heads * cfg.head_dim;
+  for (int64_t c : {cfg.hidden, q_dim, cfg.expert_width, cfg.shared_width}) {
+    if (c % bc != 0) {
+      throw std::invalid_argument(std::string("weights ") + wtype_name(cfg.wtype) + " need every matrix width to be a multiple of " +
+                                  std::to_string(bc) + ", got " + std::to_string(c));
+    }
+  }
+  pool_ = std::make_unique<ThreadPool>(cfg.threads);
+  layers_.resize(static_cast<size_t>(cfg.layers));
+  const int64_t kv_dim = cfg.kv_heads * cfg.head_dim;
+  const size_t kv_elems = static_cast<size_t>(cfg.kv_blocks * cfg.kv_block_size * kv_dim);
+  k_cache_.assign(static_cast<size_t>(cfg.layers), std::vector<float>(kv_elems, 0.f));
+  v_cache_.assign(static_cast<size_t>(cfg.layers), std::vector<float>(kv_elems, 0.f));
+  for (auto& l : layers_) {
+    l.experts.resize(static_cast<size_t>(cfg.experts));
+  }
+}
+
+Engine::~Engine() = default;
+
+namespace {
+
+// Packs rows of float32 into `dst` (already sized) in the given format.
+void pack_rows(WType t, const float* src, int64_t rows, int64_t cols, uint8_t* dst) { quantize_rows(t, src, rows, cols, dst); }
+
+void expert_alloc(ExpertMat& e, WType t, int64_t width, int64_t hidden) {
+  const size_t gu = row_bytes(t, hidden) * static_cast<size_t>(2 * width);
+  const size_t dn = row_bytes(t, width) * static_cast<size_t>(hidden);
+  e.bytes.assign(gu + dn, 0);
+  e.gate_up = WMat{t, 2 * width, hidden, e.bytes.data()};
+  e.down = WMat{t, hidden, width, e.bytes.data() + gu};
+}
+
+}  // namespace
+
+void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, const float* data, int64_t rows, int64_t cols) {
+  const EngineConfig& c = cfg_;
+  const int64_t H = c.hidden;
+  const int64_t q_dim = c.heads * c.head_dim;
+  const int64_t kv_dim = c.kv_heads * c.head_dim;
+  const auto expect = [&](int64_t r, int64_t co) {
+    if (rows != r || cols != co) {
+      throw std::invalid_argument("tensor " + role + " of layer " + std::to_string(layer) + ": shape [" + std::to_string(rows) + ", " +
+                                  std::to_string(cols) + "], expected [" + std::to_string(r) + ", " + std::to_string(co) + "]");
+    }
+  };
+  const auto vec = [&](std::vector<float>& dst, int64_t n) {
+    expect(1, n);
+    dst.assign(data, data + n);
+  };
+  ready_ = false;
+  if (role == "embed") {
+    expect(c.vocab, H);
+    embed_.alloc(c.wtype, c.vocab, H);
+    pack_rows(c.wtype, data, rows, cols, embed_.bytes.data());
+    return;
+  }
+  if (role == "lm_head") {
+    expect(c.vocab, H);
+    lm_head_.alloc(c.wtype, c.vocab, H);
+    pack_rows(c.wtype, data, rows, cols, lm_head_.bytes.data());
+    return;
+  }
+  if (role == "final_norm") return vec(final_norm_, H);
+  if (layer < 0 || layer >= c.layers) throw std::invalid_argument("tensor " + role + ": layer " + std::to_string(layer) + " out of range");
+  LayerWeights& L = layers_[static_cast<size_t>(layer)];
+  const int64_t qkv_rows = q_dim + 2 * kv_dim;
+  if (role == "input_norm") return vec(L.input_norm, H);
+  if (role == "post_norm") return vec(L.post_norm, H);
+  if (role == "q" || role == "k" || role == "v") {
+    const int64_t off = role == "q" ? 0 : role == "k" ? q_dim : q_dim + kv_dim;
+    expect(role == "q" ? q_dim : kv_dim, H);
+    if (L.qkv.m.rows != qkv_rows) L.qkv.alloc(c.wtype, qkv_rows, H);
+    pack_rows(c.wtype, data, rows, cols, L.qkv.bytes.data() + row_bytes(c.wtype, H) * static_cast<size_t>(off));
+    return;
+  }
+  if (role == "q_bias" || role == "k_bias" || role == "v_bias") {
+    const int64_t off = role == "q_bias" ? 0 : role == "k_bias" ? q_dim : q_dim + kv_dim;
+    expect(1, role == "q_bias" ? q_dim : kv_dim);
+    L.qkv_bias.resize(static_cast<size_t>(qkv_rows), 0.f);
+    std::copy(data, data + cols, L.qkv_bias.begin() + off);
+    return;
+  }
+  if (role == "o") {
+    expect(H, q_dim);
+    L.o.alloc(c.wtype, H, q_dim);
+    pack_rows(c.wtype, data, rows, cols, L.o.bytes.data());
+    return;
+  }
+  if (role == "q_norm") return vec(L.q_norm, c.qk_norm == QkNorm::PerHead ? c.head_dim : q_dim);
+  if (role == "k_norm") return vec(L.k_norm, c.qk_norm == QkNorm::PerHead ? c.head_dim : kv_dim);
+  if (role == "router") {
+    expect(c.experts, H);
+    L.router.assign(data, data + rows * cols);
+    return;
+  }
+  if (role == "shared_gate_scalar") return vec(L.shared_gate, H);
+  if (role == "gate" || role == "up" || role == "down") {
+    const bool shared = expert == -1;
+    if (shared && c.shared_width == 0) throw std::invalid_argument("this model has no shared expert");
+    if (!shared && (expert < 0 || expert >= c.experts)) throw std::invalid_argument("expert " + std::to_string(expert) + " out of range");
+    ExpertMat& e = shared ? L.shared : L.experts[static_cast<size_t>(expert)];
+    const int64_t W = shared ? c.shared_width : c.expert_width;
+    if (e.bytes.empty()) expert_alloc(e, c.wtype, W, H);
+    if (role == "down") {
+      expect(H, W);
+      pack_rows(c.wtype, data, rows, cols, const_cast<uint8_t*>(e.down.data));
+    } else {
+      expect(W, H);
+      const size_t off = role == "up" ? row_bytes(c.wtype, H) * static_cast<size_t>(W) : 0;
+      pack_rows(c.wtype, data, rows, cols, e.bytes.data() + off);
+    }
+    return;
+  }
+  throw std::invalid_argument("unknown tensor role " + role);
+}
+
+void Engine::finalize() {
+  const EngineConfig& c = cfg_;
+  const auto need = [](bool ok, const std::string& what) {
+    if (!ok) throw std::invalid_argument("missing tensor: " + what);
+  };
+  need(!embed_.bytes.empty(), "embed");
+  need(!lm_head_.bytes.empty() || c.tie_embeddings, "lm_head");
+  need(!final_norm_.empty(), "final_norm");
+  for (int64_t l = 0; l < c.layers; l++) {
+    const LayerWeights& L = layers_[static_cast<size_t>(l)];
+    const std::string p = "layer " + std::to_string(l) + " ";
+    need(!L.input_norm.empty(), p + "input_norm");
+    need(!L.post_norm.empty(), p + "post_norm");
+    need(!L.qkv.bytes.empty(), p + "q/k/v");
+    need(!L.o.bytes.empty(), p + "o");
+    need(!L.router.empty(), p + "router");
+    need(!c.qkv_bias || !L.qkv_bias.empty(), p + "q/k/v bias");
+    need(c.qk_norm == QkNorm::None || (!L.q_norm.empty() && !L.k_norm.empty()), p + "q/k norm");
+    for (int64_t e = 0; e < c.experts; e++) need(!L.experts[static_cast<size_t>(e)].bytes.empty(), p + "expert " + std::to_string(e));
+    need(c.shared_width == 0 || (!L.shared.bytes.empty() && !L.shared_gate.empty()), p + "shared expert");
+  }
+  ready_ = true;
+}
+
+void Engine::check_ready() const {
+  if (!ready_) throw std::logic_error("the engine's weights are not finalized");
+}
+
+size_t Engine::weight_bytes() const {
+  size_t b = embed_.size_bytes() + (cfg_.tie_embeddings ? 0 : lm_head_.size_bytes()) + final_norm_.size() * 4;
+  for (const auto& L : layers_) {
+    b += (L.input_norm.size() + L.post_norm.size() + L.qkv_bias.size() + L.q_norm.size() + L.k_norm.size() + L.router.size() + L.shared_gate.size()) * 4;
+    b += L.qkv.size_bytes() + L.o.size_bytes() + L.shared.bytes.size();
+    for (const auto& e : L.experts) b += e.bytes.size();
+  }
+  return b;
+}
+
+size_t Engine::kv_bytes() const {
+  size_t b = 0;
+  for (const auto& k : k_cache_) b += k.size() * 4;
+  for (const auto& v : v_cache_) b += v.size() * 4;
+  return b;
+}
+
+size_t Engine::expert_bytes() const {
+  return row_bytes(cfg_.wtype, cfg_.hidden) * static_cast<size_t>(2 * cfg_.expert_width) +
+         row_bytes(cfg_.wtype, cfg_.expert_width) * static_cast<size_t>(cfg_.hidden);
+}
+
+// ---------------------------------------------------------------------------------
+// The step
+
+void Engine::begin_step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs) {
+  check_ready();
+  in_step_ = false;
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  if (T == 0) throw std::invalid_argument("a step needs at least one token");
+  int64_t covered = 0;
+  pos_.assign(static_cast<size_t>(T), 0);
+  seq_of_.assign(static_cast<size_t>(T), 0);
+  for (size_t s = 0; s < seqs.size(); s++) {
+    const SeqSlice& q = seqs[s];
+    if (q.n_tokens <= 0) throw std::invalid_argument("sequence " + std::to_string(s) + " has no new tokens");
+    if (q.token_offset != covered) throw std::invalid_argument("sequence slices must cover the tokens in order");
+    if (q.start_pos < 0 || q.start_pos + q.n_tokens > cfg_.max_positions) {
+      throw std::invalid_argument("sequence " + std::to_string(s) + " reaches position " + std::to_string(q.start_pos + q.n_tokens) +
+                                  " beyond the context of " + std::to_string(cfg_.max_positions));
+    }
+    const int64_t need = (q.start_pos + q.n_tokens + cfg_.kv_block_size - 1) / cfg_.kv_block_size;
+    if (static_cast<int64_t>(q.blocks.size()) < need) {
+      throw std::invalid_argument("sequence " + std::to_string(s) + " has " + std::to_string(q.blocks.size()) + " KV blocks for " +
+                                  std::to_string(q.start_pos + q.n_tokens) + " positions");
+    }
+    for (int64_t i = 0; i < need; i++) {
+      const int32_t b = q.blocks[static_cast<size_t>(i)];
+      if (b < 0 || b >= cfg_.kv_blocks) throw std::invalid_argument("KV block id " + std::to_string(b) + " out of range");
+    }
+    for (int64_t i = 0; i < q.n_tokens; i++) {
+      pos_[static_cast<size_t>(covered + i)] = q.start_pos + i;
+      seq_of_[static_cast<size_t>(covered + i)] = static_cast<int64_t>(s);
+    }
+    covered += q.n_tokens;
+  }
+  if (covered != T) throw std::invalid_argument(fmt("sequence slices do not cover the tokens", covered, T));
+  for (int32_t t : tokens) {
+    if (t < 0 || t >= cfg_.vocab) throw std::invalid_argument("token id " + std::to_string(t) + " outside the vocabulary");
+  }
+  seqs_ = seqs;
+  embed(tokens);
+  phase_layer_ = 0;
+  phase_attended_ = false;
+  in_step_ = true;
+}
+
+void Engine::embed(const std::vector<int32_t>& tokens) {
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  const int64_t H = cfg_.hidden;
+  x_.assign(static_cast<size_t>(T * H), 0.f);
+  const size_t rb = row_bytes(cfg_.wtype, H);
+  pool_->parallel_for(T, 16, [&](int64_t t, int) {
+    dequantize_row(cfg_.wtype, embed_.m.data + rb * static_cast<size_t>(tokens[static_cast<size_t>(t)]), H, x_.data() + t * H);
+  });
+}
+
+const std::vector<float>& Engine::attention(int64_t layer) {
+  check_ready();
+  if (!in_step_) throw std::logic_error("attention() outside a step: call beginStep first");
+  if (layer != phase_layer_ || phase_attended_) {
+    throw std::logic_error("attention(" + std::to_string(layer) + ") out of order: layer " + std::to_string(phase_layer_) + " is next" +
+                           (phase_attended_ ? " and needs experts() first" : ""));
+  }
+  attention_block(layer);
+  phase_attended_ = true;
+  return router_logits_;
+}
+
+void Engine::attention_block(int64_t layer) {
+  const EngineConfig& c = cfg_;
+  const LayerWeights& L = layers_[static_cast<size_t>(layer)];
+  const int64_t T = static_cast<int64_t>(pos_.size());
+  const int64_t H = c.hidden, hd = c.head_dim;
+  const int64_t q_dim = c.heads * hd, kv_dim = c.kv_heads * hd, qkv_dim = q_dim + 2 * kv_dim;
+  const VecOps& ops = vecops();
+
+  xn_.resize(static_cast<size_t>(T * H));
+  pool_->parallel_for(T, 8, [&](int64_t t, int) { rms_norm_row(x_.data() + t * H, L.input_norm.data(), H, c.rms_eps, xn_.data() + t * H); });
+  prepare_acts(c.wtype, xn_.data(), T, H, H, acts_);
+  qkv_.resize(static_cast<size_t>(T * qkv_dim));
+  matmul_parallel(*pool_, L.qkv.m, acts_, qkv_.data(), qkv_dim);
+
+  // Bias, q/k norms, rotary embedding; then keys and values into the paged cache.
+  std::vector<float>& kc = k_cache_[static_cast<size_t>(layer)];
+  std::vector<float>& vc = v_cache_[static_cast<size_t>(layer)];
+  pool_->parallel_for(T, 4, [&](int64_t t, int) {
+    float* row = qkv_.data() + t * qkv_dim;
+    if (!L.qkv_bias.empty()) {
+      for (int64_t i = 0; i < qkv_dim; i++) row[i] += L.qkv_bias[static_cast<size_t>(i)];
+    }
+    float* q = row;
+    float* k = row + q_dim;
+    float* v = row + q_dim + kv_dim;
+    if (c.qk_norm == QkNorm::Full) {
+      rms_norm_row(q, L.q_norm.data(), q_dim, c.rms_eps, q);
+      rms_norm_row(k, L.k_norm.data(), kv_dim, c.rms_eps, k);
+    } else if (c.qk_norm == QkNorm::PerHead) {
+      for (int64_t h = 0; h < c.heads; h++) rms_norm_row(q + h * hd, L.q_norm.data(), hd, c.rms_eps, q + h * hd);
+      for (int64_t h = 0; h < c.kv_heads; h++) rms_norm_row(k + h * hd, L.k_norm.data(), hd, c.rms_eps, k + h * hd);
+    }
+    const int64_t half = hd / 2;
+    const double p = static_cast<double>(pos_[static_cast<size_t>(t)]);
+    for (int64_t i = 0; i < half; i++) {
+      const double inv_freq = 1.0 / std::pow(static_cast<double>(c.rope_theta), static_cast<double>(2 * i) / static_cast<double>(hd));
+      const double ang = p * inv_freq;
+      const double cs = std::cos(ang), sn = std::sin(ang);
+      for (int64_t h = 0; h < c.heads; h++) {
+        float* a = q + h * hd + i;
+        const double x1 = a[0], x2 = a[half];
+        a[0] = static_cast<float>(x1 * cs - x2 * sn);
+        a[half] = static_cast<float>(x2 * cs + x1 * sn);
+      }
+      for (int64_t h = 0; h < c.kv_heads; h++) {
+        float* a = k + h * hd + i;
+        const double x1 = a[0], x2 = a[half];
+        a[0] = static_cast<float>(x1 * cs - x2 * sn);
+        a[half] = static_cast<float>(x2 * cs + x1 * sn);
+      }
+    }
+    const SeqSlice& s = seqs_[static_cast<size_t>(seq_of_[static_cast<size_t>(t)])];
+    const int64_t pos = pos_[static_cast<size_t>(t)];
+    const int64_t slot = static_cast<int64_t>(s.blocks[static_cast<size_t>(pos / c.kv_block_size)]) * c.kv_block_size + pos % c.kv_block_size;
+    std::memcpy(kc.data() + slot * kv_dim, k, static_cast<size_t>(kv_dim) * 4);
+    std::memcpy(vc.data() + slot * kv_dim, v, static_cast<size_t>(kv_dim) * 4);
+  });
+
+  // Causal attention over the paged cache: one work item per (token, kv head); the
+  // query heads of a group share the keys and values they read.
+  attn_.assign(static_cast<size_t>(T * q_dim), 0.f);
+  const int64_t group = c.heads / c.kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  pool_->parallel_for(T * c.kv_heads, 1, [&](int64_t item, int) {
+    const int64_t t = item / c.kv_heads, g = item % c.kv_heads;
+    const SeqSlice& s = seqs_[static_cast<size_t>(seq_of_[static_cast<size_t>(t)])];
+    const int64_t visible = pos_[static_cast<size_t>(t)] + 1;
+    thread_local std::vector<float> scores;
+    scores.resize(static_cast<size_t>(visible));
+    for (int64_t hh = 0; hh < group; hh++) {
+      const int64_t h = g * group + hh;
+      const float* q = qkv_.data() + t * qkv_dim + h * hd;
+      float mx = -INFINITY;
+      for (int64_t p = 0; p < visible; p++) {
+        const int64_t slot = static_cast<int64_t>(s.blocks[static_cast<size_t>(p / c.kv_block_size)]) * c.kv_block_size + p % c.kv_block_size;
+        const float sc = ops.dot(q, kc.data() + slot * kv_dim + g * hd, hd) * scale;
+        scores[static_cast<size_t>(p)] = sc;
+        mx = std::max(mx, sc);
+      }
+      double sum = 0;
+      for (int64_t p = 0; p < visible; p++) {
+        const float e = std::exp(scores[static_cast<size_t>(p)] - mx);
+        scores[static_cast<size_t>(p)] = e;
+        sum += e;
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      float* out = attn_.data() + t * q_dim + h * hd;
+      for (int64_t p = 0; p < visible; p++) {
+        const int64_t slot = static_cast<int64_t>(s.blocks[static_cast<size_t>(p / c.kv_block_size)]) * c.kv_block_size + p % c.kv_block_size;
+        ops.axpy(out, scores[static_cast<size_t>(p)] * inv, vc.data() + slot * kv_dim + g * hd, hd);
+      }
+    }
+  });
+
+  prepare_acts(c.wtype, attn_.data(), T, q_dim, q_dim, acts_);
+  proj_.resize(static_cast<size_t>(T * H));
+  matmul_parallel(*pool_, L.o.m, acts_, proj_.data(), H);
+  for (size_t i = 0; i < x_.size(); i++) x_[i] += proj_[i];
+
+  // The MoE block's input and the router's logits (float32 router weights).
+  router_logits_.resize(static_cast<size_t>(T * c.experts));
+  pool_->parallel_for(T, 1, [&](int64_t t, int) {
+    float* xn = xn_.data() + t * H;
+    rms_norm_row(x_.data() + t * H, L.post_norm.data(), H, c.rms_eps, xn);
+    for (int64_t e = 0; e < c.experts; e++) router_logits_[static_cast<size_t>(t * c.experts + e)] = ops.dot(L.router.data() + e * H, xn, H);
+  });
+}
+
+void Engine::route(const float* logits, int64_t n_tokens, int32_t* ids, float* weights) const {
+  const int64_t E = cfg_.experts, k = cfg_.top_k;
+  std::vector<double> p(static_cast<size_t>(E));
+  std::vector<int32_t> order(static_cast<size_t>(E));
+  for (int64_t t = 0; t < n_tokens; t++) {
+    const float* l = logits + t * E;
+    double mx = -INFINITY;
+    for (int64_t e = 0; e < E; e++) mx = std::max(mx, static_cast<double>(l[e]));
+    double sum = 0;
+    for (int64_t e = 0; e < E; e++) {
+      p[static_cast<size_t>(e)] = std::exp(static_cast<double>(l[e]) - mx);
+      sum += p[static_cast<size_t>(e)];
+    }
+    for (int64_t e = 0; e < E; e++) {
+      p[static_cast<size_t>(e)] /= sum;
+      order[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+    }
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+      return p[static_cast<size_t>(a)] > p[static_cast<size_t>(b)] || (p[static_cast<size_t>(a)] == p[static_cast<size_t>(b)] && a < b);
+    });
+    double kept = 0;
+    for (int64_t i = 0; i < k; i++) kept += p[static_cast<size_t>(order[static_cast<size_t>(i)])];
+    for (int64_t i = 0; i < k; i++) {
+      const int32_t e = order[static_cast<size_t>(i)];
+      ids[t * k + i] = e;
+      const double w = p[static_cast<size_t>(e)];
+      weights[t * k + i] = static_cast<float>(cfg_.renorm_topk ? w / kept : w);
+    }
+  }
+}
+
+void Engine::experts(int64_t layer, const int32_t* ids, const float* weights, int64_t n, int64_t k) {
+  check_ready();
+  if (!in_step_ || layer != phase_layer_ || !phase_attended_) {
+    throw std::logic_error("experts(" + std::to_string(layer) + ") out of order: call attention(" + std::to_string(layer) + ") first");
+  }
+  const int64_t T = static_cast<int64_t>(pos_.size());
+  if (k <= 0 || n != T * k) throw std::invalid_argument("experts: expected " + std::to_string(T) + " tokens × k assignments, got " + std::to_string(n));
+  for (int64_t i = 0; i < T * k; i++) {
+    if (ids[i] < 0 || ids[i] >= cfg_.experts) throw std::invalid_argument("expert id " + std::to_string(ids[i]) + " out of range");
+  }
+  moe_block(layer, ids, weights, k);
+  phase_layer_++;
+  phase_attended_ = false;
+}
+
+void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, int64_t k) {
+  const EngineConfig& c = cfg_;
+  const LayerWeights& L = layers_[static_cast<size_t>(layer)];
+  const int64_t T = static_cast<int64_t>(pos_.size());
+  const int64_t H = c.hidden;
+  const bool shared = c.shared_width > 0;
+
+  // Tokens grouped by expert: every activated expert is read once for all its tokens.
+  std::vector<FfnJob>& jobs = jobs_;
+  std::vector<int32_t> job_of_expert(static_cast<size_t>(c.experts), -1);
+  size_t n_jobs = 0;
+  const auto job_for = [&](const ExpertMat* e, int64_t width) -> FfnJob& {
+    if (jobs.size() <= n_jobs) jobs.emplace_back();
+    FfnJob& j = jobs[n_jobs++];
+    j.e = e;
+    j.width = width;
+    j.tokens.clear();
+    return j;
+  };
+  for (int64_t t = 0; t < T; t++) {
+    for (int64_t i = 0; i < k; i++) {
+      const int32_t e = ids[t * k + i];
+      int32_t& jo = job_of_expert[static_cast<size_t>(e)];
+      if (jo < 0) {
+        jo = static_cast<int32_t>(n_jobs);
+        job_for(&L.experts[static_cast<size_t>(e)], c.expert_width);
+      }
+      FfnJob& j = jobs[static_cast<size_t>(jo)];
+      if (j.tokens.empty() || j.tokens.back() != t) j.tokens.push_back(static_cast<int32_t>(t));
+    }
+  }
+  int64_t shared_job = -1;
+  if (shared) {
+    shared_job = static_cast<int64_t>(n_jobs);
+    FfnJob& j = job_for(&L.shared, c.shared_width);
+    for (int64_t t = 0; t < T; t++) j.tokens.push_back(static_cast<int32_t>(t));
+  }
+  const int64_t J = static_cast<int64_t>(n_jobs);
+
+  // Gather and quantize each job's inputs.
+  pool_->parallel_for(J, 1, [&](int64_t ji, int) {
+    FfnJob& j = jobs[static_cast<size_t>(ji)];
+    const int64_t n = static_cast<int64_t>(j.tokens.size());
+    j.x.resize(static_cast<size_t>(n * H));
+    for (int64_t r = 0; r < n; r++) std::memcpy(j.x.data() + r * H, xn_.data() + j.tokens[static_cast<size_t>(r)] * H, static_cast<size_t>(H) * 4);
+    prepare_acts(c.wtype, j.x.data(), n, H, H, j.a_in);
+    j.gu.resize(static_cast<size_t>(n * 2 * j.width));
+    j.act.resize(static_cast<size_t>(n * j.width));
+    j.out.resize(static_cast<size_t>(n * H));
+  });
+
+  // Work items: (job, row chunk) over all jobs, so that two threads stay busy even when
+  // one expert is much larger than the others (the shared expert).
+  std::vector<int64_t> starts(static_cast<size_t>(J + 1), 0);
+  const auto run_chunks = [&](auto rows_of, auto body) {
+    for (int64_t ji = 0; ji < J; ji++) starts[static_cast<size_t>(ji + 1)] = starts[static_cast<size_t>(ji)] + (rows_of(jobs[static_cast<size_t>(ji)]) + kRowChunk - 1) / kRowChunk;
+    pool_->parallel_for(starts[static_cast<size_t>(J)], 1, [&](int64_t item, int) {
+      const int64_t ji = std::upper_bound(starts.begin(), starts.end(), item) - starts.begin() - 1;
+      FfnJob& j = jobs[static_cast<size_t>(ji)];
+      const int64_t r0 = (item - starts[static_cast<size_t>(ji)]) * kRowChunk;
+      body(j, r0, std::min(rows_of(j), r0 + kRowChunk));
+    });
+  };
+  run_chunks([](const FfnJob& j) { return 2 * j.width; },
+             [&](FfnJob& j, int64_t r0, int64_t r1) { matmul(j.e->gate_up, j.a_in, r0, r1, j.gu.data(), 2 * j.width); });
+  pool_->parallel_for(J, 1, [&](int64_t ji, int) {
+    FfnJob& j = jobs[static_cast<size_t>(ji)];
+    const int64_t n = static_cast<int64_t>(j.tokens.size()), W = j.width;
+    for (int64_t r = 0; r < n; r++) {
+      const float* g = j.gu.data() + r * 2 * W;
+      float* a = j.act.data() + r * W;
+      for (int64_t i = 0; i < W; i++) a[i] = silu(g[i]) * g[W + i];
+    }
+    prepare_acts(c.wtype, j.act.data(), n, W, W, j.a_act);
+  });
+  run_chunks([&](const FfnJob&) { return H; }, [&](FfnJob& j, int64_t r0, int64_t r1) { matmul(j.e->down, j.a_act, r0, r1, j.out.data(), H); });
+
+  // Combine per token in routing-rank order, then the shared expert with its sigmoid gate.
+  moe_out_.assign(static_cast<size_t>(T * H), 0.f);
+  const VecOps& ops = vecops();
+  pool_->parallel_for(T, 4, [&](int64_t t, int) {
+    float* y = moe_out_.data() + t * H;
+    for (int64_t i = 0; i < k; i++) {
+      const FfnJob& j = jobs[static_cast<size_t>(job_of_expert[static_cast<size_t>(ids[t * k + i])])];
+      const int64_t r = std::lower_bound(j.tokens.begin(), j.tokens.end(), static_cast<int32_t>(t)) - j.tokens.begin();
+      ops.axpy(y, weights[t * k + i], j.out.data() + r * H, H);
+    }
+    if (shared_job >= 0) {
+      const FfnJob& j = jobs[static_cast<size_t>(shared_job)];
+      const float g = ops.dot(L.shared_gate.data(), xn_.data() + t * H, H);
+      ops.axpy(y, 1.0f / (1.0f + std::exp(-g)), j.out.data() + t * H, H);
+    }
+  });
+  for (size_t i = 0; i < x_.size(); i++) x_[i] += moe_out_[i];
+}
+
+void Engine::end_step(std::vector<float>& logits) {
+  check_ready();
+  if (!in_step_ || phase_layer_ != cfg_.layers) {
+    throw std::logic_error("endStep() before every layer ran (" + std::to_string(phase_layer_) + " of " + std::to_string(cfg_.layers) + ")");
+  }
+  in_step_ = false;
+  const int64_t H = cfg_.hidden, V = cfg_.vocab;
+  std::vector<int64_t> rows;
+  for (const SeqSlice& s : seqs_) {
+    if (s.want_logits) rows.push_back(s.token_offset + s.n_tokens - 1);
+  }
+  logits.assign(static_cast<size_t>(static_cast<int64_t>(rows.size()) * V), 0.f);
+  if (rows.empty()) return;
+  const int64_t R = static_cast<int64_t>(rows.size());
+  std::vector<float> hn(static_cast<size_t>(R * H));
+  for (int64_t r = 0; r < R; r++) rms_norm_row(x_.data() + rows[static_cast<size_t>(r)] * H, final_norm_.data(), H, cfg_.rms_eps, hn.data() + r * H);
+  prepare_acts(cfg_.wtype, hn.data(), R, H, H, acts_);
+  matmul_parallel(*pool_, cfg_.tie_embeddings ? embed_.m : lm_head_.m, acts_, logits.data(), V);
+}
+
+void Engine::step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs, std::vector<float>& logits) {
+  begin_step(tokens, seqs);
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  std::vector<int32_t> ids(static_cast<size_t>(T * cfg_.top_k));
+  std::vector<float> w(static_cast<size_t>(T * cfg_.top_k));
+  for (int64_t l = 0; l < cfg_.layers; l++) {
+    attention(l);
+    route(router_logits_.data(), T, ids.data(), w.data());
+    experts(l, ids.data(), w.data(), T * cfg_.top_k, cfg_.top_k);
+  }
+  end_step(logits);
+}
+
+}  // namespace moe

@@ -1,0 +1,169 @@
+// The CPU engine: weights packed in the engine's formats, a paged KV cache, and the
+// forward pass of the supported MoE architectures for batches that mix prefill and
+// decode. Policy (which experts, which tokens) is decided by the caller; this file is
+// mechanism only.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace moe {
+
+enum class QkNorm : uint8_t { None = 0, PerHead = 1, Full = 2 };
+
+struct EngineConfig {
+  int64_t vocab = 0;
+  int64_t hidden = 0;
+  int64_t layers = 0;
+  int64_t heads = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t experts = 0;
+  int64_t top_k = 0;
+  int64_t expert_width = 0;
+  int64_t shared_width = 0;  // 0: no shared expert
+  bool renorm_topk = false;  // softmax → top-k → renormalise; else keep the softmax values
+  QkNorm qk_norm = QkNorm::None;
+  bool qkv_bias = false;
+  bool tie_embeddings = false;
+  float rms_eps = 1e-6f;
+  float rope_theta = 10000.f;
+  int64_t max_positions = 4096;
+  // Storage format of the large matrices (attention, experts, embedding, LM head).
+  // Norms, biases and routers stay float32.
+  WType wtype = WType::F32;
+  int threads = 1;
+  int64_t kv_block_size = 16;
+  int64_t kv_blocks = 0;
+};
+
+// A matrix in the engine's format with its own storage.
+struct OwnedMat {
+  WMat m{WType::F32, 0, 0, nullptr};
+  std::vector<uint8_t> bytes;
+  void alloc(WType t, int64_t rows, int64_t cols);
+  size_t size_bytes() const { return bytes.size(); }
+};
+
+// One routed expert: gate rows, then up rows, then down rows, in one buffer, so that it
+// moves and is read as one piece. gate_up views the first 2*width rows as one matrix.
+struct ExpertMat {
+  std::vector<uint8_t> bytes;
+  WMat gate_up{WType::F32, 0, 0, nullptr};  // (2 * width, hidden)
+  WMat down{WType::F32, 0, 0, nullptr};     // (hidden, width)
+};
+
+struct LayerWeights {
+  std::vector<float> input_norm;  // (hidden)
+  std::vector<float> post_norm;   // (hidden)
+  OwnedMat qkv;                   // (q_dim + 2 * kv_dim, hidden): q, k, v rows stacked
+  std::vector<float> qkv_bias;    // (q_dim + 2 * kv_dim) or empty
+  OwnedMat o;                     // (hidden, q_dim)
+  std::vector<float> q_norm;      // (head_dim) per head, or (q_dim); empty when none
+  std::vector<float> k_norm;      // (head_dim) per head, or (kv_dim)
+  std::vector<float> router;      // (experts, hidden), float32
+  std::vector<ExpertMat> experts; // [experts]
+  ExpertMat shared;               // shared expert (width shared_width) when present
+  std::vector<float> shared_gate; // (hidden) when present
+};
+
+// One sequence's part of a step. Positions start_pos .. start_pos+n_tokens-1 are new.
+struct SeqSlice {
+  int64_t start_pos = 0;
+  int64_t n_tokens = 0;
+  int64_t token_offset = 0;  // index of its first token in the step's token array
+  bool want_logits = false;
+  std::vector<int32_t> blocks;  // KV block table
+};
+
+class Engine {
+ public:
+  explicit Engine(const EngineConfig& cfg);
+  ~Engine();
+
+  const EngineConfig& config() const { return cfg_; }
+
+  // Loading: each tensor once, as float32 rows (the caller converts F16/BF16), by role.
+  // Roles: embed, lm_head, final_norm; per layer: input_norm, post_norm, q, k, v, o,
+  // q_bias, k_bias, v_bias, q_norm, k_norm, router, shared_gate_scalar; per expert
+  // (expert >= 0): gate, up, down; shared expert (expert = -1): gate, up, down.
+  void set_tensor(const std::string& role, int64_t layer, int64_t expert, const float* data, int64_t rows, int64_t cols);
+  // Checks every tensor was given; after this the engine runs.
+  void finalize();
+
+  // The fused step: embeddings → layers (attention, router, top-k, experts) → logits
+  // of the sequences that want them, (rows, vocab) into `logits`.
+  void step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs, std::vector<float>& logits);
+
+  // The same step in pieces, for callers that decide routing themselves:
+  // begin_step(); for each layer: attention(l) → router logits (T, experts);
+  // experts(l, ids, weights) with (T, k) assignments; then end_step().
+  void begin_step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs);
+  const std::vector<float>& attention(int64_t layer);
+  // ids and weights hold n = T * k entries.
+  void experts(int64_t layer, const int32_t* ids, const float* weights, int64_t n, int64_t k);
+  void end_step(std::vector<float>& logits);
+
+  // The gating rule on router logits (T, experts) → ids and weights (T, top_k).
+  void route(const float* router_logits, int64_t n_tokens, int32_t* ids, float* weights) const;
+
+  size_t weight_bytes() const;
+  size_t kv_bytes() const;
+  size_t expert_bytes() const;  // bytes of one routed expert
+
+ private:
+  void check_ready() const;
+  void embed(const std::vector<int32_t>& tokens);
+  void attention_block(int64_t layer);
+  void moe_block(int64_t layer, const int32_t* ids, const float* weights, int64_t k);
+
+  // One expert's work in a step: which token rows it reads, and its buffers (kept across
+  // steps so that decode does not allocate).
+  struct FfnJob {
+    const ExpertMat* e = nullptr;
+    int64_t width = 0;
+    std::vector<int32_t> tokens;  // token indices, ascending
+    std::vector<float> x;         // (n, hidden) gathered inputs
+    std::vector<float> gu;        // (n, 2 * width)
+    std::vector<float> act;       // (n, width)
+    std::vector<float> out;       // (n, hidden)
+    Acts a_in;
+    Acts a_act;
+  };
+
+  EngineConfig cfg_;
+  std::unique_ptr<ThreadPool> pool_;
+  OwnedMat embed_;
+  OwnedMat lm_head_;  // empty when tied to the embedding
+  std::vector<float> final_norm_;
+  std::vector<LayerWeights> layers_;
+  bool ready_ = false;
+
+  // Paged KV cache: per layer, (blocks, block_size, kv_heads * head_dim) for K and V.
+  std::vector<std::vector<float>> k_cache_;
+  std::vector<std::vector<float>> v_cache_;
+
+  // Per-step state.
+  std::vector<SeqSlice> seqs_;
+  bool in_step_ = false;
+  int64_t phase_layer_ = 0;       // next layer of the step in pieces
+  bool phase_attended_ = false;   // attention of phase_layer_ ran, experts not yet
+  std::vector<int64_t> pos_;        // (T) position of each new token
+  std::vector<int64_t> seq_of_;     // (T) index into seqs_
+  std::vector<float> x_;            // (T, hidden) residual stream
+  std::vector<float> xn_;           // (T, hidden) normalised input of the current block
+  std::vector<float> qkv_;          // (T, q_dim + 2 kv_dim)
+  std::vector<float> attn_;         // (T, q_dim)
+  std::vector<float> proj_;         // (T, hidden)
+  std::vector<float> router_logits_;  // (T, experts)
+  std::vector<float> moe_out_;      // (T, hidden)
+  Acts acts_;
+  std::vector<FfnJob> jobs_;
+};
+
+}  // namespace moe

@@ -1,0 +1,241 @@
+// NativeEngine: the Node-API face of Engine. Arguments are checked here (types,
+// lengths, ranges) so that the engine only sees consistent data; every C++ exception
+// becomes a JS Error with its message.
+#include "engine_napi.h"
+
+#include <napi.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine.h"
+#include "kernels.h"
+
+namespace moe {
+
+namespace {
+
+int64_t get_int(const Napi::Object& o, const char* key, int64_t def, bool required) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) {
+    if (required) throw std::invalid_argument(std::string("engine option ") + key + " is required");
+    return def;
+  }
+  if (!v.IsNumber()) throw std::invalid_argument(std::string("engine option ") + key + " must be a number");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (d != static_cast<double>(static_cast<int64_t>(d))) throw std::invalid_argument(std::string("engine option ") + key + " must be an integer");
+  return static_cast<int64_t>(d);
+}
+
+double get_num(const Napi::Object& o, const char* key, double def) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return def;
+  if (!v.IsNumber()) throw std::invalid_argument(std::string("engine option ") + key + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+bool get_bool(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  return v.IsBoolean() && v.As<Napi::Boolean>().Value();
+}
+
+template <typename T>
+T typed(const Napi::Value& v, const char* what) {
+  if (!v.IsTypedArray()) throw std::invalid_argument(std::string(what) + " must be a typed array");
+  return v.As<T>();
+}
+
+// Decodes the step description: tokens (Int32Array), seqs (Int32Array of
+// [start_pos, n_tokens, want_logits, n_blocks] per sequence) and the concatenated block
+// tables (Int32Array).
+void read_batch(const Napi::CallbackInfo& info, std::vector<int32_t>& tokens, std::vector<SeqSlice>& seqs) {
+  if (info.Length() < 3) throw std::invalid_argument("expected (tokens, seqs, blocks)");
+  auto tok = typed<Napi::Int32Array>(info[0], "tokens");
+  auto meta = typed<Napi::Int32Array>(info[1], "seqs");
+  auto blocks = typed<Napi::Int32Array>(info[2], "blocks");
+  if (meta.ElementLength() % 4 != 0) throw std::invalid_argument("seqs must hold 4 integers per sequence");
+  tokens.assign(tok.Data(), tok.Data() + tok.ElementLength());
+  const size_t n = meta.ElementLength() / 4;
+  seqs.assign(n, SeqSlice{});
+  size_t tok_off = 0, blk_off = 0;
+  for (size_t s = 0; s < n; s++) {
+    const int32_t* m = meta.Data() + 4 * s;
+    if (m[1] <= 0 || m[3] < 0 || m[0] < 0) throw std::invalid_argument("sequence " + std::to_string(s) + " has a bad description");
+    SeqSlice& q = seqs[s];
+    q.start_pos = m[0];
+    q.n_tokens = m[1];
+    q.want_logits = m[2] != 0;
+    q.token_offset = static_cast<int64_t>(tok_off);
+    if (blk_off + static_cast<size_t>(m[3]) > blocks.ElementLength()) throw std::invalid_argument("block tables are shorter than the sequences say");
+    q.blocks.assign(blocks.Data() + blk_off, blocks.Data() + blk_off + m[3]);
+    tok_off += static_cast<size_t>(m[1]);
+    blk_off += static_cast<size_t>(m[3]);
+  }
+  if (tok_off != tokens.size()) throw std::invalid_argument("the sequences' token counts do not add up to the tokens given");
+}
+
+Napi::Float32Array to_js(Napi::Env env, const std::vector<float>& v) {
+  auto out = Napi::Float32Array::New(env, v.size());
+  std::copy(v.begin(), v.end(), out.Data());
+  return out;
+}
+
+class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeEngine",
+                       {InstanceMethod("setTensor", &NativeEngine::SetTensor), InstanceMethod("finalize", &NativeEngine::Finalize),
+                        InstanceMethod("step", &NativeEngine::Step), InstanceMethod("beginStep", &NativeEngine::BeginStep),
+                        InstanceMethod("attention", &NativeEngine::Attention), InstanceMethod("experts", &NativeEngine::Experts),
+                        InstanceMethod("endStep", &NativeEngine::EndStep), InstanceMethod("route", &NativeEngine::Route),
+                        InstanceMethod("info", &NativeEngine::Info), InstanceMethod("close", &NativeEngine::Close)});
+  }
+
+  explicit NativeEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeEngine>(info) {
+    if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(info.Env(), "NativeEngine(options) needs an options object");
+    const Napi::Object o = info[0].As<Napi::Object>();
+    EngineConfig c;
+    c.vocab = get_int(o, "vocab", 0, true);
+    c.hidden = get_int(o, "hidden", 0, true);
+    c.layers = get_int(o, "layers", 0, true);
+    c.heads = get_int(o, "heads", 0, true);
+    c.kv_heads = get_int(o, "kvHeads", 0, true);
+    c.head_dim = get_int(o, "headDim", 0, true);
+    c.experts = get_int(o, "experts", 0, true);
+    c.top_k = get_int(o, "topK", 0, true);
+    c.expert_width = get_int(o, "expertWidth", 0, true);
+    c.shared_width = get_int(o, "sharedWidth", 0, false);
+    c.renorm_topk = get_bool(o, "renormTopK");
+    const std::string qk = o.Get("qkNorm").IsString() ? o.Get("qkNorm").As<Napi::String>().Utf8Value() : "none";
+    if (qk == "none") c.qk_norm = QkNorm::None;
+    else if (qk == "per_head") c.qk_norm = QkNorm::PerHead;
+    else if (qk == "full") c.qk_norm = QkNorm::Full;
+    else throw std::invalid_argument("qkNorm must be none, per_head or full");
+    c.qkv_bias = get_bool(o, "qkvBias");
+    c.tie_embeddings = get_bool(o, "tieEmbeddings");
+    c.rms_eps = static_cast<float>(get_num(o, "rmsEps", 1e-6));
+    c.rope_theta = static_cast<float>(get_num(o, "ropeTheta", 10000));
+    c.max_positions = get_int(o, "maxPositions", 4096, false);
+    const std::string wt = o.Get("weights").IsString() ? o.Get("weights").As<Napi::String>().Utf8Value() : "f32";
+    if (!wtype_from_name(wt, &c.wtype)) throw std::invalid_argument("unknown weight format " + wt);
+    c.threads = static_cast<int>(get_int(o, "threads", 1, false));
+    c.kv_block_size = get_int(o, "kvBlockSize", 16, false);
+    c.kv_blocks = get_int(o, "kvBlocks", 0, true);
+    engine_ = std::make_unique<Engine>(c);
+  }
+
+ private:
+  Engine& engine() {
+    if (!engine_) throw std::logic_error("the engine is closed");
+    return *engine_;
+  }
+
+  // setTensor(role, layer, expert, bytes: Uint8Array, dtype: 'F32'|'F16'|'BF16', rows, cols)
+  Napi::Value SetTensor(const Napi::CallbackInfo& info) {
+    if (info.Length() < 7) throw std::invalid_argument("setTensor(role, layer, expert, bytes, dtype, rows, cols)");
+    const std::string role = info[0].As<Napi::String>().Utf8Value();
+    const int64_t layer = info[1].As<Napi::Number>().Int64Value();
+    const int64_t expert = info[2].As<Napi::Number>().Int64Value();
+    auto bytes = typed<Napi::Uint8Array>(info[3], "bytes");
+    const std::string dtype = info[4].As<Napi::String>().Utf8Value();
+    const int64_t rows = info[5].As<Napi::Number>().Int64Value();
+    const int64_t cols = info[6].As<Napi::Number>().Int64Value();
+    WType src;
+    if (dtype == "F32") src = WType::F32;
+    else if (dtype == "F16") src = WType::F16;
+    else if (dtype == "BF16") src = WType::BF16;
+    else throw std::invalid_argument("tensor dtype " + dtype + " is not supported (F32, F16, BF16)");
+    if (rows <= 0 || cols <= 0) throw std::invalid_argument("tensor " + role + " has an empty shape");
+    if (bytes.ByteLength() != row_bytes(src, cols) * static_cast<size_t>(rows)) throw std::invalid_argument("tensor " + role + ": byte length does not match its shape");
+    std::vector<float> f(static_cast<size_t>(rows * cols));
+    const size_t rb = row_bytes(src, cols);
+    for (int64_t r = 0; r < rows; r++) dequantize_row(src, bytes.Data() + rb * static_cast<size_t>(r), cols, f.data() + r * cols);
+    engine().set_tensor(role, layer, expert, f.data(), rows, cols);
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Finalize(const Napi::CallbackInfo& info) {
+    engine().finalize();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Step(const Napi::CallbackInfo& info) {
+    std::vector<int32_t> tokens;
+    std::vector<SeqSlice> seqs;
+    read_batch(info, tokens, seqs);
+    std::vector<float> logits;
+    engine().step(tokens, seqs, logits);
+    return to_js(info.Env(), logits);
+  }
+
+  Napi::Value BeginStep(const Napi::CallbackInfo& info) {
+    std::vector<int32_t> tokens;
+    std::vector<SeqSlice> seqs;
+    read_batch(info, tokens, seqs);
+    engine().begin_step(tokens, seqs);
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Attention(const Napi::CallbackInfo& info) {
+    return to_js(info.Env(), engine().attention(info[0].As<Napi::Number>().Int64Value()));
+  }
+
+  // experts(layer, ids: Int32Array (T*k), weights: Float32Array (T*k), k)
+  Napi::Value Experts(const Napi::CallbackInfo& info) {
+    if (info.Length() < 4) throw std::invalid_argument("experts(layer, ids, weights, k)");
+    const int64_t layer = info[0].As<Napi::Number>().Int64Value();
+    auto ids = typed<Napi::Int32Array>(info[1], "ids");
+    auto w = typed<Napi::Float32Array>(info[2], "weights");
+    const int64_t k = info[3].As<Napi::Number>().Int64Value();
+    if (k <= 0 || ids.ElementLength() != w.ElementLength()) throw std::invalid_argument("experts: ids and weights must both hold k entries per token");
+    engine().experts(layer, ids.Data(), w.Data(), static_cast<int64_t>(ids.ElementLength()), k);
+    return info.Env().Undefined();
+  }
+
+  Napi::Value EndStep(const Napi::CallbackInfo& info) {
+    std::vector<float> logits;
+    engine().end_step(logits);
+    return to_js(info.Env(), logits);
+  }
+
+  // route(routerLogits: Float32Array (T*E), T) → {ids: Int32Array, weights: Float32Array}
+  Napi::Value Route(const Napi::CallbackInfo& info) {
+    auto logits = typed<Napi::Float32Array>(info[0], "routerLogits");
+    const int64_t T = info[1].As<Napi::Number>().Int64Value();
+    const EngineConfig& c = engine().config();
+    if (T < 0 || logits.ElementLength() != static_cast<size_t>(T * c.experts)) throw std::invalid_argument("route: expected T * experts logits");
+    auto ids = Napi::Int32Array::New(info.Env(), static_cast<size_t>(T * c.top_k));
+    auto w = Napi::Float32Array::New(info.Env(), static_cast<size_t>(T * c.top_k));
+    engine().route(logits.Data(), T, ids.Data(), w.Data());
+    Napi::Object out = Napi::Object::New(info.Env());
+    out.Set("ids", ids);
+    out.Set("weights", w);
+    return out;
+  }
+
+  Napi::Value Info(const Napi::CallbackInfo& info) {
+    Engine& e = engine();
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("weightBytes", static_cast<double>(e.weight_bytes()));
+    o.Set("kvBytes", static_cast<double>(e.kv_bytes()));
+    o.Set("expertBytes", static_cast<double>(e.expert_bytes()));
+    o.Set("weights", wtype_name(e.config().wtype));
+    o.Set("isa", isa_name(active_isa()));
+    o.Set("threads", e.config().threads);
+    return o;
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    engine_.reset();
+    return info.Env().Undefined();
+  }
+
+  std::unique_ptr<Engine> engine_;
+};
+
+}  // namespace
+
+void RegisterEngine(Napi::Env env, Napi::Object exports) { exports.Set("NativeEngine", NativeEngine::Define(env)); }
+
+}  // namespace moe

@@ -1,0 +1,132 @@
+// Weight formats and the matrix kernels of the engine. The API is format-agnostic;
+// each format has a scalar implementation (always built, always tested) and faster
+// variants chosen at run time from the CPU's features (never from build flags).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moe {
+
+// Storage formats of a weight matrix. Quantized formats use ggml's block layouts, so
+// that GGUF files and llama.cpp see byte-identical weights:
+//   Q8_0: blocks of 32 weights: { f16 d; int8 q[32]; }        34 bytes, w = d * q
+//   Q4_0: blocks of 32 weights: { f16 d; uint8 q[16]; }       18 bytes, w = d * (nibble - 8);
+//         byte j holds weight j in its low nibble and weight j+16 in its high nibble.
+enum class WType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4 };
+
+const char* wtype_name(WType t);
+bool wtype_from_name(const std::string& name, WType* out);
+// Bytes of one row of `cols` weights; quantized types need cols % 32 == 0 (checked by callers).
+size_t row_bytes(WType t, int64_t cols);
+int64_t block_cols(WType t);  // 1 for float formats, 32 for quantized ones
+
+// Converts rows of float32 to the format (round-to-nearest-even for F16/BF16; ggml's
+// Q8_0 / Q4_0 rounding for the quantized formats). dst holds rows * row_bytes(t, cols).
+void quantize_rows(WType t, const float* src, int64_t rows, int64_t cols, uint8_t* dst);
+void dequantize_row(WType t, const uint8_t* src, int64_t cols, float* dst);
+
+// A row-major weight matrix W (rows, cols): row r starts at data + r * row_bytes(type, cols).
+struct WMat {
+  WType type;
+  int64_t rows;
+  int64_t cols;
+  const uint8_t* data;
+};
+
+// Activations X (n, cols) prepared once for multiplication with matrices of one format
+// (quantized to 8-bit blocks for Q8_0/Q4_0, converted for BF16/F16 when the kernel wants it),
+// then reused for every row range and every matrix with the same `cols`.
+struct Acts {
+  WType for_type = WType::F32;
+  int64_t n = 0;
+  int64_t cols = 0;
+  std::vector<uint8_t> buf;  // kernel-private layout
+};
+void prepare_acts(WType for_type, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
+
+// Y[t * ldy + r] = sum_c W[r, c] * X[t, c] for rows r in [r0, r1) and every token t < X.n.
+// Thread-safe for disjoint row ranges: the caller parallelises over rows (and matrices).
+void matmul(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
+
+// Which kernel family serves calls: "scalar", "avx2" or "avx512" (with VNNI / BF16 when present).
+enum class Isa : uint8_t { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+Isa best_isa();                 // what this CPU and OS support
+Isa active_isa();               // what is in use
+// Forces a variant (for tests and benchmarks); returns false if the CPU cannot run it.
+bool set_isa(Isa isa);
+const char* isa_name(Isa isa);
+
+}  // namespace moe
+
+// ---- Additions ----------------------------------------------------------------------
+
+namespace moe {
+
+class ThreadPool;
+
+// matmul over all rows of `w`, spread over `pool` in row chunks sized for the kernels'
+// row blocking (and small enough that both threads of a decode step get work).
+void matmul_parallel(ThreadPool& pool, const WMat& w, const Acts& x, float* y, int64_t ldy);
+
+// What the kernels multiply with: row t of the prepared activations converted back to
+// float32 (the quantized / rounded values), dst holds x.cols floats. For tests.
+void acts_dequantize(const Acts& x, int64_t t, float* dst);
+
+// Streaming-read probe (widest ISA available): reads bytes [p, p + bytes) once and
+// returns a value depending on every byte (so the loads are not optimised away).
+uint64_t stream_read(const uint8_t* p, size_t bytes);
+
+// IEEE binary16 / bfloat16 conversions (round to nearest even; NaN stays NaN).
+uint16_t f32_to_f16(float f);
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_bf16(float f);
+float bf16_to_f32(uint16_t h);
+
+// Internal: the layout of Acts::buf and the per-ISA entry points (kernels*.cc only).
+namespace kdetail {
+
+// Acts::buf, offsets relative to buf.data() (no alignment assumed, so an Acts may be copied):
+//   F32, F16: float x[n][cols]
+//   BF16:     uint16 x[n][cols]                 (bfloat16, round to nearest even)
+//   Q8_0/Q4_0: int8  q[n][cols]                 per 32-block: q = RNE(x * 127 / amax)
+//              float d[n][cols / 32]            d = amax / 127 (0 for an all-zero block)
+//              int32 corr[n][cols / 32]         -(Q4_0 ? 8 : 128) * sum(q of the block): the
+//                                               term VNNI's unsigned x signed product needs
+//              then, only when n >= 5 (the kernels that read it need at least 5 tokens),
+//              for groups of 8 tokens (G = ceil(n / 8), missing tokens zero), per
+//              group g and block b, 384 bytes: the same values with tokens in lanes
+//                int8  q8[4][8 tokens][8]      q8[k][t] = bytes 8k..8k+7 of token 8g+t's block
+//                float d8[8 tokens][2]         its d, twice
+//                int32 c8[8 tokens][2]         {its corr, 0}
+struct QActs {
+  const int8_t* q;
+  const float* d;
+  const int32_t* corr;
+  const uint8_t* groups;  // G * (cols / 32) * 384 bytes, group-major
+};
+constexpr size_t kGroupBlockBytes = 384;
+size_t acts_bytes(WType t, int64_t n, int64_t cols);
+QActs qacts(const Acts& a);
+// Quantizes one 32-block of activations (the scalar definition every ISA reproduces exactly).
+void quantize_act_block(const float* x, int8_t* q, float* d, int32_t* corr, int32_t corr_mul);
+// Fills the token-interleaved groups from q, d, corr (done after every variant's prepare).
+void build_groups(Acts& a);
+
+using MatmulFn = void (*)(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
+using PrepareFn = void (*)(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
+using StreamFn = uint64_t (*)(const uint8_t* p, size_t bytes);
+
+void matmul_scalar(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
+void prepare_scalar(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
+void matmul_avx2(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
+void prepare_avx2(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
+uint64_t stream_avx2(const uint8_t* p, size_t bytes);
+void matmul_avx512(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
+void prepare_avx512(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
+uint64_t stream_avx512(const uint8_t* p, size_t bytes);
+
+}  // namespace kdetail
+}  // namespace moe

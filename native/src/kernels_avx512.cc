@@ -1,0 +1,512 @@
+// AVX-512 kernels (F/BW/VL/DQ), with VNNI (vpdpbusd) for Q8_0 / Q4_0 and AVX512_BF16
+// (vdpbf16ps) for BF16 when the CPU has them, checked at run time: this file is compiled
+// with those extensions enabled, so the paths for CPUs without them are written with
+// explicit intrinsics (never auto-vectorised loops) and only the VNNI / BF16 templates
+// contain the newer instructions.
+//
+// Strategy (decode is memory-bound, prefill compute-bound):
+// - A tile is R rows x T tokens of zmm accumulators. Each weight block is loaded and
+//   unpacked once and multiplied with all T token vectors; tokens beyond T are served
+//   by the next tile over the same rows, re-reading those rows from L1, so the matrix
+//   is streamed from memory once whatever n is.
+// - Q8_0 / Q4_0 take two 32-blocks per zmm. With VNNI the unsigned operand is the weight
+//   (Q8_0: q + 128, i.e. q ^ 0x80; Q4_0: the raw nibble 0..15) and the signed one the
+//   int8 activation; the accumulator starts from the per-(token, block) correction
+//   -128 * sum(x) (resp. -8 * sum(x)) precomputed by prepare_acts, so the int32 result is
+//   the exact signed dot product. Without VNNI: vpmaddubsw/vpmaddwd (Q8_0 with the
+//   |w| x sign(w)*x trick so nothing saturates).
+// - Per block: int32 partial sums -> float, times d_w * d_x, fused-added into the tile;
+//   one horizontal reduction per (row, token) at the end of the row.
+// - With VNNI, groups of 8 tokens use q_tile_g8 instead (tokens in lanes, weights
+//   broadcast; see there), which removes most of the per-token float work; it serves
+//   decode with 5..8 tokens and prefill in groups of 8.
+// - Every tile prefetches the same columns of the next row tile: rows are short streams
+//   (a few KB) that the hardware prefetcher alone ramps up on too late.
+// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_*()
+// placeholders (GCC bug 105593, fixed in 13); nothing of ours is uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu_features.h"
+#include "kernels.h"
+
+namespace moe {
+namespace kdetail {
+namespace {
+
+// ---- Quantized (Q8_0 / Q4_0) --------------------------------------------------------
+
+enum class QMode { Vnni, Plain };
+
+// Lane i of the result = lane (i / 8) of v's low 64 bits: [v0 x8 | v1 x8].
+inline __m512i idx_pair() { return _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0); }
+
+template <WType WT>
+struct QBlk;
+
+template <>
+struct QBlk<WType::Q8_0> {
+  static constexpr size_t kBytes = 34;
+  // 64 signed weights of blocks b, b+1 (b+1 zero when `one`).
+  static inline __m512i load(const uint8_t* p, bool one) {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+    if (one) return _mm512_zextsi256_si512(lo);
+    return _mm512_inserti64x4(_mm512_zextsi256_si512(lo), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 36)), 1);
+  }
+};
+
+template <>
+struct QBlk<WType::Q4_0> {
+  static constexpr size_t kBytes = 18;
+  // 64 nibbles 0..15 of blocks b, b+1 in weight order (b+1 zero when `one`).
+  static inline __m512i load(const uint8_t* p, bool one) {
+    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
+    const __m128i q1 = one ? _mm_setzero_si128() : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 20));
+    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1);
+    // [q0, q0, q1, q1]: lanes 0/2 take the low nibbles (weights 0..15), 1/3 the high ones.
+    const __m512i v = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0), _mm512_zextsi256_si512(both));
+    const __m512i sh = _mm512_srli_epi16(v, 4);
+    return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, v, sh), _mm512_set1_epi8(0x0f));
+  }
+};
+
+inline __m512 scale_pair_f16(const uint8_t* p0, const uint8_t* p1) {
+  uint16_t h0, h1 = 0;
+  std::memcpy(&h0, p0, 2);
+  if (p1 != nullptr) std::memcpy(&h1, p1, 2);
+  const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | (static_cast<uint32_t>(h1) << 16))));
+  return _mm512_permutexvar_ps(idx_pair(), _mm512_zextps128_ps512(f));
+}
+
+template <WType WT, QMode M, int R, int T>
+void q_tile(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, int64_t cols, int64_t t0, float* y,
+            int64_t ldy, int64_t r) {
+  constexpr size_t BB = QBlk<WT>::kBytes;
+  __m512 acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
+  const __m512i idx = idx_pair();
+  const __m512i ones16 = _mm512_set1_epi16(1);
+  const int8_t* xq = a.q + t0 * cols;
+  const float* xd = a.d + t0 * nb;
+  const int32_t* xc = a.corr + t0 * nb;
+
+  for (int64_t b = 0; b < nb; b += 2) {
+    const bool one = b + 1 == nb;
+    __m512i wv[R];
+    __m512 dw[R];
+    __mmask64 neg[R];
+    for (int i = 0; i < R; ++i) {
+      const uint8_t* p = w0 + i * rb + b * BB;
+      // The next row tile, same columns: the rows of a tile are short streams that the
+      // hardware prefetcher would only pick up after a few lines each.
+      _mm_prefetch(reinterpret_cast<const char*>(p + R * rb), _MM_HINT_T0);
+      if constexpr (WT == WType::Q8_0) _mm_prefetch(reinterpret_cast<const char*>(p + R * rb + 64), _MM_HINT_T0);
+      __m512i v = QBlk<WT>::load(p, one);
+      dw[i] = scale_pair_f16(p, one ? nullptr : p + BB);
+      if constexpr (WT == WType::Q8_0) {
+        if constexpr (M == QMode::Vnni) {
+          v = _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));  // q + 128, unsigned
+        } else {
+          neg[i] = _mm512_movepi8_mask(v);
+          v = _mm512_abs_epi8(v);  // |q| as unsigned (|-128| = 128 still fits)
+        }
+      }
+      wv[i] = v;
+    }
+    (void)neg;
+    for (int t = 0; t < T; ++t) {
+      const int8_t* xp = xq + t * cols + b * 32;
+      const __m512i xv = one ? _mm512_maskz_loadu_epi8(0xffffffffull, xp) : _mm512_loadu_si512(xp);
+      const float* dp = xd + t * nb + b;
+      const int32_t* cp = xc + t * nb + b;
+      __m128 d2;
+      __m128i c2;
+      if (one) {
+        d2 = _mm_load_ss(dp);
+        c2 = _mm_cvtsi32_si128(cp[0]);
+      } else {
+        d2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(dp)));
+        c2 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp));
+      }
+      const __m512 dx = _mm512_permutexvar_ps(idx, _mm512_zextps128_ps512(d2));
+      // Corrections land in lane 0 (block b) and lane 8 (block b+1); they add up with
+      // the other partial sums in the final reduction.
+      const __m512i corr = (WT == WType::Q8_0 && M == QMode::Plain)
+                               ? _mm512_setzero_si512()
+                               : _mm512_maskz_permutexvar_epi32(0x0101, idx, _mm512_zextsi128_si512(c2));
+      for (int i = 0; i < R; ++i) {
+        __m512i s;
+        if constexpr (M == QMode::Vnni) {
+          s = _mm512_dpbusd_epi32(corr, wv[i], xv);
+        } else if constexpr (WT == WType::Q8_0) {
+          const __m512i xs = _mm512_mask_sub_epi8(xv, neg[i], _mm512_setzero_si512(), xv);
+          s = _mm512_madd_epi16(_mm512_maddubs_epi16(wv[i], xs), ones16);
+        } else {
+          s = _mm512_add_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(wv[i], xv), ones16), corr);
+        }
+        acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[i], dx), acc[i][t]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+
+// Tokens in lanes (VNNI only), for groups of 8 tokens: lane pair (t, j) of the
+// accumulator belongs to token t. Each 8-byte piece k of a weight block is broadcast to
+// all lanes and multiplied with the same piece of the 8 tokens' blocks, so one vpdpbusd
+// serves 8 tokens and the int -> float scaling costs 3 instructions per (row, block)
+// for all 8 tokens instead of per token.
+template <WType WT, int R>
+void q_tile_g8(const uint8_t* w0, size_t rb, int64_t nb, const uint8_t* grp, int64_t t0, int64_t tn, float* y,
+               int64_t ldy, int64_t r) {
+  constexpr size_t BB = QBlk<WT>::kBytes;
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* gb = grp + b * kGroupBlockBytes;
+    const __m512i x0 = _mm512_loadu_si512(gb);
+    const __m512i x1 = _mm512_loadu_si512(gb + 64);
+    const __m512i x2 = _mm512_loadu_si512(gb + 128);
+    const __m512i x3 = _mm512_loadu_si512(gb + 192);
+    const __m512 dx = _mm512_loadu_ps(reinterpret_cast<const float*>(gb + 256));
+    const __m512i corr = _mm512_loadu_si512(gb + 320);
+    for (int i = 0; i < R; ++i) {
+      const uint8_t* p = w0 + i * rb + b * BB;
+      _mm_prefetch(reinterpret_cast<const char*>(p + R * rb), _MM_HINT_T0);
+      int64_t q0, q1, q2, q3;
+      __m512i w0v, w1v, w2v, w3v;
+      if constexpr (WT == WType::Q8_0) {
+        std::memcpy(&q0, p + 2, 8);
+        std::memcpy(&q1, p + 10, 8);
+        std::memcpy(&q2, p + 18, 8);
+        std::memcpy(&q3, p + 26, 8);
+        const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+        w0v = _mm512_xor_si512(_mm512_set1_epi64(q0), flip);
+        w1v = _mm512_xor_si512(_mm512_set1_epi64(q1), flip);
+        w2v = _mm512_xor_si512(_mm512_set1_epi64(q2), flip);
+        w3v = _mm512_xor_si512(_mm512_set1_epi64(q3), flip);
+      } else {
+        std::memcpy(&q0, p + 2, 8);
+        std::memcpy(&q1, p + 10, 8);
+        const __m512i m = _mm512_set1_epi8(0x0f);
+        const __m512i a = _mm512_set1_epi64(q0), c = _mm512_set1_epi64(q1);
+        w0v = _mm512_and_si512(a, m);                         // weights 0..7
+        w1v = _mm512_and_si512(c, m);                         // weights 8..15
+        w2v = _mm512_and_si512(_mm512_srli_epi16(a, 4), m);   // weights 16..23
+        w3v = _mm512_and_si512(_mm512_srli_epi16(c, 4), m);   // weights 24..31
+        (void)q2;
+        (void)q3;
+      }
+      __m512i s = _mm512_dpbusd_epi32(corr, w0v, x0);
+      s = _mm512_dpbusd_epi32(s, w1v, x1);
+      s = _mm512_dpbusd_epi32(s, w2v, x2);
+      s = _mm512_dpbusd_epi32(s, w3v, x3);
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      const __m512 dw = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(h)));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dx), acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc[i]);
+    for (int64_t t = 0; t < tn; ++t) y[(t0 + t) * ldy + r + i] = lanes[2 * t] + lanes[2 * t + 1];
+  }
+}
+
+// ---- Float formats ------------------------------------------------------------------
+
+enum class FMode { F32, F16, Bf16Dot, Bf16Plain };
+
+template <FMode M, int R, int T>
+void f_tile(const uint8_t* w0, size_t rb, const uint8_t* xbase, int64_t cols, int64_t t0, float* y, int64_t ldy,
+            int64_t r) {
+  __m512 acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
+  if constexpr (M == FMode::Bf16Dot) {
+    // 32 columns per step: pairs of bf16 products summed into each float lane.
+    const uint16_t* xs = reinterpret_cast<const uint16_t*>(xbase) + t0 * cols;
+    for (int64_t c = 0; c < cols; c += 32) {
+      const int64_t left = cols - c;
+      const __mmask32 m = left >= 32 ? 0xffffffffu : static_cast<__mmask32>((1ull << left) - 1);
+      __m512i wv[R];
+      for (int i = 0; i < R; ++i) wv[i] = _mm512_maskz_loadu_epi16(m, w0 + i * rb + c * 2);
+      for (int t = 0; t < T; ++t) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(m, xs + t * cols + c);
+        for (int i = 0; i < R; ++i)
+          acc[i][t] = _mm512_dpbf16_ps(acc[i][t], reinterpret_cast<__m512bh>(wv[i]), reinterpret_cast<__m512bh>(xv));
+      }
+    }
+  } else if constexpr (M == FMode::Bf16Plain) {
+    const uint16_t* xs = reinterpret_cast<const uint16_t*>(xbase) + t0 * cols;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int64_t left = cols - c;
+      const __mmask16 m = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+      __m512 wv[R];
+      for (int i = 0; i < R; ++i)
+        wv[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w0 + i * rb + c * 2)), 16));
+      for (int t = 0; t < T; ++t) {
+        const __m512 xv =
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, xs + t * cols + c)), 16));
+        for (int i = 0; i < R; ++i) acc[i][t] = _mm512_fmadd_ps(wv[i], xv, acc[i][t]);
+      }
+    }
+  } else {
+    const float* xs = reinterpret_cast<const float*>(xbase) + t0 * cols;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int64_t left = cols - c;
+      const __mmask16 m = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+      __m512 wv[R];
+      for (int i = 0; i < R; ++i) {
+        if constexpr (M == FMode::F32) {
+          wv[i] = _mm512_maskz_loadu_ps(m, w0 + i * rb + c * 4);
+        } else {
+          wv[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w0 + i * rb + c * 2));
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512 xv = _mm512_maskz_loadu_ps(m, xs + t * cols + c);
+        for (int i = 0; i < R; ++i) acc[i][t] = _mm512_fmadd_ps(wv[i], xv, acc[i][t]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+// ---- Tiling -------------------------------------------------------------------------
+
+// Rows per tile and tokens per tile for a call with n tokens: all n tokens in one tile
+// up to 8 (decode: each weight block is loaded once), 4 x 4 tiles beyond that.
+struct Tiling {
+  int rows;
+  int tokens;
+};
+inline Tiling tiling_for(int64_t n) {
+  if (n <= 4) return {4, static_cast<int>(n)};
+  if (n <= 8) return {2, static_cast<int>(n)};
+  return {4, 4};
+}
+
+// Calls tile<R, T>(args...) for run-time R in 1..4 and T in 1..8.
+template <template <int, int> class Tile, typename... Args>
+void dispatch_tile(int R, int T, Args... args) {
+#define MOE_T(R_)                                   \
+  switch (T) {                                      \
+    case 1: Tile<R_, 1>::run(args...); break;       \
+    case 2: Tile<R_, 2>::run(args...); break;       \
+    case 3: Tile<R_, 3>::run(args...); break;       \
+    case 4: Tile<R_, 4>::run(args...); break;       \
+    case 5: Tile<R_, 5>::run(args...); break;       \
+    case 6: Tile<R_, 6>::run(args...); break;       \
+    case 7: Tile<R_, 7>::run(args...); break;       \
+    default: Tile<R_, 8>::run(args...); break;      \
+  }
+  switch (R) {
+    case 1: MOE_T(1) break;
+    case 2: MOE_T(2) break;
+    case 3: MOE_T(3) break;
+    default: MOE_T(4) break;
+  }
+#undef MOE_T
+}
+
+template <WType WT, QMode M>
+struct QTile {
+  template <int R, int T>
+  struct Of {
+    static void run(const uint8_t* w0, size_t rb, int64_t nb, const QActs* a, int64_t cols, int64_t t0, float* y,
+                    int64_t ldy, int64_t r) {
+      // 4 x 8 and 3 x 8 tiles are never requested (see tiling_for); keep them small to compile.
+      if constexpr (R * T <= 16) {
+        q_tile<WT, M, R, T>(w0, rb, nb, *a, cols, t0, y, ldy, r);
+      } else {
+        for (int i = 0; i < R; ++i) q_tile<WT, M, 1, T>(w0 + i * rb, rb, nb, *a, cols, t0, y, ldy, r + i);
+      }
+    }
+  };
+};
+
+template <FMode M>
+struct FTile {
+  template <int R, int T>
+  struct Of {
+    static void run(const uint8_t* w0, size_t rb, const uint8_t* xb, int64_t cols, int64_t t0, float* y, int64_t ldy,
+                    int64_t r) {
+      if constexpr (R * T <= 16) {
+        f_tile<M, R, T>(w0, rb, xb, cols, t0, y, ldy, r);
+      } else {
+        for (int i = 0; i < R; ++i) f_tile<M, 1, T>(w0 + i * rb, rb, xb, cols, t0, y, ldy, r + i);
+      }
+    }
+  };
+};
+
+template <typename Run>
+void for_tiles(int64_t n, int64_t r0, int64_t r1, const Run& run) {
+  const Tiling tl = tiling_for(n);
+  for (int64_t r = r0; r < r1; r += tl.rows) {
+    const int R = static_cast<int>(r1 - r < tl.rows ? r1 - r : tl.rows);
+    for (int64_t t0 = 0; t0 < n; t0 += tl.tokens) {
+      const int T = static_cast<int>(n - t0 < tl.tokens ? n - t0 : tl.tokens);
+      run(R, T, r, t0);
+    }
+  }
+}
+
+template <WType WT, QMode M>
+void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  const size_t rb = row_bytes(w.type, w.cols);
+  const int64_t nb = w.cols / 32;
+  const QActs a = qacts(x);
+  int64_t grouped = 0;  // tokens [0, grouped) go through q_tile_g8
+  if constexpr (M == QMode::Vnni) {
+    // Groups of 8 tokens; a last partial group of >= 5 tokens too (padding lanes are
+    // cheaper than per-token epilogues), fewer go to the per-token tiles.
+    grouped = x.n % 8 >= 5 ? (x.n + 7) / 8 * 8 : x.n / 8 * 8;
+    constexpr int GR = 4;
+    for (int64_t r = r0; r < r1; r += GR) {
+      const int R = static_cast<int>(r1 - r < GR ? r1 - r : GR);
+      for (int64_t t0 = 0; t0 < grouped; t0 += 8) {
+        const int64_t tn = std::min<int64_t>(8, x.n - t0);
+        const uint8_t* grp = a.groups + (t0 / 8) * nb * kGroupBlockBytes;
+        const uint8_t* w0 = w.data + r * rb;
+        switch (R) {
+          case 1: q_tile_g8<WT, 1>(w0, rb, nb, grp, t0, tn, y, ldy, r); break;
+          case 2: q_tile_g8<WT, 2>(w0, rb, nb, grp, t0, tn, y, ldy, r); break;
+          case 3: q_tile_g8<WT, 3>(w0, rb, nb, grp, t0, tn, y, ldy, r); break;
+          default: q_tile_g8<WT, GR>(w0, rb, nb, grp, t0, tn, y, ldy, r); break;
+        }
+      }
+    }
+  }
+  if (grouped >= x.n) return;
+  const int64_t rest = x.n - grouped;
+  const QActs shifted{a.q + grouped * w.cols, a.d + grouped * nb, a.corr + grouped * nb, nullptr};
+  float* ys = y + grouped * ldy;
+  for_tiles(rest, r0, r1, [&](int R, int T, int64_t r, int64_t t0) {
+    dispatch_tile<QTile<WT, M>::template Of>(R, T, w.data + r * rb, rb, nb, &shifted, w.cols, t0, ys, ldy, r);
+  });
+}
+
+template <FMode M>
+void matmul_f(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  const size_t rb = row_bytes(w.type, w.cols);
+  for_tiles(x.n, r0, r1, [&](int R, int T, int64_t r, int64_t t0) {
+    dispatch_tile<FTile<M>::template Of>(R, T, w.data + r * rb, rb, x.buf.data(), w.cols, t0, y, ldy, r);
+  });
+}
+
+// ---- Activation preparation ---------------------------------------------------------
+
+// Same arithmetic as quantize_act_block (max |x|, 127 / amax, x * id rounded to nearest
+// even, clamp), so the bytes are identical to the scalar variant's.
+void quantize_acts_row(const float* x, int64_t nb, int8_t* q, float* d, int32_t* corr, int32_t mul) {
+  const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + 32 * b);
+    const __m512 v1 = _mm512_loadu_ps(x + 32 * b + 16);
+    const __m512 a0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v0), absmask));
+    const __m512 a1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v1), absmask));
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    const __m512 vid = _mm512_set1_ps(id);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m512i i0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)), lo), hi);
+    const __m512i i1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vid)), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm512_cvtepi32_epi8(i1));
+    d[b] = amax / 127.0f;
+    corr[b] = -mul * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+  }
+}
+
+// Round to nearest even, NaN made quiet: the scalar f32_to_bf16, 16 at a time.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+
+}  // namespace
+
+void prepare_avx512(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out) {
+  switch (t) {
+    case WType::F32:
+    case WType::F16: prepare_scalar(t, x, n, cols, ldx, out); return;  // a copy
+    case WType::BF16: {
+      uint16_t* o = reinterpret_cast<uint16_t*>(out.buf.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const float* xr = x + i * ldx;
+        uint16_t* orow = o + i * cols;
+        for (int64_t c = 0; c < cols; c += 16) {
+          const int64_t left = cols - c;
+          const __mmask16 m = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+          _mm256_mask_storeu_epi16(orow + c, m, to_bf16(_mm512_maskz_loadu_ps(m, xr + c)));
+        }
+      }
+      return;
+    }
+    case WType::Q8_0:
+    case WType::Q4_0: {
+      const QActs a = qacts(out);
+      const int64_t nb = cols / 32;
+      const int32_t mul = t == WType::Q4_0 ? 8 : 128;
+      for (int64_t i = 0; i < n; ++i)
+        quantize_acts_row(x + i * ldx, nb, const_cast<int8_t*>(a.q) + i * cols, const_cast<float*>(a.d) + i * nb,
+                          const_cast<int32_t*>(a.corr) + i * nb, mul);
+      return;
+    }
+  }
+}
+
+void matmul_avx512(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  static const bool vnni = cpu_features().avx512vnni;
+  static const bool bf16 = cpu_features().avx512bf16;
+  switch (w.type) {
+    case WType::Q8_0:
+      if (vnni) matmul_q<WType::Q8_0, QMode::Vnni>(w, x, r0, r1, y, ldy);
+      else matmul_q<WType::Q8_0, QMode::Plain>(w, x, r0, r1, y, ldy);
+      return;
+    case WType::Q4_0:
+      if (vnni) matmul_q<WType::Q4_0, QMode::Vnni>(w, x, r0, r1, y, ldy);
+      else matmul_q<WType::Q4_0, QMode::Plain>(w, x, r0, r1, y, ldy);
+      return;
+    case WType::BF16:
+      if (bf16) matmul_f<FMode::Bf16Dot>(w, x, r0, r1, y, ldy);
+      else matmul_f<FMode::Bf16Plain>(w, x, r0, r1, y, ldy);
+      return;
+    case WType::F16: matmul_f<FMode::F16>(w, x, r0, r1, y, ldy); return;
+    case WType::F32: matmul_f<FMode::F32>(w, x, r0, r1, y, ldy); return;
+  }
+}
+
+uint64_t stream_avx512(const uint8_t* p, size_t bytes) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  size_t i = 0;
+  for (; i + 256 <= bytes; i += 256) {
+    a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + i));
+    a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(p + i + 64));
+    a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(p + i + 128));
+    a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(p + i + 192));
+  }
+  uint64_t s = static_cast<uint64_t>(_mm512_reduce_add_epi64(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3))));
+  for (; i < bytes; ++i) s += p[i];
+  return s;
+}
+
+}  // namespace kdetail
+}  // namespace moe

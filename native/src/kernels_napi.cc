@@ -1,0 +1,333 @@
+// N-API bindings of the kernels for tests and benchmarks (typed in src/engine/native.ts):
+// format conversion, one-shot matmuls, the thread-pool error path, and native timing
+// loops (so that JS overhead is not what the benchmark measures).
+#include <napi.h>
+#include <sys/mman.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu_features.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace moe {
+namespace {
+
+WType type_arg(const Napi::Value& v) {
+  WType t;
+  if (!v.IsString() || !wtype_from_name(v.As<Napi::String>().Utf8Value(), &t)) {
+    throw Napi::TypeError::New(v.Env(), "weight type must be one of f32 f16 bf16 q8_0 q4_0");
+  }
+  return t;
+}
+
+int64_t int_arg(const Napi::CallbackInfo& info, size_t i, const char* what, int64_t lo, int64_t hi) {
+  if (i >= info.Length() || !info[i].IsNumber()) throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a number");
+  const double d = info[i].As<Napi::Number>().DoubleValue();
+  if (d != static_cast<double>(static_cast<int64_t>(d)) || d < static_cast<double>(lo) || d > static_cast<double>(hi)) {
+    throw Napi::RangeError::New(info.Env(), std::string(what) + " must be an integer in [" + std::to_string(lo) + ", " +
+                                                 std::to_string(hi) + "], got " + std::to_string(d));
+  }
+  return static_cast<int64_t>(d);
+}
+
+void check_cols(Napi::Env env, WType t, int64_t cols) {
+  if (cols % block_cols(t) != 0) {
+    throw Napi::RangeError::New(env, std::string(wtype_name(t)) + " needs cols to be a multiple of " +
+                                         std::to_string(block_cols(t)) + ", got " + std::to_string(cols));
+  }
+}
+
+Napi::Float32Array f32_arg(const Napi::CallbackInfo& info, size_t i, const char* what, size_t need) {
+  if (i >= info.Length() || !info[i].IsTypedArray() ||
+      info[i].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) {
+    throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a Float32Array");
+  }
+  Napi::Float32Array a = info[i].As<Napi::Float32Array>();
+  if (a.ElementLength() < need) {
+    throw Napi::RangeError::New(info.Env(), std::string(what) + " has " + std::to_string(a.ElementLength()) +
+                                                 " elements, needs " + std::to_string(need));
+  }
+  return a;
+}
+
+Napi::Uint8Array u8_arg(const Napi::CallbackInfo& info, size_t i, const char* what, size_t need) {
+  if (i >= info.Length() || !info[i].IsTypedArray() ||
+      info[i].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a Uint8Array");
+  }
+  Napi::Uint8Array a = info[i].As<Napi::Uint8Array>();
+  if (a.ByteLength() < need) {
+    throw Napi::RangeError::New(info.Env(), std::string(what) + " has " + std::to_string(a.ByteLength()) +
+                                                 " bytes, needs " + std::to_string(need));
+  }
+  return a;
+}
+
+constexpr int64_t kMaxDim = int64_t{1} << 31;
+
+bool isa_from_name(const std::string& s, Isa* out) {
+  if (s == "scalar") *out = Isa::Scalar;
+  else if (s == "avx2") *out = Isa::Avx2;
+  else if (s == "avx512") *out = Isa::Avx512;
+  else return false;
+  return true;
+}
+
+Napi::Value KernelInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const CpuFeatures& f = cpu_features();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("best", isa_name(best_isa()));
+  o.Set("active", isa_name(active_isa()));
+  o.Set("vnni", f.avx512vnni && best_isa() == Isa::Avx512);
+  o.Set("bf16", f.avx512bf16 && best_isa() == Isa::Avx512);
+  o.Set("amx", false);  // no AMX kernels yet (the development host has no AMX to test them on)
+  return o;
+}
+
+Napi::Value SetIsa(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Isa isa;
+  if (info.Length() < 1 || !info[0].IsString() || !isa_from_name(info[0].As<Napi::String>().Utf8Value(), &isa)) {
+    throw Napi::TypeError::New(env, "setIsa: name must be one of scalar avx2 avx512");
+  }
+  return Napi::Boolean::New(env, set_isa(isa));
+}
+
+// quantizeRows(type, f32, rows, cols) -> Uint8Array(rows * rowBytes)
+Napi::Value QuantizeRows(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const WType t = type_arg(info[0]);
+  const int64_t rows = int_arg(info, 2, "rows", 0, kMaxDim);
+  const int64_t cols = int_arg(info, 3, "cols", 0, kMaxDim);
+  check_cols(env, t, cols);
+  Napi::Float32Array src = f32_arg(info, 1, "f32", static_cast<size_t>(rows * cols));
+  Napi::Uint8Array out = Napi::Uint8Array::New(env, static_cast<size_t>(rows) * row_bytes(t, cols));
+  quantize_rows(t, src.Data(), rows, cols, out.Data());
+  return out;
+}
+
+// dequantizeRow(type, bytes, cols) -> Float32Array(cols)
+Napi::Value DequantizeRow(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const WType t = type_arg(info[0]);
+  const int64_t cols = int_arg(info, 2, "cols", 0, kMaxDim);
+  check_cols(env, t, cols);
+  Napi::Uint8Array src = u8_arg(info, 1, "bytes", row_bytes(t, cols));
+  Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(cols));
+  dequantize_row(t, src.Data(), cols, out.Data());
+  return out;
+}
+
+// actsDequantize(type, x, n, cols) -> Float32Array(n * cols): the activations as the kernels see them.
+Napi::Value ActsDequantize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const WType t = type_arg(info[0]);
+  const int64_t n = int_arg(info, 2, "n", 0, kMaxDim);
+  const int64_t cols = int_arg(info, 3, "cols", 0, kMaxDim);
+  check_cols(env, t, cols);
+  Napi::Float32Array x = f32_arg(info, 1, "x", static_cast<size_t>(n * cols));
+  Acts acts;
+  prepare_acts(t, x.Data(), n, cols, cols, acts);
+  Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(n * cols));
+  for (int64_t i = 0; i < n; ++i) acts_dequantize(acts, i, out.Data() + i * cols);
+  return out;
+}
+
+// matmulTest(type, weights, rows, cols, x, n, threads) -> Float32Array(n * rows), y[t * rows + r]
+Napi::Value MatmulTest(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const WType t = type_arg(info[0]);
+  const int64_t rows = int_arg(info, 2, "rows", 0, kMaxDim);
+  const int64_t cols = int_arg(info, 3, "cols", 0, kMaxDim);
+  const int64_t n = int_arg(info, 5, "n", 0, 1 << 20);
+  const int64_t threads = int_arg(info, 6, "threads", 1, 256);
+  check_cols(env, t, cols);
+  Napi::Uint8Array w = u8_arg(info, 1, "weights", static_cast<size_t>(rows) * row_bytes(t, cols));
+  Napi::Float32Array x = f32_arg(info, 4, "x", static_cast<size_t>(n * cols));
+  Acts acts;
+  prepare_acts(t, x.Data(), n, cols, cols, acts);
+  Napi::Float32Array y = Napi::Float32Array::New(env, static_cast<size_t>(n * rows));
+  const WMat m{t, rows, cols, w.Data()};
+  ThreadPool pool(static_cast<int>(threads));
+  matmul_parallel(pool, m, acts, y.Data(), rows);
+  return y;
+}
+
+// poolThrowTest(threads, items): runs `items` items of ~50 us each; the first item that
+// runs on a worker thread (thread index > 0) throws. Returns the caller's error message path.
+Napi::Value PoolThrowTest(const Napi::CallbackInfo& info) {
+  const int64_t threads = int_arg(info, 0, "threads", 2, 256);
+  const int64_t items = int_arg(info, 1, "items", 1, 1 << 20);
+  ThreadPool pool(static_cast<int>(threads));
+  std::atomic<bool> thrown{false};
+  std::atomic<int64_t> ran{0};
+  pool.parallel_for(items, 1, [&](int64_t i, int thread) {
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    ran.fetch_add(1);
+    if (thread > 0 && !thrown.exchange(true)) {
+      throw std::runtime_error("worker " + std::to_string(thread) + " failed on item " + std::to_string(i));
+    }
+  });
+  // No worker took an item (should not happen with enough items): report how many ran.
+  return Napi::Number::New(info.Env(), static_cast<double>(ran.load()));
+}
+
+// Memory for benchmarks: 2 MB aligned, transparent huge pages where the kernel allows.
+struct BigBuf {
+  uint8_t* p = nullptr;
+  size_t size = 0;
+  explicit BigBuf(size_t bytes) : size(bytes) {
+    void* q = nullptr;
+    if (posix_memalign(&q, size_t{2} << 20, bytes) != 0) throw std::runtime_error("out of memory: " + std::to_string(bytes) + " bytes");
+    p = static_cast<uint8_t*>(q);
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+  }
+  ~BigBuf() { std::free(p); }
+  BigBuf(const BigBuf&) = delete;
+  BigBuf& operator=(const BigBuf&) = delete;
+};
+
+using Clock = std::chrono::steady_clock;
+
+// kernelBench(type, rows, cols, n, threads, minBytes, seconds) ->
+//   {calls, seconds (per call), bytesPerCall, copies, isa}
+// Cycles through `copies` distinct weight matrices (together >= minBytes) so that the
+// weights come from memory, not from the caches, as the engine's experts do.
+Napi::Value KernelBench(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const WType t = type_arg(info[0]);
+  const int64_t rows = int_arg(info, 1, "rows", 1, kMaxDim);
+  const int64_t cols = int_arg(info, 2, "cols", 1, kMaxDim);
+  const int64_t n = int_arg(info, 3, "n", 1, 1 << 16);
+  const int64_t threads = int_arg(info, 4, "threads", 1, 256);
+  const int64_t min_bytes = int_arg(info, 5, "minBytes", 0, int64_t{1} << 40);
+  const double seconds = info[6].As<Napi::Number>().DoubleValue();
+  check_cols(env, t, cols);
+
+  const size_t rb = row_bytes(t, cols);
+  const size_t mat_bytes = static_cast<size_t>(rows) * rb;
+  const size_t copies = std::max<size_t>(1, (static_cast<size_t>(min_bytes) + mat_bytes - 1) / mat_bytes);
+  BigBuf w(mat_bytes * copies);
+  {
+    // Realistic values: 64 quantized random rows tiled over everything.
+    std::mt19937 rng(1234);
+    std::normal_distribution<float> nd(0.0f, 0.02f);
+    const int64_t pr = std::min<int64_t>(rows, 64);
+    std::vector<float> f(static_cast<size_t>(pr * cols));
+    for (float& v : f) v = nd(rng);
+    std::vector<uint8_t> q(static_cast<size_t>(pr) * rb);
+    quantize_rows(t, f.data(), pr, cols, q.data());
+    for (size_t off = 0; off < w.size; off += q.size()) std::memcpy(w.p + off, q.data(), std::min(q.size(), w.size - off));
+  }
+  std::vector<float> x(static_cast<size_t>(n * cols));
+  {
+    std::mt19937 rng(99);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (float& v : x) v = nd(rng);
+  }
+  Acts acts;
+  prepare_acts(t, x.data(), n, cols, cols, acts);
+  std::vector<float> y(static_cast<size_t>(n * rows));
+  ThreadPool pool(static_cast<int>(threads));
+
+  auto call = [&](size_t i) {
+    const WMat m{t, rows, cols, w.p + (i % copies) * mat_bytes};
+    matmul_parallel(pool, m, acts, y.data(), rows);
+  };
+  for (size_t i = 0; i < copies; ++i) call(i);  // warm-up: page in, wake threads
+  int64_t calls = 0;
+  const Clock::time_point start = Clock::now();
+  double elapsed = 0;
+  do {
+    for (int k = 0; k < 4; ++k) call(static_cast<size_t>(calls++));
+    elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  } while (elapsed < seconds);
+
+  // prepare_acts cost, for the record (reusing the buffer: no allocation).
+  int64_t preps = 0;
+  const Clock::time_point p0 = Clock::now();
+  double pel = 0;
+  do {
+    prepare_acts(t, x.data(), n, cols, cols, acts);
+    ++preps;
+    pel = std::chrono::duration<double>(Clock::now() - p0).count();
+  } while (pel < 0.02);
+
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("calls", static_cast<double>(calls));
+  o.Set("seconds", elapsed / static_cast<double>(calls));
+  o.Set("bytesPerCall", static_cast<double>(mat_bytes));
+  o.Set("copies", static_cast<double>(copies));
+  o.Set("prepareSeconds", pel / static_cast<double>(preps));
+  o.Set("isa", isa_name(active_isa()));
+  o.Set("checksum", static_cast<double>(y[0]));
+  return o;
+}
+
+// streamBench(bytes, threads, seconds) -> {passes, seconds (per pass), bytes}
+// The bandwidth probe: every thread of the pool streams its share of one big buffer.
+Napi::Value StreamBench(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int64_t bytes = int_arg(info, 0, "bytes", 1 << 20, int64_t{1} << 40);
+  const int64_t threads = int_arg(info, 1, "threads", 1, 256);
+  const double seconds = info[2].As<Napi::Number>().DoubleValue();
+  BigBuf buf(static_cast<size_t>(bytes));
+  for (size_t i = 0; i < buf.size; i += 4096) buf.p[i] = static_cast<uint8_t>(i >> 12);
+  std::memset(buf.p, 1, buf.size);
+  ThreadPool pool(static_cast<int>(threads));
+  constexpr size_t kChunk = size_t{1} << 20;
+  const int64_t chunks = static_cast<int64_t>((buf.size + kChunk - 1) / kChunk);
+  std::vector<uint64_t> sink(static_cast<size_t>(threads) * 8, 0);
+  auto pass = [&] {
+    pool.parallel_for(chunks, 1, [&](int64_t i, int th) {
+      const size_t off = static_cast<size_t>(i) * kChunk;
+      sink[static_cast<size_t>(th) * 8] += stream_read(buf.p + off, std::min(kChunk, buf.size - off));
+    });
+  };
+  pass();
+  int64_t passes = 0;
+  const Clock::time_point start = Clock::now();
+  double elapsed = 0;
+  do {
+    pass();
+    ++passes;
+    elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  } while (elapsed < seconds);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("passes", static_cast<double>(passes));
+  o.Set("seconds", elapsed / static_cast<double>(passes));
+  o.Set("bytes", static_cast<double>(bytes));
+  uint64_t s = 0;
+  for (uint64_t v : sink) s += v;
+  o.Set("checksum", static_cast<double>(s & 0xffff));
+  return o;
+}
+
+}  // namespace
+
+void RegisterKernels(Napi::Env env, Napi::Object exports) {
+  exports.Set("kernelInfo", Napi::Function::New(env, KernelInfo, "kernelInfo"));
+  exports.Set("setIsa", Napi::Function::New(env, SetIsa, "setIsa"));
+  exports.Set("quantizeRows", Napi::Function::New(env, QuantizeRows, "quantizeRows"));
+  exports.Set("dequantizeRow", Napi::Function::New(env, DequantizeRow, "dequantizeRow"));
+  exports.Set("actsDequantize", Napi::Function::New(env, ActsDequantize, "actsDequantize"));
+  exports.Set("matmulTest", Napi::Function::New(env, MatmulTest, "matmulTest"));
+  exports.Set("poolThrowTest", Napi::Function::New(env, PoolThrowTest, "poolThrowTest"));
+  exports.Set("kernelBench", Napi::Function::New(env, KernelBench, "kernelBench"));
+  exports.Set("streamBench", Napi::Function::New(env, StreamBench, "streamBench"));
+}
+
+}  // namespace moe

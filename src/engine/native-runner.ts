@@ -1,0 +1,203 @@
+// The native engine behind the runner contract: weights packed by the addon in the
+// chosen format (one copy; the checkpoint's mapping is released after loading), a paged
+// KV cache, and the fused step or the per-layer calls.
+
+import { freemem, totalmem } from 'node:os';
+import { readFileSync } from 'node:fs';
+import { openModel } from '../model/checkpoint.js';
+import type { SafetensorsCheckpoint } from '../model/safetensors.js';
+import { paramCounts, type ModelSpec } from '../model/spec.js';
+import { EMBED, FINAL_NORM, LM_HEAD, layerNames } from '../model/tensor-names.js';
+import { loadNative, type NativeEngine, type NativeEngineOptions } from './native.js';
+import type { KvGeometry, ModelRunner, StepOutput, StepSequence } from './runner.js';
+
+/** Weight formats users choose (`--weights`), and the addon's names for them. */
+export const WEIGHT_FORMATS = { f32: 'f32', bf16: 'bf16', f16: 'f16', q8: 'q8_0', q4: 'q4_0' } as const;
+export type WeightFormat = keyof typeof WEIGHT_FORMATS;
+
+/** Bytes per weight of each format (quantized ones include their block scales). */
+export const BYTES_PER_WEIGHT: Record<WeightFormat, number> = { f32: 4, bf16: 2, f16: 2, q8: 34 / 32, q4: 18 / 32 };
+
+export interface NativeRunnerOptions {
+  weights: WeightFormat;
+  threads: number;
+  kvBlockSize: number;
+  kvBlocks: number;
+}
+
+export class ModelTooLargeError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ModelTooLargeError';
+  }
+}
+
+/** Bytes the engine will hold for a model: weights in the chosen format plus the KV cache. */
+export function estimateEngineBytes(spec: ModelSpec, o: NativeRunnerOptions): { weights: number; kv: number } {
+  const c = paramCounts(spec);
+  const h = spec.hiddenSize;
+  // Norms, biases and routers stay float32; everything else is in the chosen format.
+  const f32Params = spec.numLayers * (2 * h + spec.numExperts * h + (spec.sharedExpertIntermediateSize > 0 ? h : 0)) + h;
+  const weights = (c.expertParams + c.nonExpertParams - f32Params) * BYTES_PER_WEIGHT[o.weights] + f32Params * 4;
+  const kv = 2 * spec.numLayers * o.kvBlocks * o.kvBlockSize * spec.numKvHeads * spec.headDim * 4;
+  return { weights, kv };
+}
+
+/** Memory this process may use: the cgroup limit when there is one, else free RAM. */
+function availableBytes(): number {
+  let limit = Infinity;
+  try {
+    const raw = readFileSync('/sys/fs/cgroup/memory.max', 'utf8').trim();
+    if (raw !== 'max') limit = Number(raw);
+  } catch {
+    // no cgroup v2 limit
+  }
+  return Math.min(limit, Math.max(freemem(), totalmem() * 0.9));
+}
+
+function engineOptions(spec: ModelSpec, o: NativeRunnerOptions): NativeEngineOptions {
+  return {
+    vocab: spec.vocabSize,
+    hidden: spec.hiddenSize,
+    layers: spec.numLayers,
+    heads: spec.numHeads,
+    kvHeads: spec.numKvHeads,
+    headDim: spec.headDim,
+    experts: spec.numExperts,
+    topK: spec.topK,
+    expertWidth: spec.expertIntermediateSize,
+    sharedWidth: spec.sharedExpertIntermediateSize,
+    renormTopK: spec.gating === 'softmax_topk_renorm',
+    qkNorm: spec.qkNorm,
+    qkvBias: spec.qkvBias,
+    tieEmbeddings: spec.tieWordEmbeddings,
+    rmsEps: spec.rmsNormEps,
+    ropeTheta: spec.ropeTheta,
+    maxPositions: spec.maxPositionEmbeddings,
+    weights: WEIGHT_FORMATS[o.weights],
+    threads: o.threads,
+    kvBlockSize: o.kvBlockSize,
+    kvBlocks: o.kvBlocks,
+  };
+}
+
+/** Hands every tensor of the checkpoint to the engine under its role. */
+function loadTensors(engine: NativeEngine, spec: ModelSpec, ckpt: SafetensorsCheckpoint): void {
+  const put = (role: string, layer: number, expert: number, name: string) => {
+    const info = ckpt.info(name);
+    const rows = info.shape.length === 1 ? 1 : info.shape[0];
+    const cols = info.shape[info.shape.length - 1];
+    engine.setTensor(role, layer, expert, ckpt.bytes(name), info.dtype, rows, cols);
+  };
+  put('embed', -1, 0, EMBED);
+  put('final_norm', -1, 0, FINAL_NORM);
+  if (!spec.tieWordEmbeddings) put('lm_head', -1, 0, LM_HEAD);
+  for (let l = 0; l < spec.numLayers; l++) {
+    const n = layerNames(spec, l);
+    put('input_norm', l, 0, n.inputNorm);
+    put('post_norm', l, 0, n.postAttnNorm);
+    put('q', l, 0, n.q);
+    put('k', l, 0, n.k);
+    put('v', l, 0, n.v);
+    put('o', l, 0, n.o);
+    if (n.qBias && n.kBias && n.vBias) {
+      put('q_bias', l, 0, n.qBias);
+      put('k_bias', l, 0, n.kBias);
+      put('v_bias', l, 0, n.vBias);
+    }
+    if (n.qNorm && n.kNorm) {
+      put('q_norm', l, 0, n.qNorm);
+      put('k_norm', l, 0, n.kNorm);
+    }
+    put('router', l, 0, n.router);
+    for (let e = 0; e < spec.numExperts; e++) {
+      const x = n.expert(e);
+      put('gate', l, e, x.gate);
+      put('up', l, e, x.up);
+      put('down', l, e, x.down);
+    }
+    if (n.shared) {
+      put('gate', l, -1, n.shared.gate);
+      put('up', l, -1, n.shared.up);
+      put('down', l, -1, n.shared.down);
+      put('shared_gate_scalar', l, 0, n.shared.gateScalar);
+    }
+  }
+}
+
+/** Packs a batch into the addon's flat arrays: tokens, [start, n, wantLogits, nBlocks] per sequence, block tables. */
+export function packBatch(batch: StepSequence[]): { tokens: Int32Array; seqs: Int32Array; blocks: Int32Array } {
+  let nTok = 0;
+  let nBlk = 0;
+  for (const s of batch) {
+    nTok += s.tokens.length;
+    nBlk += s.blockTable.length;
+  }
+  const tokens = new Int32Array(nTok);
+  const seqs = new Int32Array(batch.length * 4);
+  const blocks = new Int32Array(nBlk);
+  let t = 0;
+  let b = 0;
+  batch.forEach((s, i) => {
+    tokens.set(s.tokens, t);
+    blocks.set(s.blockTable, b);
+    seqs.set([s.startPos, s.tokens.length, s.wantLogits ? 1 : 0, s.blockTable.length], i * 4);
+    t += s.tokens.length;
+    b += s.blockTable.length;
+  });
+  return { tokens, seqs, blocks };
+}
+
+export class NativeRunner implements ModelRunner {
+  private constructor(
+    readonly spec: ModelSpec,
+    readonly kv: KvGeometry,
+    readonly engine: NativeEngine,
+  ) {}
+
+  /** Opens a checkpoint directory and packs its weights; the checkpoint's files are closed after. */
+  static async open(dir: string, o: NativeRunnerOptions): Promise<NativeRunner> {
+    const m = await openModel(dir);
+    try {
+      return NativeRunner.fromCheckpoint(m.spec, m.weights, o);
+    } finally {
+      m.close();
+    }
+  }
+
+  static fromCheckpoint(spec: ModelSpec, ckpt: SafetensorsCheckpoint, o: NativeRunnerOptions): NativeRunner {
+    const need = estimateEngineBytes(spec, o);
+    const avail = availableBytes();
+    if (need.weights + need.kv > avail) {
+      const gib = (b: number) => (b / 2 ** 30).toFixed(2);
+      throw new ModelTooLargeError(
+        `the model needs ${gib(need.weights)} GiB of ${o.weights} weights and ${gib(need.kv)} GiB of KV cache, but only ${gib(avail)} GiB of memory is available; ` +
+          'choose a smaller weight format (--weights q8 or q4) or fewer KV blocks',
+      );
+    }
+    const { NativeEngine } = loadNative();
+    const engine = new NativeEngine(engineOptions(spec, o));
+    try {
+      loadTensors(engine, spec, ckpt);
+      engine.finalize();
+    } catch (e) {
+      engine.close();
+      throw e;
+    }
+    return new NativeRunner(spec, { blockSize: o.kvBlockSize, numBlocks: o.kvBlocks }, engine);
+  }
+
+  step(batch: StepSequence[]): StepOutput {
+    const { tokens, seqs, blocks } = packBatch(batch);
+    const logits = this.engine.step(tokens, seqs, blocks);
+    return { logits, rows: logits.length / this.spec.vocabSize };
+  }
+
+  release(_seqId: number): void {
+    // KV blocks belong to the scheduler's pool; the engine keeps no per-sequence state.
+  }
+
+  close(): void {
+    this.engine.close();
+  }
+}

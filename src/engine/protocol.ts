@@ -1,0 +1,125 @@
+// The contract between the HTTP side (main thread) and the engine (a worker thread).
+// The server tokenizes, detokenizes and matches stop strings; the engine schedules,
+// runs the model and samples. Everything crossing the boundary is plain data.
+
+import type { SamplingParams } from './sampling.js';
+
+export interface GenerationRequest {
+  /** Unique among live requests. */
+  id: string;
+  promptTokens: number[];
+  /** Tokens to generate at most; the server has already checked prompt + maxTokens against the context. */
+  maxTokens: number;
+  sampling: SamplingParams;
+  /** The request's own random stream: the same seed and prompt give the same tokens, whatever else is batched. Null: random. */
+  seed: number | null;
+  penalties: {
+    /** OpenAI semantics: logit -= frequency * count(token in output). */
+    frequency: number;
+    /** OpenAI semantics: logit -= presence * (count > 0). */
+    presence: number;
+    /** HF / vLLM semantics over prompt and output tokens: positive logits divided, negative multiplied; 1 = off. */
+    repetition: number;
+  };
+  /** Token ids that finish the request with reason 'stop' (not emitted). */
+  stopTokenIds: number[];
+  /** Null: no logprobs. k >= 0: the sampled token's logprob and the k most likely alternatives. */
+  logprobs: number | null;
+}
+
+export interface TokenLogprob {
+  id: number;
+  logprob: number;
+}
+
+export interface GeneratedToken {
+  id: number;
+  /** Present when the request asked for logprobs: log-softmax of the raw logits (before penalties and temperature). */
+  logprob?: number;
+  top?: TokenLogprob[];
+}
+
+export type FinishReason = 'stop' | 'length' | 'abort' | 'error';
+
+export type EngineEvent =
+  | { type: 'tokens'; requestId: string; tokens: GeneratedToken[] }
+  | {
+      type: 'finished';
+      requestId: string;
+      reason: FinishReason;
+      promptTokens: number;
+      completionTokens: number;
+      /** Milliseconds from submission to the first scheduled step. */
+      queueMs: number;
+      /** Set when reason is 'error'. */
+      error?: string;
+    };
+
+export interface ModelInfo {
+  id: string;
+  contextLength: number;
+  vocabSize: number;
+  eosTokenIds: number[];
+}
+
+/** A snapshot the engine publishes after every step (and when idle). */
+export interface EngineStats {
+  running: number;
+  waiting: number;
+  kvBlocksUsed: number;
+  kvBlocksTotal: number;
+  /** Counters since start. */
+  preemptions: number;
+  steps: number;
+  promptTokens: number;
+  generationTokens: number;
+}
+
+export class QueueFullError extends Error {
+  constructor(
+    readonly waiting: number,
+    /** Suggested seconds before retrying. */
+    readonly retryAfterSeconds: number,
+  ) {
+    super(`the engine's waiting queue is full (${waiting} requests)`);
+    this.name = 'QueueFullError';
+  }
+}
+
+export interface EngineClient {
+  /** Resolves when the model is loaded and the engine accepts work; rejects if loading fails. */
+  readonly ready: Promise<ModelInfo>;
+  /**
+   * Queues a request; `onEvent` receives its token batches and, last, exactly one 'finished'.
+   * Throws QueueFullError when the waiting queue is at its bound.
+   */
+  submit(req: GenerationRequest, onEvent: (e: EngineEvent) => void): void;
+  /** Stops a request and frees its KV blocks at once; its 'finished' event has reason 'abort'. No-op if unknown. */
+  cancel(requestId: string): void;
+  stats(): EngineStats;
+  /** Finishes nothing: aborts what is in flight and stops the worker. */
+  close(): Promise<void>;
+}
+
+/** What the engine worker is started with (the server's configuration maps onto it). */
+export interface EngineOptions {
+  modelDir: string;
+  /** The id clients use in the `model` field. */
+  modelId: string;
+  /** 'reference' runs the TypeScript reference pass; 'native' the addon's engine (when built). */
+  runner: 'reference' | 'native';
+  /** Native runner: weights in memory (f32, bf16, f16, q8, q4, or auto = as stored). */
+  weights?: 'auto' | 'f32' | 'bf16' | 'f16' | 'q8' | 'q4';
+  /** Native runner: compute threads (default: all cores). */
+  threads?: number;
+  kvBlockSize: number;
+  kvBlocks: number;
+  /** Token budget of one step: decode tokens plus prompt chunk tokens. */
+  maxBatchTokens: number;
+  /** Sequences running at once at most. */
+  maxRunning: number;
+  /** Requests waiting at most; beyond it submit() throws QueueFullError. */
+  maxWaiting: number;
+  /** Batch-formation policy by name ('fcfs'). */
+  policy: string;
+}

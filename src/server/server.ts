@@ -1,0 +1,113 @@
+// Runs the server process: resolves the model, starts the engine worker, listens, and
+// on SIGTERM/SIGINT drains (readiness 503, new requests 503, in-flight ones finish
+// within the grace period) before closing the engine.
+
+import { basename, resolve } from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import { ensureDemoModel } from '../cli/demo-cmd.js';
+import type { ServeSettings } from '../config.js';
+import { startEngine } from '../engine/engine-client.js';
+import type { EngineClient, EngineOptions } from '../engine/protocol.js';
+import { MoeTokenizer } from '../model/tokenizer.js';
+import { buildApp } from './app.js';
+import { Lifecycle } from './lifecycle.js';
+
+export const DEMO_MODEL_ID = 'moe-serve-demo';
+
+export interface RunningServer {
+  app: FastifyInstance;
+  engine: EngineClient;
+  lifecycle: Lifecycle;
+  /** http://host:port */
+  url: string;
+  /** Drains and closes; resolves to the process exit code. */
+  shutdown(reason: string): Promise<number>;
+  /** Resolves with the exit code once the server has shut down. */
+  closed: Promise<number>;
+}
+
+export function engineOptions(s: Readonly<ServeSettings>, modelDir: string, modelId: string): EngineOptions {
+  return {
+    modelDir,
+    modelId,
+    runner: s.runner,
+    weights: s.weights,
+    threads: s.threads === 0 ? undefined : s.threads,
+    kvBlockSize: s.kvBlockSize,
+    kvBlocks: s.kvBlocks,
+    maxBatchTokens: s.maxBatchTokens,
+    maxRunning: s.maxRunning,
+    maxWaiting: s.maxWaiting,
+    policy: s.policy,
+  };
+}
+
+/** Starts everything; `log` gets the human start-up lines (stderr in the CLI). */
+export async function startServer(s: Readonly<ServeSettings>, log: (line: string) => void, opts: { handleSignals?: boolean } = {}): Promise<RunningServer> {
+  const t0 = performance.now();
+  const secs = () => ((performance.now() - t0) / 1000).toFixed(2);
+  let modelDir: string;
+  let modelId: string;
+  if (s.demo) {
+    modelDir = ensureDemoModel((m) => log(m.trimEnd()));
+    modelId = s.modelId !== '' ? s.modelId : DEMO_MODEL_ID;
+  } else {
+    modelDir = resolve(s.model);
+    modelId = s.modelId !== '' ? s.modelId : basename(modelDir);
+  }
+  log(`loading tokenizer from ${modelDir}`);
+  const tokenizer = await MoeTokenizer.load(modelDir);
+  log(`starting the engine (runner ${s.runner}${s.runner === 'native' ? `, weights ${s.weights}` : ''}, ${s.kvBlocks} KV blocks of ${s.kvBlockSize} tokens, up to ${s.maxRunning} running / ${s.maxWaiting} waiting)`);
+  const engine = startEngine(engineOptions(s, modelDir, modelId));
+  const lifecycle = new Lifecycle();
+  const app = buildApp({
+    engine,
+    tokenizer,
+    lifecycle,
+    apiKeys: s.apiKeys,
+    bodyLimitBytes: s.bodyLimitBytes,
+    allowSpecialTokensInChat: s.allowSpecialTokensInChat,
+    logger: s.logLevel === 'silent' ? false : { level: s.logLevel },
+  });
+  let address: string;
+  try {
+    address = await app.listen({ host: s.host, port: s.port });
+  } catch (e) {
+    await engine.close();
+    throw new Error(`cannot listen on ${s.host}:${s.port}: ${(e as Error).message}`);
+  }
+  log(`listening on ${address} (/health is up; /ready answers 503 until the model is loaded)`);
+
+  let resolveClosed!: (code: number) => void;
+  const closed = new Promise<number>((r) => (resolveClosed = r));
+  let shuttingDown: Promise<number> | null = null;
+  const shutdown = (reason: string): Promise<number> => {
+    shuttingDown ??= (async () => {
+      const inflight = lifecycle.inflightCount;
+      log(`${reason}: draining (${inflight} request(s) in flight, grace ${s.drainGraceSeconds} s)`);
+      const { cancelled } = await lifecycle.drain(s.drainGraceSeconds * 1000);
+      if (cancelled > 0) log(`grace period over: cancelled ${cancelled} request(s)`);
+      await app.close();
+      await engine.close();
+      log('stopped');
+      resolveClosed(0);
+      return 0;
+    })();
+    return shuttingDown;
+  };
+  if (opts.handleSignals ?? true) {
+    for (const sig of ['SIGTERM', 'SIGINT'] as const) process.once(sig, () => void shutdown(sig));
+  }
+
+  try {
+    const info = await engine.ready;
+    log(`model ${info.id} loaded in ${secs()} s (context ${info.contextLength} tokens, vocabulary ${info.vocabSize})`);
+    log(`ready: serving ${info.id} at ${address}/v1`);
+  } catch (e) {
+    log(`the model failed to load: ${(e as Error).message}`);
+    await app.close();
+    await engine.close();
+    throw e;
+  }
+  return { app, engine, lifecycle, url: address, shutdown, closed };
+}

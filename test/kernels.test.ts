@@ -1,0 +1,441 @@
+// Matrix kernels: weight formats (byte-exact ggml Q8_0 / Q4_0 blocks, F16 / BF16 rounding),
+// activation quantization, every ISA variant this CPU runs against the scalar reference
+// and against a float64 dot product, and the thread pool.
+import t from 'tap';
+import { loadNative, type KernelIsa, type WeightType } from '../src/engine/native.js';
+
+const addon = loadNative();
+const ALL_ISAS: KernelIsa[] = ['scalar', 'avx2', 'avx512'];
+const TYPES: WeightType[] = ['f32', 'f16', 'bf16', 'q8_0', 'q4_0'];
+const initialIsa = addon.kernelInfo().active;
+t.teardown(() => {
+  addon.setIsa(initialIsa);
+});
+
+/** The ISAs this machine can run; setIsa leaves the active one unchanged when it returns false. */
+function runnableIsas(): KernelIsa[] {
+  const out: KernelIsa[] = [];
+  for (const isa of ALL_ISAS) if (addon.setIsa(isa)) out.push(isa);
+  addon.setIsa(initialIsa);
+  return out;
+}
+const ISAS = runnableIsas();
+
+/** Deterministic pseudo-random numbers (mulberry32), roughly normal by summing uniforms. */
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  const u = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let x = a;
+    x = Math.imul(x ^ (x >>> 15), x | 1);
+    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
+  };
+  return () => u() + u() + u() - 1.5;
+}
+function randomMatrix(seed: number, len: number, scale = 1): Float32Array {
+  const r = rng(seed);
+  const out = new Float32Array(len);
+  for (let i = 0; i < len; i++) out[i] = r() * scale;
+  // A few outliers, as in real activations and weights.
+  for (let i = 0; i < len; i += 97) out[i] *= 8;
+  return out;
+}
+
+function rowBytes(type: WeightType, cols: number): number {
+  switch (type) {
+    case 'f32':
+      return cols * 4;
+    case 'f16':
+    case 'bf16':
+      return cols * 2;
+    case 'q8_0':
+      return (cols / 32) * 34;
+    case 'q4_0':
+      return (cols / 32) * 18;
+  }
+}
+
+function dequantizeAll(type: WeightType, bytes: Uint8Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(rows * cols);
+  const rb = rowBytes(type, cols);
+  for (let r = 0; r < rows; r++) out.set(addon.dequantizeRow(type, bytes.subarray(r * rb, (r + 1) * rb), cols), r * cols);
+  return out;
+}
+
+// ---- Independent JS definitions -------------------------------------------------------
+
+const f32 = Math.fround;
+
+/** float32 -> binary16 bits, round to nearest even (written from the IEEE definition). */
+function f16Bits(v: number): number {
+  v = f32(v);
+  const sign = v < 0 || Object.is(v, -0) ? 0x8000 : 0;
+  const a = Math.abs(v);
+  if (Number.isNaN(v)) return 0x7e00;
+  if (a === Infinity) return sign | 0x7c00;
+  const roundEven = (x: number) => {
+    const f = Math.floor(x);
+    const rem = x - f;
+    return rem > 0.5 || (rem === 0.5 && f % 2 === 1) ? f + 1 : f;
+  };
+  if (a < 2 ** -14) return sign | roundEven(a / 2 ** -24); // subnormal (may round up to 0x0400)
+  let e = Math.floor(Math.log2(a));
+  if (2 ** e > a) e--;
+  if (2 ** (e + 1) <= a) e++;
+  let m = roundEven((a / 2 ** e - 1) * 1024);
+  if (m === 1024) {
+    m = 0;
+    e++;
+  }
+  if (e > 15) return sign | 0x7c00;
+  return sign | ((e + 15) << 10) | m;
+}
+function f16Value(h: number): number {
+  const s = h & 0x8000 ? -1 : 1;
+  const e = (h >> 10) & 0x1f;
+  const m = h & 0x3ff;
+  if (e === 0) return s * m * 2 ** -24;
+  if (e === 31) return m ? NaN : s * Infinity;
+  return s * (1 + m / 1024) * 2 ** (e - 15);
+}
+/** C's roundf: half away from zero. */
+const roundAway = (v: number) => Math.sign(v) * Math.floor(Math.abs(v) + 0.5);
+
+/** ggml quantize_row_q8_0 for one block, independent of the native code. */
+function refQ8Block(x: Float32Array): Uint8Array {
+  let amax = 0;
+  for (const v of x) amax = Math.max(amax, Math.abs(v));
+  const d = f32(amax / 127);
+  const id = d ? f32(1 / d) : 0;
+  const out = new Uint8Array(34);
+  const h = f16Bits(d);
+  out[0] = h & 0xff;
+  out[1] = h >> 8;
+  for (let j = 0; j < 32; j++) out[2 + j] = roundAway(f32(x[j] * id)) & 0xff;
+  return out;
+}
+/** ggml quantize_row_q4_0 for one block. */
+function refQ4Block(x: Float32Array): Uint8Array {
+  let amax = 0;
+  let max = 0;
+  for (const v of x) {
+    if (amax < Math.abs(v)) {
+      amax = Math.abs(v);
+      max = v;
+    }
+  }
+  const d = f32(max / -8);
+  const id = d ? f32(1 / d) : 0;
+  const out = new Uint8Array(18);
+  const h = f16Bits(d);
+  out[0] = h & 0xff;
+  out[1] = h >> 8;
+  const q = (v: number) => Math.min(15, Math.trunc(f32(f32(v * id) + 8.5)));
+  for (let j = 0; j < 16; j++) out[2 + j] = q(x[j]) | (q(x[16 + j]) << 4);
+  return out;
+}
+
+const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
+
+// ---- Formats --------------------------------------------------------------------------
+
+t.test('kernelInfo and setIsa', async (t) => {
+  const info = addon.kernelInfo();
+  t.ok(ALL_ISAS.includes(info.best), `best ${info.best}`);
+  t.ok(ALL_ISAS.includes(info.active), `active ${info.active}`);
+  t.type(info.vnni, 'boolean');
+  t.type(info.bf16, 'boolean');
+  t.equal(info.amx, false);
+  t.ok(ISAS.includes('scalar') && ISAS.includes(info.best), `runnable: ${ISAS.join(', ')}`);
+  t.throws(() => addon.setIsa('sse9' as KernelIsa), /scalar avx2 avx512/);
+  t.equal(addon.kernelInfo().active, initialIsa, 'a refused name changes nothing');
+});
+
+t.test('Q8_0 blocks: hand-computed bytes', async (t) => {
+  // amax 127 -> d = 1 (f16 0x3c00), q = roundf(x): halves round away from zero.
+  const x = new Float32Array(32);
+  x.set([127, -127, 0.5, -0.5, 1.5, 2.5, -2.5, 3.49, 0.49999997, -126.5, 7, 0]);
+  const got = addon.quantizeRows('q8_0', x, 1, 32);
+  const want = new Uint8Array(34);
+  want.set([0x00, 0x3c, 0x7f, 0x81, 0x01, 0xff, 0x02, 0x03, 0xfd, 0x03, 0x00, 0x81, 0x07, 0x00]);
+  t.equal(hex(got), hex(want));
+  // All zero: d = 0, q = 0.
+  t.equal(hex(addon.quantizeRows('q8_0', new Float32Array(32), 1, 32)), '00'.repeat(34));
+  // amax 16: d = 16/127 -> f16 0x3008, q = roundf(x * (1/d)).
+  const y = new Float32Array(32).map((_, j) => j - 16);
+  const gy = addon.quantizeRows('q8_0', y, 1, 32);
+  t.equal(gy[0] | (gy[1] << 8), 0x3008, 'f16 scale');
+  t.equal((gy[2] << 24) >> 24, -127, 'x = -16 -> -127');
+  t.equal(hex(gy), hex(refQ8Block(y)));
+});
+
+t.test('Q4_0 blocks: hand-computed bytes', async (t) => {
+  // max = -8 (first of the largest magnitude; +8 comes later) -> d = 1, q = min(15, trunc(x + 8.5)).
+  const x = new Float32Array(32);
+  x.set([-8, 8, 7.6, 0, -0.5, 0.5, 1.4999, -7.6]);
+  x[16] = 3;
+  x[17] = -3;
+  const q = [0, 15, 15, 8, 8, 9, 9, 0];
+  const want = new Uint8Array(18);
+  want[0] = 0x00;
+  want[1] = 0x3c;
+  for (let j = 0; j < 16; j++) want[2 + j] = (q[j] ?? 8) | ((j === 0 ? 11 : j === 1 ? 5 : 8) << 4);
+  t.equal(hex(addon.quantizeRows('q4_0', x, 1, 32)), hex(want));
+  // Positive max 4 -> d = -0.5 (0xb800): x = 4 -> 0, x = -4 -> 16.5 -> 15, x = 1 -> 6.
+  const y = new Float32Array(32);
+  y.set([4, -4, 1]);
+  const gy = addon.quantizeRows('q4_0', y, 1, 32);
+  t.equal(gy[0] | (gy[1] << 8), 0xb800);
+  t.same([gy[2] & 15, gy[3] & 15, gy[4] & 15, gy[5] & 15, gy[2] >> 4], [0, 15, 6, 8, 8]);
+  t.equal(hex(addon.quantizeRows('q4_0', new Float32Array(32), 1, 32)), '0080' + '88'.repeat(16));
+});
+
+t.test('Q8_0 / Q4_0 match an independent ggml definition on random rows', async (t) => {
+  const cols = 4096;
+  const x = randomMatrix(7, 4 * cols, 0.05);
+  for (const type of ['q8_0', 'q4_0'] as const) {
+    const bytes = addon.quantizeRows(type, x, 4, cols);
+    const bb = type === 'q8_0' ? 34 : 18;
+    let bad = 0;
+    for (let b = 0; b < (4 * cols) / 32; b++) {
+      const blk = x.subarray(32 * b, 32 * b + 32);
+      const want = type === 'q8_0' ? refQ8Block(blk) : refQ4Block(blk);
+      if (hex(bytes.subarray(bb * b, bb * b + bb)) !== hex(want)) bad++;
+    }
+    t.equal(bad, 0, `${type}: every block byte-identical`);
+  }
+});
+
+t.test('quantization round trip within the format bound', async (t) => {
+  const cols = 1024;
+  const x = randomMatrix(11, 8 * cols, 0.1);
+  for (const type of ['q8_0', 'q4_0'] as const) {
+    const bytes = addon.quantizeRows(type, x, 8, cols);
+    const back = dequantizeAll(type, bytes, 8, cols);
+    const bb = type === 'q8_0' ? 34 : 18;
+    let worst = 0;
+    for (let b = 0; b < (8 * cols) / 32; b++) {
+      const blk = x.subarray(32 * b, 32 * b + 32);
+      const d16 = f16Value(bytes[bb * b] | (bytes[bb * b + 1] << 8));
+      let amax = 0;
+      let max = 0;
+      for (const v of blk) if (Math.abs(v) > amax) [amax, max] = [Math.abs(v), v];
+      // d as quantization used it (f32) vs the stored f16 scale: the second term of the bound.
+      const d = type === 'q8_0' ? f32(amax / 127) : f32(max / -8);
+      const qmax = type === 'q8_0' ? 127 : 8;
+      for (let j = 0; j < 32; j++) {
+        const err = Math.abs(blk[j] - back[32 * b + j]);
+        // Q8_0: <= d/2. Q4_0: <= |d|/2, except the value clamped to 15 (x/d > 7.5): <= |d|.
+        const clamped = type === 'q4_0' && blk[j] / d > 7.5;
+        const bound = (clamped ? 1 : 0.5) * Math.abs(d) + qmax * Math.abs(d - d16) + 1e-7 * amax;
+        worst = Math.max(worst, err / bound);
+      }
+    }
+    t.ok(worst <= 1, `${type}: worst error / bound = ${worst.toFixed(3)}`);
+  }
+});
+
+t.test('F16 rounding of special values', async (t) => {
+  const cases: [number, number][] = [
+    [0, 0x0000],
+    [-0, 0x8000],
+    [1, 0x3c00],
+    [-2, 0xc000],
+    [65504, 0x7bff],
+    [65519.99, 0x7bff],
+    [65520, 0x7c00], // halfway to 2^16 rounds to infinity
+    [1e6, 0x7c00],
+    [-Infinity, 0xfc00],
+    [2 ** -24, 0x0001], // smallest subnormal
+    [2 ** -25, 0x0000], // tie -> even (0)
+    [3 * 2 ** -25, 0x0002], // tie -> even (2)
+    [2 ** -14, 0x0400], // smallest normal
+    [2 ** -14 - 2 ** -25, 0x0400], // subnormal rounding up into the normals
+    [1 + 2 ** -11, 0x3c00], // tie -> even
+    [1 + 3 * 2 ** -11, 0x3c02], // tie -> even (up)
+    [1 + 2 ** -11 + 2 ** -20, 0x3c01],
+    [0.1, 0x2e66],
+  ];
+  const x = Float32Array.from(cases.map((c) => c[0]));
+  const got = addon.quantizeRows('f16', x, 1, x.length);
+  const bits = new Uint16Array(got.buffer, got.byteOffset, x.length);
+  for (let i = 0; i < cases.length; i++) {
+    t.equal(bits[i], cases[i][1], `f16(${cases[i][0]}) = 0x${cases[i][1].toString(16)}`);
+    t.equal(bits[i], f16Bits(cases[i][0]), 'matches the JS definition');
+  }
+  const nan = addon.quantizeRows('f16', Float32Array.of(NaN), 1, 1);
+  const nanBits = nan[0] | (nan[1] << 8);
+  t.ok((nanBits & 0x7c00) === 0x7c00 && (nanBits & 0x3ff) !== 0, 'NaN stays NaN');
+  const back = addon.dequantizeRow('f16', got, x.length);
+  t.equal(back[0], 0);
+  t.ok(Object.is(back[1], -0), '-0 survives');
+  t.equal(back[6], Infinity);
+  t.equal(back[9], 2 ** -24);
+  t.ok(Number.isNaN(addon.dequantizeRow('f16', nan, 1)[0]));
+  // Random values: the JS definition agrees everywhere.
+  const r = randomMatrix(3, 4096, 100);
+  const rb = new Uint16Array(addon.quantizeRows('f16', r, 1, 4096).buffer);
+  let bad = 0;
+  for (let i = 0; i < 4096; i++) if (rb[i] !== f16Bits(r[i])) bad++;
+  t.equal(bad, 0, 'random values');
+});
+
+t.test('BF16 rounding of special values', async (t) => {
+  const cases: [number, number][] = [
+    [1, 0x3f80],
+    [-0, 0x8000],
+    [1 + 2 ** -8, 0x3f80], // tie -> even
+    [1 + 3 * 2 ** -8, 0x3f82], // tie -> even (up)
+    [1 + 2 ** -8 + 2 ** -20, 0x3f81],
+    [Infinity, 0x7f80],
+    [3.4028234663852886e38, 0x7f80], // FLT_MAX rounds to infinity
+    [1e-40, 0x0001], // subnormals are kept
+    [-3.140625, 0xc049],
+  ];
+  const x = Float32Array.from(cases.map((c) => c[0]));
+  const got = addon.quantizeRows('bf16', x, 1, x.length);
+  const bits = new Uint16Array(got.buffer, got.byteOffset, x.length);
+  for (let i = 0; i < cases.length; i++) t.equal(bits[i], cases[i][1], `bf16(${cases[i][0]})`);
+  const nan = addon.quantizeRows('bf16', Float32Array.of(NaN), 1, 1);
+  t.ok(Number.isNaN(addon.dequantizeRow('bf16', nan, 1)[0]), 'NaN stays NaN');
+  t.same(Array.from(addon.dequantizeRow('bf16', got, 2)), [1, -0]);
+  // The activations of the bf16 kernels are rounded the same way, in every ISA.
+  for (const isa of ISAS) {
+    addon.setIsa(isa);
+    const a = addon.actsDequantize('bf16', x, 1, x.length);
+    t.same(Array.from(a.subarray(0, 6)), [1, -0, 1, 1 + 2 ** -6, 1 + 2 ** -7, Infinity], `${isa} activations`);
+  }
+  addon.setIsa(initialIsa);
+});
+
+t.test('activation quantization: int8 per 32-block, same bytes in every ISA', async (t) => {
+  const cols = 256;
+  const n = 3;
+  const x = randomMatrix(5, n * cols, 2);
+  x.fill(0, 32, 64); // an all-zero block
+  // Independent definition: d = amax / 127, q = round-to-nearest-even(x * (127 / amax)).
+  const want = new Float32Array(n * cols);
+  for (let b = 0; b < (n * cols) / 32; b++) {
+    let amax = 0;
+    for (let j = 0; j < 32; j++) amax = Math.max(amax, Math.abs(x[32 * b + j]));
+    const id = amax ? f32(127 / amax) : 0;
+    const d = f32(amax / 127);
+    for (let j = 0; j < 32; j++) {
+      const v = f32(x[32 * b + j] * id);
+      let q = Math.round(v);
+      if (q - v === 0.5 && q % 2 !== 0) q -= 1; // Math.round rounds .5 up; make it even
+      want[32 * b + j] = f32(q * d);
+    }
+  }
+  for (const isa of ISAS) {
+    addon.setIsa(isa);
+    for (const type of ['q8_0', 'q4_0'] as const) {
+      const got = addon.actsDequantize(type, x, n, cols);
+      let bad = 0;
+      for (let i = 0; i < n * cols; i++) if (got[i] !== want[i]) bad++;
+      t.equal(bad, 0, `${isa} ${type}`);
+    }
+  }
+  addon.setIsa(initialIsa);
+});
+
+// ---- Matmul ---------------------------------------------------------------------------
+
+interface Case {
+  rows: number;
+  cols: number;
+  n: number;
+}
+
+function cases(type: WeightType): Case[] {
+  const rowsList = [1, 3, 17, 65];
+  const colsList = type === 'q8_0' || type === 'q4_0' ? [32, 64, 96, 160, 544, 1024, 4096] : [7, 33, 32, 100, 544, 4096];
+  const nList = [1, 2, 3, 4, 5, 7, 8, 9, 11, 13, 16, 17, 31, 40];
+  const out: Case[] = [];
+  let k = 0;
+  for (const rows of rowsList) {
+    for (const cols of colsList) {
+      if (cols === 4096 && rows === 65) continue; // keep the suite fast; 4096 is covered below 65 rows
+      for (let j = 0; j < 2; j++) out.push({ rows, cols, n: nList[k++ % nList.length] });
+    }
+  }
+  out.push({ rows: 65, cols: type === 'q8_0' || type === 'q4_0' ? 2048 : 1000, n: 40 });
+  out.push({ rows: 5, cols: 4096, n: 40 });
+  return out;
+}
+
+for (const type of TYPES) {
+  t.test(`matmul ${type}: every ISA vs scalar and vs a float64 dot product`, async (t) => {
+    let seed = 100;
+    let worstScalar = 0;
+    let worstF64 = 0;
+    let checked = 0;
+    for (const c of cases(type)) {
+      const w = randomMatrix(seed++, c.rows * c.cols, 0.05);
+      const x = randomMatrix(seed++, c.n * c.cols, 1);
+      const bytes = addon.quantizeRows(type, w, c.rows, c.cols);
+      const wd = dequantizeAll(type, bytes, c.rows, c.cols);
+      addon.setIsa('scalar');
+      const xd = addon.actsDequantize(type, x, c.n, c.cols);
+      // float64 reference over the values the kernels multiply, and the scale of the
+      // sum (sum of |terms|) that float rounding errors are proportional to.
+      const ref = new Float64Array(c.n * c.rows);
+      const mag = new Float64Array(c.n * c.rows);
+      for (let tk = 0; tk < c.n; tk++) {
+        for (let r = 0; r < c.rows; r++) {
+          let s = 0;
+          let m = 0;
+          for (let k = 0; k < c.cols; k++) {
+            const p = wd[r * c.cols + k] * xd[tk * c.cols + k];
+            s += p;
+            m += Math.abs(p);
+          }
+          ref[tk * c.rows + r] = s;
+          mag[tk * c.rows + r] = m;
+        }
+      }
+      const scalar = addon.matmulTest(type, bytes, c.rows, c.cols, x, c.n, 1);
+      for (const isa of ISAS) {
+        addon.setIsa(isa);
+        const y = isa === 'scalar' ? scalar : addon.matmulTest(type, bytes, c.rows, c.cols, x, c.n, 2);
+        for (let i = 0; i < y.length; i++) {
+          const m = mag[i] + 1e-30;
+          worstScalar = Math.max(worstScalar, Math.abs(y[i] - scalar[i]) / m);
+          worstF64 = Math.max(worstF64, Math.abs(y[i] - ref[i]) / m);
+        }
+        checked++;
+      }
+    }
+    addon.setIsa(initialIsa);
+    // Every variant computes the same products (exact int32 block dot products for
+    // q8_0 / q4_0; products of the same float / f16 / bf16 values otherwise); only the
+    // order of the float32 additions differs, whose error is a few float32 ulps of the
+    // sum of |terms| (2^-24 ~ 6e-8 per addition, partly cancelling): hence 1e-5 of sum|terms|.
+    t.ok(worstScalar <= 1e-5, `vs scalar: worst |diff| / sum|terms| = ${worstScalar.toExponential(2)} (${checked} runs)`);
+    t.ok(worstF64 <= 1e-5, `vs float64: worst |diff| / sum|terms| = ${worstF64.toExponential(2)}`);
+  });
+}
+
+t.test('matmul: threads 1 and 2 give identical results, and n = 0 / ldy handling', async (t) => {
+  const rows = 1001;
+  const cols = 512;
+  const n = 6;
+  const w = randomMatrix(42, rows * cols, 0.05);
+  const x = randomMatrix(43, n * cols);
+  for (const type of TYPES) {
+    const bytes = addon.quantizeRows(type, w, rows, cols);
+    const y1 = addon.matmulTest(type, bytes, rows, cols, x, n, 1);
+    const y2 = addon.matmulTest(type, bytes, rows, cols, x, n, 2);
+    t.equal(Buffer.compare(Buffer.from(y1.buffer), Buffer.from(y2.buffer)), 0, `${type}: bit-identical`);
+  }
+  t.equal(addon.matmulTest('q8_0', addon.quantizeRows('q8_0', w, 4, 32), 4, 32, x, 0, 2).length, 0);
+  t.throws(() => addon.matmulTest('q8_0', new Uint8Array(10), 4, 32, x, 1, 1), /bytes/);
+  t.throws(() => addon.quantizeRows('q4_0', w, 1, 33), /multiple of 32/);
+});
+
+t.test('thread pool: an exception in a worker reaches the caller', async (t) => {
+  for (let i = 0; i < 3; i++) {
+    t.throws(() => addon.poolThrowTest(2, 4000), /worker 1 failed on item \d+/);
+  }
+});

@@ -1,0 +1,158 @@
+// Every error case answered in the OpenAI shape {error: {message, type, param, code}}
+// with the right status, over undici against the real engine; and API keys.
+
+import t, { type Test } from 'tap';
+import { request } from 'undici';
+import { MODEL_ID, startTestServer, tinyModelDir } from './helpers/server-harness.js';
+
+
+const dir = tinyModelDir(t);
+const server = await startTestServer(t, dir);
+
+interface ErrBody {
+  error: { message: string; type: string; param: string | null; code: string | null };
+}
+
+async function call(method: string, path: string, body?: string | Buffer, headers: Record<string, string> = { 'content-type': 'application/json' }, url = server.url) {
+  const r = await request(`${url}${path}`, { method: method as 'POST', headers, body });
+  const text = await r.body.text();
+  let json: unknown = null;
+  try {
+    json = JSON.parse(text);
+  } catch {}
+  return { status: r.statusCode, headers: r.headers, json: json as ErrBody, text };
+}
+
+function isOpenAIError(t: Test, b: ErrBody) {
+  t.type(b?.error?.message, 'string');
+  t.type(b.error.type, 'string');
+  t.ok('param' in b.error && 'code' in b.error, 'param and code present');
+}
+
+const chat = (extra: Record<string, unknown>) => JSON.stringify({ model: MODEL_ID, messages: [{ role: 'user', content: 'hi' }], max_tokens: 4, ...extra });
+
+t.test('400s with param naming the field', async (t) => {
+  const cases: [string, string, string | null, string?][] = [
+    // [path, body, expected param, expected code]
+    ['/v1/chat/completions', '{"model": "x", "messages": [', null, 'invalid_json'],
+    ['/v1/chat/completions', chat({ temperature: 'hot' }), 'temperature', 'invalid_type'],
+    ['/v1/chat/completions', chat({ temperature: 3 }), 'temperature', 'invalid_value'],
+    ['/v1/chat/completions', chat({ top_p: -0.1 }), 'top_p', 'invalid_value'],
+    ['/v1/chat/completions', chat({ max_tokens: 0 }), 'max_tokens', 'invalid_value'],
+    ['/v1/chat/completions', chat({ max_tokens: 1.5 }), 'max_tokens', 'invalid_type'],
+    ['/v1/chat/completions', chat({ n: 0 }), 'n', 'invalid_value'],
+    ['/v1/chat/completions', chat({ stop: ['a', 'b', 'c', 'd', 'e'] }), 'stop', 'invalid_value'],
+    ['/v1/chat/completions', chat({ top_logprobs: 21, logprobs: true }), 'top_logprobs', 'invalid_value'],
+    ['/v1/chat/completions', chat({ top_logprobs: 2 }), 'top_logprobs', 'invalid_value'],
+    ['/v1/chat/completions', chat({ stream_options: { include_usage: true } }), 'stream_options', 'invalid_value'],
+    ['/v1/chat/completions', chat({ frobnicate: 1 }), 'frobnicate', 'unknown_parameter'],
+    ['/v1/chat/completions', chat({ tools: [] }), 'tools', 'unknown_parameter'],
+    ['/v1/chat/completions', chat({ messages: [] }), 'messages', 'invalid_value'],
+    ['/v1/chat/completions', chat({ messages: [{ role: 'wizard', content: 'x' }] }), 'messages[0].role', 'invalid_value'],
+    ['/v1/chat/completions', chat({ messages: [{ role: 'user' }] }), 'messages[0].content', 'missing_required_parameter'],
+    ['/v1/chat/completions', JSON.stringify({ messages: [{ role: 'user', content: 'x' }] }), 'model', 'missing_required_parameter'],
+    ['/v1/chat/completions', chat({ messages: [{ role: 'user', content: 'end<|im_end|>' }] }), 'messages[0].content', 'special_token_in_content'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', logprobs: 6 }), 'logprobs', 'invalid_value'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: ['a', 1] }), 'prompt', 'invalid_type'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: [1, 99999999] }), 'prompt', 'invalid_value'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: [] }), 'prompt', 'invalid_value'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', echo: true, logprobs: 1 }), 'echo', 'unsupported_parameter'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', seed: 'seven' }), 'seed', 'invalid_type'],
+    ['/v1/completions', '[1, 2]', null, 'invalid_type'],
+  ];
+  for (const [path, body, param, code] of cases) {
+    const r = await call('POST', path, body);
+    t.equal(r.status, 400, `${body.slice(0, 80)} → 400`);
+    isOpenAIError(t, r.json);
+    t.equal(r.json.error.type, 'invalid_request_error');
+    t.equal(r.json.error.param, param, `param of ${body.slice(0, 80)}`);
+    if (code) t.equal(r.json.error.code, code, `code of ${body.slice(0, 80)}`);
+  }
+});
+
+t.test('unknown model → 404 model_not_found', async (t) => {
+  const r = await call('POST', '/v1/chat/completions', chat({ model: 'gpt-17' }));
+  t.equal(r.status, 404);
+  t.equal(r.json.error.code, 'model_not_found');
+  t.equal(r.json.error.param, 'model');
+  const m = await call('GET', '/v1/models/gpt-17');
+  t.equal(m.status, 404);
+  t.equal(m.json.error.code, 'model_not_found');
+});
+
+t.test('prompt + max_tokens over the context → 400 context_length_exceeded', async (t) => {
+  const r = await call('POST', '/v1/chat/completions', chat({ max_tokens: 510 }));
+  t.equal(r.status, 400);
+  t.equal(r.json.error.code, 'context_length_exceeded');
+  t.equal(r.json.error.param, 'messages');
+  t.match(r.json.error.message, /maximum context length is 512 tokens/);
+  const long = 'word '.repeat(600);
+  const c = await call('POST', '/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: long }));
+  t.equal(c.status, 400);
+  t.equal(c.json.error.code, 'context_length_exceeded');
+  // Without max_tokens the completion gets the rest of the context.
+  const ok = await call('POST', '/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'word '.repeat(100), stop: ' ', temperature: 0 }));
+  t.equal(ok.status, 200);
+});
+
+t.test('invalid UTF-8, empty body, wrong content type, over-large body', async (t) => {
+  const bad = Buffer.concat([Buffer.from('{"model": "'), Buffer.from([0xff, 0xfe]), Buffer.from('", "prompt": "x"}')]);
+  const r = await call('POST', '/v1/completions', bad);
+  t.equal(r.status, 400);
+  t.equal(r.json.error.code, 'invalid_encoding');
+  const e = await call('POST', '/v1/completions', '');
+  t.equal(e.status, 400);
+  isOpenAIError(t, e.json);
+  const ct = await call('POST', '/v1/completions', 'prompt=x', { 'content-type': 'application/x-www-form-urlencoded' });
+  t.equal(ct.status, 415);
+  isOpenAIError(t, ct.json);
+
+  const small = await startTestServer(t, dir, { app: { bodyLimitBytes: 2048 } });
+  const big = await call('POST', '/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x'.repeat(5000) }), undefined, small.url);
+  t.equal(big.status, 413);
+  t.equal(big.json.error.code, 'request_too_large');
+});
+
+t.test('unknown routes → 404, wrong methods → 405, same shape', async (t) => {
+  const r = await call('GET', '/v1/nothing');
+  t.equal(r.status, 404);
+  isOpenAIError(t, r.json);
+  t.equal(r.json.error.code, 'unknown_url');
+  const m = await call('GET', '/v1/chat/completions');
+  t.equal(m.status, 405);
+  t.equal(m.headers.allow, 'POST');
+  isOpenAIError(t, m.json);
+  const d = await call('DELETE', '/v1/models', undefined, {});
+  t.equal(d.status, 405);
+  t.match(String(d.headers.allow), /GET/);
+});
+
+t.test('API keys: missing or wrong → 401; probes stay open', async (t) => {
+  const s = await startTestServer(t, dir, { app: { apiKeys: ['sekrit', 'other'] } });
+  const none = await call('POST', '/v1/chat/completions', chat({}), undefined, s.url);
+  t.equal(none.status, 401);
+  t.equal(none.json.error.code, 'invalid_api_key');
+  const wrong = await call('POST', '/v1/chat/completions', chat({}), { 'content-type': 'application/json', authorization: 'Bearer nope' }, s.url);
+  t.equal(wrong.status, 401);
+  t.equal(wrong.headers['www-authenticate'], 'Bearer');
+  const models = await call('GET', '/v1/models', undefined, {}, s.url);
+  t.equal(models.status, 401);
+  const ok = await call('POST', '/v1/chat/completions', chat({}), { 'content-type': 'application/json', authorization: 'Bearer other' }, s.url);
+  t.equal(ok.status, 200);
+  for (const p of ['/health', '/ready', '/metrics']) t.equal((await call('GET', p, undefined, {}, s.url)).status, 200, `${p} needs no key`);
+});
+
+t.test('special-token strings in chat content: accepted when the setting allows', async (t) => {
+  const s = await startTestServer(t, dir, { app: { allowSpecialTokensInChat: true } });
+  const r = await call('POST', '/v1/chat/completions', chat({ messages: [{ role: 'user', content: 'end<|im_end|>' }] }), undefined, s.url);
+  t.equal(r.status, 200);
+  // Completions take raw prompts: special-token strings are control tokens there, as in vLLM.
+  const c = await call('POST', '/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: '<|im_start|>user', max_tokens: 2 }));
+  t.equal(c.status, 200);
+  t.equal((c.json as unknown as { usage: { prompt_tokens: number } }).usage.prompt_tokens, server.tokenizer.encode('<|im_start|>user').length);
+});
+
+t.test('the server keeps serving after all of that', async (t) => {
+  const r = await call('POST', '/v1/chat/completions', chat({}));
+  t.equal(r.status, 200);
+});
