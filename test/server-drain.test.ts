@@ -36,7 +36,7 @@ t.test('SIGTERM drains and exits 0', async (t) => {
   const r = await request(`${url}/v1/completions`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ model: 'tiny', prompt: 'A long story', max_tokens: 480, temperature: 0.7, seed: 2, stream: true }),
+    body: JSON.stringify({ model: 'tiny', prompt: 'A long story', max_tokens: 480, temperature: 0.7, seed: 2, stream: true, ignore_eos: true }),
   });
   t.equal(r.statusCode, 200);
   let text = '';

@@ -8,7 +8,8 @@ import { MODEL_ID, startTestServer, tinyModelDir, waitFor } from './helpers/serv
 
 const dir = tinyModelDir(t);
 
-const long = { model: MODEL_ID, prompt: 'Tell me a long story about experts', max_tokens: 400, temperature: 0.8, seed: 1 };
+// ignore_eos: the request runs its full length, whatever the random model samples.
+const long = { model: MODEL_ID, prompt: 'Tell me a long story about experts', max_tokens: 400, temperature: 0.8, seed: 1, ignore_eos: true };
 const headers = { 'content-type': 'application/json' };
 
 /** name{labels} → value from the Prometheus text exposition format. */
@@ -131,4 +132,15 @@ t.test('a drain whose grace runs out cancels what is left, answering 503', async
   t.equal(late.statusCode, 503);
   t.equal(((await late.body.json()) as { error: { code: string } }).error.code, 'server_shutting_down');
   t.ok(await waitFor(() => s.engine.stats().kvBlocksUsed === 0, 5000));
+});
+
+t.test('ignore_eos runs a request to max_tokens', async (t) => {
+  const s = await startTestServer(t, dir);
+  const r = await request(`${s.url}/v1/completions`, { method: 'POST', headers, body: JSON.stringify({ ...long, max_tokens: 60 }) });
+  const body = (await r.body.json()) as { usage: { completion_tokens: number }; choices: { finish_reason: string }[] };
+  t.equal(body.usage.completion_tokens, 60);
+  t.equal(body.choices[0].finish_reason, 'length');
+  const bad = await request(`${s.url}/v1/completions`, { method: 'POST', headers, body: JSON.stringify({ ...long, ignore_eos: 'yes' }) });
+  t.equal(bad.statusCode, 400);
+  await bad.body.dump();
 });

@@ -21,6 +21,8 @@ export interface CommonBody {
   presence_penalty?: number | null;
   repetition_penalty?: number | null;
   stop?: string | string[] | null;
+  /** vLLM extension: keep generating past end-of-sequence tokens, up to max_tokens. */
+  ignore_eos?: boolean | null;
   seed?: number | null;
   n?: number | null;
   stream?: boolean | null;
@@ -188,7 +190,7 @@ export function choiceSpecs(
           presence: body.presence_penalty ?? 0,
           repetition: body.repetition_penalty ?? 1,
         },
-        stopTokenIds: model.eosTokenIds,
+        stopTokenIds: body.ignore_eos === true ? [] : model.eosTokenIds,
         logprobs,
       };
       specs.push({ index, request, stop });

@@ -5,7 +5,7 @@
 const nullable = (type: string | string[]) => ({ type: [...(Array.isArray(type) ? type : [type]), 'null'] });
 const num = (min: number, max: number) => ({ type: ['number', 'null'], minimum: min, maximum: max });
 
-/** Sampling and stopping fields shared by both generation routes (vLLM extensions: top_k, min_p, repetition_penalty). */
+/** Sampling and stopping fields shared by both generation routes (vLLM extensions: top_k, min_p, repetition_penalty, ignore_eos). */
 const commonParams = {
   model: { type: 'string' },
   max_tokens: { type: ['integer', 'null'], minimum: 1 },
@@ -17,6 +17,7 @@ const commonParams = {
   presence_penalty: num(-2, 2),
   repetition_penalty: { type: ['number', 'null'], exclusiveMinimum: 0, maximum: 2 },
   stop: { type: ['string', 'array', 'null'], items: { type: 'string' }, maxItems: 4 },
+  ignore_eos: nullable('boolean'),
   seed: { type: ['integer', 'null'], minimum: -9007199254740991, maximum: 9007199254740991 },
   n: { type: ['integer', 'null'], minimum: 1, maximum: 128 },
   stream: nullable('boolean'),

@@ -1,0 +1,199 @@
+// What both engines of the engine benchmark share: the workload (the same token ids for
+// both), the bandwidth probe, the decode roofline and the process's memory figures.
+
+import { readFileSync } from 'node:fs';
+import { loadNative } from '../../src/engine/native.js';
+import type { ModelSpec } from '../../src/model/spec.js';
+
+// ---------------------------------------------------------------------------------
+// Workload
+
+export interface Workload {
+  /** Ids below this are real tokens of the generated tokenizers (byte tokens and merges). */
+  tokenLimit: number;
+  /** The warm-up prefill (a different prompt from the timed one). */
+  warmPrompt: number[];
+  /** The timed prefill: one step of these tokens. */
+  prefillPrompt: number[];
+  /** Timed prefills (each from position 0); the figure is tokens / total time. */
+  prefillReps: number;
+  /** Single-stream decode: this short prompt, then untimed then timed decode steps. */
+  decodePrompt: number[];
+  decodeWarmSteps: number;
+  decodeSteps: number;
+  /** Batched decode: sequences per batch; each has its own short prompt. */
+  batchSizes: number[];
+  batchPromptLength: number;
+  batchWarmSteps: number;
+  batchSteps: number;
+}
+
+/** Deterministic ids in [lo, hi). */
+export function tokenIds(n: number, seed: number, lo: number, hi: number): number[] {
+  let s = (seed * 2654435761) >>> 0 || 1;
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    out.push(lo + (s % (hi - lo)));
+  }
+  return out;
+}
+
+export function makeWorkload(o: { decodeSteps: number; batchSteps: number; prefillReps: number; prefillTokens: number }): Workload {
+  const tokenLimit = 4000;
+  const ids = (n: number, seed: number) => tokenIds(n, seed, 256, tokenLimit);
+  return {
+    tokenLimit,
+    warmPrompt: ids(o.prefillTokens, 1),
+    prefillPrompt: ids(o.prefillTokens, 2),
+    prefillReps: o.prefillReps,
+    decodePrompt: ids(16, 3),
+    decodeWarmSteps: 2,
+    decodeSteps: o.decodeSteps,
+    batchSizes: [8, 32],
+    batchPromptLength: 16,
+    batchWarmSteps: 2,
+    batchSteps: o.batchSteps,
+  };
+}
+
+/** The prompt of sequence i of a batch (distinct per sequence). */
+export function batchPrompt(w: Workload, i: number): number[] {
+  return tokenIds(w.batchPromptLength, 100 + i, 256, w.tokenLimit);
+}
+
+/** Greedy choice among the real tokens: argmax of logits[row * vocab + id] over id < limit. */
+export function argmaxBelow(logits: Float32Array, row: number, vocab: number, limit: number): number {
+  const base = row * vocab;
+  const n = Math.min(limit, vocab);
+  let best = 0;
+  let bv = -Infinity;
+  for (let i = 0; i < n; i++) {
+    const v = logits[base + i];
+    if (v > bv) {
+      bv = v;
+      best = i;
+    }
+  }
+  return best;
+}
+
+// ---------------------------------------------------------------------------------
+// Results
+
+export interface BatchResult {
+  sequences: number;
+  steps: number;
+  seconds: number;
+  /** Aggregate decoded tokens per second over all sequences. */
+  tokensPerSecond: number;
+  /** llama.cpp only: decode batches dispatched during the timed steps (= steps when every step was one batch). */
+  dispatches?: number;
+}
+
+export interface EngineResult {
+  engine: 'ours' | 'llama.cpp';
+  loadSeconds: number;
+  prefill: { tokens: number; seconds: number[]; tokensPerSecond: number };
+  decode: { steps: number; seconds: number; tokensPerSecond: number };
+  batches: BatchResult[];
+  /** Probe right before and right after the measurements (GB/s), and their mean. */
+  bandwidthBefore: number;
+  bandwidthAfter: number;
+  bandwidth: number;
+  notes: string[];
+}
+
+// ---------------------------------------------------------------------------------
+// Bandwidth probe
+
+export const PROBE_BYTES = 1 << 30;
+export const PROBE_SECONDS = 1.0;
+
+/** Streaming-read bandwidth (GB/s) with `threads` threads over a 1 GiB buffer (the addon's own pool). */
+export function probeBandwidth(threads: number): number {
+  const r = loadNative().streamBench(PROBE_BYTES, threads, PROBE_SECONDS);
+  return r.bytes / r.seconds / 1e9;
+}
+
+export const sleep = (ms: number) => new Promise<void>((res) => setTimeout(res, ms));
+
+// ---------------------------------------------------------------------------------
+// Roofline: weight bytes read per decoded token
+
+export interface ReadBytes {
+  /** Attention projections q, k, v, o (quantized) and their biases / q-k norms, all layers. */
+  attention: number;
+  /** Routers (float32), all layers. */
+  router: number;
+  /** RMSNorm weights (float32): two per layer and the final one. */
+  norms: number;
+  /** Shared experts (quantized) and their gate vectors, all layers. */
+  shared: number;
+  lmHead: number;
+  /** One embedding row. */
+  embedRow: number;
+  nonExpert: number;
+  /** One routed expert (gate, up, down), quantized. */
+  perExpert: number;
+  /** topK × perExpert × layers. */
+  experts: number;
+  total: number;
+}
+
+/** Bytes per row of `cols` weights in a ggml-style format. */
+export function rowBytes(format: 'q8_0' | 'q4_0', cols: number): number {
+  if (cols % 32 !== 0) throw new Error(`${format}: rows of ${cols} are not whole 32-value blocks`);
+  return (cols / 32) * (format === 'q8_0' ? 34 : 18);
+}
+
+/**
+ * Weight bytes one decoded token reads (a single sequence): every non-expert matrix once
+ * (attention, router, norms, LM head), one embedding row, and top-k experts per layer.
+ * Matrices in the quantized format; routers, norms and biases float32 (as both our engine
+ * and the GGUF export store them).
+ */
+export function bytesPerToken(s: ModelSpec, format: 'q8_0' | 'q4_0'): ReadBytes {
+  const h = s.hiddenSize;
+  const q = s.numHeads * s.headDim;
+  const kv = s.numKvHeads * s.headDim;
+  const L = s.numLayers;
+  let attention = q * rowBytes(format, h) + 2 * kv * rowBytes(format, h) + h * rowBytes(format, q);
+  if (s.qkvBias) attention += (q + 2 * kv) * 4;
+  if (s.qkNorm === 'per_head') attention += 2 * s.headDim * 4;
+  if (s.qkNorm === 'full') attention += (q + kv) * 4;
+  attention *= L;
+  const router = L * s.numExperts * h * 4;
+  const norms = (2 * L + 1) * h * 4;
+  const sw = s.sharedExpertIntermediateSize;
+  const shared = sw > 0 ? L * (2 * sw * rowBytes(format, h) + h * rowBytes(format, sw) + h * 4) : 0;
+  const lmHead = s.vocabSize * rowBytes(format, h);
+  const embedRow = rowBytes(format, h);
+  const nonExpert = attention + router + norms + shared + lmHead + embedRow;
+  const perExpert = 2 * s.expertIntermediateSize * rowBytes(format, h) + h * rowBytes(format, s.expertIntermediateSize);
+  const experts = s.topK * perExpert * L;
+  return { attention, router, norms, shared, lmHead, embedRow, nonExpert, perExpert, experts, total: nonExpert + experts };
+}
+
+// ---------------------------------------------------------------------------------
+// Memory of this process
+
+export interface ProcMemory {
+  /** VmRSS, RssAnon, RssFile, VmHWM in bytes. */
+  rss: number;
+  anon: number;
+  file: number;
+  peak: number;
+}
+
+export function procMemory(): ProcMemory {
+  const text = readFileSync('/proc/self/status', 'utf8');
+  const kb = (key: string) => {
+    const m = new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text);
+    return m ? Number(m[1]) * 1024 : NaN;
+  };
+  return { rss: kb('VmRSS'), anon: kb('RssAnon'), file: kb('RssFile'), peak: kb('VmHWM') };
+}
+
+export const GB = (b: number) => (b / 1e9).toFixed(2) + ' GB';
+export const MB = (b: number) => (b / 1e6).toFixed(1) + ' MB';
