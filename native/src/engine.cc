@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -63,6 +64,8 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     }
   }
   pool_ = std::make_unique<ThreadPool>(cfg.threads);
+  const char* prof = std::getenv("MOE_SERVE_PROFILE");
+  profiling_ = prof != nullptr && std::string(prof) == "1";
   layers_.resize(static_cast<size_t>(cfg.layers));
   const int64_t kv_dim = cfg.kv_heads * cfg.head_dim;
   const size_t kv_elems = static_cast<size_t>(cfg.kv_blocks * cfg.kv_block_size * kv_dim);
@@ -75,10 +78,49 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
 
 Engine::~Engine() = default;
 
+enum Phase { kEmbed, kQkv, kRopeKv, kAttn, kOProj, kRouter, kMoePrep, kGateUp, kAct, kDown, kCombine, kLmHead };
+
+const char* Engine::phase_name(int phase) {
+  static const char* names[kPhases] = {"embed", "qkv", "rope_kv", "attention", "o_proj", "router", "moe_prep", "gate_up", "act", "down", "combine", "lm_head"};
+  return phase >= 0 && phase < kPhases ? names[phase] : "?";
+}
+
+void Engine::mark(int phase) {
+  if (!profiling_) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (phase >= 0) prof_[static_cast<size_t>(phase)] += std::chrono::duration<double, std::milli>(now - prof_t_).count();
+  prof_t_ = now;
+}
+
+std::array<double, Engine::kPhases> Engine::take_profile() {
+  const auto out = prof_;
+  prof_.fill(0.0);
+  return out;
+}
+
 namespace {
 
 // Packs rows of float32 into `dst` (already sized) in the given format.
-void pack_rows(WType t, const float* src, int64_t rows, int64_t cols, uint8_t* dst) { quantize_rows(t, src, rows, cols, dst); }
+// Converts rows stored as `st` into the engine's format `t`, a chunk of rows per work item,
+// so that loading uses every thread and never holds a whole matrix in float32.
+void pack_rows(ThreadPool& pool, WType t, const uint8_t* src, WType st, int64_t rows, int64_t cols, uint8_t* dst) {
+  constexpr int64_t kRows = 64;
+  const size_t srb = row_bytes(st, cols), drb = row_bytes(t, cols);
+  pool.parallel_for((rows + kRows - 1) / kRows, 1, [&](int64_t i, int) {
+    thread_local std::vector<float> buf;
+    const int64_t r0 = i * kRows, n = std::min(kRows, rows - r0);
+    buf.resize(static_cast<size_t>(n * cols));
+    for (int64_t r = 0; r < n; r++) dequantize_row(st, src + srb * static_cast<size_t>(r0 + r), cols, buf.data() + r * cols);
+    quantize_rows(t, buf.data(), n, cols, dst + drb * static_cast<size_t>(r0));
+  });
+}
+
+std::vector<float> to_f32(const uint8_t* src, WType st, int64_t rows, int64_t cols) {
+  std::vector<float> out(static_cast<size_t>(rows * cols));
+  const size_t srb = row_bytes(st, cols);
+  for (int64_t r = 0; r < rows; r++) dequantize_row(st, src + srb * static_cast<size_t>(r), cols, out.data() + r * cols);
+  return out;
+}
 
 void expert_alloc(ExpertMat& e, WType t, int64_t width, int64_t hidden) {
   const size_t gu = row_bytes(t, hidden) * static_cast<size_t>(2 * width);
@@ -90,7 +132,7 @@ void expert_alloc(ExpertMat& e, WType t, int64_t width, int64_t hidden) {
 
 }  // namespace
 
-void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, const float* data, int64_t rows, int64_t cols) {
+void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, const uint8_t* src, WType st, int64_t rows, int64_t cols) {
   const EngineConfig& c = cfg_;
   const int64_t H = c.hidden;
   const int64_t q_dim = c.heads * c.head_dim;
@@ -103,19 +145,19 @@ void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, 
   };
   const auto vec = [&](std::vector<float>& dst, int64_t n) {
     expect(1, n);
-    dst.assign(data, data + n);
+    dst = to_f32(src, st, 1, n);
   };
   ready_ = false;
   if (role == "embed") {
     expect(c.vocab, H);
     embed_.alloc(c.wtype, c.vocab, H);
-    pack_rows(c.wtype, data, rows, cols, embed_.bytes.data());
+    pack_rows(*pool_, c.wtype, src, st, rows, cols, embed_.bytes.data());
     return;
   }
   if (role == "lm_head") {
     expect(c.vocab, H);
     lm_head_.alloc(c.wtype, c.vocab, H);
-    pack_rows(c.wtype, data, rows, cols, lm_head_.bytes.data());
+    pack_rows(*pool_, c.wtype, src, st, rows, cols, lm_head_.bytes.data());
     return;
   }
   if (role == "final_norm") return vec(final_norm_, H);
@@ -128,27 +170,28 @@ void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, 
     const int64_t off = role == "q" ? 0 : role == "k" ? q_dim : q_dim + kv_dim;
     expect(role == "q" ? q_dim : kv_dim, H);
     if (L.qkv.m.rows != qkv_rows) L.qkv.alloc(c.wtype, qkv_rows, H);
-    pack_rows(c.wtype, data, rows, cols, L.qkv.bytes.data() + row_bytes(c.wtype, H) * static_cast<size_t>(off));
+    pack_rows(*pool_, c.wtype, src, st, rows, cols, L.qkv.bytes.data() + row_bytes(c.wtype, H) * static_cast<size_t>(off));
     return;
   }
   if (role == "q_bias" || role == "k_bias" || role == "v_bias") {
     const int64_t off = role == "q_bias" ? 0 : role == "k_bias" ? q_dim : q_dim + kv_dim;
     expect(1, role == "q_bias" ? q_dim : kv_dim);
     L.qkv_bias.resize(static_cast<size_t>(qkv_rows), 0.f);
-    std::copy(data, data + cols, L.qkv_bias.begin() + off);
+    const std::vector<float> b = to_f32(src, st, 1, cols);
+    std::copy(b.begin(), b.end(), L.qkv_bias.begin() + off);
     return;
   }
   if (role == "o") {
     expect(H, q_dim);
     L.o.alloc(c.wtype, H, q_dim);
-    pack_rows(c.wtype, data, rows, cols, L.o.bytes.data());
+    pack_rows(*pool_, c.wtype, src, st, rows, cols, L.o.bytes.data());
     return;
   }
   if (role == "q_norm") return vec(L.q_norm, c.qk_norm == QkNorm::PerHead ? c.head_dim : q_dim);
   if (role == "k_norm") return vec(L.k_norm, c.qk_norm == QkNorm::PerHead ? c.head_dim : kv_dim);
   if (role == "router") {
     expect(c.experts, H);
-    L.router.assign(data, data + rows * cols);
+    L.router = to_f32(src, st, rows, cols);
     return;
   }
   if (role == "shared_gate_scalar") return vec(L.shared_gate, H);
@@ -161,11 +204,11 @@ void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, 
     if (e.bytes.empty()) expert_alloc(e, c.wtype, W, H);
     if (role == "down") {
       expect(H, W);
-      pack_rows(c.wtype, data, rows, cols, const_cast<uint8_t*>(e.down.data));
+      pack_rows(*pool_, c.wtype, src, st, rows, cols, const_cast<uint8_t*>(e.down.data));
     } else {
       expect(W, H);
       const size_t off = role == "up" ? row_bytes(c.wtype, H) * static_cast<size_t>(W) : 0;
-      pack_rows(c.wtype, data, rows, cols, e.bytes.data() + off);
+      pack_rows(*pool_, c.wtype, src, st, rows, cols, e.bytes.data() + off);
     }
     return;
   }
@@ -261,7 +304,9 @@ void Engine::begin_step(const std::vector<int32_t>& tokens, const std::vector<Se
     if (t < 0 || t >= cfg_.vocab) throw std::invalid_argument("token id " + std::to_string(t) + " outside the vocabulary");
   }
   seqs_ = seqs;
+  mark(-1);
   embed(tokens);
+  mark(kEmbed);
   phase_layer_ = 0;
   phase_attended_ = false;
   in_step_ = true;
@@ -302,6 +347,7 @@ void Engine::attention_block(int64_t layer) {
   prepare_acts(c.wtype, xn_.data(), T, H, H, acts_);
   qkv_.resize(static_cast<size_t>(T * qkv_dim));
   matmul_parallel(*pool_, L.qkv.m, acts_, qkv_.data(), qkv_dim);
+  mark(kQkv);
 
   // Bias, q/k norms, rotary embedding; then keys and values into the paged cache.
   std::vector<float>& kc = k_cache_[static_cast<size_t>(layer)];
@@ -347,6 +393,7 @@ void Engine::attention_block(int64_t layer) {
     std::memcpy(vc.data() + slot * kv_dim, v, static_cast<size_t>(kv_dim) * 4);
   });
 
+  mark(kRopeKv);
   // Causal attention over the paged cache: one work item per (token, kv head); the
   // query heads of a group share the keys and values they read.
   attn_.assign(static_cast<size_t>(T * q_dim), 0.f);
@@ -383,18 +430,26 @@ void Engine::attention_block(int64_t layer) {
     }
   });
 
+  mark(kAttn);
   prepare_acts(c.wtype, attn_.data(), T, q_dim, q_dim, acts_);
   proj_.resize(static_cast<size_t>(T * H));
   matmul_parallel(*pool_, L.o.m, acts_, proj_.data(), H);
   for (size_t i = 0; i < x_.size(); i++) x_[i] += proj_[i];
+  mark(kOProj);
 
-  // The MoE block's input and the router's logits (float32 router weights).
+  // The MoE block's input and the router's logits (float32 router weights), split by
+  // expert ranges too so that a single decode token still uses every thread.
   router_logits_.resize(static_cast<size_t>(T * c.experts));
-  pool_->parallel_for(T, 1, [&](int64_t t, int) {
-    float* xn = xn_.data() + t * H;
-    rms_norm_row(x_.data() + t * H, L.post_norm.data(), H, c.rms_eps, xn);
-    for (int64_t e = 0; e < c.experts; e++) router_logits_[static_cast<size_t>(t * c.experts + e)] = ops.dot(L.router.data() + e * H, xn, H);
+  pool_->parallel_for(T, 8, [&](int64_t t, int) { rms_norm_row(x_.data() + t * H, L.post_norm.data(), H, c.rms_eps, xn_.data() + t * H); });
+  constexpr int64_t kExpertChunk = 16;
+  const int64_t chunks = (c.experts + kExpertChunk - 1) / kExpertChunk;
+  pool_->parallel_for(T * chunks, 1, [&](int64_t item, int) {
+    const int64_t t = item / chunks;
+    const int64_t e0 = (item % chunks) * kExpertChunk, e1 = std::min(c.experts, e0 + kExpertChunk);
+    const float* xn = xn_.data() + t * H;
+    for (int64_t e = e0; e < e1; e++) router_logits_[static_cast<size_t>(t * c.experts + e)] = ops.dot(L.router.data() + e * H, xn, H);
   });
+  mark(kRouter);
 }
 
 void Engine::route(const float* logits, int64_t n_tokens, int32_t* ids, float* weights) const {
@@ -493,6 +548,7 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
     j.act.resize(static_cast<size_t>(n * j.width));
     j.out.resize(static_cast<size_t>(n * H));
   });
+  mark(kMoePrep);
 
   // Work items: (job, row chunk) over all jobs, so that two threads stay busy even when
   // one expert is much larger than the others (the shared expert).
@@ -508,6 +564,7 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
   };
   run_chunks([](const FfnJob& j) { return 2 * j.width; },
              [&](FfnJob& j, int64_t r0, int64_t r1) { matmul(j.e->gate_up, j.a_in, r0, r1, j.gu.data(), 2 * j.width); });
+  mark(kGateUp);
   pool_->parallel_for(J, 1, [&](int64_t ji, int) {
     FfnJob& j = jobs[static_cast<size_t>(ji)];
     const int64_t n = static_cast<int64_t>(j.tokens.size()), W = j.width;
@@ -518,7 +575,9 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
     }
     prepare_acts(c.wtype, j.act.data(), n, W, W, j.a_act);
   });
+  mark(kAct);
   run_chunks([&](const FfnJob&) { return H; }, [&](FfnJob& j, int64_t r0, int64_t r1) { matmul(j.e->down, j.a_act, r0, r1, j.out.data(), H); });
+  mark(kDown);
 
   // Combine per token in routing-rank order, then the shared expert with its sigmoid gate.
   moe_out_.assign(static_cast<size_t>(T * H), 0.f);
@@ -537,6 +596,7 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
     }
   });
   for (size_t i = 0; i < x_.size(); i++) x_[i] += moe_out_[i];
+  mark(kCombine);
 }
 
 void Engine::end_step(std::vector<float>& logits) {
@@ -557,6 +617,7 @@ void Engine::end_step(std::vector<float>& logits) {
   for (int64_t r = 0; r < R; r++) rms_norm_row(x_.data() + rows[static_cast<size_t>(r)] * H, final_norm_.data(), H, cfg_.rms_eps, hn.data() + r * H);
   prepare_acts(cfg_.wtype, hn.data(), R, H, H, acts_);
   matmul_parallel(*pool_, cfg_.tie_embeddings ? embed_.m : lm_head_.m, acts_, logits.data(), V);
+  mark(kLmHead);
 }
 
 void Engine::step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs, std::vector<float>& logits) {

@@ -4,6 +4,8 @@
 // mechanism only.
 #pragma once
 
+#include <array>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -88,11 +90,11 @@ class Engine {
 
   const EngineConfig& config() const { return cfg_; }
 
-  // Loading: each tensor once, as float32 rows (the caller converts F16/BF16), by role.
+  // Loading: each tensor once, stored as `st` (F32, F16 or BF16), by role.
   // Roles: embed, lm_head, final_norm; per layer: input_norm, post_norm, q, k, v, o,
   // q_bias, k_bias, v_bias, q_norm, k_norm, router, shared_gate_scalar; per expert
   // (expert >= 0): gate, up, down; shared expert (expert = -1): gate, up, down.
-  void set_tensor(const std::string& role, int64_t layer, int64_t expert, const float* data, int64_t rows, int64_t cols);
+  void set_tensor(const std::string& role, int64_t layer, int64_t expert, const uint8_t* src, WType st, int64_t rows, int64_t cols);
   // Checks every tensor was given; after this the engine runs.
   void finalize();
 
@@ -111,6 +113,12 @@ class Engine {
 
   // The gating rule on router logits (T, experts) → ids and weights (T, top_k).
   void route(const float* router_logits, int64_t n_tokens, int32_t* ids, float* weights) const;
+
+  // Time spent per phase of the step since the last reset, in milliseconds (collected
+  // only when MOE_SERVE_PROFILE=1, since the clock reads cost a little on every phase).
+  static constexpr int kPhases = 12;
+  static const char* phase_name(int phase);
+  std::array<double, kPhases> take_profile();
 
   size_t weight_bytes() const;
   size_t kv_bytes() const;
@@ -135,6 +143,11 @@ class Engine {
     Acts a_in;
     Acts a_act;
   };
+
+  void mark(int phase);
+  bool profiling_ = false;
+  std::chrono::steady_clock::time_point prof_t_;
+  std::array<double, kPhases> prof_{};
 
   EngineConfig cfg_;
   std::unique_ptr<ThreadPool> pool_;

@@ -89,7 +89,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
                         InstanceMethod("step", &NativeEngine::Step), InstanceMethod("beginStep", &NativeEngine::BeginStep),
                         InstanceMethod("attention", &NativeEngine::Attention), InstanceMethod("experts", &NativeEngine::Experts),
                         InstanceMethod("endStep", &NativeEngine::EndStep), InstanceMethod("route", &NativeEngine::Route),
-                        InstanceMethod("info", &NativeEngine::Info), InstanceMethod("close", &NativeEngine::Close)});
+                        InstanceMethod("info", &NativeEngine::Info), InstanceMethod("takeProfile", &NativeEngine::TakeProfile), InstanceMethod("close", &NativeEngine::Close)});
   }
 
   explicit NativeEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeEngine>(info) {
@@ -148,10 +148,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     else throw std::invalid_argument("tensor dtype " + dtype + " is not supported (F32, F16, BF16)");
     if (rows <= 0 || cols <= 0) throw std::invalid_argument("tensor " + role + " has an empty shape");
     if (bytes.ByteLength() != row_bytes(src, cols) * static_cast<size_t>(rows)) throw std::invalid_argument("tensor " + role + ": byte length does not match its shape");
-    std::vector<float> f(static_cast<size_t>(rows * cols));
-    const size_t rb = row_bytes(src, cols);
-    for (int64_t r = 0; r < rows; r++) dequantize_row(src, bytes.Data() + rb * static_cast<size_t>(r), cols, f.data() + r * cols);
-    engine().set_tensor(role, layer, expert, f.data(), rows, cols);
+    engine().set_tensor(role, layer, expert, bytes.Data(), src, rows, cols);
     return info.Env().Undefined();
   }
 
@@ -223,6 +220,14 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     o.Set("weights", wtype_name(e.config().wtype));
     o.Set("isa", isa_name(active_isa()));
     o.Set("threads", e.config().threads);
+    return o;
+  }
+
+  // Milliseconds per phase since the last call (zeros unless MOE_SERVE_PROFILE=1).
+  Napi::Value TakeProfile(const Napi::CallbackInfo& info) {
+    const auto p = engine().take_profile();
+    Napi::Object o = Napi::Object::New(info.Env());
+    for (int i = 0; i < Engine::kPhases; i++) o.Set(Engine::phase_name(i), p[static_cast<size_t>(i)]);
     return o;
   }
 

@@ -143,6 +143,8 @@ export interface NativeEngine {
   /** The model's gating rule on router logits (tokens, experts) → top-k ids and weights. */
   route(routerLogits: Float32Array, tokens: number): { ids: Int32Array; weights: Float32Array };
   info(): { weightBytes: number; kvBytes: number; expertBytes: number; weights: string; isa: string; threads: number };
+  /** Milliseconds per phase of the steps since the last call; zeros unless MOE_SERVE_PROFILE=1. */
+  takeProfile(): Record<string, number>;
   /** Frees the weights and the KV cache; the engine is unusable after. */
   close(): void;
 }
