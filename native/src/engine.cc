@@ -12,9 +12,13 @@ namespace moe {
 
 namespace {
 
-// Rows per work item of a matrix product: large enough to amortise the dispatch, small
-// enough that two threads stay balanced on the small matrices of decode.
-constexpr int64_t kRowChunk = 32;
+// Rows per work item of an expert's matrix product: about 64 KB of weights, a multiple of
+// the kernels' 4-row blocking; large enough to amortise the dispatch, small enough that the
+// threads stay balanced on the few small matrices of a decode step.
+int64_t rows_per_item(const WMat& w) {
+  const int64_t rb = static_cast<int64_t>(row_bytes(w.type, w.cols));
+  return std::max<int64_t>(4, (65536 / std::max<int64_t>(rb, 1)) / 4 * 4);
+}
 
 std::string fmt(const char* what, int64_t a, int64_t b) {
   return std::string(what) + " (" + std::to_string(a) + " vs " + std::to_string(b) + ")";
@@ -550,19 +554,25 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
   });
   mark(kMoePrep);
 
-  // Work items: (job, row chunk) over all jobs, so that two threads stay busy even when
-  // one expert is much larger than the others (the shared expert).
   std::vector<int64_t> starts(static_cast<size_t>(J + 1), 0);
-  const auto run_chunks = [&](auto rows_of, auto body) {
-    for (int64_t ji = 0; ji < J; ji++) starts[static_cast<size_t>(ji + 1)] = starts[static_cast<size_t>(ji)] + (rows_of(jobs[static_cast<size_t>(ji)]) + kRowChunk - 1) / kRowChunk;
+  // Work items: (job, row chunk) over all jobs, so that every thread stays busy even when
+  // one expert is much larger than the others (the shared expert).
+  const auto run_chunks = [&](auto mat_of, auto body) {
+    for (int64_t ji = 0; ji < J; ji++) {
+      const WMat& w = mat_of(jobs[static_cast<size_t>(ji)]);
+      starts[static_cast<size_t>(ji + 1)] = starts[static_cast<size_t>(ji)] + (w.rows + rows_per_item(w) - 1) / rows_per_item(w);
+    }
     pool_->parallel_for(starts[static_cast<size_t>(J)], 1, [&](int64_t item, int) {
       const int64_t ji = std::upper_bound(starts.begin(), starts.end(), item) - starts.begin() - 1;
       FfnJob& j = jobs[static_cast<size_t>(ji)];
-      const int64_t r0 = (item - starts[static_cast<size_t>(ji)]) * kRowChunk;
-      body(j, r0, std::min(rows_of(j), r0 + kRowChunk));
+      const WMat& w = mat_of(j);
+      const int64_t per = rows_per_item(w);
+      const int64_t r0 = (item - starts[static_cast<size_t>(ji)]) * per;
+      body(j, r0, std::min(w.rows, r0 + per));
     });
   };
-  run_chunks([](const FfnJob& j) { return 2 * j.width; },
+
+  run_chunks([](const FfnJob& j) -> const WMat& { return j.e->gate_up; },
              [&](FfnJob& j, int64_t r0, int64_t r1) { matmul(j.e->gate_up, j.a_in, r0, r1, j.gu.data(), 2 * j.width); });
   mark(kGateUp);
   pool_->parallel_for(J, 1, [&](int64_t ji, int) {
@@ -576,7 +586,7 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
     prepare_acts(c.wtype, j.act.data(), n, W, W, j.a_act);
   });
   mark(kAct);
-  run_chunks([&](const FfnJob&) { return H; }, [&](FfnJob& j, int64_t r0, int64_t r1) { matmul(j.e->down, j.a_act, r0, r1, j.out.data(), H); });
+  run_chunks([](const FfnJob& j) -> const WMat& { return j.e->down; }, [&](FfnJob& j, int64_t r0, int64_t r1) { matmul(j.e->down, j.a_act, r0, r1, j.out.data(), H); });
   mark(kDown);
 
   // Combine per token in routing-rank order, then the shared expert with its sigmoid gate.

@@ -7,6 +7,7 @@ import { generateCommand } from './generate-cmd.js';
 import { inspectCommand } from './inspect-cmd.js';
 import { makeModelCommand } from './make-model-cmd.js';
 import { serveCommand } from './serve-cmd.js';
+import { simCommand } from './sim-cmd.js';
 
 interface Command {
   summary: string;
@@ -20,6 +21,7 @@ const COMMANDS: Record<string, Command> = {
   'export-gguf': exportGgufCommand,
   demo: demoCommand,
   serve: serveCommand,
+  sim: simCommand,
 };
 
 function usage(): string {

@@ -1,0 +1,307 @@
+// The expert cache policy: a pure object the engine drives, one call per (step, layer).
+// It decides which needed experts are hits, which must be loaded into which slot, and
+// what is evicted; it takes prefetch hints and pins. It never touches memory or files:
+// the native side performs the loads and evictions it returns (expert slots, direct
+// I/O), and the trace simulator replays it on recorded routing.
+//
+// The cache is split per layer: layer l has `capacity` slots numbered 0..capacity-1,
+// and an expert (l, e) can only live in a slot of layer l. Eviction is therefore a
+// per-layer choice, which is also how Belady's optimum is defined here.
+//
+// Visit rule shared by all policies: the experts a visit needs are served hits first,
+// then misses in the given order; a miss takes a free slot, else evicts the subclass's
+// victim among residents that are neither pinned nor needed by this visit. Only when
+// every unpinned resident is needed by the visit (more distinct experts than slots,
+// possible at concurrency > 1) may an already served expert of the visit be evicted:
+// the layer then streams its experts through the slots.
+
+export interface SlotAssignment {
+  expert: number;
+  slot: number;
+}
+
+export interface CacheDecision {
+  layer: number;
+  /** Needed and resident (including prefetched ones, listed again in prefetchHits). */
+  hits: number[];
+  /** Needed experts that were resident because of a prefetch not used before. */
+  prefetchHits: number[];
+  /** Needed and not resident: load into `slot` (after the eviction of that slot, if any). */
+  loads: SlotAssignment[];
+  /** Experts removed to make room, with the slot they held. */
+  evictions: SlotAssignment[];
+}
+
+export interface PrefetchHint {
+  expert: number;
+  /** Higher first; for our policy an estimated probability of use at the target visit. */
+  priority: number;
+}
+
+export interface PrefetchIssue extends SlotAssignment {
+  /** Expert evicted from the slot, or -1 when it was free. */
+  evicted: number;
+}
+
+export interface CacheStats {
+  /** Needed (expert, visit) pairs that were resident. */
+  hits: number;
+  /** Needed (expert, visit) pairs that had to be loaded on demand. */
+  misses: number;
+  prefetchIssued: number;
+  /** Prefetched experts that were needed before being evicted. */
+  prefetchUsed: number;
+  /** Prefetched experts evicted unused (each was a full load). */
+  prefetchWasted: number;
+  /** Prefetches withdrawn before their load started (no load happened). */
+  prefetchCancelled: number;
+}
+
+export interface ExpertCachePolicy {
+  readonly name: string;
+  readonly layers: number;
+  readonly experts: number;
+  /** Slots per layer. */
+  readonly capacity: number;
+  /** Makes `experts` (distinct ids) of `layer` resident for the current visit. */
+  request(layer: number, experts: ArrayLike<number>): CacheDecision;
+  /**
+   * Offers prefetches for a later visit of `layer`, best first. Issues at most `max` of
+   * them; a hint is dropped when its expert is resident or when no slot can be taken
+   * without evicting something the policy values more. Demand-only policies issue none.
+   */
+  prefetch(layer: number, hints: readonly PrefetchHint[], max: number): PrefetchIssue[];
+  /** Withdraws a prefetch whose load has not started (stale): its slot becomes free. */
+  cancelPrefetch(layer: number, expert: number): void;
+  /** Keeps a resident expert from eviction (false when not resident or too many pinned). */
+  pin(layer: number, expert: number): boolean;
+  unpin(layer: number, expert: number): void;
+  /** Slot of a resident expert, or -1. */
+  slotOf(layer: number, expert: number): number;
+  stats(): CacheStats;
+}
+
+export interface PolicyShape {
+  layers: number;
+  experts: number;
+  /** Slots per layer (>= 1). */
+  capacity: number;
+}
+
+/**
+ * Slot bookkeeping shared by every policy; subclasses rank eviction candidates.
+ * Times are per-layer visit counters: the n-th request() of layer l happens at time n.
+ */
+export abstract class SlotCache implements ExpertCachePolicy {
+  abstract readonly name: string;
+  readonly layers: number;
+  readonly experts: number;
+  readonly capacity: number;
+  protected readonly slotOfE: Int32Array; // (layer, expert): slot or -1
+  protected readonly slotE: Int32Array; // (layer, slot): expert or -1
+  protected readonly used: Int32Array; // slots used per layer
+  protected readonly pinned: Uint8Array; // (layer, expert)
+  protected readonly pinnedCount: Int32Array;
+  protected readonly prefetched: Uint8Array; // (layer, expert): resident by an unused prefetch
+  protected readonly visits: Int32Array; // per layer: visits so far (the current time)
+  private readonly mark: Uint32Array; // (layer, expert): stamp of the visit that needs it
+  private stamp = 0;
+  protected readonly s: CacheStats = { hits: 0, misses: 0, prefetchIssued: 0, prefetchUsed: 0, prefetchWasted: 0, prefetchCancelled: 0 };
+
+  constructor(shape: PolicyShape) {
+    const { layers, experts, capacity } = shape;
+    if (!Number.isInteger(capacity) || capacity < 1) throw new Error(`cache capacity per layer must be an integer >= 1, got ${capacity}`);
+    this.layers = layers;
+    this.experts = experts;
+    this.capacity = Math.min(capacity, experts);
+    this.slotOfE = new Int32Array(layers * experts).fill(-1);
+    this.slotE = new Int32Array(layers * this.capacity).fill(-1);
+    this.used = new Int32Array(layers);
+    this.pinned = new Uint8Array(layers * experts);
+    this.pinnedCount = new Int32Array(layers);
+    this.prefetched = new Uint8Array(layers * experts);
+    this.visits = new Int32Array(layers);
+    this.mark = new Uint32Array(layers * experts);
+  }
+
+  /** Called for each needed expert at the current time (hit or load). */
+  protected abstract touch(layer: number, expert: number, now: number): void;
+  /** Eviction rank: the resident with the lowest value is evicted first. */
+  protected abstract keepScore(layer: number, expert: number, now: number): number;
+  /** Hook before a visit's experts are served (e.g. count uses of all needed experts). */
+  protected beforeVisit(_layer: number, _experts: ArrayLike<number>, _now: number): void {}
+
+  request(layer: number, experts: ArrayLike<number>): CacheDecision {
+    const now = this.visits[layer]++;
+    const E = this.experts;
+    const stamp = ++this.stamp;
+    const d: CacheDecision = { layer, hits: [], prefetchHits: [], loads: [], evictions: [] };
+    this.beforeVisit(layer, experts, now);
+    for (let i = 0; i < experts.length; i++) this.mark[layer * E + experts[i]] = stamp;
+    for (let i = 0; i < experts.length; i++) {
+      const e = experts[i];
+      if (this.slotOfE[layer * E + e] < 0) continue;
+      d.hits.push(e);
+      if (this.prefetched[layer * E + e]) {
+        this.prefetched[layer * E + e] = 0;
+        d.prefetchHits.push(e);
+        this.s.prefetchUsed++;
+      }
+      this.touch(layer, e, now);
+    }
+    this.s.hits += d.hits.length;
+    for (let i = 0; i < experts.length; i++) {
+      const e = experts[i];
+      if (this.slotOfE[layer * E + e] >= 0) continue;
+      const slot = this.takeSlot(layer, now, stamp, -Infinity, d.evictions);
+      if (slot < 0) throw new Error(`layer ${layer}: every slot is pinned (capacity ${this.capacity})`);
+      this.place(layer, e, slot);
+      d.loads.push({ expert: e, slot });
+      this.s.misses++;
+      this.touch(layer, e, now);
+    }
+    for (let i = 0; i < experts.length; i++) this.mark[layer * E + experts[i]] = 0;
+    return d;
+  }
+
+  prefetch(layer: number, hints: readonly PrefetchHint[], max: number): PrefetchIssue[] {
+    const out: PrefetchIssue[] = [];
+    const E = this.experts;
+    const now = this.visits[layer];
+    for (const h of hints) {
+      if (out.length >= max) break;
+      if (this.slotOfE[layer * E + h.expert] >= 0) continue;
+      const ev: SlotAssignment[] = [];
+      const slot = this.takeSlot(layer, now, 0, this.prefetchFloor(layer, h, now), ev);
+      if (slot < 0) continue;
+      this.place(layer, h.expert, slot);
+      this.prefetched[layer * E + h.expert] = 1;
+      this.s.prefetchIssued++;
+      this.onPrefetch(layer, h.expert, now);
+      out.push({ expert: h.expert, slot, evicted: ev.length ? ev[0].expert : -1 });
+    }
+    return out;
+  }
+
+  /**
+   * A prefetch may only evict a resident scoring below this (keepScore units). The
+   * default, Infinity, lets it take any victim; demand-only policies are simply never
+   * offered hints by the simulator.
+   */
+  protected prefetchFloor(_layer: number, _hint: PrefetchHint, _now: number): number {
+    return Infinity;
+  }
+  protected onPrefetch(_layer: number, _expert: number, _now: number): void {}
+
+  cancelPrefetch(layer: number, expert: number): void {
+    const i = layer * this.experts + expert;
+    if (!this.prefetched[i]) return;
+    this.prefetched[i] = 0;
+    this.s.prefetchIssued--;
+    this.s.prefetchCancelled++;
+    this.remove(layer, expert);
+  }
+
+  pin(layer: number, expert: number): boolean {
+    const i = layer * this.experts + expert;
+    if (this.slotOfE[i] < 0) return false;
+    if (this.pinned[i]) return true;
+    if (this.pinnedCount[layer] >= this.capacity - 1) return false; // keep a slot for demand loads
+    this.pinned[i] = 1;
+    this.pinnedCount[layer]++;
+    return true;
+  }
+
+  unpin(layer: number, expert: number): void {
+    const i = layer * this.experts + expert;
+    if (!this.pinned[i]) return;
+    this.pinned[i] = 0;
+    this.pinnedCount[layer]--;
+  }
+
+  slotOf(layer: number, expert: number): number {
+    return this.slotOfE[layer * this.experts + expert];
+  }
+
+  /** Resident experts of a layer (slot order). */
+  resident(layer: number): number[] {
+    const out: number[] = [];
+    for (let s = 0; s < this.capacity; s++) {
+      const e = this.slotE[layer * this.capacity + s];
+      if (e >= 0) out.push(e);
+    }
+    return out;
+  }
+
+  stats(): CacheStats {
+    return { ...this.s };
+  }
+
+  /** Prefetched experts still resident and unused count as wasted once the run ends. */
+  finish(): CacheStats {
+    for (let i = 0; i < this.prefetched.length; i++) {
+      if (this.prefetched[i]) {
+        this.prefetched[i] = 0;
+        this.s.prefetchWasted++;
+      }
+    }
+    return this.stats();
+  }
+
+  /**
+   * A free slot, or the slot of the lowest-scoring evictable resident (score < floor
+   * when floor is finite); -1 when none qualifies. Experts marked with `stamp` (needed
+   * by the current visit) are skipped unless nothing else can go.
+   */
+  private takeSlot(layer: number, now: number, stamp: number, floor: number, evictions: SlotAssignment[]): number {
+    const C = this.capacity;
+    const E = this.experts;
+    if (this.used[layer] < C) {
+      for (let s = 0; s < C; s++) if (this.slotE[layer * C + s] < 0) return s;
+    }
+    let best = -1;
+    let bestScore = Infinity;
+    let fallback = -1;
+    let fallbackScore = Infinity;
+    for (let s = 0; s < C; s++) {
+      const e = this.slotE[layer * C + s];
+      if (this.pinned[layer * E + e]) continue;
+      const sc = this.keepScore(layer, e, now);
+      if (stamp !== 0 && this.mark[layer * E + e] === stamp) {
+        if (sc < fallbackScore) (fallbackScore = sc), (fallback = s);
+        continue;
+      }
+      if (sc < bestScore) (bestScore = sc), (best = s);
+    }
+    if (best < 0 && Number.isFinite(floor)) return -1;
+    if (best >= 0 && Number.isFinite(floor) && bestScore >= floor) return -1;
+    const s = best >= 0 ? best : fallback;
+    if (s < 0) return -1;
+    const victim = this.slotE[layer * C + s];
+    evictions.push({ expert: victim, slot: s });
+    this.remove(layer, victim);
+    return s;
+  }
+
+  private place(layer: number, expert: number, slot: number): void {
+    this.slotE[layer * this.capacity + slot] = expert;
+    this.slotOfE[layer * this.experts + expert] = slot;
+    this.used[layer]++;
+  }
+
+  private remove(layer: number, expert: number): void {
+    const i = layer * this.experts + expert;
+    const slot = this.slotOfE[i];
+    if (slot < 0) return;
+    if (this.prefetched[i]) {
+      this.prefetched[i] = 0;
+      this.s.prefetchWasted++;
+    }
+    this.slotE[layer * this.capacity + slot] = -1;
+    this.slotOfE[i] = -1;
+    this.used[layer]--;
+    this.onEvict(layer, expert);
+  }
+
+  protected onEvict(_layer: number, _expert: number): void {}
+}

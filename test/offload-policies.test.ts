@@ -1,0 +1,224 @@
+// Cache policies: LRU / LFU on hand-made sequences, Belady against brute force, and the
+// policies on the shipped real traces; the simulator's batching and the sim command.
+
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import t from 'tap';
+import { BeladyPolicy } from '../src/offload/belady.js';
+import type { SlotCache } from '../src/offload/cache-policy.js';
+import { LfuPolicy } from '../src/offload/lfu.js';
+import { LruPolicy } from '../src/offload/lru.js';
+import { buildSchedule } from '../src/offload/schedule.js';
+import { createCachePolicy, simulate } from '../src/offload/simulator.js';
+import { loadTrace } from '../src/offload/trace.js';
+import { main } from '../src/cli/main.js';
+import { Rng } from '../src/model/prng.js';
+import { tempDir } from './helpers/models.js';
+
+const TRACES = ['qwen3-30b-a3b', 'gemma4-26b-a4b'].map((f) => join(import.meta.dirname, '..', '..', 'shared', 'traces', `${f}.trace.csv`));
+
+function replay(p: SlotCache, seq: number[][]) {
+  let hits = 0;
+  let loads = 0;
+  const evicted: number[] = [];
+  for (const set of seq) {
+    const d = p.request(0, set);
+    hits += d.hits.length;
+    loads += d.loads.length;
+    evicted.push(...d.evictions.map((e) => e.expert));
+  }
+  return { hits, loads, evicted };
+}
+
+const one = (capacity: number, experts = 8) => ({ layers: 1, experts, capacity });
+
+t.test('LRU and LFU on hand-made sequences', async (t) => {
+  const seq = [[1], [1], [2], [3], [2], [1]];
+  // LRU, 2 slots: 1m 1h 2m 3m(evict 1) 2h 1m(evict 3)
+  t.same(replay(new LruPolicy(one(2)), seq), { hits: 2, loads: 4, evicted: [1, 3] });
+  // LFU, 2 slots: 1m 1h 2m 3m(evict 2: 1 use vs 2) 2m(evict 3: 1 use vs 1's 2) 1h
+  t.same(replay(new LfuPolicy(one(2)), seq), { hits: 2, loads: 4, evicted: [2, 3] });
+  // Slots are reused and reported.
+  const p = new LruPolicy(one(2));
+  t.same(p.request(0, [4, 5]).loads, [{ expert: 4, slot: 0 }, { expert: 5, slot: 1 }]);
+  t.same(p.request(0, [6]), { layer: 0, hits: [], prefetchHits: [], loads: [{ expert: 6, slot: 0 }], evictions: [{ expert: 4, slot: 0 }] });
+  // A visit's own experts are never evicted to serve it.
+  t.same(p.request(0, [5, 7]).evictions, [{ expert: 6, slot: 0 }]);
+});
+
+t.test('pinning keeps an expert; prefetch cancel frees its slot', async (t) => {
+  const p = new LruPolicy(one(2));
+  p.request(0, [1]);
+  t.ok(p.pin(0, 1));
+  t.notOk(p.pin(0, 9), 'not resident');
+  p.request(0, [2]);
+  p.request(0, [3]);
+  p.request(0, [4]);
+  t.ok(p.slotOf(0, 1) >= 0, 'pinned expert stayed');
+  p.unpin(0, 1);
+  p.request(0, [5]);
+  p.request(0, [6]);
+  t.equal(p.slotOf(0, 1), -1);
+  const issued = p.prefetch(0, [{ expert: 7, priority: 0.9 }, { expert: 6, priority: 0.8 }], 4);
+  t.same(issued.map((x) => x.expert), [7], 'resident hint skipped');
+  p.cancelPrefetch(0, 7);
+  t.equal(p.slotOf(0, 7), -1, 'cancelled prefetch frees its slot');
+  t.same(p.stats().prefetchCancelled, 1);
+  t.same(p.stats().prefetchIssued, 0, 'a cancelled prefetch is no load');
+});
+
+/** Minimum demand loads over all eviction choices (sets need all members resident). */
+function bruteForce(seq: number[][], capacity: number): number {
+  const memo = new Map<string, number>();
+  const go = (i: number, cache: number[]): number => {
+    if (i === seq.length) return 0;
+    const key = `${i}|${cache.join(',')}`;
+    const m = memo.get(key);
+    if (m !== undefined) return m;
+    const set = seq[i];
+    const missing = set.filter((e) => !cache.includes(e));
+    // Place misses one at a time, branching over victims not in the set.
+    let best = Infinity;
+    const place = (c: number[], j: number) => {
+      if (j === missing.length) {
+        best = Math.min(best, missing.length + go(i + 1, [...c].sort((a, b) => a - b)));
+        return;
+      }
+      if (c.length < capacity) return place([...c, missing[j]], j + 1);
+      for (const v of c) if (!set.includes(v)) place([...c.filter((x) => x !== v), missing[j]], j + 1);
+    };
+    place(cache, 0);
+    memo.set(key, best);
+    return best;
+  };
+  return go(0, []);
+}
+
+t.test('Belady is optimal on small random sequences (brute force)', async (t) => {
+  const rng = new Rng(7);
+  for (let trial = 0; trial < 150; trial++) {
+    const E = 3 + (rng.u32() % 4);
+    const C = 2 + (rng.u32() % 2);
+    const len = 6 + (rng.u32() % 8);
+    const seq: number[][] = [];
+    for (let i = 0; i < len; i++) {
+      const k = 1 + (rng.u32() % Math.min(2, C));
+      const set = new Set<number>();
+      while (set.size < k) set.add(rng.u32() % E);
+      seq.push([...set]);
+    }
+    const opt = bruteForce(seq, C);
+    const b = replay(new BeladyPolicy(one(C, E), { visits: len, set: (_l, i) => seq[i] }), seq);
+    if (b.loads !== opt) {
+      t.fail(`trial ${trial}: belady ${b.loads} vs optimum ${opt} on ${JSON.stringify(seq)} cap ${C}`);
+      return;
+    }
+    const lru = replay(new LruPolicy(one(C, E)), seq);
+    if (lru.loads < opt) t.fail('LRU beat the optimum: brute force is wrong');
+  }
+  t.pass('150 random sequences');
+});
+
+t.test('real traces: belady <= lru, lfu; predictive <= lru', async (t) => {
+  for (const f of TRACES) {
+    const { header, requests } = await loadTrace(f);
+    const sched = await buildSchedule(header, requests, { concurrency: 1 });
+    for (const m of [1, 2, 4]) {
+      const cap = m * header.topK;
+      const loads = (n: 'lru' | 'lfu' | 'belady' | 'predictive') => simulate(sched, createCachePolicy(n, sched, cap)).loads;
+      const b = loads('belady');
+      const lru = loads('lru');
+      const lfu = loads('lfu');
+      const ours = loads('predictive');
+      t.ok(b <= lru && b <= lfu, `${f} ${m}x: belady ${b} <= lru ${lru}, lfu ${lfu}`);
+      t.ok(ours <= lru, `${f} ${m}x: predictive ${ours} <= lru ${lru}`);
+    }
+  }
+});
+
+/** A synthetic trace of `n` requests with request-dependent lengths and routing. */
+function syntheticTrace(n: number, L = 4, E = 32, K = 2): string {
+  const rng = new Rng(11);
+  let s = `# moe-trace v1\n# model=synthetic layers=${L} experts=${E} top_k=${K} source=test\nrequest,phase,position,layer,experts,weights\n`;
+  for (let r = 0; r < n; r++) {
+    const prompt = 1 + (r % 3);
+    const len = prompt + 2 + (r % 5);
+    for (let p = 0; p < len; p++) {
+      for (let l = 0; l < L; l++) {
+        const a = (r * 7 + l * 3 + (rng.u32() % 4)) % E;
+        const b = (a + 1 + (rng.u32() % (E - 1))) % E;
+        s += `${r},${p < prompt ? 'prefill' : 'decode'},${p},${l},${a} ${b},\n`;
+      }
+    }
+  }
+  return s;
+}
+
+t.test('concurrency interleaves requests, one token each per step', async (t) => {
+  const dir = tempDir(t);
+  const f = join(dir, 'many.csv');
+  writeFileSync(f, syntheticTrace(40));
+  const { header, requests } = await loadTrace(f);
+  const total = requests.reduce((a, r) => a + r.tokens.length, 0);
+  const s1 = await buildSchedule(header, requests, { concurrency: 1 });
+  t.equal(s1.numSteps, total, 'one token per step at concurrency 1');
+  const s8 = await buildSchedule(header, requests, { concurrency: 8 });
+  t.ok(s8.numSteps < total / 4, `8 lanes take far fewer steps (${s8.numSteps} vs ${total})`);
+  t.equal(s8.steps[0].length, 8);
+  t.same(s8.steps[0].map((x) => x.request), [0, 1, 2, 3, 4, 5, 6, 7], 'first 8 requests start together');
+  // Each request's tokens come in order, one per step, and a finished lane is refilled.
+  const seen = new Map<number, number>();
+  let ok = true;
+  for (const step of s8.steps) {
+    const lanes = new Set<number>();
+    for (const x of step) {
+      ok &&= !lanes.has(x.lane) && (seen.get(x.request) ?? -1) + 1 === x.index;
+      lanes.add(x.lane);
+      seen.set(x.request, x.index);
+    }
+  }
+  t.ok(ok, 'tokens in order, one per lane per step');
+  t.equal(seen.size, 40);
+  const r0end = s8.steps.findIndex((st) => st.some((x) => x.request === 8));
+  t.equal(r0end, requests[0].tokens.length, 'request 8 joins the step after request 0 ends');
+  // Union per visit.
+  const st = s8.steps[0];
+  const union = new Set(st.flatMap((x) => Array.from(x.token.experts.subarray(0, 2))));
+  t.same([...s8.set(0, 0)].sort((a, b) => a - b), [...union].sort((a, b) => a - b));
+  const r = simulate(s8, createCachePolicy('predictive', s8, 8));
+  t.ok(r.hitRate > 0 && r.hitRate < 1);
+});
+
+async function runCli(args: string[]): Promise<{ code: number; out: string }> {
+  const write = process.stdout.write;
+  let out = '';
+  process.stdout.write = ((chunk: string | Uint8Array) => {
+    out += String(chunk);
+    return true;
+  }) as typeof process.stdout.write;
+  try {
+    const code = await main(args);
+    return { code, out };
+  } finally {
+    process.stdout.write = write;
+  }
+}
+
+t.test('sim --json', async (t) => {
+  const r = await runCli(['sim', '--trace', TRACES[0], '--json']);
+  t.equal(r.code, 0);
+  const j = JSON.parse(r.out);
+  t.equal(j.capacities.length, 3);
+  for (const c of j.capacities) for (const k of ['hit_rate', 'loads', 'belady_loads', 'loads_vs_belady', 'stall_free_fraction']) t.type(c[k], 'number', k);
+  const one = JSON.parse((await runCli(['sim', '--trace', TRACES[1], '--policy', 'lru', '--capacity', '2.0', '--json'])).out);
+  t.equal(one.capacity_per_layer, 12);
+  t.ok(one.loads_vs_belady > 1);
+  const dir = tempDir(t);
+  const f = join(dir, 'many.csv');
+  writeFileSync(f, syntheticTrace(30));
+  const c8 = JSON.parse((await runCli(['sim', '--trace', f, '--concurrency', '8', '--capacity', '6', '--json'])).out);
+  t.equal(c8.requests, 30);
+  t.ok(c8.mean_distinct_experts_per_visit > 2, 'visits need the union of 8 tokens');
+  const help = await runCli(['sim', '--help']);
+  t.match(help.out, /continuous batching/);
+});
