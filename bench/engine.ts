@@ -1,0 +1,328 @@
+// Engine benchmark (issue "Native CPU engine", point 8): `npm run bench:engine`.
+//
+// Our native engine against llama.cpp (node-llama-cpp's prebuilt CPU binaries) on the
+// same weights (the GGUF export is byte-identical to what our engine packs at load), the
+// same thread count and quantization, in one process run:
+//   - prefill tokens/s: one step of a 512-token prompt (after a warm-up prefill of another);
+//   - single-stream decode tokens/s: one token per step after a short prompt, greedy;
+//   - batched decode with 8 and 32 sequences: aggregate tokens/s, every sequence one token per step;
+//   - the memory read bandwidth (streaming-read probe, 1 GiB, same threads) right before
+//     and right after each engine's measurements; their mean gives that engine's decode
+//     roofline = bandwidth / weight bytes read per decoded token;
+//   - the resident memory of the process running our engine, after load, against the
+//     engine's weights + KV cache. Our engine is measured in a fresh child process per case
+//     (engine-bench-ours-child.ts), so its RSS is not that of whatever ran before, and all
+//     it allocated is gone before llama.cpp is loaded in this process.
+// Models (real shapes with fewer layers, random weights) are generated once into
+// <cacheDir>/bench-models/ with their GGUF exports, and reused.
+//
+// Cases: qwen-q8 (Qwen3-30B-A3B shape, 8 layers, Q8_0; always run first), qwen-q4,
+// mixtral-q8, mixtral-q4. Options (flags after `npm run bench:engine --`, or environment):
+//   --quick / BENCH_QUICK=1              only qwen-q8
+//   --cases=a,b / BENCH_CASES            the cases to run
+//   --threads=N / BENCH_THREADS          threads of both engines and the probe (default 2)
+//   BENCH_BUDGET_SECONDS (default 600)   optional cases that would end past this are skipped
+//   BENCH_DECODE_STEPS (48), BENCH_BATCH_STEPS (16), BENCH_PREFILL_REPS (2), BENCH_PREFILL_TOKENS (512)
+//   BENCH_LLAMA_MMAP=auto|0|1            llama.cpp's useMmap (default auto, its default)
+// The last line is JSON: {decode_vs_llamacpp, decode_roofline_fraction, prefill_vs_llamacpp,
+// batch32_vs_single} for qwen-q8, and `figures`: [{name, value, unit, compared_to}].
+
+import { statSync } from 'node:fs';
+import { cpus, loadavg, totalmem } from 'node:os';
+import type { WeightFormat } from '../src/engine/native-runner.js';
+import { loadNative, nativeAddonPath } from '../src/engine/native.js';
+import { readModelSpec } from '../src/model/hf-config.js';
+import type { ModelSpec } from '../src/model/spec.js';
+import { BENCH_MODELS, benchModelsDir, ensureCheckpoint, ensureGguf, type BenchModel } from './lib/bench-models.js';
+import { bytesPerToken, GB, makeWorkload, MB, PROBE_BYTES, type EngineResult, type ReadBytes } from './lib/engine-bench-common.js';
+import { disposeLlamaCpp, getLlamaCpp, measureLlamaCpp, type LlamaCppResult } from './lib/engine-bench-llamacpp.js';
+import { measureOursInChild, type OursResult } from './lib/engine-bench-ours.js';
+
+interface Figure {
+  name: string;
+  value: number;
+  unit: string;
+  compared_to: string | null;
+}
+
+interface BenchCase {
+  id: string;
+  model: BenchModel;
+  weights: WeightFormat;
+  gguf: 'q8_0' | 'q4_0';
+}
+
+const CASES: BenchCase[] = [
+  { id: 'qwen-q8', model: BENCH_MODELS.qwen, weights: 'q8', gguf: 'q8_0' },
+  { id: 'qwen-q4', model: BENCH_MODELS.qwen, weights: 'q4', gguf: 'q4_0' },
+  { id: 'mixtral-q8', model: BENCH_MODELS.mixtral, weights: 'q8', gguf: 'q8_0' },
+  { id: 'mixtral-q4', model: BENCH_MODELS.mixtral, weights: 'q4', gguf: 'q4_0' },
+];
+const REQUIRED = 'qwen-q8';
+
+const TARGET = { decodeVsLlama: 1.2, rooflineFraction: 0.8, prefillVsLlama: 1.2, batch32VsSingle: 4, rssSlack: 0.1 };
+
+// ---------------------------------------------------------------------------------
+// Options
+
+function flag(name: string): string | boolean | undefined {
+  for (const a of process.argv.slice(2)) {
+    if (a === `--${name}`) return true;
+    if (a.startsWith(`--${name}=`)) return a.slice(name.length + 3);
+  }
+  return undefined;
+}
+
+function intOption(env: string, def: number, min: number, flagValue?: string | boolean): number {
+  const raw = typeof flagValue === 'string' ? flagValue : process.env[env];
+  if (raw === undefined || raw === '') return def;
+  const v = Number(raw);
+  if (!Number.isInteger(v) || v < min) throw new Error(`${env}: expected an integer >= ${min}, got "${raw}"`);
+  return v;
+}
+
+for (const a of process.argv.slice(2)) {
+  if (!/^--(quick|cases=.*|threads=\d+|help)$/.test(a)) throw new Error(`unknown argument ${a}; see the header of bench/engine.ts`);
+}
+if (flag('help')) {
+  console.log('usage: npm run bench:engine -- [--quick] [--cases=qwen-q8,qwen-q4,mixtral-q8,mixtral-q4] [--threads=N]');
+  process.exit(0);
+}
+const quick = flag('quick') === true || process.env.BENCH_QUICK === '1';
+const casesArg = flag('cases');
+const caseIds = quick
+  ? [REQUIRED]
+  : (typeof casesArg === 'string' ? casesArg : (process.env.BENCH_CASES ?? CASES.map((c) => c.id).join(','))).split(',').map((s) => s.trim()).filter(Boolean);
+for (const id of caseIds) if (!CASES.some((c) => c.id === id)) throw new Error(`unknown case "${id}"; cases: ${CASES.map((c) => c.id).join(', ')}`);
+const selected = CASES.filter((c) => caseIds.includes(c.id));
+const threads = intOption('BENCH_THREADS', 2, 1, flag('threads'));
+const budgetSeconds = intOption('BENCH_BUDGET_SECONDS', 600, 0);
+const mmapRaw = process.env.BENCH_LLAMA_MMAP ?? 'auto';
+const llamaMmap: boolean | 'auto' = mmapRaw === '0' ? false : mmapRaw === '1' ? true : 'auto';
+const workload = makeWorkload({
+  decodeSteps: intOption('BENCH_DECODE_STEPS', 48, 1),
+  batchSteps: intOption('BENCH_BATCH_STEPS', 16, 1),
+  prefillReps: intOption('BENCH_PREFILL_REPS', 2, 1),
+  prefillTokens: intOption('BENCH_PREFILL_TOKENS', 512, 16),
+});
+
+// ---------------------------------------------------------------------------------
+// Output helpers
+
+const figures: Figure[] = [];
+const round = (v: number, digits = 3) => Number(v.toFixed(digits));
+const fmt = (v: number, digits = 1) => v.toFixed(digits);
+const ratio = (a: number, b: number) => a / b;
+const passFail = (ok: boolean) => (ok ? 'PASS' : 'FAIL');
+const log = (s: string) => console.log(s);
+function fig(name: string, value: number, unit: string, compared_to: string | null = null): void {
+  figures.push({ name, value: round(value, unit === '%' || unit === 'ratio' ? 4 : 2), unit, compared_to });
+}
+
+// ---------------------------------------------------------------------------------
+// One case
+
+interface CaseOutcome {
+  c: BenchCase;
+  ours: OursResult;
+  llama: LlamaCppResult | null;
+  read: ReadBytes;
+}
+
+function roofline(r: EngineResult, read: ReadBytes): number {
+  return (r.bandwidth * 1e9) / read.total;
+}
+
+function report(o: CaseOutcome, spec: ModelSpec): void {
+  const { c, ours, llama, read } = o;
+  const label = `${c.model.preset} ${c.gguf}`;
+  log(`\n== ${label}: ${spec.arch}, hidden ${spec.hiddenSize}, ${spec.numExperts} experts top-${spec.topK} width ${spec.expertIntermediateSize}, ` +
+    `${spec.numLayers} layers, vocab ${spec.vocabSize}, ${threads} threads ==`);
+  log(`loaded: ours ${fmt(ours.loadSeconds)} s from the bf16 checkpoint (packing to ${ours.info.weights}); llama.cpp ${llama ? fmt(llama.loadSeconds) + ' s' : '-'}`);
+  for (const n of [...ours.notes, ...(llama?.notes ?? [])]) log(`  ${n}`);
+
+  // Bandwidth and roofline.
+  const bw = (r: EngineResult) => `${fmt(r.bandwidthBefore)} before, ${fmt(r.bandwidthAfter)} after, mean ${fmt(r.bandwidth)} GB/s`;
+  log(`bandwidth probe (${threads} threads, ${PROBE_BYTES / 2 ** 30} GiB streaming read): ours ${bw(ours)}` + (llama ? `; llama.cpp ${bw(llama)}` : ''));
+  fig(`${label} bandwidth probe around ours`, ours.bandwidth, 'GB/s', `before ${fmt(ours.bandwidthBefore)}, after ${fmt(ours.bandwidthAfter)}`);
+  if (llama) fig(`${label} bandwidth probe around llama.cpp`, llama.bandwidth, 'GB/s', `before ${fmt(llama.bandwidthBefore)}, after ${fmt(llama.bandwidthAfter)}`);
+  log(
+    `weights read per decoded token: ${MB(read.total)} = non-expert ${MB(read.nonExpert)} (attention ${MB(read.attention)}, router f32 ${MB(read.router)}, ` +
+      `norms ${MB(read.norms)}${read.shared ? `, shared experts ${MB(read.shared)}` : ''}, LM head ${MB(read.lmHead)}, embedding row ${(read.embedRow / 1e3).toFixed(1)} kB)` +
+      ` + ${spec.topK} x ${MB(read.perExpert)} per expert x ${spec.numLayers} layers = ${MB(read.experts)}` +
+      (ours.info.expertBytes === read.perExpert ? '' : ` [engine reports ${MB(ours.info.expertBytes)} per expert]`),
+  );
+  fig(`${label} weight bytes read per decoded token`, read.total / 1e6, 'MB', `non-expert ${MB(read.nonExpert)} + experts ${MB(read.experts)}`);
+  const roofOurs = roofline(ours, read);
+  const roofLlama = llama ? roofline(llama, read) : NaN;
+  log(`decode roofline: ours ${fmt(roofOurs)} tok/s, llama.cpp ${llama ? fmt(roofLlama) : '-'} tok/s (bandwidth / bytes per token)`);
+
+  // The table.
+  const rows: [string, number, number | null, string, string][] = [];
+  const vs = (a: number, b: number | null) => (b === null ? '-' : `${fmt(ratio(a, b), 2)}x`);
+  const llamaBatch = (n: number) => llama?.batches.find((b) => b.sequences === n)?.tokensPerSecond ?? null;
+  const oursBatch = (n: number) => ours.batches.find((b) => b.sequences === n)!.tokensPerSecond;
+  const prefillO = ours.prefill.tokensPerSecond;
+  const prefillL = llama?.prefill.tokensPerSecond ?? null;
+  const decodeO = ours.decode.tokensPerSecond;
+  const decodeL = llama?.decode.tokensPerSecond ?? null;
+  const fracO = decodeO / roofOurs;
+  const fracL = llama && decodeL !== null ? decodeL / roofLlama : null;
+  const b32O = oursBatch(32) / decodeO;
+  const b32L = llamaBatch(32) !== null && decodeL !== null ? llamaBatch(32)! / decodeL : null;
+  const target = (ok: boolean | null, text: string) => (ok === null ? `${text}  n/a` : `${text}  ${passFail(ok)}`);
+
+  log('');
+  log(`${'figure'.padEnd(36)}${'ours'.padStart(12)}${'llama.cpp'.padStart(12)}${'ours/llama'.padStart(12)}   target`);
+  const line = (name: string, o: number, l: number | null, unit: string, tgt: string, digits = 1) =>
+    log(`${(name + ` (${unit})`).padEnd(36)}${fmt(o, digits).padStart(12)}${(l === null ? '-' : fmt(l, digits)).padStart(12)}${vs(o, l).padStart(12)}   ${tgt}`);
+  line(`prefill ${ours.prefill.tokens} tokens`, prefillO, prefillL, 'tok/s', target(prefillL === null ? null : prefillO >= TARGET.prefillVsLlama * prefillL, `>= ${TARGET.prefillVsLlama}x llama.cpp`));
+  line(`decode, 1 stream`, decodeO, decodeL, 'tok/s', target(decodeL === null ? null : decodeO >= TARGET.decodeVsLlama * decodeL, `>= ${TARGET.decodeVsLlama}x llama.cpp`), 2);
+  line(`decode / its roofline`, 100 * fracO, fracL === null ? null : 100 * fracL, '%', target(fracO >= TARGET.rooflineFraction, `ours >= ${100 * TARGET.rooflineFraction}% of roofline`));
+  for (const n of [8, 32]) line(`decode, ${n} sequences aggregate`, oursBatch(n), llamaBatch(n), 'tok/s', '');
+  line(`32-seq aggregate / 1 stream`, b32O, b32L, 'x', target(b32O >= TARGET.batch32VsSingle, `ours >= ${TARGET.batch32VsSingle}x`), 2);
+  log(
+    `  timings: prefill ours ${ours.prefill.seconds.map((s) => fmt(s, 2)).join(', ')} s` +
+      (llama ? `, llama.cpp ${llama.prefill.seconds.map((s) => fmt(s, 2)).join(', ')} s` : '') +
+      `; decode ${ours.decode.steps} steps ours ${fmt(ours.decode.seconds, 2)} s` +
+      (llama ? `, llama.cpp ${fmt(llama.decode.seconds, 2)} s` : '') +
+      `; batched ${ours.batches.map((b) => `${b.sequences}x${b.steps} ours ${fmt(b.seconds, 2)} s`).join(', ')}` +
+      (llama ? `, ${llama.batches.map((b) => `${b.sequences}x${b.steps} llama.cpp ${fmt(b.seconds, 2)} s (${b.dispatches} batches)`).join(', ')}` : ''),
+  );
+
+  // Memory (our engine runs in a fresh child process: its RSS is that process's).
+  const wkv = ours.info.weightBytes + ours.info.kvBytes;
+  const loadedRatio = ours.memLoaded.rss / wkv;
+  const afterRatio = ours.memAfter.rss / wkv;
+  log(
+    `\nresident memory (VmRSS) of the process running our engine: ${GB(ours.memBefore.rss)} before load, ${GB(ours.memLoaded.rss)} after load ` +
+      `(anon ${GB(ours.memLoaded.anon)}, file ${GB(ours.memLoaded.file)}), ${GB(ours.memAfter.rss)} after the measurements, ${GB(ours.memReleased.rss)} after close(); ` +
+      `peak ${GB(ours.memAfter.peak)} (VmHWM: the checkpoint's mapped pages count while packing)`,
+  );
+  log(
+    `  engine weights ${GB(ours.info.weightBytes)} + KV ${GB(ours.info.kvBytes)} = ${GB(wkv)}; RSS after load / (weights + KV) = ${fmt(loadedRatio, 3)}` +
+      `  target within ${100 * TARGET.rssSlack}%  ${passFail(Math.abs(loadedRatio - 1) <= TARGET.rssSlack)}; ` +
+      `after the measurements (activations and scratch included in RSS only) ${fmt(afterRatio, 3)}`,
+  );
+  if (llama) {
+    log(
+      `  llama.cpp loaded (this process): RSS ${GB(llama.memLoaded.rss)} (anon ${GB(llama.memLoaded.anon)}, file-mapped ${GB(llama.memLoaded.file)}); ` +
+        `${GB(llama.memReleased.rss)} after dispose`,
+    );
+  }
+
+  // Figures.
+  const cmpR = (o: number, l: number | null, unit: string) => (l === null ? null : `llama.cpp ${fmt(l, 2)} ${unit}: ${fmt(o / l, 3)}x`);
+  fig(`${label} ours prefill ${ours.prefill.tokens}-token prompt`, prefillO, 'tok/s', cmpR(prefillO, prefillL, 'tok/s'));
+  fig(`${label} ours decode 1 stream`, decodeO, 'tok/s', cmpR(decodeO, decodeL, 'tok/s'));
+  fig(`${label} ours decode roofline fraction`, fracO, 'ratio', `roofline ${fmt(roofOurs, 2)} tok/s at ${fmt(ours.bandwidth, 2)} GB/s`);
+  for (const n of [8, 32]) fig(`${label} ours decode ${n} sequences aggregate`, oursBatch(n), 'tok/s', cmpR(oursBatch(n), llamaBatch(n), 'tok/s'));
+  fig(`${label} ours 32-sequence aggregate / single stream`, b32O, 'ratio', b32L === null ? null : `llama.cpp ${fmt(b32L, 3)}x`);
+  if (llama && prefillL !== null && decodeL !== null && fracL !== null) {
+    fig(`${label} llama.cpp prefill ${llama.prefill.tokens}-token prompt`, prefillL, 'tok/s', null);
+    fig(`${label} llama.cpp decode 1 stream`, decodeL, 'tok/s', null);
+    fig(`${label} llama.cpp decode roofline fraction`, fracL, 'ratio', `roofline ${fmt(roofLlama, 2)} tok/s at ${fmt(llama.bandwidth, 2)} GB/s`);
+    for (const n of [8, 32]) fig(`${label} llama.cpp decode ${n} sequences aggregate`, llamaBatch(n)!, 'tok/s', null);
+    if (b32L !== null) fig(`${label} llama.cpp 32-sequence aggregate / single stream`, b32L, 'ratio', null);
+  }
+  fig(`${label} ours RSS after load / (weights + KV)`, loadedRatio, 'ratio', `target within ${100 * TARGET.rssSlack}%: RSS ${GB(ours.memLoaded.rss)}, weights ${GB(ours.info.weightBytes)}, KV ${GB(ours.info.kvBytes)}`);
+  fig(`${label} ours RSS after measurements / (weights + KV)`, afterRatio, 'ratio', `RSS ${GB(ours.memAfter.rss)} (activations and scratch included)`);
+  fig(`${label} ours RSS after close()`, ours.memReleased.rss / 1e9, 'GB', `before load ${GB(ours.memBefore.rss)}`);
+}
+
+// ---------------------------------------------------------------------------------
+// Main
+
+async function main(): Promise<void> {
+  const addon = loadNative();
+  const k = addon.kernelInfo();
+  log(`engine benchmark: ${cpus().length} CPUs (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 2 ** 30).toFixed(1)} GiB RAM, kernels ${k.active} (vnni ${k.vnni}), threads ${threads}`);
+  log(`native addon ${nativeAddonPath()} built ${statSync(nativeAddonPath()).mtime.toISOString()}`);
+  log(`load average ${loadavg().map((v) => v.toFixed(2)).join(' ')} (other processes on these ${cpus().length} cores distort every figure)`);
+  log(`cases: ${selected.map((c) => c.id).join(', ')}; budget ${budgetSeconds} s for optional cases; models in ${benchModelsDir()}`);
+  log(
+    `workload: prefill ${workload.prefillPrompt.length} tokens x ${workload.prefillReps} (after a warm-up prefill); decode ${workload.decodeSteps} steps (+${workload.decodeWarmSteps} warm-up) ` +
+      `after a ${workload.decodePrompt.length}-token prompt; batched ${workload.batchSizes.join(' and ')} sequences x ${workload.batchSteps} steps (+${workload.batchWarmSteps}); greedy`,
+  );
+
+  // Models: generated / exported once, then reused.
+  const tPrep = performance.now();
+  const dirs = new Map<string, string>();
+  const ggufs = new Map<string, string>();
+  const stamp = (s: string) => log(`[prepare] ${s}`);
+  for (const c of selected) {
+    if (!dirs.has(c.model.key)) dirs.set(c.model.key, ensureCheckpoint(c.model, stamp));
+    ggufs.set(c.id, await ensureGguf(c.model, dirs.get(c.model.key)!, c.gguf, stamp));
+  }
+  log(`models ready in ${fmt((performance.now() - tPrep) / 1000)} s`);
+
+  const llama = await getLlamaCpp(threads).catch((e: Error) => {
+    log(`llama.cpp unavailable: ${e.message.split('\n')[0]}`);
+    return null;
+  });
+  if (llama) log(`llama.cpp ${llama.llamaCppRelease.release} (${llama.buildType}), cpuMathCores ${llama.cpuMathCores}; ${llama.systemInfo.replace(/\s+/g, ' ').trim()}`);
+
+  const t0 = performance.now();
+  const elapsed = () => (performance.now() - t0) / 1000;
+  const outcomes: CaseOutcome[] = [];
+  const caseSeconds = new Map<string, number>();
+  let lastSeconds = 0;
+  for (const c of selected) {
+    if (c.id !== REQUIRED) {
+      const sameModel = [...caseSeconds.entries()].find(([id]) => CASES.find((x) => x.id === id)!.model === c.model)?.[1];
+      const estimate = sameModel ?? lastSeconds;
+      if (elapsed() + estimate > budgetSeconds) {
+        log(`\n== ${c.id}: skipped (elapsed ${fmt(elapsed(), 0)} s + about ${fmt(estimate, 0)} s would pass the ${budgetSeconds} s budget; BENCH_BUDGET_SECONDS raises it)`);
+        continue;
+      }
+    }
+    const tc = performance.now();
+    const dir = dirs.get(c.model.key)!;
+    const spec = readModelSpec(dir);
+    const read = bytesPerToken(spec, c.gguf);
+    log(`\n[${c.id}] measuring our engine (${c.weights}) ...`);
+    const ours = await measureOursInChild(dir, c.weights, threads, workload);
+    let lres: LlamaCppResult | null = null;
+    if (llama) {
+      log(`[${c.id}] measuring llama.cpp (${c.gguf}) ...`);
+      try {
+        lres = await measureLlamaCpp(ggufs.get(c.id)!, threads, workload, llamaMmap);
+      } catch (e) {
+        log(`[${c.id}] llama.cpp failed: ${(e as Error).message.split('\n')[0]}`);
+      }
+    }
+    const o = { c, ours, llama: lres, read };
+    outcomes.push(o);
+    report(o, spec);
+    lastSeconds = (performance.now() - tc) / 1000;
+    caseSeconds.set(c.id, lastSeconds);
+    log(`[${c.id}] done in ${fmt(lastSeconds)} s`);
+  }
+  await disposeLlamaCpp();
+  log(`\nload average at the end ${loadavg().map((v) => v.toFixed(2)).join(' ')}`);
+  log(`measurements took ${fmt(elapsed())} s (after ${fmt((t0 - tPrep) / 1000)} s of preparation)`);
+
+  // Summary: the targets on the required case.
+  const main = outcomes.find((o) => o.c.id === REQUIRED);
+  const summary: Record<string, number | null> = { decode_vs_llamacpp: null, decode_roofline_fraction: null, prefill_vs_llamacpp: null, batch32_vs_single: null };
+  if (main) {
+    const { ours, llama: l, read } = main;
+    summary.decode_roofline_fraction = round(ours.decode.tokensPerSecond / roofline(ours, read), 4);
+    summary.batch32_vs_single = round(ours.batches.find((b) => b.sequences === 32)!.tokensPerSecond / ours.decode.tokensPerSecond, 3);
+    if (l) {
+      summary.decode_vs_llamacpp = round(ours.decode.tokensPerSecond / l.decode.tokensPerSecond, 3);
+      summary.prefill_vs_llamacpp = round(ours.prefill.tokensPerSecond / l.prefill.tokensPerSecond, 3);
+    }
+    const t = (v: number | null, goal: number, text: string) => log(`  ${text.padEnd(44)} ${v === null ? '-' : fmt(v, 3).padStart(7)}  ${v === null ? 'n/a' : passFail(v >= goal)}`);
+    log(`\ntargets (${main.c.model.preset} ${main.c.gguf}):`);
+    t(summary.decode_vs_llamacpp, TARGET.decodeVsLlama, `decode vs llama.cpp (>= ${TARGET.decodeVsLlama}x)`);
+    t(summary.decode_roofline_fraction, TARGET.rooflineFraction, `decode / roofline (>= ${TARGET.rooflineFraction})`);
+    t(summary.prefill_vs_llamacpp, TARGET.prefillVsLlama, `prefill vs llama.cpp (>= ${TARGET.prefillVsLlama}x)`);
+    t(summary.batch32_vs_single, TARGET.batch32VsSingle, `32-seq aggregate vs single stream (>= ${TARGET.batch32VsSingle}x)`);
+    const rssRatio = ours.memLoaded.rss / (ours.info.weightBytes + ours.info.kvBytes);
+    log(`  ${`RSS after load / (weights + KV) (within ${100 * TARGET.rssSlack}%)`.padEnd(44)} ${fmt(rssRatio, 3).padStart(7)}  ${passFail(Math.abs(rssRatio - 1) <= TARGET.rssSlack)}`);
+  }
+  console.log(JSON.stringify({ ...summary, figures }));
+}
+
+await main();
