@@ -36,7 +36,7 @@ float silu(float x) { return x / (1.0f + std::exp(-x)); }
 }  // namespace
 
 void OwnedMat::alloc(WType t, int64_t rows, int64_t cols) {
-  bytes.assign(row_bytes(t, cols) * static_cast<size_t>(rows), 0);
+  bytes = HostBuffer(row_bytes(t, cols) * static_cast<size_t>(rows));
   m = WMat{t, rows, cols, bytes.data()};
 }
 
@@ -73,8 +73,10 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
   layers_.resize(static_cast<size_t>(cfg.layers));
   const int64_t kv_dim = cfg.kv_heads * cfg.head_dim;
   const size_t kv_elems = static_cast<size_t>(cfg.kv_blocks * cfg.kv_block_size * kv_dim);
-  k_cache_.assign(static_cast<size_t>(cfg.layers), std::vector<float>(kv_elems, 0.f));
-  v_cache_.assign(static_cast<size_t>(cfg.layers), std::vector<float>(kv_elems, 0.f));
+  for (int64_t l = 0; l < cfg.layers; l++) {
+    k_cache_.emplace_back(kv_elems * sizeof(float));
+    v_cache_.emplace_back(kv_elems * sizeof(float));
+  }
   for (auto& l : layers_) {
     l.experts.resize(static_cast<size_t>(cfg.experts));
   }
@@ -129,7 +131,7 @@ std::vector<float> to_f32(const uint8_t* src, WType st, int64_t rows, int64_t co
 void expert_alloc(ExpertMat& e, WType t, int64_t width, int64_t hidden) {
   const size_t gu = row_bytes(t, hidden) * static_cast<size_t>(2 * width);
   const size_t dn = row_bytes(t, width) * static_cast<size_t>(hidden);
-  e.bytes.assign(gu + dn, 0);
+  e.bytes = HostBuffer(gu + dn);
   e.gate_up = WMat{t, 2 * width, hidden, e.bytes.data()};
   e.down = WMat{t, hidden, width, e.bytes.data() + gu};
 }
@@ -259,8 +261,8 @@ size_t Engine::weight_bytes() const {
 
 size_t Engine::kv_bytes() const {
   size_t b = 0;
-  for (const auto& k : k_cache_) b += k.size() * 4;
-  for (const auto& v : v_cache_) b += v.size() * 4;
+  for (const auto& k : k_cache_) b += k.size();
+  for (const auto& v : v_cache_) b += v.size();
   return b;
 }
 
@@ -354,8 +356,8 @@ void Engine::attention_block(int64_t layer) {
   mark(kQkv);
 
   // Bias, q/k norms, rotary embedding; then keys and values into the paged cache.
-  std::vector<float>& kc = k_cache_[static_cast<size_t>(layer)];
-  std::vector<float>& vc = v_cache_[static_cast<size_t>(layer)];
+  float* kc = reinterpret_cast<float*>(k_cache_[static_cast<size_t>(layer)].data());
+  float* vc = reinterpret_cast<float*>(v_cache_[static_cast<size_t>(layer)].data());
   pool_->parallel_for(T, 4, [&](int64_t t, int) {
     float* row = qkv_.data() + t * qkv_dim;
     if (!L.qkv_bias.empty()) {
@@ -393,8 +395,8 @@ void Engine::attention_block(int64_t layer) {
     const SeqSlice& s = seqs_[static_cast<size_t>(seq_of_[static_cast<size_t>(t)])];
     const int64_t pos = pos_[static_cast<size_t>(t)];
     const int64_t slot = static_cast<int64_t>(s.blocks[static_cast<size_t>(pos / c.kv_block_size)]) * c.kv_block_size + pos % c.kv_block_size;
-    std::memcpy(kc.data() + slot * kv_dim, k, static_cast<size_t>(kv_dim) * 4);
-    std::memcpy(vc.data() + slot * kv_dim, v, static_cast<size_t>(kv_dim) * 4);
+    std::memcpy(kc + slot * kv_dim, k, static_cast<size_t>(kv_dim) * 4);
+    std::memcpy(vc + slot * kv_dim, v, static_cast<size_t>(kv_dim) * 4);
   });
 
   mark(kRopeKv);
@@ -415,7 +417,7 @@ void Engine::attention_block(int64_t layer) {
       float mx = -INFINITY;
       for (int64_t p = 0; p < visible; p++) {
         const int64_t slot = static_cast<int64_t>(s.blocks[static_cast<size_t>(p / c.kv_block_size)]) * c.kv_block_size + p % c.kv_block_size;
-        const float sc = ops.dot(q, kc.data() + slot * kv_dim + g * hd, hd) * scale;
+        const float sc = ops.dot(q, kc + slot * kv_dim + g * hd, hd) * scale;
         scores[static_cast<size_t>(p)] = sc;
         mx = std::max(mx, sc);
       }
@@ -429,7 +431,7 @@ void Engine::attention_block(int64_t layer) {
       float* out = attn_.data() + t * q_dim + h * hd;
       for (int64_t p = 0; p < visible; p++) {
         const int64_t slot = static_cast<int64_t>(s.blocks[static_cast<size_t>(p / c.kv_block_size)]) * c.kv_block_size + p % c.kv_block_size;
-        ops.axpy(out, scores[static_cast<size_t>(p)] * inv, vc.data() + slot * kv_dim + g * hd, hd);
+        ops.axpy(out, scores[static_cast<size_t>(p)] * inv, vc + slot * kv_dim + g * hd, hd);
       }
     }
   });

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "host_buffer.h"
 #include "kernels.h"
 #include "thread_pool.h"
 
@@ -47,7 +48,7 @@ struct EngineConfig {
 // A matrix in the engine's format with its own storage.
 struct OwnedMat {
   WMat m{WType::F32, 0, 0, nullptr};
-  std::vector<uint8_t> bytes;
+  HostBuffer bytes;
   void alloc(WType t, int64_t rows, int64_t cols);
   size_t size_bytes() const { return bytes.size(); }
 };
@@ -55,7 +56,7 @@ struct OwnedMat {
 // One routed expert: gate rows, then up rows, then down rows, in one buffer, so that it
 // moves and is read as one piece. gate_up views the first 2*width rows as one matrix.
 struct ExpertMat {
-  std::vector<uint8_t> bytes;
+  HostBuffer bytes;
   WMat gate_up{WType::F32, 0, 0, nullptr};  // (2 * width, hidden)
   WMat down{WType::F32, 0, 0, nullptr};     // (hidden, width)
 };
@@ -158,8 +159,8 @@ class Engine {
   bool ready_ = false;
 
   // Paged KV cache: per layer, (blocks, block_size, kv_heads * head_dim) for K and V.
-  std::vector<std::vector<float>> k_cache_;
-  std::vector<std::vector<float>> v_cache_;
+  std::vector<HostBuffer> k_cache_;
+  std::vector<HostBuffer> v_cache_;
 
   // Per-step state.
   std::vector<SeqSlice> seqs_;
