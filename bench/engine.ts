@@ -158,7 +158,6 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
   log(`decode roofline: ours ${fmt(roofOurs)} tok/s, llama.cpp ${llama ? fmt(roofLlama) : '-'} tok/s (bandwidth / bytes per token)`);
 
   // The table.
-  const rows: [string, number, number | null, string, string][] = [];
   const vs = (a: number, b: number | null) => (b === null ? '-' : `${fmt(ratio(a, b), 2)}x`);
   const llamaBatch = (n: number) => llama?.batches.find((b) => b.sequences === n)?.tokensPerSecond ?? null;
   const oursBatch = (n: number) => ours.batches.find((b) => b.sequences === n)!.tokensPerSecond;

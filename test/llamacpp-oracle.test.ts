@@ -10,7 +10,7 @@ import type { ControlledEvaluateInputItem, Llama, Token } from 'node-llama-cpp';
 import { openModel } from '../src/model/checkpoint.js';
 import { exportGguf, permuteRotaryRows, type GgufExportType } from '../src/model/gguf-export.js';
 import { GgmlType, GgufValueType, GgufWriter, f32ToF16Bits, quantizeQ4_0, quantizeQ8_0 } from '../src/model/gguf-writer.js';
-import { matvec, moeBlock, ReferenceModel, rmsNorm, type KvCache, type LayerWeights } from '../src/model/reference.js';
+import { ReferenceModel } from '../src/model/reference.js';
 import { ARCHITECTURES, type Architecture, type ModelSpec } from '../src/model/spec.js';
 import { checkpointTensors, layerNames } from '../src/model/tensor-names.js';
 import { tempDir, writeModel } from './helpers/models.js';
@@ -461,31 +461,16 @@ const fmt = (x: number) => x.toExponential(2);
 /**
  * Smallest gap, over layers, between the k-th and (k+1)-th largest router logits of each
  * position: where it is tiny, a small perturbation of the activations flips an expert.
- * Replays the reference forward pass layer by layer with its building blocks (the
- * attention step is the reference's own, reached past its `private`).
  */
 function routerMargins(ref: ReferenceModel, tokens: number[]): number[] {
-  const s = ref.spec;
-  const h = s.hiddenSize;
-  const T = tokens.length;
-  const attention = (ref as unknown as { attention: (l: number, lw: LayerWeights, x: Float32Array, T: number, start: number, cache: KvCache) => Float32Array }).attention.bind(ref);
-  const x = new Float32Array(T * h);
-  tokens.forEach((id, t) => x.set(ref.w.embed.subarray(id * h, (id + 1) * h), t * h));
-  const cache = ref.newCache();
-  const margins = new Array<number>(T).fill(Infinity);
-  for (let l = 0; l < s.numLayers; l++) {
-    const lw = ref.w.layers[l];
-    const a = attention(l, lw, x, T, 0, cache);
-    for (let i = 0; i < x.length; i++) x[i] += a[i];
-    const normed = new Float32Array(T * h);
-    for (let t = 0; t < T; t++) normed.set(rmsNorm(x, lw.postAttnNorm, s.rmsNormEps, t * h, h), t * h);
-    for (let t = 0; t < T; t++) {
-      const logits = Array.from(matvec(lw.router, s.numExperts, h, normed, t * h)).sort((p, q) => q - p);
-      margins[t] = Math.min(margins[t], logits[s.topK - 1] - logits[s.topK]);
-    }
-    const moe = moeBlock(s, lw, normed, T);
-    for (let i = 0; i < x.length; i++) x[i] += moe.out[i];
-  }
+  const k = ref.spec.topK;
+  const margins = new Array<number>(tokens.length).fill(Infinity);
+  ref.forward(tokens, ref.newCache(), {
+    onRouterLogits: (_layer, t, logits) => {
+      const sorted = Array.from(logits).sort((p, q) => q - p);
+      margins[t] = Math.min(margins[t], sorted[k - 1] - sorted[k]);
+    },
+  });
   return margins;
 }
 

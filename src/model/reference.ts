@@ -170,11 +170,20 @@ export interface MoeResult {
  * Tokens are grouped by expert, so each activated expert is visited once for all its tokens,
  * as the engine does; the order of accumulation per token is by its routing rank.
  */
-export function moeBlock(spec: ModelSpec, lw: LayerWeights, x: Float32Array, tokens: number, forced?: Routing[]): MoeResult {
+export function moeBlock(
+  spec: ModelSpec,
+  lw: LayerWeights,
+  x: Float32Array,
+  tokens: number,
+  forced?: Routing[],
+  onRouterLogits?: (token: number, logits: Float32Array) => void,
+): MoeResult {
   const h = spec.hiddenSize;
   const routing: Routing[] = [];
   for (let t = 0; t < tokens; t++) {
-    routing.push(forced ? forced[t] : route(spec, matvec(lw.router, spec.numExperts, h, x, t * h)));
+    const logits = matvec(lw.router, spec.numExperts, h, x, t * h);
+    onRouterLogits?.(t, logits);
+    routing.push(forced ? forced[t] : route(spec, logits));
   }
   const acc = new Float64Array(tokens * h);
   const byExpert = new Map<number, { token: number; weight: number }[]>();
@@ -223,6 +232,8 @@ export interface ForwardOptions {
   forcedRouting?: Routing[][];
   /** Called with each layer's routing of the new tokens. */
   onRouting?: (layer: number, routing: Routing[]) => void;
+  /** Called with each new token's router logits (experts) in each layer. */
+  onRouterLogits?: (layer: number, token: number, logits: Float32Array) => void;
   /** Called with the residual stream (tokens, hidden) after each layer. */
   onResidual?: (layer: number, x: Float32Array) => void;
 }
@@ -265,7 +276,8 @@ export class ReferenceModel {
       for (let i = 0; i < x.length; i++) x[i] += attn[i];
       const normed = new Float32Array(T * h);
       for (let t = 0; t < T; t++) normed.set(rmsNorm(x, lw.postAttnNorm, s.rmsNormEps, t * h, h), t * h);
-      const moe = moeBlock(s, lw, normed, T, opts.forcedRouting?.[l]);
+      const onLogits = opts.onRouterLogits;
+      const moe = moeBlock(s, lw, normed, T, opts.forcedRouting?.[l], onLogits ? (t, logits) => onLogits(l, t, logits) : undefined);
       opts.onRouting?.(l, moe.routing);
       for (let i = 0; i < x.length; i++) x[i] += moe.out[i];
       opts.onResidual?.(l, x);
