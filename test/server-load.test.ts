@@ -68,7 +68,10 @@ t.test('overload: 429 with Retry-After, no crash, serving afterwards', async (t)
   const limited = results.filter((r) => r.status === 429);
   const ok = results.filter((r) => r.status === 200);
   t.ok(limited.length > 0, `${limited.length} requests got 429`);
-  t.ok(ok.length >= 3, `${ok.length} requests were served`);
+  // At least the waiting queue's worth is admitted: submissions the worker has not taken in
+  // yet count as waiting (a conservative bound on the main thread), so a burst may fill
+  // the queue before the running slot shows as taken.
+  t.ok(ok.length >= 2, `${ok.length} requests were served`);
   t.equal(limited.length + ok.length, results.length, 'nothing but 200 and 429');
   for (const r of limited) {
     t.match(r.retryAfter, /^\d+$/, 'Retry-After in seconds');

@@ -94,7 +94,9 @@ export function installErrorHandling(app: FastifyInstance, bodyLimit: number): v
     let api = toApiError(err);
     if ((err as FastifyError).code === 'FST_ERR_CTP_BODY_TOO_LARGE') api = Errors.bodyTooLarge(bodyLimit);
     if ((err as FastifyError).code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') api = Errors.unsupportedMediaType(String(request.headers['content-type'] ?? ''));
-    if (api.statusCode >= 500) request.log.error({ err }, 'request failed');
+    // 503 is the server saying no on purpose (draining, not ready): worth a line, not a stack.
+    if (api.statusCode === 503) request.log.info({ code: api.toBody().error.code }, 'request refused');
+    else if (api.statusCode >= 500) request.log.error({ err }, 'request failed');
     return reply.code(api.statusCode).headers(api.headers).send(api.toBody());
   });
 
