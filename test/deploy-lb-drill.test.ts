@@ -405,6 +405,19 @@ http {
   const onVictim = drainStreams.filter((s) => s.upstream === `127.0.0.1:${portA}`).length;
   t.ok(onVictim > 0, `SIGTERM: ${onVictim} of ${drainStreams.length} streams are on the replica about to be stopped`);
   victim.proc.child.kill('SIGTERM');
+  // The signal is handled asynchronously: "during the drain" starts when the victim says so
+  // on /ready (a request that reached it before that is legitimately its own).
+  await waitFor(
+    'the victim to report draining on /ready',
+    async () => {
+      try {
+        return (await ufetch(`http://127.0.0.1:${portA}/ready`)).status === 503;
+      } catch {
+        return true; // already gone
+      }
+    },
+    5000,
+  );
   const duringDrain: Completion[] = [];
   const victimExit = victim.proc.exited;
   let victimGone = false;
