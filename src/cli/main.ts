@@ -8,6 +8,7 @@ import { inspectCommand } from './inspect-cmd.js';
 import { makeModelCommand } from './make-model-cmd.js';
 import { serveCommand } from './serve-cmd.js';
 import { simCommand } from './sim-cmd.js';
+import { synthTraceCommand } from './synth-trace-cmd.js';
 
 interface Command {
   summary: string;
@@ -22,6 +23,7 @@ const COMMANDS: Record<string, Command> = {
   demo: demoCommand,
   serve: serveCommand,
   sim: simCommand,
+  'synth-trace': synthTraceCommand,
 };
 
 function usage(): string {

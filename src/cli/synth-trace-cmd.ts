@@ -1,0 +1,93 @@
+import { synthesizeTrace, type StatsComparison } from '../offload/synth-trace.js';
+import { intOpt, parse, required } from './args.js';
+
+const HELP = `usage: moe-serve synth-trace --like FILE --requests N --out FILE [--seed S]
+                             [--tokens-per-request M] [--no-weights] [--json]
+
+Writes a many-request moe-trace v1 file whose routing statistics match a real trace
+(--like): per-layer expert popularity, temporal reuse rate per layer (share of the
+previous token's experts kept at the same layer) and co-occurrence across adjacent
+layers (P(expert at l+1 | expert at l)). Then prints both traces' statistics side by side.
+
+Model, per request, token and layer: keep each of the previous token's experts at the
+layer with a fitted per-layer probability; fill the other slots without replacement from
+a mixture (fitted per-layer weight) of the cross-layer conditional given this token's
+experts at l-1 and the layer's popularity. The first P positions are prefill, P within
++-25% of a real request's prompt length. Deterministic per --seed (default 1).
+
+Options:
+  --tokens-per-request M  tokens per request, prefill included (default: a real request's)
+  --no-weights            leave the weights column empty (default: real per-rank mean weights)
+  --json                  one JSON object with the comparison
+`;
+
+export function formatComparison(c: StatsComparison, realName: string, synthName: string): string {
+  const f = (x: number) => (Number.isNaN(x) ? '   n/a' : x.toFixed(4).padStart(8));
+  return [
+    `statistic                                        real       synth     |diff| / distance`,
+    `popularity TV distance, mean over layers          -          -       ${f(c.popularityTV)}   (real vs uniform: ${f(c.popularityTVUniform).trim()})`,
+    `reuse rate, mean over layers                ${f(c.reuseMeanReal)}    ${f(c.reuseMeanSynth)}    mean ${f(c.reuseMeanAbsDiff).trim()}, max ${f(c.reuseMaxAbsDiff).trim()} over layers`,
+    `cross-layer P(f at l+1 | e at l), top pairs       -          -       ${f(c.coocMeanAbsDiff)}   mean abs diff over ${c.coocPairs} pairs (independent layers: ${f(c.coocIndependentMeanAbsDiff).trim()})`,
+    `(real: ${realName}; synth: ${synthName})`,
+  ].join('\n');
+}
+
+export const synthTraceCommand = {
+  summary: 'synthesize a many-request routing trace matching a real one',
+  async run(argv: string[]): Promise<number> {
+    const v = parse(argv, {
+      like: { type: 'string' },
+      requests: { type: 'string' },
+      out: { type: 'string' },
+      seed: { type: 'string' },
+      'tokens-per-request': { type: 'string' },
+      'no-weights': { type: 'boolean' },
+      json: { type: 'boolean' },
+    });
+    if (v.help) {
+      process.stdout.write(HELP);
+      return 0;
+    }
+    const like = required(v, 'like');
+    const out = required(v, 'out');
+    required(v, 'requests');
+    const requests = intOpt(v, 'requests', 1, 1, 1e9);
+    const seed = intOpt(v, 'seed', 1, 0, 0xffffffff);
+    const tokensPerRequest = v['tokens-per-request'] === undefined ? undefined : intOpt(v, 'tokens-per-request', 1, 1, 1e9);
+    const r = await synthesizeTrace({ like, out, requests, seed, tokensPerRequest, noWeights: !!v['no-weights'] });
+    const c = r.comparison;
+    if (v.json) {
+      process.stdout.write(
+        JSON.stringify({
+          like,
+          out,
+          requests,
+          seed,
+          rows: r.rowsWritten,
+          real: { requests: r.real.requests, tokens: r.real.tokens },
+          synth: { requests: r.synth.requests, tokens: r.synth.tokens },
+          popularity_tv: c.popularityTV,
+          popularity_tv_uniform: c.popularityTVUniform,
+          reuse_mean_real: c.reuseMeanReal,
+          reuse_mean_synth: c.reuseMeanSynth,
+          reuse_mean_abs_diff: c.reuseMeanAbsDiff,
+          reuse_max_abs_diff: c.reuseMaxAbsDiff,
+          cooc_mean_abs_diff: c.coocMeanAbsDiff,
+          cooc_independent_mean_abs_diff: c.coocIndependentMeanAbsDiff,
+          cooc_pairs: c.coocPairs,
+        }) + '\n',
+      );
+      return 0;
+    }
+    const h = r.header;
+    process.stdout.write(
+      [
+        `real         ${like} (${h.model || 'unnamed'}: ${h.layers} layers, ${h.experts} experts, top-${h.topK}): ${r.real.requests} request(s), ${r.real.tokens} tokens`,
+        `synthetic    ${out}: ${r.synth.requests} request(s), ${r.synth.tokens} tokens, ${r.rowsWritten} rows, seed ${seed}`,
+        '',
+        formatComparison(c, like, out),
+      ].join('\n') + '\n',
+    );
+    return 0;
+  },
+};

@@ -1,0 +1,557 @@
+// Synthetic many-request moe-trace v1 files whose routing statistics match a real trace
+// (../shared/traces/FORMAT.md): per-layer expert popularity, temporal reuse (a token
+// keeping the previous token's experts at the same layer) and co-occurrence across
+// adjacent layers (P(expert f at l+1 | expert e at l)).
+//
+// Generative model, per request, token and layer l:
+//   1. each of the previous token's experts at l is kept with probability keep[l];
+//   2. the remaining slots are filled without replacement from
+//        alpha[l] * mean_{e in this token's experts at l-1} P(. at l | e at l-1)
+//      + (1 - alpha[l]) * popularity[l],
+//      falling back to uniform over the unchosen experts when that mass runs out.
+// keep[] and alpha[] are fitted on calibration runs (same seed each run, so the runs
+// differ only by the parameters) until the generated reuse rates and co-occurrence
+// match the real ones. Everything is driven by one seeded PRNG: same seed, same bytes.
+//
+// Prefill: the first P positions of a request are `prefill`, P drawn within ±25 % of a
+// real request's prompt length. A layer that the real trace skips for most prefill
+// tokens but the last (llama.cpp skips the last layer there) is skipped the same way.
+// Weights: the real trace's per-rank mean gate weights on every row, or none.
+
+import { createWriteStream } from 'node:fs';
+import { once } from 'node:events';
+import { finished } from 'node:stream/promises';
+import { NO_EXPERT, readTrace, type TraceHeader, type TraceRequest, type TraceToken } from './trace.js';
+
+// ---------------------------------------------------------------------------------------
+// Statistics
+
+/** Streaming accumulator of the routing statistics of a trace; add requests one by one. */
+export class TraceStats {
+  readonly layers: number;
+  readonly experts: number;
+  readonly topK: number;
+  /** (layer, expert) selection counts. */
+  readonly counts: Float64Array;
+  /** Rows (token, layer with routing) per layer. */
+  readonly rows: Float64Array;
+  /** Per layer: sum over consecutive token pairs of |A ∩ B| / K, and the number of pairs. */
+  readonly reuseSum: Float64Array;
+  readonly reusePairs: Float64Array;
+  /** (l, e, f) for l in 0..L-2: tokens with e at l and f at l+1. */
+  readonly joint: Float64Array;
+  /** (l, e) for l in 0..L-2: tokens with e at l and a row at l+1. */
+  readonly lower: Float64Array;
+  /** Per rank: sum and count of recorded gate weights. */
+  readonly weightSum: Float64Array;
+  readonly weightN: Float64Array;
+  /** Per layer: prefill tokens other than a request's last prefill token lacking the layer. */
+  readonly prefillSkips: Float64Array;
+  prefillNonLast = 0;
+  requests = 0;
+  tokens = 0;
+  readonly prefillLengths: number[] = [];
+  readonly tokenCounts: number[] = [];
+
+  constructor(h: Pick<TraceHeader, 'layers' | 'experts' | 'topK'>) {
+    this.layers = h.layers;
+    this.experts = h.experts;
+    this.topK = h.topK;
+    const { layers: L, experts: E, topK: K } = h;
+    this.counts = new Float64Array(L * E);
+    this.rows = new Float64Array(L);
+    this.reuseSum = new Float64Array(L);
+    this.reusePairs = new Float64Array(L);
+    this.joint = new Float64Array(Math.max(0, L - 1) * E * E);
+    this.lower = new Float64Array(Math.max(0, L - 1) * E);
+    this.weightSum = new Float64Array(K);
+    this.weightN = new Float64Array(K);
+    this.prefillSkips = new Float64Array(L);
+  }
+
+  add(req: TraceRequest): void {
+    const { layers: L, experts: E, topK: K } = this;
+    const mark = new Int32Array(E).fill(-1);
+    this.requests++;
+    this.tokens += req.tokens.length;
+    this.prefillLengths.push(req.prefillTokens);
+    this.tokenCounts.push(req.tokens.length);
+    let prev: TraceToken | null = null;
+    req.tokens.forEach((tok, t) => {
+      const ex = tok.experts;
+      const nonLastPrefill = tok.phase === 'prefill' && t < req.prefillTokens - 1;
+      if (nonLastPrefill) this.prefillNonLast++;
+      for (let l = 0; l < L; l++) {
+        const b = l * K;
+        if (ex[b] === NO_EXPERT) {
+          if (nonLastPrefill) this.prefillSkips[l]++;
+          continue;
+        }
+        this.rows[l]++;
+        for (let k = 0; k < K; k++) this.counts[l * E + ex[b + k]]++;
+        if (tok.weights) {
+          for (let k = 0; k < K; k++) {
+            const w = tok.weights[b + k];
+            if (!Number.isNaN(w)) {
+              this.weightSum[k] += w;
+              this.weightN[k]++;
+            }
+          }
+        }
+        if (prev && prev.experts[b] !== NO_EXPERT) {
+          const stamp = t * L + l;
+          for (let k = 0; k < K; k++) mark[prev.experts[b + k]] = stamp;
+          let same = 0;
+          for (let k = 0; k < K; k++) if (mark[ex[b + k]] === stamp) same++;
+          this.reuseSum[l] += same / K;
+          this.reusePairs[l]++;
+        }
+        if (l + 1 < L && ex[b + K] !== NO_EXPERT) {
+          for (let k = 0; k < K; k++) {
+            const e = ex[b + k];
+            this.lower[l * E + e]++;
+            const row = (l * E + e) * E;
+            for (let j = 0; j < K; j++) this.joint[row + ex[b + K + j]]++;
+          }
+        }
+      }
+      prev = tok;
+    });
+  }
+
+  /** Popularity of expert e at layer l: its share of the layer's selections. */
+  popularity(l: number, e: number): number {
+    const n = this.rows[l] * this.topK;
+    return n > 0 ? this.counts[l * this.experts + e] / n : 0;
+  }
+
+  /** Temporal reuse rate at layer l (NaN without consecutive pairs). */
+  reuse(l: number): number {
+    return this.reusePairs[l] > 0 ? this.reuseSum[l] / this.reusePairs[l] : NaN;
+  }
+
+  /** P(f selected at l+1 | e selected at l) (NaN when e never seen at l with a row at l+1). */
+  conditional(l: number, e: number, f: number): number {
+    const n = this.lower[l * this.experts + e];
+    return n > 0 ? this.joint[(l * this.experts + e) * this.experts + f] / n : NaN;
+  }
+
+  /** Mean gate weight per rank, or null unless every rank has recorded weights. */
+  rankWeights(): number[] | null {
+    const w: number[] = [];
+    for (let k = 0; k < this.topK; k++) {
+      if (this.weightN[k] === 0) return null;
+      w.push(this.weightSum[k] / this.weightN[k]);
+    }
+    return w;
+  }
+
+  meanReuse(): number {
+    let s = 0;
+    let n = 0;
+    for (let l = 0; l < this.layers; l++) {
+      const r = this.reuse(l);
+      if (!Number.isNaN(r)) {
+        s += r;
+        n++;
+      }
+    }
+    return n ? s / n : NaN;
+  }
+}
+
+/** Statistics of a trace file, read as a stream. */
+export async function traceStats(file: string): Promise<{ header: TraceHeader; stats: TraceStats }> {
+  let header: TraceHeader | null = null;
+  let stats: TraceStats | null = null;
+  for await (const req of readTrace(file, (h) => ((header = h), (stats = new TraceStats(h))), { keepWeights: true })) stats!.add(req);
+  if (header === null || stats === null) throw new Error(`${file}: no header`);
+  return { header, stats };
+}
+
+export interface StatsComparison {
+  /** Total-variation distance between per-layer popularity distributions, mean over layers. */
+  popularityTV: number;
+  /** Per layer (NaN where a trace has no rows at the layer). */
+  popularityTVPerLayer: number[];
+  /** Reference: TV distance between the real popularity and the uniform distribution. */
+  popularityTVUniform: number;
+  reuseReal: number[];
+  reuseSynth: number[];
+  reuseMeanReal: number;
+  reuseMeanSynth: number;
+  /** Mean and max over layers of |reuse real - reuse synthetic|. */
+  reuseMeanAbsDiff: number;
+  reuseMaxAbsDiff: number;
+  /** Mean |P_real(f at l+1 | e at l) - P_synth(...)| over the top pairs of every adjacent layer pair. */
+  coocMeanAbsDiff: number;
+  /** Per adjacent layer pair (index l: layers l, l+1). */
+  coocPerLayer: number[];
+  /** Reference: the same with independent layers (P(f | e) = K × popularity of f at l+1). */
+  coocIndependentMeanAbsDiff: number;
+  /** Pairs compared (top `topPairs` by real joint count per adjacent layer pair). */
+  coocPairs: number;
+}
+
+/** Compares the statistics of a real trace and a synthetic (or any other) one of the same shape. */
+export function compareStats(real: TraceStats, synth: TraceStats, topPairs = 64): StatsComparison {
+  if (real.layers !== synth.layers || real.experts !== synth.experts || real.topK !== synth.topK) {
+    throw new Error(`shape differs: ${real.layers}/${real.experts}/${real.topK} vs ${synth.layers}/${synth.experts}/${synth.topK}`);
+  }
+  const { layers: L, experts: E, topK: K } = real;
+  const tvPer: number[] = [];
+  let tvSum = 0;
+  let tvN = 0;
+  let tvUni = 0;
+  let tvUniN = 0;
+  for (let l = 0; l < L; l++) {
+    if (real.rows[l] > 0) {
+      let u = 0;
+      for (let e = 0; e < E; e++) u += Math.abs(real.popularity(l, e) - 1 / E);
+      tvUni += u / 2;
+      tvUniN++;
+    }
+    if (real.rows[l] === 0 || synth.rows[l] === 0) {
+      tvPer.push(NaN);
+      continue;
+    }
+    let d = 0;
+    for (let e = 0; e < E; e++) d += Math.abs(real.popularity(l, e) - synth.popularity(l, e));
+    tvPer.push(d / 2);
+    tvSum += d / 2;
+    tvN++;
+  }
+  const reuseReal: number[] = [];
+  const reuseSynth: number[] = [];
+  let rDiff = 0;
+  let rMax = 0;
+  let rN = 0;
+  for (let l = 0; l < L; l++) {
+    const a = real.reuse(l);
+    const b = synth.reuse(l);
+    reuseReal.push(a);
+    reuseSynth.push(b);
+    if (Number.isNaN(a) || Number.isNaN(b)) continue;
+    rDiff += Math.abs(a - b);
+    rMax = Math.max(rMax, Math.abs(a - b));
+    rN++;
+  }
+  const coocPer: number[] = [];
+  let cSum = 0;
+  let cInd = 0;
+  let cN = 0;
+  for (let l = 0; l + 1 < L; l++) {
+    const base = l * E * E;
+    const idx: number[] = [];
+    for (let i = 0; i < E * E; i++) if (real.joint[base + i] > 0) idx.push(i);
+    idx.sort((x, y) => real.joint[base + y] - real.joint[base + x] || x - y);
+    let s = 0;
+    let n = 0;
+    for (const i of idx.slice(0, topPairs)) {
+      const e = Math.floor(i / E);
+      const f = i % E;
+      const pr = real.conditional(l, e, f);
+      const ps = synth.conditional(l, e, f);
+      const d = Math.abs(pr - (Number.isNaN(ps) ? 0 : ps));
+      s += d;
+      cSum += d;
+      cInd += Math.abs(pr - K * real.popularity(l + 1, f));
+      n++;
+      cN++;
+    }
+    coocPer.push(n ? s / n : NaN);
+  }
+  return {
+    popularityTV: tvN ? tvSum / tvN : NaN,
+    popularityTVPerLayer: tvPer,
+    popularityTVUniform: tvUniN ? tvUni / tvUniN : NaN,
+    reuseReal,
+    reuseSynth,
+    reuseMeanReal: real.meanReuse(),
+    reuseMeanSynth: synth.meanReuse(),
+    reuseMeanAbsDiff: rN ? rDiff / rN : NaN,
+    reuseMaxAbsDiff: rMax,
+    coocMeanAbsDiff: cN ? cSum / cN : NaN,
+    coocPerLayer: coocPer,
+    coocIndependentMeanAbsDiff: cN ? cInd / cN : NaN,
+    coocPairs: cN,
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// Model
+
+/** Seeded PRNG in [0, 1): a counter through a 32-bit integer mixer. */
+export function makeRng(seed: number): () => number {
+  let state = (Math.floor(seed) ^ 0x5bd1e995) >>> 0;
+  return () => {
+    state = (state + 0x9e3779b9) >>> 0;
+    let z = state;
+    z = Math.imul(z ^ (z >>> 16), 0x85ebca6b);
+    z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35);
+    z ^= z >>> 16;
+    return (z >>> 0) / 4294967296;
+  };
+}
+
+export interface SynthModel {
+  header: TraceHeader;
+  /** (l, e): popularity, summing to 1 per layer (uniform for a layer without rows). */
+  pop: Float64Array;
+  /** (l, e, f) for l in 0..L-2: P(f at l+1 | e at l) / K (sums to 1 per row); rows of unseen e are 0. */
+  cond: Float64Array;
+  condValid: Uint8Array;
+  /** Per layer: probability of keeping each of the previous token's experts. */
+  keep: Float64Array;
+  /** Per layer: weight of the cross-layer conditional in the fill mixture. */
+  alpha: Float64Array;
+  /** Layers skipped for prefill tokens other than a request's last one. */
+  prefillSkip: Uint8Array;
+  prefillLengths: number[];
+  tokenCounts: number[];
+  hasDecode: boolean;
+  rankWeights: number[] | null;
+}
+
+export function buildModel(header: TraceHeader, s: TraceStats): SynthModel {
+  const { layers: L, experts: E, topK: K } = header;
+  const pop = new Float64Array(L * E);
+  for (let l = 0; l < L; l++) for (let e = 0; e < E; e++) pop[l * E + e] = s.rows[l] > 0 ? s.popularity(l, e) : 1 / E;
+  const cond = new Float64Array(s.joint.length);
+  const condValid = new Uint8Array(s.lower.length);
+  for (let l = 0; l + 1 < L; l++) {
+    for (let e = 0; e < E; e++) {
+      const n = s.lower[l * E + e];
+      if (n === 0) continue;
+      condValid[l * E + e] = 1;
+      const row = (l * E + e) * E;
+      for (let f = 0; f < E; f++) cond[row + f] = s.joint[row + f] / (n * K);
+    }
+  }
+  const keep = new Float64Array(L);
+  for (let l = 0; l < L; l++) {
+    const r = s.reuse(l);
+    keep[l] = Number.isNaN(r) ? 0 : r;
+  }
+  const prefillSkip = new Uint8Array(L);
+  for (let l = 0; l < L; l++) prefillSkip[l] = s.prefillNonLast > 0 && s.prefillSkips[l] * 2 > s.prefillNonLast ? 1 : 0;
+  return {
+    header,
+    pop,
+    cond,
+    condValid,
+    keep,
+    alpha: new Float64Array(L).fill(0.5),
+    prefillSkip,
+    prefillLengths: s.prefillLengths.length ? s.prefillLengths : [0],
+    tokenCounts: s.tokenCounts.length ? s.tokenCounts : [1],
+    hasDecode: s.prefillLengths.some((p, i) => p < s.tokenCounts[i]),
+    rankWeights: s.rankWeights(),
+  };
+}
+
+/** Generates one request. `tokens` overrides the per-request token count (default: a real request's). */
+export function generateRequest(m: SynthModel, rng: () => number, id: number, tokens?: number): TraceRequest {
+  const { layers: L, experts: E, topK: K } = m.header;
+  const pick = <T>(xs: T[]): T => xs[Math.min(xs.length - 1, Math.floor(rng() * xs.length))];
+  const M = tokens ?? pick(m.tokenCounts);
+  const base = pick(m.prefillLengths);
+  let P = Math.round(base * (0.75 + 0.5 * rng()));
+  if (base > 0) P = Math.max(1, P);
+  P = Math.max(0, Math.min(P, m.hasDecode && M > 1 ? M - 1 : M));
+
+  const d = new Float64Array(E);
+  const chosen = new Uint8Array(E);
+  const out: TraceToken[] = [];
+  let prev: Uint16Array | null = null;
+  for (let t = 0; t < M; t++) {
+    const phase = t < P ? 'prefill' : 'decode';
+    const skipping = phase === 'prefill' && t < P - 1;
+    const ex = new Uint16Array(L * K).fill(NO_EXPERT);
+    for (let l = 0; l < L; l++) {
+      if (skipping && m.prefillSkip[l]) continue;
+      const b = l * K;
+      chosen.fill(0);
+      let n = 0;
+      if (prev && prev[b] !== NO_EXPERT) {
+        const q = m.keep[l];
+        for (let k = 0; k < K; k++) {
+          if (rng() < q) {
+            ex[b + n++] = prev[b + k];
+            chosen[prev[b + k]] = 1;
+          }
+        }
+      }
+      if (n === K) continue;
+      // Fill distribution: mixture of the cross-layer conditional and the popularity.
+      let a = l > 0 && ex[b - K] !== NO_EXPERT ? m.alpha[l] : 0;
+      let valid = 0;
+      if (a > 0) for (let k = 0; k < K; k++) valid += m.condValid[(l - 1) * E + ex[b - K + k]];
+      if (valid === 0) a = 0;
+      const pb = l * E;
+      for (let f = 0; f < E; f++) d[f] = (1 - a) * m.pop[pb + f];
+      if (a > 0) {
+        const w = a / valid;
+        for (let k = 0; k < K; k++) {
+          const e = ex[b - K + k];
+          if (!m.condValid[(l - 1) * E + e]) continue;
+          const row = ((l - 1) * E + e) * E;
+          for (let f = 0; f < E; f++) d[f] += w * m.cond[row + f];
+        }
+      }
+      for (; n < K; n++) {
+        let total = 0;
+        for (let f = 0; f < E; f++) if (!chosen[f]) total += d[f];
+        let f = -1;
+        if (total > 1e-12) {
+          let r = rng() * total;
+          for (let g = 0; g < E; g++) {
+            if (chosen[g]) continue;
+            r -= d[g];
+            if (r < 0 && d[g] > 0) {
+              f = g;
+              break;
+            }
+          }
+          if (f < 0) for (let g = E - 1; g >= 0; g--) if (!chosen[g] && d[g] > 0) { f = g; break; }
+        }
+        if (f < 0) {
+          // Mass exhausted: uniform over the experts not chosen yet.
+          let r = Math.floor(rng() * (E - n));
+          for (let g = 0; g < E; g++) {
+            if (chosen[g]) continue;
+            if (r-- === 0) {
+              f = g;
+              break;
+            }
+          }
+        }
+        chosen[f] = 1;
+        ex[b + n] = f;
+      }
+    }
+    out.push({ position: t, phase, experts: ex });
+    prev = ex;
+  }
+  return { id, tokens: out, prefillTokens: P };
+}
+
+export interface FitOptions {
+  seed?: number;
+  tokensPerRequest?: number;
+  /** Rows (token × layer) generated per calibration run (default 60 000). */
+  calibrationRows?: number;
+}
+
+function calibrate(m: SynthModel, seed: number, requests: number, tokens: number | undefined): TraceStats {
+  const s = new TraceStats(m.header);
+  const rng = makeRng(seed);
+  for (let i = 0; i < requests; i++) s.add(generateRequest(m, rng, i, tokens));
+  return s;
+}
+
+/** Fits keep[] (reuse) and alpha[] (cross-layer co-occurrence) so generated statistics match. */
+export function fitModel(m: SynthModel, real: TraceStats, opts: FitOptions = {}): SynthModel {
+  const { layers: L } = m.header;
+  const meanTokens = opts.tokensPerRequest ?? m.tokenCounts.reduce((x, y) => x + y, 0) / m.tokenCounts.length;
+  const requests = Math.max(2, Math.ceil((opts.calibrationRows ?? 60_000) / (Math.max(1, meanTokens) * L)));
+  const seed = ((opts.seed ?? 1) * 2654435761 + 12345) >>> 0;
+  const fitKeep = (rounds: number) => {
+    for (let i = 0; i < rounds; i++) {
+      const s = calibrate(m, seed, requests, opts.tokensPerRequest);
+      for (let l = 0; l < L; l++) {
+        const r = real.reuse(l);
+        const g = s.reuse(l);
+        if (Number.isNaN(r) || Number.isNaN(g)) continue;
+        m.keep[l] = Math.min(1, Math.max(0, m.keep[l] + (r - g)));
+      }
+    }
+  };
+  fitKeep(2);
+  // Alpha: per layer, the grid value whose co-occurrence (pair l-1, l) and popularity match best.
+  const grid = [0, 0.2, 0.4, 0.6, 0.8, 1];
+  const best = new Float64Array(L).fill(Infinity);
+  const chosen = new Float64Array(L).fill(0.5);
+  for (const a of grid) {
+    m.alpha.fill(a);
+    const c = compareStats(real, calibrate(m, seed, requests, opts.tokensPerRequest));
+    for (let l = 1; l < L; l++) {
+      const err = (Number.isNaN(c.coocPerLayer[l - 1]) ? 0 : c.coocPerLayer[l - 1]) + (Number.isNaN(c.popularityTVPerLayer[l]) ? 0 : c.popularityTVPerLayer[l]);
+      if (err < best[l]) {
+        best[l] = err;
+        chosen[l] = a;
+      }
+    }
+  }
+  m.alpha.set(chosen);
+  m.alpha[0] = 0;
+  fitKeep(3);
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------
+// Writing
+
+export interface SynthOptions {
+  like: string;
+  out: string;
+  requests: number;
+  seed?: number;
+  tokensPerRequest?: number;
+  /** Leave the weights column empty (default: the real per-rank mean weights, when recorded). */
+  noWeights?: boolean;
+  calibrationRows?: number;
+}
+
+export interface SynthResult {
+  header: TraceHeader;
+  real: TraceStats;
+  synth: TraceStats;
+  comparison: StatsComparison;
+  model: SynthModel;
+  rowsWritten: number;
+}
+
+/** Reads `like`, fits the model and streams `requests` synthetic requests to `out`. */
+export async function synthesizeTrace(o: SynthOptions): Promise<SynthResult> {
+  const seed = o.seed ?? 1;
+  const { header, stats: real } = await traceStats(o.like);
+  if (real.tokens === 0) throw new Error(`${o.like}: no rows to learn from`);
+  const model = fitModel(buildModel(header, real), real, { seed, tokensPerRequest: o.tokensPerRequest, calibrationRows: o.calibrationRows });
+  const { layers: L, topK: K } = header;
+  const weights = o.noWeights || !model.rankWeights ? '' : model.rankWeights.map((w) => w.toFixed(6)).join(' ');
+  const synth = new TraceStats(header);
+  const likeName = o.like.split(/[\\/]/).pop() ?? o.like;
+  const file = createWriteStream(o.out, { encoding: 'utf8' });
+  let rowsWritten = 0;
+  try {
+    let buf =
+      '# moe-trace v1\n' +
+      `# model=${header.model || 'unnamed'} layers=${L} experts=${header.experts} top_k=${K} source=moe-serve synth-trace like=${likeName} seed=${seed} requests=${o.requests}\n` +
+      'request,phase,position,layer,experts,weights\n';
+    const rng = makeRng(seed);
+    for (let r = 0; r < o.requests; r++) {
+      const req = generateRequest(model, rng, r, o.tokensPerRequest);
+      synth.add(req);
+      for (const tok of req.tokens) {
+        const pre = `${r},${tok.phase},${tok.position},`;
+        for (let l = 0; l < L; l++) {
+          const b = l * K;
+          if (tok.experts[b] === NO_EXPERT) continue;
+          buf += `${pre}${l},${Array.from(tok.experts.subarray(b, b + K)).join(' ')},${weights}\n`;
+          rowsWritten++;
+        }
+        if (buf.length >= 1 << 20) {
+          if (!file.write(buf)) await once(file, 'drain');
+          buf = '';
+        }
+      }
+    }
+    file.end(buf);
+    await finished(file);
+  } catch (e) {
+    file.destroy();
+    throw e;
+  }
+  return { header, real, synth, comparison: compareStats(real, synth), model, rowsWritten };
+}

@@ -1,0 +1,65 @@
+// synth-trace: a many-request trace whose routing statistics match a real one.
+
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import t from 'tap';
+import { compareStats, makeRng, synthesizeTrace, TraceStats } from '../src/offload/synth-trace.js';
+import { loadTrace, tokenExperts } from '../src/offload/trace.js';
+import { tempDir } from './helpers/models.js';
+
+const REAL = join(import.meta.dirname, '..', '..', 'shared', 'traces', 'qwen3-30b-a3b.trace.csv');
+
+t.test('synthetic trace matches the real statistics and is deterministic', async (t) => {
+  const dir = tempDir(t);
+  const out = join(dir, 'a.csv');
+  const r = await synthesizeTrace({ like: REAL, out, requests: 20, seed: 7 });
+
+  // Valid format, read back by the project's reader.
+  const { header, requests } = await loadTrace(out);
+  t.equal(requests.length, 20);
+  t.same([header.layers, header.experts, header.topK], [r.header.layers, r.header.experts, r.header.topK]);
+  const back = new TraceStats(header);
+  for (const req of requests) {
+    back.add(req);
+    t.ok(req.prefillTokens > 0 && req.prefillTokens < req.tokens.length, 'prefill then decode');
+    for (const tok of req.tokens) {
+      for (let l = 0; l < header.layers; l++) {
+        const ex = tokenExperts(tok, l, header.topK);
+        if (ex.length === 0) continue;
+        if (new Set(ex).size !== header.topK || ex.some((e) => e >= header.experts)) {
+          t.fail(`bad experts at request ${req.id} position ${tok.position} layer ${l}`);
+          return;
+        }
+      }
+    }
+  }
+  const c = compareStats(r.real, back);
+  t.same(c, r.comparison, 'statistics of the written file equal the returned ones');
+  t.ok(Math.abs(c.reuseMeanReal - c.reuseMeanSynth) < 0.05, `mean reuse ${c.reuseMeanSynth} vs real ${c.reuseMeanReal}`);
+  t.ok(c.reuseMaxAbsDiff < 0.1, `per-layer reuse max diff ${c.reuseMaxAbsDiff}`);
+
+  // Baseline: a uniform-random trace of the same size.
+  const uni = new TraceStats(header);
+  const rng = makeRng(3);
+  for (const req of requests) {
+    for (const tok of req.tokens) {
+      for (let l = 0; l < header.layers; l++) {
+        if (tokenExperts(tok, l, header.topK).length === 0) continue;
+        const picked = new Set<number>();
+        while (picked.size < header.topK) picked.add(Math.floor(rng() * header.experts));
+        tok.experts.set([...picked], l * header.topK);
+      }
+    }
+    uni.add(req);
+  }
+  const cu = compareStats(r.real, uni);
+  t.ok(c.popularityTV < cu.popularityTV / 3, `popularity TV ${c.popularityTV} vs uniform random ${cu.popularityTV}`);
+
+  // Same seed, same bytes; another seed differs.
+  const out2 = join(dir, 'b.csv');
+  await synthesizeTrace({ like: REAL, out: out2, requests: 20, seed: 7 });
+  t.ok(readFileSync(out).equals(readFileSync(out2)), 'identical bytes for the same seed');
+  const out3 = join(dir, 'c.csv');
+  await synthesizeTrace({ like: REAL, out: out3, requests: 3, seed: 8 });
+  t.notOk(readFileSync(out3).equals(readFileSync(out).subarray(0, readFileSync(out3).length)), 'another seed differs');
+});
