@@ -15,6 +15,7 @@
 // Tensor data is produced and written one tensor at a time, so memory stays bounded by the
 // largest tensor (plus its encoded bytes), whatever the model's size.
 
+import { f16ToF32 as f16BitsToF32, f32ToF16 as f32ToF16Bits } from './safetensors.js';
 import { closeSync, openSync, unlinkSync, writeSync } from 'node:fs';
 
 /** Value types of GGUF metadata. */
@@ -82,46 +83,9 @@ export function ggmlTensorBytes(type: GgmlType, shape: readonly number[]): numbe
 // ---------------------------------------------------------------------------------
 // Scalar conversions and quantizers (the ggml reference block layouts)
 
-const f32Scratch = new Float32Array(1);
-const u32Scratch = new Uint32Array(f32Scratch.buffer);
-
-/** float32 → IEEE half bits, round to nearest even; overflow → ±inf, NaN stays NaN. */
-export function f32ToF16Bits(x: number): number {
-  f32Scratch[0] = x;
-  const bits = u32Scratch[0];
-  const sign = (bits >>> 16) & 0x8000;
-  const exp = (bits >>> 23) & 0xff;
-  let mant = bits & 0x7fffff;
-  if (exp === 0xff) return sign | 0x7c00 | (mant !== 0 ? 0x200 | (mant >>> 13) : 0);
-  const e = exp - 127 + 15;
-  if (e >= 0x1f) return sign | 0x7c00;
-  if (e <= 0) {
-    // Subnormal half (or zero): shift the mantissa with its implicit bit into place.
-    if (e < -10) return sign;
-    mant |= 0x800000;
-    const shift = 14 - e;
-    const half = mant >>> shift;
-    const rem = mant & ((1 << shift) - 1);
-    const mid = 1 << (shift - 1);
-    const rounded = rem > mid || (rem === mid && (half & 1) === 1) ? half + 1 : half;
-    return sign | rounded;
-  }
-  const half = (e << 10) | (mant >>> 13);
-  const rem = mant & 0x1fff;
-  // Carry from rounding may bump the exponent, up to infinity: the bit layout makes it right.
-  const rounded = rem > 0x1000 || (rem === 0x1000 && (half & 1) === 1) ? half + 1 : half;
-  return sign | rounded;
-}
-
-/** IEEE half bits → number. */
-export function f16BitsToF32(h: number): number {
-  const sign = h & 0x8000 ? -1 : 1;
-  const exp = (h >>> 10) & 0x1f;
-  const mant = h & 0x3ff;
-  if (exp === 0) return sign * mant * 2 ** -24;
-  if (exp === 0x1f) return mant ? NaN : sign * Infinity;
-  return sign * (1 + mant / 1024) * 2 ** (exp - 15);
-}
+// IEEE half conversions (round to nearest even) are the safetensors module's; re-exported
+// under the names this module's users know.
+export { f16ToF32 as f16BitsToF32, f32ToF16 as f32ToF16Bits } from './safetensors.js';
 
 /** Round half away from zero (C's roundf). */
 function roundf(x: number): number {
