@@ -9,7 +9,8 @@ import type { SafetensorsCheckpoint } from '../model/safetensors.js';
 import { paramCounts, type ModelSpec } from '../model/spec.js';
 import { EMBED, FINAL_NORM, LM_HEAD, layerNames } from '../model/tensor-names.js';
 import { loadNative, type NativeEngine, type NativeEngineOptions } from './native.js';
-import type { KvGeometry, ModelRunner, StepOutput, StepSequence } from './runner.js';
+import type { KvGeometry, ModelRunner, RoutingEvent, StepOutput, StepSequence } from './runner.js';
+import type { RoutingReplay, StepTokens } from '../offload/replay.js';
 
 /** Weight formats users choose (`--weights`), and the addon's names for them. */
 export const WEIGHT_FORMATS = { f32: 'f32', bf16: 'bf16', f16: 'f16', q8: 'q8_0', q4: 'q4_0' } as const;
@@ -23,6 +24,10 @@ export interface NativeRunnerOptions {
   threads: number;
   kvBlockSize: number;
   kvBlocks: number;
+  /** Take each token's experts from a recorded trace instead of the router (the step then runs in pieces). */
+  replay?: RoutingReplay;
+  /** Called with every layer's routing when the step runs in pieces (replay). */
+  onRouting?: (e: RoutingEvent) => void;
 }
 
 export class ModelTooLargeError extends Error {
@@ -44,7 +49,7 @@ export function estimateEngineBytes(spec: ModelSpec, o: NativeRunnerOptions): { 
 }
 
 /** Memory this process may use: the cgroup limit when there is one, else free RAM. */
-function availableBytes(): number {
+export function availableBytes(): number {
   let limit = Infinity;
   try {
     const raw = readFileSync('/sys/fs/cgroup/memory.max', 'utf8').trim();
@@ -55,7 +60,7 @@ function availableBytes(): number {
   return Math.min(limit, Math.max(freemem(), totalmem() * 0.9));
 }
 
-function engineOptions(spec: ModelSpec, o: NativeRunnerOptions): NativeEngineOptions {
+export function engineOptions(spec: ModelSpec, o: NativeRunnerOptions): NativeEngineOptions {
   return {
     vocab: spec.vocabSize,
     hidden: spec.hiddenSize,
@@ -82,7 +87,7 @@ function engineOptions(spec: ModelSpec, o: NativeRunnerOptions): NativeEngineOpt
 }
 
 /** Hands every tensor of the checkpoint to the engine under its role. */
-function loadTensors(engine: NativeEngine, spec: ModelSpec, ckpt: SafetensorsCheckpoint): void {
+export function loadTensors(engine: NativeEngine, spec: ModelSpec, ckpt: SafetensorsCheckpoint): void {
   const put = (role: string, layer: number, expert: number, name: string) => {
     const info = ckpt.info(name);
     const rows = info.shape.length === 1 ? 1 : info.shape[0];
@@ -125,6 +130,22 @@ function loadTensors(engine: NativeEngine, spec: ModelSpec, ckpt: SafetensorsChe
   }
 }
 
+/** Sequence id and position of every token of a batch, in batch order. */
+export function stepTokens(batch: StepSequence[]): StepTokens {
+  let n = 0;
+  for (const s of batch) n += s.tokens.length;
+  const seq = new Int32Array(n);
+  const pos = new Int32Array(n);
+  let t = 0;
+  for (const s of batch) {
+    for (let i = 0; i < s.tokens.length; i++, t++) {
+      seq[t] = s.seqId;
+      pos[t] = s.startPos + i;
+    }
+  }
+  return { seq, pos };
+}
+
 /** Packs a batch into the addon's flat arrays: tokens, [start, n, wantLogits, nBlocks] per sequence, block tables. */
 export function packBatch(batch: StepSequence[]): { tokens: Int32Array; seqs: Int32Array; blocks: Int32Array } {
   let nTok = 0;
@@ -153,6 +174,8 @@ export class NativeRunner implements ModelRunner {
     readonly spec: ModelSpec,
     readonly kv: KvGeometry,
     readonly engine: NativeEngine,
+    private readonly replay?: RoutingReplay,
+    private readonly onRouting?: (e: RoutingEvent) => void,
   ) {}
 
   /** Opens a checkpoint directory and packs its weights; the checkpoint's files are closed after. */
@@ -184,12 +207,25 @@ export class NativeRunner implements ModelRunner {
       engine.close();
       throw e;
     }
-    return new NativeRunner(spec, { blockSize: o.kvBlockSize, numBlocks: o.kvBlocks }, engine);
+    return new NativeRunner(spec, { blockSize: o.kvBlockSize, numBlocks: o.kvBlocks }, engine, o.replay, o.onRouting);
   }
 
   step(batch: StepSequence[]): StepOutput {
     const { tokens, seqs, blocks } = packBatch(batch);
-    const logits = this.engine.step(tokens, seqs, blocks);
+    if (!this.replay) {
+      const logits = this.engine.step(tokens, seqs, blocks);
+      return { logits, rows: logits.length / this.spec.vocabSize };
+    }
+    // Routing replay: the step in pieces with the trace's experts.
+    const meta = stepTokens(batch);
+    const e = this.engine;
+    e.beginStep(tokens, seqs, blocks);
+    for (let l = 0; l < this.spec.numLayers; l++) {
+      const r = this.replay.route(l, e.attention(l), meta);
+      this.onRouting?.({ layer: l, ids: r.ids, weights: r.weights, k: r.k, seq: meta.seq, pos: meta.pos });
+      e.experts(l, r.ids, r.weights, r.k);
+    }
+    const logits = e.endStep();
     return { logits, rows: logits.length / this.spec.vocabSize };
   }
 

@@ -73,6 +73,82 @@ export interface EngineStats {
   steps: number;
   promptTokens: number;
   generationTokens: number;
+  /** Expert offloading counters; present when the runner offloads experts. */
+  offload?: OffloadStats;
+}
+
+/** Counters of one layer's expert cache since the engine started. */
+export interface OffloadLayerStats {
+  /** Needed (expert, visit) pairs that were resident or loading (prefetched ones included). */
+  hits: number;
+  /** Needed (expert, visit) pairs loaded on demand. */
+  misses: number;
+  /** Prefetch loads requested; issued = used + wasted + cancelled + still outstanding. */
+  prefetchIssued: number;
+  /** Prefetched experts needed before their eviction. */
+  prefetchUsed: number;
+  /** Prefetched experts evicted unused (each was a full load). */
+  prefetchWasted: number;
+  /** Prefetches withdrawn before their read started (stale: the visit did not need them). */
+  prefetchCancelled: number;
+  /** Seconds the step waited for this layer's experts to arrive. */
+  stallSeconds: number;
+}
+
+export interface OffloadStats {
+  policy: string;
+  /** Expert slots per layer (the capacity, split equally across layers). */
+  slotsPerLayer: number;
+  /** Bytes of one expert slot. */
+  slotBytes: number;
+  /** Layers ahead that are prefetched (0: no prefetch). */
+  lookahead: number;
+  /** Reads bypass the page cache (O_DIRECT). */
+  direct: boolean;
+  /** Expert reads completed by the store, and their bytes. */
+  loads: number;
+  bytesLoaded: number;
+  /** Steps split into smaller ones because a layer needed more experts than it has slots. */
+  splitSteps: number;
+  layers: OffloadLayerStats[];
+  /** Pre-gating quality per lookahead distance (predicted top-k vs the routing used). */
+  prediction: { distance: number; predicted: number; actual: number; hits: number; recall: number; precision: number }[];
+}
+
+/** GET /v1/internal/experts: the expert cache as it is now. */
+export interface ExpertCacheState {
+  policy: string;
+  slotsPerLayer: number;
+  slotBytes: number;
+  lookahead: number;
+  layers: {
+    layer: number;
+    capacity: number;
+    /** Resident experts (read complete), slot order. */
+    resident: { expert: number; slot: number }[];
+    /** Experts assigned a slot whose read is queued or in progress. */
+    loading: { expert: number; slot: number; state: 'queued' | 'reading' }[];
+    pinned: number[];
+    /** Prefetched and not used yet (resident or loading). */
+    prefetched: number[];
+    freeSlots: number;
+    counters: OffloadLayerStats;
+  }[];
+  stats: OffloadStats;
+}
+
+/** Expert offloading of the native runner (EngineOptions.offload). */
+export interface OffloadOptions {
+  /** Fast-tier budget: fraction of all experts ("0.25", "25%") or bytes ("12GiB"); split equally across layers. */
+  capacity: string;
+  /** Expert cache policy by name (lru, lfu, lfu-decay, predictive). */
+  policy: string;
+  /** Layers ahead to prefetch from pre-gating and recent routing; 0 turns prefetching off. */
+  lookahead: number;
+  /** I/O threads of the expert store. */
+  ioThreads: number;
+  /** Directory of the expert file (default: the OS temporary directory). */
+  dir?: string;
 }
 
 export class QueueFullError extends Error {
@@ -97,6 +173,8 @@ export interface EngineClient {
   /** Stops a request and frees its KV blocks at once; its 'finished' event has reason 'abort'. No-op if unknown. */
   cancel(requestId: string): void;
   stats(): EngineStats;
+  /** The expert cache's state; absent (or resolving to null) when the engine does not offload experts. */
+  expertCache?(): Promise<ExpertCacheState | null>;
   /** Finishes nothing: aborts what is in flight and stops the worker. */
   close(): Promise<void>;
 }
@@ -122,4 +200,8 @@ export interface EngineOptions {
   maxWaiting: number;
   /** Batch-formation policy by name ('fcfs'). */
   policy: string;
+  /** Native runner: keep routed experts in a file and cache them in RAM (absent: all resident). */
+  offload?: OffloadOptions;
+  /** Native runner: take each token's experts from this moe-trace v1 file instead of the router (src/offload/replay.ts). */
+  replayTrace?: string;
 }

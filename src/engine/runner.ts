@@ -4,6 +4,7 @@
 // unchanged on either.
 
 import type { ModelSpec } from '../model/spec.js';
+import type { ExpertCacheState, OffloadStats } from './protocol.js';
 import { KvCache, ReferenceModel } from '../model/reference.js';
 
 export interface StepSequence {
@@ -39,6 +40,22 @@ export interface ModelRunner {
   /** Forget a sequence (its blocks go back to the scheduler's pool). */
   release(seqId: number): void;
   close(): void;
+  /** Expert offloading counters (runners that offload experts). */
+  offloadStats?(): OffloadStats;
+  /** The expert cache's state (runners that offload experts). */
+  expertCacheState?(): ExpertCacheState;
+}
+
+/** One layer's routing as a runner applied it (for tests and tracing). */
+export interface RoutingEvent {
+  layer: number;
+  /** (tokens, k) expert ids and gate weights, batch token order. */
+  ids: Int32Array;
+  weights: Float32Array;
+  k: number;
+  /** Sequence id and position of each token. */
+  seq: Int32Array;
+  pos: Int32Array;
 }
 
 /**

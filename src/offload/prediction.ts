@@ -1,0 +1,137 @@
+// Quality of pre-gating: the routers of layers l+1 .. l+d applied to the hidden state
+// after layer l's attention predict which experts those layers will pick. For every
+// distance d, a token's predicted top-k at layer l+d is compared with the experts the
+// token really used there once that layer's routing is known:
+//
+//   recall    = |predicted ∩ used| / |used|       (needed experts the prefetch would have)
+//   precision = |predicted ∩ used| / |predicted|  (prefetched experts that were needed)
+//
+// Counted per token (not per batch union). The offload runner keeps these counters
+// live; measurePregating() measures them on any batches for benchmarks.
+
+import type { NativeEngine } from '../engine/native.js';
+import type { StepSequence } from '../engine/runner.js';
+
+export interface PredictionStats {
+  /** Layers ahead (1 = the next layer). */
+  distance: number;
+  /** Predicted (token, expert) pairs, used ones, and pairs both predicted and used. */
+  predicted: number;
+  actual: number;
+  hits: number;
+  /** hits / actual (0 when nothing was measured). */
+  recall: number;
+  /** hits / predicted (0 when nothing was measured). */
+  precision: number;
+}
+
+/** The k highest logits of each row (tokens, experts), best first, lowest id first on ties. */
+export function topKIds(logits: Float32Array, tokens: number, experts: number, k: number, out = new Int32Array(tokens * k)): Int32Array {
+  const kk = Math.min(k, experts);
+  for (let t = 0; t < tokens; t++) {
+    const z = logits.subarray(t * experts, (t + 1) * experts);
+    const o = out.subarray(t * k, t * k + kk);
+    let n = 0;
+    for (let e = 0; e < experts; e++) {
+      // Insertion into the sorted prefix o[0..n).
+      if (n === kk && !(z[e] > z[o[kk - 1]])) continue;
+      let i = n < kk ? n++ : kk - 1;
+      while (i > 0 && z[e] > z[o[i - 1]]) {
+        o[i] = o[i - 1];
+        i--;
+      }
+      o[i] = e;
+    }
+  }
+  return out;
+}
+
+/** Per-token overlap of predicted (tokens, kp) and used (tokens, ka) expert ids. */
+export function scoreTopK(predicted: Int32Array, kp: number, used: Int32Array, ka: number, tokens: number): { predicted: number; actual: number; hits: number } {
+  let hits = 0;
+  for (let t = 0; t < tokens; t++) {
+    for (let i = 0; i < kp; i++) {
+      const e = predicted[t * kp + i];
+      for (let j = 0; j < ka; j++) {
+        if (used[t * ka + j] === e) {
+          hits++;
+          break;
+        }
+      }
+    }
+  }
+  return { predicted: tokens * kp, actual: tokens * ka, hits };
+}
+
+/** Running counters per distance 1..maxDistance. */
+export class PredictionCounters {
+  private readonly predicted: Float64Array;
+  private readonly actual: Float64Array;
+  private readonly hits: Float64Array;
+
+  constructor(readonly maxDistance: number) {
+    this.predicted = new Float64Array(maxDistance + 1);
+    this.actual = new Float64Array(maxDistance + 1);
+    this.hits = new Float64Array(maxDistance + 1);
+  }
+
+  add(distance: number, predicted: Int32Array, kp: number, used: Int32Array, ka: number, tokens: number): void {
+    if (distance < 1 || distance > this.maxDistance) return;
+    const s = scoreTopK(predicted, kp, used, ka, tokens);
+    this.predicted[distance] += s.predicted;
+    this.actual[distance] += s.actual;
+    this.hits[distance] += s.hits;
+  }
+
+  /** P(used | predicted) at a distance, with a prior of 0.5 while evidence is thin. */
+  precision(distance: number): number {
+    return (this.hits[distance] + 1) / (this.predicted[distance] + 2);
+  }
+
+  snapshot(): PredictionStats[] {
+    const out: PredictionStats[] = [];
+    for (let d = 1; d <= this.maxDistance; d++) {
+      const p = this.predicted[d];
+      const a = this.actual[d];
+      const h = this.hits[d];
+      out.push({ distance: d, predicted: p, actual: a, hits: h, recall: a > 0 ? h / a : 0, precision: p > 0 ? h / p : 0 });
+    }
+    return out;
+  }
+}
+
+/**
+ * Measures pre-gating on a resident engine: runs each batch as a step in pieces (the
+ * model's own routing), and after layer l's attention predicts layers l+1 .. l+lookahead.
+ * Returns recall and precision per distance. The engine must have been built with the
+ * model whose top-k is `topK` (KV blocks of the batches are the caller's).
+ */
+export function measurePregating(
+  engine: NativeEngine,
+  shape: { layers: number; experts: number; topK: number },
+  steps: Iterable<StepSequence[]>,
+  lookahead: number,
+  pack: (batch: StepSequence[]) => { tokens: Int32Array; seqs: Int32Array; blocks: Int32Array },
+): PredictionStats[] {
+  const { layers: L, experts: E, topK: K } = shape;
+  const counters = new PredictionCounters(lookahead);
+  for (const batch of steps) {
+    const { tokens, seqs, blocks } = pack(batch);
+    const T = tokens.length;
+    const pending: { distance: number; ids: Int32Array }[][] = Array.from({ length: L }, () => []);
+    engine.beginStep(tokens, seqs, blocks);
+    for (let l = 0; l < L; l++) {
+      const logits = engine.attention(l);
+      const r = engine.route(logits, T);
+      for (const p of pending[l]) counters.add(p.distance, p.ids, K, r.ids, K, T);
+      const to = Math.min(L - 1, l + lookahead);
+      if (to > l) {
+        const pred = engine.predictRouter(l, to);
+        for (let d = 1; d <= to - l; d++) pending[l + d].push({ distance: d, ids: topKIds(pred.subarray((d - 1) * T * E, d * T * E), T, E, K) });
+      }
+      engine.experts(l, r.ids, r.weights, K);
+    }
+    engine.endStep();
+  }
+  return counters.snapshot();
+}

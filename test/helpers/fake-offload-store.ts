@@ -1,0 +1,146 @@
+// A test double of the native expert store: a resident NativeEngine (every expert in
+// RAM, so the arithmetic is the real engine's) with the offloading calls of the addon
+// contract simulated in TypeScript. It enforces what the real store enforces: experts(l)
+// only accepts experts that are queued, reading or resident in a slot of layer l; a slot
+// holds one expert; a load replaces what the slot held. Reads complete in FIFO order,
+// `readsPerLayer` of them at every attention() call (I/O progressing while the step
+// computes), and experts() completes the ones it needs (counting a stall).
+// predictRouter is approximated by repeating the current layer's router logits (the
+// resident engine of this build may not have it), which is a deterministic, imperfect
+// predictor: enough to exercise prefetching and its counters.
+
+import type { NativeEngine, NativeStoreStats } from '../../src/engine/native.js';
+import type { OffloadEngine } from '../../src/offload/offload-runner.js';
+
+export class FakeOffloadStore implements OffloadEngine {
+  readonly L: number;
+  readonly E: number;
+  private readonly state: Uint8Array; // (layer, expert): 0 absent, 1 queued, 2 reading, 3 resident
+  private readonly slotOf: Int32Array; // (layer, expert)
+  private readonly slotE: Int32Array; // (layer, slot)
+  private readonly queue: { layer: number; expert: number }[] = [];
+  private lastLogits: Float32Array = new Float32Array(0);
+  private tokens = 0;
+  readonly calls = { loadExpert: 0, cancelLoad: 0, cancelled: 0, evictSlot: 0, predictRouter: 0, experts: 0 };
+  private loads = 0;
+  private stalls: number[];
+
+  constructor(
+    readonly inner: NativeEngine,
+    shape: { layers: number; experts: number },
+    readonly slots: number,
+    readonly opts: { readsPerLayer?: number; slotBytes?: number } = {},
+  ) {
+    this.L = shape.layers;
+    this.E = shape.experts;
+    this.state = new Uint8Array(this.L * this.E);
+    this.slotOf = new Int32Array(this.L * this.E).fill(-1);
+    this.slotE = new Int32Array(this.L * slots).fill(-1);
+    this.stalls = new Array(this.L).fill(0);
+  }
+
+  beginStep(tokens: Int32Array, seqs: Int32Array, blocks: Int32Array): void {
+    this.tokens = tokens.length;
+    this.inner.beginStep(tokens, seqs, blocks);
+  }
+
+  attention(layer: number): Float32Array {
+    for (let i = 0; i < (this.opts.readsPerLayer ?? 1); i++) this.completeOne();
+    this.lastLogits = this.inner.attention(layer);
+    return this.lastLogits;
+  }
+
+  experts(layer: number, ids: Int32Array, weights: Float32Array, k: number): void {
+    this.calls.experts++;
+    for (const e of ids) {
+      const st = this.state[layer * this.E + e];
+      if (st === 0) throw new Error(`fake store: experts(${layer}) got expert ${e}, which is neither resident nor loading`);
+      if (st !== 3) {
+        // Wait: complete reads in FIFO order until this one is done.
+        while (this.state[layer * this.E + e] !== 3) this.completeOne();
+        this.stalls[layer] += 1e-6;
+      }
+    }
+    this.inner.experts(layer, ids, weights, k);
+  }
+
+  endStep(): Float32Array {
+    return this.inner.endStep();
+  }
+
+  route(logits: Float32Array, tokens: number): { ids: Int32Array; weights: Float32Array } {
+    return this.inner.route(logits, tokens);
+  }
+
+  predictRouter(from: number, to: number): Float32Array {
+    this.calls.predictRouter++;
+    if (!(to > from)) throw new Error(`predictRouter(${from}, ${to}): to must be above from`);
+    const out = new Float32Array((to - from) * this.lastLogits.length);
+    for (let d = 0; d < to - from; d++) out.set(this.lastLogits, d * this.lastLogits.length);
+    if (this.lastLogits.length !== this.tokens * this.E) throw new Error('predictRouter before attention');
+    return out;
+  }
+
+  loadExpert(layer: number, expert: number, slot: number): void {
+    this.calls.loadExpert++;
+    if (slot < 0 || slot >= this.slots) throw new Error(`fake store: slot ${slot} out of range`);
+    const i = layer * this.E + expert;
+    if (this.state[i] !== 0) throw new Error(`fake store: expert ${expert} of layer ${layer} is already in slot ${this.slotOf[i]} (state ${this.state[i]})`);
+    this.evictSlot(layer, slot, false);
+    this.state[i] = 1;
+    this.slotOf[i] = slot;
+    this.slotE[layer * this.slots + slot] = expert;
+    this.queue.push({ layer, expert });
+  }
+
+  cancelLoad(layer: number, expert: number): boolean {
+    this.calls.cancelLoad++;
+    const i = layer * this.E + expert;
+    if (this.state[i] !== 1) return false;
+    this.calls.cancelled++;
+    this.drop(layer, expert);
+    return true;
+  }
+
+  evictSlot(layer: number, slot: number, count = true): void {
+    if (count) this.calls.evictSlot++;
+    const e = this.slotE[layer * this.slots + slot];
+    if (e >= 0) this.drop(layer, e);
+  }
+
+  expertState(layer: number, expert: number): number {
+    return this.state[layer * this.E + expert];
+  }
+
+  storeStats(): NativeStoreStats {
+    const slotBytes = this.opts.slotBytes ?? 4096;
+    return { loads: this.loads, bytesRead: this.loads * slotBytes, stallSeconds: Float64Array.from(this.stalls), cancelled: this.calls.cancelled, direct: false, slotBytes };
+  }
+
+  close(): void {
+    this.inner.close();
+  }
+
+  /** Experts held per layer (any state). */
+  held(layer: number): number {
+    let n = 0;
+    for (let s = 0; s < this.slots; s++) if (this.slotE[layer * this.slots + s] >= 0) n++;
+    return n;
+  }
+
+  private drop(layer: number, expert: number): void {
+    const i = layer * this.E + expert;
+    const q = this.queue.findIndex((x) => x.layer === layer && x.expert === expert);
+    if (q >= 0) this.queue.splice(q, 1);
+    this.slotE[layer * this.slots + this.slotOf[i]] = -1;
+    this.slotOf[i] = -1;
+    this.state[i] = 0;
+  }
+
+  private completeOne(): void {
+    const q = this.queue.shift();
+    if (!q) return;
+    this.state[q.layer * this.E + q.expert] = 3;
+    this.loads++;
+  }
+}

@@ -1,0 +1,372 @@
+// The offload runner: capacity settings, online policies, routing replay and pre-gating
+// counters, and above all that offloading never changes the arithmetic: logits of
+// prefill and decode steps of a batch are bitwise those of the all-resident NativeRunner
+// at a small capacity (steps split, evictions, prefetches, cancellations).
+//
+// Two stores: a TypeScript double of the native expert store over a resident engine
+// (always runs), and the addon's own store (runs when this build of the addon has it).
+
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import t from 'tap';
+import { openModel } from '../src/model/checkpoint.js';
+import { NativeRunner, packBatch } from '../src/engine/native-runner.js';
+import { loadNative } from '../src/engine/native.js';
+import type { ModelRunner, RoutingEvent, StepSequence } from '../src/engine/runner.js';
+import { argmax } from '../src/engine/sampling.js';
+import { Rng } from '../src/model/prng.js';
+import type { Architecture, ModelSpec } from '../src/model/spec.js';
+import { CapacityError, expertSlotBytes, parseCapacity, slotsPerLayer } from '../src/offload/capacity.js';
+import { OffloadRunner } from '../src/offload/offload-runner.js';
+import { createOnlinePolicy } from '../src/offload/policies.js';
+import { measurePregating, PredictionCounters, scoreTopK, topKIds } from '../src/offload/prediction.js';
+import { RoutingReplay } from '../src/offload/replay.js';
+import { FakeOffloadStore } from './helpers/fake-offload-store.js';
+import { tempDir, writeModel } from './helpers/models.js';
+
+const BLOCK = 16;
+const BLOCKS_PER_SEQ = 8;
+
+/** Whether this build of the addon has the expert store and pre-gating. */
+function nativeOffload(): boolean {
+  try {
+    const proto = loadNative().NativeEngine.prototype as unknown as Record<string, unknown>;
+    return typeof proto.predictRouter === 'function' && typeof proto.loadExpert === 'function';
+  } catch {
+    return false;
+  }
+}
+
+async function model(t: Parameters<typeof writeModel>[0], arch: Architecture, layers: number) {
+  const dir = writeModel(t, { arch, seed: 5, overrides: { numLayers: layers } });
+  const m = await openModel(dir);
+  t.teardown(() => m.close());
+  return { dir, m, spec: m.spec, vocabLimit: m.tokenizer.vocabSize };
+}
+
+type Opened = Awaited<ReturnType<typeof model>>;
+
+function resident(x: Opened, seqs: number, extra: Partial<Parameters<typeof NativeRunner.fromCheckpoint>[2]> = {}): NativeRunner {
+  return NativeRunner.fromCheckpoint(x.spec, x.m.weights, { weights: 'f32', threads: 2, kvBlockSize: BLOCK, kvBlocks: seqs * BLOCKS_PER_SEQ, ...extra });
+}
+
+/** An offload runner over the TypeScript store double. */
+function faked(x: Opened, seqs: number, slots: number, o: ConstructorParameters<typeof OffloadRunner>[4] = {}, readsPerLayer = 1) {
+  const inner = resident(x, seqs).engine;
+  const store = new FakeOffloadStore(inner, { layers: x.spec.numLayers, experts: x.spec.numExperts }, slots, { readsPerLayer });
+  const runner = new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: seqs * BLOCKS_PER_SEQ }, store, slots, o);
+  return { runner, store };
+}
+
+function sameBits(a: Float32Array, b: Float32Array): boolean {
+  if (a.length !== b.length) return false;
+  const x = new Uint32Array(a.buffer, a.byteOffset, a.length);
+  const y = new Uint32Array(b.buffer, b.byteOffset, b.length);
+  for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return false;
+  return true;
+}
+
+/**
+ * Drives both runners through the same steps: prompts of several lengths (one of them
+ * prefilled in two chunks, the first without logits) then `decode` greedy steps of the
+ * whole batch, the resident runner choosing the tokens. Returns the steps whose logits
+ * were not bitwise equal.
+ */
+function compare(a: ModelRunner, b: ModelRunner, vocabLimit: number, nSeq: number, decode: number, seed = 1): number[] {
+  const rng = new Rng(seed);
+  const V = a.spec.vocabSize;
+  const seqs = Array.from({ length: nSeq }, (_, i) => ({
+    id: i,
+    tokens: Array.from({ length: 3 + ((i * 7) % 19) }, () => rng.u32() % vocabLimit),
+    done: 0,
+    blocks: Int32Array.from({ length: BLOCKS_PER_SEQ }, (_, j) => i * BLOCKS_PER_SEQ + j),
+  }));
+  const bad: number[] = [];
+  for (let step = 0; step <= decode + 1; step++) {
+    const batch: StepSequence[] = [];
+    for (const s of seqs) {
+      // Sequence 0's prompt arrives in two chunks.
+      const end = s.id === 0 && step === 0 ? Math.max(1, s.tokens.length - 2) : s.tokens.length;
+      if (end <= s.done) continue;
+      batch.push({ seqId: s.id, tokens: Uint32Array.from(s.tokens.slice(s.done, end)), startPos: s.done, blockTable: s.blocks, wantLogits: end === s.tokens.length });
+    }
+    const ra = a.step(batch);
+    const rb = b.step(batch);
+    if (ra.rows !== rb.rows || !sameBits(ra.logits, rb.logits)) bad.push(step);
+    let row = 0;
+    for (const x of batch) {
+      const s = seqs[x.seqId];
+      s.done = x.startPos + x.tokens.length;
+      if (x.wantLogits) s.tokens.push(argmax(ra.logits.subarray(row * V, (row + 1) * V), 0, vocabLimit));
+      if (x.wantLogits) row++;
+    }
+  }
+  return bad;
+}
+
+t.test('capacity: fractions and byte budgets become slots per layer', async (t) => {
+  t.same(parseCapacity('0.25'), { kind: 'fraction', fraction: 0.25 });
+  t.same(parseCapacity('25%'), { kind: 'fraction', fraction: 0.25 });
+  t.same(parseCapacity('1'), { kind: 'fraction', fraction: 1 });
+  t.same(parseCapacity('12GiB'), { kind: 'bytes', bytes: 12 * 2 ** 30 });
+  t.same(parseCapacity('512 MiB'), { kind: 'bytes', bytes: 512 * 2 ** 20 });
+  t.same(parseCapacity('1.5GB'), { kind: 'bytes', bytes: 1.5e9 });
+  t.same(parseCapacity('4096B'), { kind: 'bytes', bytes: 4096 });
+  for (const bad of ['', 'abc', '0', '2', '1.5', '-0.5', '150%', '12XB', '0B']) t.throws(() => parseCapacity(bad), CapacityError, `rejects ${JSON.stringify(bad)}`);
+  t.throws(() => parseCapacity('2'), /fraction and must be in \(0, 1\]/);
+  t.throws(() => parseCapacity('12XB'), /unknown unit "XB"/);
+
+  const shape = { layers: 48, experts: 128, topK: 8, slotBytes: 5 << 20 };
+  t.equal(slotsPerLayer('0.25', shape), 32);
+  t.equal(slotsPerLayer('100%', shape), 128);
+  // 48 layers × 32 slots × 5 MiB = 7.5 GiB; a byte above or below.
+  t.equal(slotsPerLayer(String(48 * 32 * (5 << 20)) + 'B', shape), 32);
+  t.equal(slotsPerLayer(String(48 * 32 * (5 << 20) - 1) + 'B', shape), 31);
+  t.equal(slotsPerLayer('1TiB', shape), 128, 'clamped to the experts');
+  t.throws(() => slotsPerLayer('0.05', shape), /gives 6 slot\(s\) per layer.*at least 8 slots per layer/);
+  t.throws(() => slotsPerLayer('100MiB', shape), /at least 8 slots per layer/);
+  const s = expertSlotBytes('q8_0', 2048, 768);
+  t.equal(s.expertBytes, 3 * 2048 * 768 * 34 / 32);
+  t.equal(s.slotBytes % 4096, 0);
+  t.ok(s.slotBytes >= s.expertBytes && s.slotBytes - s.expertBytes < 4096);
+});
+
+t.test('online policies: every simulator policy but Belady', async (t) => {
+  const shape = { layers: 2, experts: 8, topK: 2, capacity: 4 };
+  for (const name of ['lru', 'lfu', 'lfu-decay', 'predictive']) t.equal(createOnlinePolicy(name, shape).name, name);
+  t.throws(() => createOnlinePolicy('belady', shape), /needs the future/);
+  t.throws(() => createOnlinePolicy('fifo', shape), /unknown expert cache policy "fifo"; policies: lru, lfu, lfu-decay, predictive/);
+});
+
+t.test('prediction counters: top-k and per-token overlap', async (t) => {
+  const logits = Float32Array.from([0.1, 0.9, 0.5, 0.9, /* token 1 */ 3, 2, 1, 0]);
+  t.same(Array.from(topKIds(logits, 2, 4, 2)), [1, 3, 0, 1], 'best first, lower id first on ties');
+  const s = scoreTopK(Int32Array.from([1, 3, 0, 1]), 2, Int32Array.from([3, 2, 0, 1]), 2, 2);
+  t.same(s, { predicted: 4, actual: 4, hits: 3 });
+  const c = new PredictionCounters(2);
+  c.add(1, Int32Array.from([1, 3]), 2, Int32Array.from([3, 2]), 2, 1);
+  c.add(2, Int32Array.from([0, 1, 2]), 3, Int32Array.from([0, 5]), 2, 1);
+  t.same(
+    c.snapshot().map((x) => [x.distance, x.hits, x.recall, x.precision]),
+    [
+      [1, 1, 0.5, 0.5],
+      [2, 1, 0.5, 1 / 3],
+    ],
+  );
+});
+
+for (const arch of ['qwen3_moe', 'mixtral'] as const) {
+  for (const policy of ['lru', 'predictive']) {
+    for (const lookahead of [0, 2]) {
+      t.test(`${arch}, ${policy}, lookahead ${lookahead}: logits bitwise equal to the resident runner (store double)`, async (t) => {
+        const x = await model(t, arch, 4);
+        const nSeq = 5;
+        const ref = resident(x, nSeq);
+        t.teardown(() => ref.close());
+        const slots = x.spec.topK + 2; // far below the experts a batch needs: steps split
+        const { runner, store } = faked(x, nSeq, slots, { policy, lookahead });
+        t.teardown(() => runner.close());
+        const bad = compare(ref, runner, x.vocabLimit, nSeq, 12);
+        t.same(bad, [], 'every step bitwise equal');
+        t.same(runner.audit(), [], 'policy slots and store agree');
+        const st = runner.offloadStats();
+        const sum = (f: (l: (typeof st.layers)[number]) => number) => st.layers.reduce((a, l) => a + f(l), 0);
+        t.ok(sum((l) => l.misses) > 0 && sum((l) => l.hits) > 0, `hits ${sum((l) => l.hits)}, misses ${sum((l) => l.misses)}`);
+        t.ok(st.splitSteps > 0, `${st.splitSteps} steps were split`);
+        t.ok(st.loads > 0, 'the store completed loads');
+        for (let l = 0; l < x.spec.numLayers; l++) t.ok(store.held(l) <= slots);
+        if (lookahead === 0) {
+          t.equal(sum((l) => l.prefetchIssued), 0, 'no prefetch');
+          t.equal(store.calls.predictRouter, 0);
+          t.same(st.prediction, []);
+        } else {
+          const issued = sum((l) => l.prefetchIssued);
+          t.ok(issued > 0, `${issued} prefetches issued`);
+          t.ok(store.calls.predictRouter > 0);
+          // Each prefetch is used, wasted, cancelled, or still waiting for its use.
+          const state = runner.expertCacheState();
+          const pending = state.layers.reduce((a, l) => a + l.prefetched.length, 0);
+          t.equal(sum((l) => l.prefetchUsed) + sum((l) => l.prefetchWasted) + sum((l) => l.prefetchCancelled) + pending, issued, 'issued = used + wasted + cancelled + pending');
+          t.equal(st.prediction.length, 2, 'recall and precision for distances 1 and 2');
+          for (const p of st.prediction) {
+            t.ok(p.actual > 0 && p.recall >= 0 && p.recall <= 1 && p.precision >= 0 && p.precision <= 1);
+            // The double predicts layer l+d with layer l's router: right often enough to be above chance.
+            t.ok(p.recall > x.spec.topK / x.spec.numExperts, `distance ${p.distance}: recall ${p.recall.toFixed(3)} above chance`);
+          }
+        }
+      });
+    }
+  }
+}
+
+t.test('stale prefetches still queued are cancelled in the store and the policy', async (t) => {
+  const x = await model(t, 'qwen3_moe', 4);
+  const ref = resident(x, 4);
+  t.teardown(() => ref.close());
+  // No read completes on its own: prefetches stay queued until their layer's visit.
+  const { runner, store } = faked(x, 4, 16, { policy: 'lru', lookahead: 2, prefetchMinProbability: 0.01, maxQueuedPrefetches: 64 }, 0);
+  t.teardown(() => runner.close());
+  t.same(compare(ref, runner, x.vocabLimit, 4, 8), []);
+  const st = runner.offloadStats();
+  const cancelled = st.layers.reduce((a, l) => a + l.prefetchCancelled, 0);
+  t.ok(cancelled > 0, `${cancelled} prefetches cancelled`);
+  t.equal(store.calls.cancelled, cancelled, 'each one withdrawn from the store');
+  t.same(runner.audit(), []);
+});
+
+t.test('the cache state lists slots, loading experts and counters per layer', async (t) => {
+  const x = await model(t, 'mixtral', 3);
+  const { runner } = faked(x, 2, 4, { policy: 'lru', lookahead: 1 }, 0);
+  t.teardown(() => runner.close());
+  const ref = resident(x, 2);
+  t.teardown(() => ref.close());
+  compare(ref, runner, x.vocabLimit, 2, 3);
+  const s = runner.expertCacheState();
+  t.equal(s.layers.length, 3);
+  t.equal(s.policy, 'lru');
+  for (const l of s.layers) {
+    t.equal(l.capacity, 4);
+    t.equal(l.resident.length + l.loading.length + l.freeSlots, 4);
+    const slots = [...l.resident, ...l.loading].map((r) => r.slot);
+    t.equal(new Set(slots).size, slots.length, 'one expert per slot');
+    t.ok(l.counters.hits + l.counters.misses > 0);
+  }
+  t.ok(s.layers.some((l) => l.resident.length > 0));
+  t.ok(runner.pin(0, s.layers[0].resident[0].expert), 'pin a resident expert');
+  t.same(runner.expertCacheState().layers[0].pinned, [s.layers[0].resident[0].expert]);
+});
+
+t.test('bad offload settings give clear errors', async (t) => {
+  const x = await model(t, 'qwen3_moe', 2);
+  const ckpt = x.m.weights;
+  const base = { weights: 'f32' as const, threads: 1, kvBlockSize: BLOCK, kvBlocks: 8, policy: 'lru' };
+  t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.1' }), /gives 3 slot\(s\) per layer.*at least 8 slots/);
+  t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: 'lots' }), /expert cache capacity "lots": not a number/);
+  t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.5', dir: '/nonexistent/moe-serve' }), /offload directory "\/nonexistent\/moe-serve" is not a writable directory/);
+  t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.5', ioThreads: 0 }), /I\/O threads must be an integer in \[1, 256\]/);
+  const inner = resident(x, 1).engine;
+  t.teardown(() => inner.close());
+  const store = new FakeOffloadStore(inner, { layers: 2, experts: 32 }, 8);
+  t.throws(() => new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: 8 }, store, 8, { policy: 'belady' }), /belady needs the future/);
+  t.throws(() => new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: 8 }, store, 8, { lookahead: -1 }), /lookahead must be an integer >= 0/);
+  t.throws(() => new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: 8 }, store, 4), /slots per layer must be an integer in \[8, 32\]/);
+});
+
+// ---- Routing replay ----
+
+/** A trace of 3 layers × 40 experts, top-4, two requests; request 1 lacks layer 2 at position 0. */
+function writeTrace(dir: string): { path: string; rows: Map<string, number[]> } {
+  const rows = new Map<string, number[]>();
+  const lines = ['# moe-trace v1', '# model=test-trace layers=3 experts=40 top_k=4 source=unit test', 'request,phase,position,layer,experts,weights'];
+  const rng = new Rng(77);
+  for (const [req, n] of [
+    [0, 5],
+    [1, 3],
+  ]) {
+    for (let p = 0; p < n; p++) {
+      for (let l = 0; l < 3; l++) {
+        if (req === 1 && p === 0 && l === 2) continue;
+        let ids: number[];
+        if (req === 0 && p === 0 && l === 0) ids = [3, 35, 7, 39]; // 35 → 3 folds onto 3 for 32 experts
+        else {
+          const set = new Set<number>();
+          while (set.size < 4) set.add(rng.u32() % 40);
+          ids = [...set];
+        }
+        rows.set(`${req}/${p}/${l}`, ids);
+        lines.push(`${req},${p < 2 ? 'prefill' : 'decode'},${p},${l},${ids.join(' ')},`);
+      }
+    }
+  }
+  const path = join(dir, 'replay.trace.csv');
+  writeFileSync(path, lines.join('\n') + '\n');
+  return { path, rows };
+}
+
+t.test('routing replay takes the trace ids with the stated mapping, resident and offloaded alike', async (t) => {
+  const x = await model(t, 'qwen3_moe', 4); // 4 layers × 32 experts, top-8
+  const { path, rows } = writeTrace(tempDir(t));
+  const replayA = await RoutingReplay.load(path, { layers: 4, experts: 32 });
+  const replayB = await RoutingReplay.load(path, { layers: 4, experts: 32 });
+  t.equal(replayA.k, 4, 'k is the trace top-k');
+  t.match(replayA.describe(), /layer l → l mod 3, expert e → e mod 32, k = 4/);
+  const seen: RoutingEvent[] = [];
+  const seenOff: RoutingEvent[] = [];
+  const ref = resident(x, 3, { replay: replayA, onRouting: (e) => seen.push(e) });
+  t.teardown(() => ref.close());
+  const { runner } = faked(x, 3, 6, { policy: 'predictive', lookahead: 2, replay: replayB, onRouting: (e) => seenOff.push(e) });
+  t.teardown(() => runner.close());
+  t.same(compare(ref, runner, x.vocabLimit, 3, 8), [], 'offloaded replay bitwise equal to resident replay');
+
+  let checked = 0;
+  let folded = 0;
+  let missing = 0;
+  for (const ev of seen) {
+    t.equal(ev.k, 4);
+    for (let i = 0; i < ev.seq.length; i++) {
+      const req = ev.seq[i] % 2;
+      const len = req === 0 ? 5 : 3;
+      const p = ev.pos[i] % len;
+      const ids = Array.from(ev.ids.subarray(i * 4, i * 4 + 4));
+      t.equal(new Set(ids).size, 4, 'distinct ids');
+      const w = ev.weights.subarray(i * 4, i * 4 + 4);
+      t.ok(Math.abs(w.reduce((a, b) => a + b, 0) - 1) < 1e-5, 'weights renormalised over the chosen ids');
+      const row = rows.get(`${req}/${p}/${ev.layer % 3}`);
+      if (!row) {
+        missing++;
+        continue;
+      }
+      const mapped = [...new Set(row.map((e) => e % 32))];
+      t.same(ids.slice(0, mapped.length), mapped, `seq ${ev.seq[i]} pos ${ev.pos[i]} layer ${ev.layer}`);
+      if (mapped.length < 4) folded++;
+      checked++;
+    }
+  }
+  t.ok(checked > 100, `${checked} token-layer routings checked against the trace`);
+  t.ok(folded > 0, 'a folded row was filled by the router');
+  t.ok(missing > 0, 'a row missing from the trace was routed by the router');
+  // The offload runner saw the same routing as the resident one.
+  t.equal(seenOff.length > 0, true);
+  const key = (e: RoutingEvent) => `${e.layer}:${Array.from(e.seq).join(',')}:${Array.from(e.pos).join(',')}:${Array.from(e.ids).join(',')}`;
+  const resSet = new Set(seen.map(key));
+  t.ok(seenOff.every((e) => resSet.has(key(e)) || e.seq.length < seen.find((s) => s.layer === e.layer)!.seq.length), 'offloaded routing matches (split steps route subsets)');
+  t.same(replayA.stats().missingRows > 0, true);
+});
+
+// ---- The addon's own expert store ----
+
+t.test('native expert store: bitwise equal to resident, prefetch and pre-gating measured', { skip: nativeOffload() ? false : 'this build of the addon has no expert store yet' }, async (t) => {
+  const x = await model(t, 'qwen3_moe', 4);
+  const nSeq = 5;
+  const ref = resident(x, nSeq);
+  t.teardown(() => ref.close());
+  const dir = tempDir(t);
+  for (const policy of ['lru', 'predictive']) {
+    for (const lookahead of [0, 2]) {
+      const off = OffloadRunner.fromCheckpoint(x.spec, x.m.weights, {
+        weights: 'f32',
+        threads: 2,
+        kvBlockSize: BLOCK,
+        kvBlocks: nSeq * BLOCKS_PER_SEQ,
+        capacity: '0.3125', // 10 of 32 experts per layer
+        policy,
+        lookahead,
+        ioThreads: 2,
+        dir,
+      });
+      t.equal(off.slotsPerLayer, 10);
+      const bad = compare(ref, off, x.vocabLimit, nSeq, 10, 3);
+      t.same(bad, [], `${policy}, lookahead ${lookahead}: every step bitwise equal`);
+      t.same(off.audit(), [], 'policy slots and store agree');
+      const st = off.offloadStats();
+      t.ok(st.loads > 0 && st.bytesLoaded >= st.loads * st.slotBytes - 1, `${st.loads} loads, ${st.bytesLoaded} bytes`);
+      if (lookahead > 0) t.ok(st.prediction.every((p) => p.actual > 0), 'pre-gating measured');
+      off.close();
+    }
+  }
+  const q = measurePregating(ref.engine, { layers: 4, experts: 32, topK: 8 }, [[{ seqId: 0, tokens: Uint32Array.from([5, 6, 7, 8, 9]), startPos: 0, blockTable: Int32Array.from([0]), wantLogits: true }]], 2, packBatch);
+  t.equal(q.length, 2);
+  t.ok(q[0].actual === 5 * 8 * 3 && q[0].recall > 0.25, `distance 1 recall ${q[0].recall}`);
+  const spec: ModelSpec = x.spec;
+  t.ok(spec.numLayers === 4);
+});
