@@ -6,6 +6,7 @@
 import { readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { CapacityError, parseCapacity } from './offload/capacity.js';
 
 export interface EnvSettings {
   /** MOE_SERVE_CACHE_DIR: where generated models (the built-in demo) are kept. */
@@ -34,6 +35,12 @@ export interface ServeSettings {
   runner: 'reference' | 'native';
   weights: 'auto' | 'f32' | 'bf16' | 'f16' | 'q8' | 'q4';
   threads: number;
+  offloadCapacity: string;
+  offloadPolicy: 'lru' | 'lfu' | 'lfu-decay' | 'predictive';
+  offloadLookahead: number;
+  offloadIoThreads: number;
+  offloadDir: string;
+  offloadReplayTrace: string;
   kvBlockSize: number;
   kvBlocks: number;
   maxBatchTokens: number;
@@ -71,7 +78,9 @@ export class ConfigError extends Error {
 // Every key of ServeSettings; the loader checks the schema file lists exactly these.
 const KEYS: readonly (keyof ServeSettings)[] = [
   'config', 'model', 'demo', 'modelId', 'host', 'port', 'apiKeys', 'bodyLimitBytes', 'drainGraceSeconds',
-  'allowSpecialTokensInChat', 'runner', 'weights', 'threads', 'kvBlockSize', 'kvBlocks', 'maxBatchTokens', 'maxRunning', 'maxWaiting',
+  'allowSpecialTokensInChat', 'runner', 'weights', 'threads',
+  'offloadCapacity', 'offloadPolicy', 'offloadLookahead', 'offloadIoThreads', 'offloadDir', 'offloadReplayTrace',
+  'kvBlockSize', 'kvBlocks', 'maxBatchTokens', 'maxRunning', 'maxWaiting',
   'policy', 'logLevel', 'cacheDir',
 ];
 
@@ -178,6 +187,20 @@ function readConfigFile(file: string): Record<string, unknown> {
   return parsed as Record<string, unknown>;
 }
 
+/** Checks that go across settings: offloading and replay need the native runner; the capacity must parse. */
+function checkOffload(s: ServeSettings): void {
+  if (s.offloadCapacity !== '') {
+    try {
+      parseCapacity(s.offloadCapacity);
+    } catch (e) {
+      if (e instanceof CapacityError) throw new ConfigError(`setting offloadCapacity: ${e.message}`);
+      throw e;
+    }
+    if (s.runner !== 'native') throw new ConfigError('setting offloadCapacity needs the native runner (runner native); the reference runner keeps every expert resident');
+  }
+  if (s.offloadReplayTrace !== '' && s.runner !== 'native') throw new ConfigError('setting offloadReplayTrace needs the native runner (runner native)');
+}
+
 /**
  * Loads the server's settings: defaults <- config file <- environment <- flags, each
  * value validated; the result is frozen. Errors name the setting, where the value came
@@ -218,6 +241,7 @@ export function loadSettings(src: SettingSources = {}): Readonly<ServeSettings> 
     out[s.key] = coerce(s, v, s.flag);
   }
   if (out.cacheDir === '') out.cacheDir = envSettings(env).cacheDir;
+  checkOffload(out as unknown as ServeSettings);
   for (const v of Object.values(out)) if (Array.isArray(v)) Object.freeze(v);
   return Object.freeze(out as unknown as ServeSettings);
 }

@@ -10,6 +10,7 @@ import {
   type EngineEvent,
   type EngineOptions,
   type EngineStats,
+  type ExpertCacheState,
   type GenerationRequest,
   type ModelInfo,
 } from './protocol.js';
@@ -49,6 +50,8 @@ class WorkerEngineClient implements EngineClient {
   private exited = false;
   private closing: Promise<void> | null = null;
   private readonly exit: Promise<void>;
+  private readonly cacheQueries = new Map<number, { resolve: (s: ExpertCacheState | null) => void; reject: (e: Error) => void }>();
+  private nextQuery = 0;
   private resolveReady!: (m: ModelInfo) => void;
   private rejectReady!: (e: Error) => void;
 
@@ -95,6 +98,17 @@ class WorkerEngineClient implements EngineClient {
     return { ...this.latest };
   }
 
+  /** Asks the worker for the expert cache's state (answered between steps); null when it does not offload experts. */
+  expertCache(): Promise<ExpertCacheState | null> {
+    if (this.closing || this.exited) return Promise.reject(new Error('the engine is closed'));
+    if (!this.opts.offload) return Promise.resolve(null);
+    const queryId = this.nextQuery++;
+    return new Promise((resolve, reject) => {
+      this.cacheQueries.set(queryId, { resolve, reject });
+      this.post({ type: 'expert-cache', queryId });
+    });
+  }
+
   close(): Promise<void> {
     this.closing ??= (async () => {
       if (!this.exited) {
@@ -133,6 +147,15 @@ class WorkerEngineClient implements EngineClient {
         this.retryAfterSeconds = m.retryAfterSeconds;
         for (const e of m.events) this.dispatch(e);
         break;
+      case 'expert-cache': {
+        const q = this.cacheQueries.get(m.queryId);
+        this.cacheQueries.delete(m.queryId);
+        if (q) {
+          if (m.error !== undefined) q.reject(new Error(m.error));
+          else q.resolve(m.state);
+        }
+        break;
+      }
       case 'closed':
         break;
     }
@@ -156,6 +179,8 @@ class WorkerEngineClient implements EngineClient {
   }
 
   private failAll(reason: 'error' | 'abort', error: string | undefined): void {
+    for (const q of this.cacheQueries.values()) q.reject(new Error(error ?? 'the engine is closed'));
+    this.cacheQueries.clear();
     for (const [requestId, h] of [...this.handlers]) {
       this.dispatch({
         type: 'finished',

@@ -5,16 +5,30 @@
 
 import { availableParallelism } from 'node:os';
 import { NativeRunner } from './native-runner.js';
+import { OffloadRunner } from '../offload/offload-runner.js';
+import { RoutingReplay } from '../offload/replay.js';
 import { storedFormat } from './weight-format.js';
 import { parentPort, workerData } from 'node:worker_threads';
 import { openModel, type OpenedModel } from '../model/checkpoint.js';
 import { ReferenceModel } from '../model/reference.js';
 import { EngineLoop } from './engine-loop.js';
-import { QueueFullError, type EngineEvent, type EngineOptions, type EngineStats, type GenerationRequest, type ModelInfo } from './protocol.js';
+import {
+  QueueFullError,
+  type EngineEvent,
+  type EngineOptions,
+  type EngineStats,
+  type ExpertCacheState,
+  type GenerationRequest,
+  type ModelInfo,
+} from './protocol.js';
 import { ReferenceRunner, type ModelRunner } from './runner.js';
 
 /** Main thread → worker. */
-export type WorkerInMessage = { type: 'submit'; req: GenerationRequest } | { type: 'cancel'; requestId: string } | { type: 'close' };
+export type WorkerInMessage =
+  | { type: 'submit'; req: GenerationRequest }
+  | { type: 'cancel'; requestId: string }
+  | { type: 'expert-cache'; queryId: number }
+  | { type: 'close' };
 
 /** Worker → main thread. */
 export type WorkerOutMessage =
@@ -29,23 +43,30 @@ export type WorkerOutMessage =
       accepted: number;
       retryAfterSeconds: number;
     }
+  | { type: 'expert-cache'; queryId: number; state: ExpertCacheState | null; error?: string }
   | { type: 'closed' };
 
-function buildRunner(opts: EngineOptions, m: OpenedModel): ModelRunner {
+async function buildRunner(opts: EngineOptions, m: OpenedModel): Promise<ModelRunner> {
   const kv = { blockSize: opts.kvBlockSize, numBlocks: opts.kvBlocks };
   switch (opts.runner) {
     case 'reference':
+      if (opts.offload || opts.replayTrace) throw new Error('expert offloading and routing replay need the native runner');
       return new ReferenceRunner(
         ReferenceModel.fromSource(m.spec, (name) => m.weights.float32(name)),
         kv,
       );
-    case 'native':
-      return NativeRunner.fromCheckpoint(m.spec, m.weights, {
+    case 'native': {
+      const replay = opts.replayTrace ? await RoutingReplay.load(opts.replayTrace, { layers: m.spec.numLayers, experts: m.spec.numExperts }) : undefined;
+      const base = {
         weights: opts.weights === undefined || opts.weights === 'auto' ? storedFormat(m) : opts.weights,
         threads: opts.threads ?? availableParallelism(),
         kvBlockSize: opts.kvBlockSize,
         kvBlocks: opts.kvBlocks,
-      });
+        replay,
+      };
+      if (!opts.offload) return NativeRunner.fromCheckpoint(m.spec, m.weights, base);
+      return OffloadRunner.fromCheckpoint(m.spec, m.weights, { ...base, ...opts.offload });
+    }
     default:
       throw new Error(`unknown runner "${String(opts.runner)}"; runners: reference, native`);
   }
@@ -61,7 +82,7 @@ async function main(): Promise<void> {
   let runner: ModelRunner;
   try {
     model = await openModel(opts.modelDir);
-    runner = buildRunner(opts, model);
+    runner = await buildRunner(opts, model);
   } catch (e) {
     model?.close();
     post({ type: 'load-error', message: e instanceof Error ? e.message : String(e) });
@@ -90,10 +111,20 @@ async function main(): Promise<void> {
     (e) => events.push(e),
   );
 
+  /** The scheduler's snapshot plus the runner's expert-offloading counters. */
+  const engineStats = (): EngineStats => {
+    const st = loop.stats();
+    if (!runner.offloadStats) return st;
+    try {
+      return { ...st, offload: runner.offloadStats() };
+    } catch {
+      return st;
+    }
+  };
   const flush = () => {
     const batch = events;
     events = [];
-    post({ type: 'update', events: batch, stats: loop.stats(), accepted, retryAfterSeconds: loop.retryAfterSeconds() });
+    post({ type: 'update', events: batch, stats: engineStats(), accepted, retryAfterSeconds: loop.retryAfterSeconds() });
   };
   const tick = () => {
     stepping = false;
@@ -128,6 +159,14 @@ async function main(): Promise<void> {
       case 'cancel':
         loop.cancel(m.requestId);
         break;
+      case 'expert-cache':
+        // Between steps: the cache is not changing while this runs.
+        try {
+          post({ type: 'expert-cache', queryId: m.queryId, state: runner.expertCacheState ? runner.expertCacheState() : null });
+        } catch (e) {
+          post({ type: 'expert-cache', queryId: m.queryId, state: null, error: e instanceof Error ? e.message : String(e) });
+        }
+        return;
       case 'close':
         closed = true;
         loop.abortAll();

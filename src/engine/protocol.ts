@@ -79,6 +79,10 @@ export interface EngineStats {
 
 /** Counters of one layer's expert cache since the engine started. */
 export interface OffloadLayerStats {
+  /** Visits of the layer (one per step, or per part of a split step). */
+  visits: number;
+  /** Visits that had to wait for at least one expert still being read. */
+  stalledVisits: number;
   /** Needed (expert, visit) pairs that were resident or loading (prefetched ones included). */
   hits: number;
   /** Needed (expert, visit) pairs loaded on demand. */

@@ -124,7 +124,7 @@ interface Piece {
 type PartResult = { logits: Float32Array } | { overflowLayer: number; routings: Int32Array[] };
 
 function emptyLayerStats(): OffloadLayerStats {
-  return { hits: 0, misses: 0, prefetchIssued: 0, prefetchUsed: 0, prefetchWasted: 0, prefetchCancelled: 0, stallSeconds: 0 };
+  return { visits: 0, stalledVisits: 0, hits: 0, misses: 0, prefetchIssued: 0, prefetchUsed: 0, prefetchWasted: 0, prefetchCancelled: 0, stallSeconds: 0 };
 }
 
 export class OffloadRunner implements ModelRunner {
@@ -351,6 +351,14 @@ export class OffloadRunner implements ModelRunner {
       if (distinct.length > this.slotsPerLayer) return { overflowLayer: l, routings };
       this.serveLayer(l, distinct, meta, ids);
       if (this.lookahead > 0 && l + 1 < L) this.prefetchAfter(l, T, predicted, firstOfSeq);
+      const st = this.layerStats[l];
+      st.visits++;
+      for (const x of distinct) {
+        if (e.expertState(l, x) !== STATE_RESIDENT) {
+          st.stalledVisits++;
+          break;
+        }
+      }
       e.experts(l, ids, w, K);
     }
     const logits = e.endStep();

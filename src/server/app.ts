@@ -13,6 +13,7 @@ import { Errors } from './errors.js';
 import { Lifecycle } from './lifecycle.js';
 import { ServerMetrics } from './metrics.js';
 import type { MappingContext } from './request-mapping.js';
+import { internalRoutes } from './internal-routes.js';
 import { systemRoutes } from './system-routes.js';
 import { TokenTexts } from './token-text.js';
 
@@ -88,5 +89,6 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   systemRoutes(app, lifecycle, metrics, created);
   chatRoute(app, ctx);
   completionsRoute(app, ctx);
+  internalRoutes(app, opts.engine);
   return app;
 }

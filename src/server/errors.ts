@@ -73,6 +73,8 @@ export const Errors = {
     }),
   notReady: () => new ApiError(503, 'server_error', 'model_not_ready', 'The model is still loading; retry shortly.', null, { 'retry-after': '1' }),
   draining: () => new ApiError(503, 'server_error', 'server_shutting_down', 'The server is shutting down and accepts no new requests.'),
+  offloadDisabled: () =>
+    new ApiError(404, INVALID, 'expert_offload_disabled', 'This server keeps every expert resident: expert offloading is off (setting offloadCapacity), so there is no expert cache to show.'),
   engineError: (detail: string) => new ApiError(500, 'server_error', 'engine_error', `The engine failed to process the request: ${detail}`),
   internal: (detail: string) => new ApiError(500, 'server_error', 'internal_error', `Internal server error: ${detail}`),
 };

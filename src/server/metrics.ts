@@ -3,7 +3,7 @@
 // token counts are observed by the server as responses are produced.
 
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import type { EngineStats } from '../engine/protocol.js';
+import type { EngineStats, OffloadLayerStats, OffloadStats } from '../engine/protocol.js';
 
 const TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640];
 const ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80];
@@ -59,6 +59,7 @@ export class ServerMetrics {
         }
       },
     });
+    this.offloadMetrics(r, () => safeStats()?.offload ?? null);
     this.promptTokens = new Counter({ name: 'moe_prompt_tokens_total', help: 'Prompt tokens of served requests.', registers: r });
     this.generationTokens = new Counter({ name: 'moe_generation_tokens_total', help: 'Tokens generated for served requests.', registers: r });
     this.requestSuccess = new Counter({
@@ -78,6 +79,87 @@ export class ServerMetrics {
     this.e2eLatency = new Histogram({ name: 'moe_e2e_request_latency_seconds', help: 'Time from submission to the end of a request.', buckets: E2E_BUCKETS, registers: r });
     this.queueTime = new Histogram({ name: 'moe_request_queue_time_seconds', help: 'Time a request waited before its first engine step.', buckets: E2E_BUCKETS, registers: r });
     if (opts.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+  }
+
+  /**
+   * Expert offloading (present when the engine offloads experts): cache counters per layer,
+   * store totals, and pre-gating quality per lookahead distance. Counters follow the
+   * engine's cumulative values (incremented by what changed since the last scrape).
+   */
+  private offloadMetrics(r: Registry[], offload: () => OffloadStats | null): void {
+    const perLayer = (name: string, help: string, pick: (l: OffloadLayerStats) => number) => {
+      const seen: number[] = [];
+      new Counter({
+        name,
+        help,
+        labelNames: ['layer'],
+        registers: r,
+        collect() {
+          const o = offload();
+          if (!o) return;
+          o.layers.forEach((l, i) => {
+            const v = pick(l);
+            const d = v - (seen[i] ?? 0);
+            // Always emit the series (inc by 0) so that every layer shows from the first scrape.
+            this.inc({ layer: String(i) }, d > 0 ? d : 0);
+            if (d > 0) seen[i] = v;
+          });
+        },
+      });
+    };
+    perLayer('moe_expert_cache_hits_total', 'Experts a layer visit needed that were resident or already loading (prefetched ones included), by layer.', (l) => l.hits);
+    perLayer('moe_expert_cache_misses_total', 'Experts a layer visit needed that had to be loaded on demand, by layer.', (l) => l.misses);
+    perLayer('moe_expert_prefetch_issued_total', 'Expert prefetch reads requested, by layer (issued = used + wasted + cancelled + pending).', (l) => l.prefetchIssued);
+    perLayer('moe_expert_prefetch_used_total', 'Prefetched experts needed before their eviction, by layer.', (l) => l.prefetchUsed);
+    perLayer('moe_expert_prefetch_wasted_total', 'Prefetched experts evicted unused (a full read each), by layer.', (l) => l.prefetchWasted);
+    perLayer('moe_expert_prefetch_cancelled_total', 'Stale prefetches withdrawn before their read started, by layer.', (l) => l.prefetchCancelled);
+    perLayer('moe_expert_stall_seconds_total', 'Time steps waited for experts still being read, by layer.', (l) => l.stallSeconds);
+    perLayer('moe_expert_layer_visits_total', 'Layer visits of the offloading engine, by layer.', (l) => l.visits);
+    perLayer('moe_expert_stalled_visits_total', 'Layer visits that waited for at least one expert read, by layer.', (l) => l.stalledVisits);
+    const total = (name: string, help: string, pick: (o: OffloadStats) => number) => {
+      let seen = 0;
+      new Counter({
+        name,
+        help,
+        registers: r,
+        collect() {
+          const o = offload();
+          if (!o) return;
+          const v = pick(o);
+          this.inc(v > seen ? v - seen : 0);
+          if (v > seen) seen = v;
+        },
+      });
+    };
+    total('moe_expert_loads_total', 'Expert reads completed by the expert store.', (o) => o.loads);
+    total('moe_expert_loaded_bytes_total', 'Bytes of expert reads completed by the expert store.', (o) => o.bytesLoaded);
+    total('moe_expert_split_steps_total', 'Engine steps split because a layer needed more experts than its slots.', (o) => o.splitSteps);
+    const gauge = (name: string, help: string, pick: (o: OffloadStats) => number) =>
+      new Gauge({
+        name,
+        help,
+        registers: r,
+        collect() {
+          const o = offload();
+          if (o) this.set(pick(o));
+        },
+      });
+    gauge('moe_expert_cache_slots_per_layer', 'Expert slots of each layer (the capacity split equally across layers).', (o) => o.slotsPerLayer);
+    gauge('moe_expert_slot_bytes', 'Bytes of one expert slot.', (o) => o.slotBytes);
+    const byDistance = (name: string, help: string, pick: (p: OffloadStats['prediction'][number]) => number) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ['distance'],
+        registers: r,
+        collect() {
+          const o = offload();
+          if (o) for (const p of o.prediction) this.set({ distance: String(p.distance) }, pick(p));
+        },
+      });
+    byDistance('moe_expert_prediction_recall', "Pre-gating recall: share of the experts tokens used that their prediction d layers earlier had, by distance d.", (p) => p.recall);
+    byDistance('moe_expert_prediction_precision', 'Pre-gating precision: share of predicted experts that tokens used, by distance d.', (p) => p.precision);
+    byDistance('moe_expert_prediction_tokens', 'Predicted (token, expert) pairs behind the recall and precision gauges, by distance d.', (p) => p.predicted);
   }
 
   get contentType(): string {

@@ -39,6 +39,10 @@ export function engineOptions(s: Readonly<ServeSettings>, modelDir: string, mode
     maxRunning: s.maxRunning,
     maxWaiting: s.maxWaiting,
     policy: s.policy,
+    ...(s.offloadCapacity !== ''
+      ? { offload: { capacity: s.offloadCapacity, policy: s.offloadPolicy, lookahead: s.offloadLookahead, ioThreads: s.offloadIoThreads, ...(s.offloadDir !== '' ? { dir: s.offloadDir } : {}) } }
+      : {}),
+    ...(s.offloadReplayTrace !== '' ? { replayTrace: resolve(s.offloadReplayTrace) } : {}),
   };
 }
 
@@ -58,6 +62,10 @@ export async function startServer(s: Readonly<ServeSettings>, log: (line: string
   log(`loading tokenizer from ${modelDir}`);
   const tokenizer = await MoeTokenizer.load(modelDir);
   log(`starting the engine (runner ${s.runner}${s.runner === 'native' ? `, weights ${s.weights}` : ''}, ${s.kvBlocks} KV blocks of ${s.kvBlockSize} tokens, up to ${s.maxRunning} running / ${s.maxWaiting} waiting)`);
+  if (s.offloadCapacity !== '') {
+    log(`expert offloading: capacity ${s.offloadCapacity} split equally across layers, policy ${s.offloadPolicy}, lookahead ${s.offloadLookahead}, ${s.offloadIoThreads} I/O threads, expert file in ${s.offloadDir || 'the OS temporary directory'}`);
+  }
+  if (s.offloadReplayTrace !== '') log(`routing replay from ${s.offloadReplayTrace}`);
   const engine = startEngine(engineOptions(s, modelDir, modelId));
   const lifecycle = new Lifecycle();
   const app = buildApp({

@@ -61,6 +61,7 @@ export async function startTestServer(
       real.cancel(id);
     },
     stats: () => real.stats(),
+    ...(real.expertCache ? { expertCache: () => real.expertCache!() } : {}),
     close: () => real.close(),
   };
   const tokenizer = await MoeTokenizer.load(dir);

@@ -1,0 +1,179 @@
+// The server with expert offloading: real engine worker, native expert store, a tiny
+// generated model. After real requests, /metrics has non-zero expert cache counters per
+// layer and pre-gating quality, and GET /v1/internal/experts shows the cache; errors
+// keep the OpenAI shape; bad settings fail clearly.
+
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import t from 'tap';
+import { request } from 'undici';
+import { ConfigError, loadSettings } from '../src/config.js';
+import { startEngine } from '../src/engine/engine-client.js';
+import { loadNative } from '../src/engine/native.js';
+import type { ExpertCacheState } from '../src/engine/protocol.js';
+import { engineOptions } from '../src/server/server.js';
+import { tempDir, writeModel } from './helpers/models.js';
+import { MODEL_ID, startTestServer, tinyModelDir } from './helpers/server-harness.js';
+
+function nativeOffload(): boolean {
+  try {
+    const proto = loadNative().NativeEngine.prototype as unknown as Record<string, unknown>;
+    return typeof proto.predictRouter === 'function' && typeof proto.loadExpert === 'function';
+  } catch {
+    return false;
+  }
+}
+const skip = nativeOffload() ? false : 'this build of the addon has no expert store yet';
+
+const headers = { 'content-type': 'application/json' };
+
+function parseMetrics(text: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const line of text.split('\n')) {
+    if (line === '' || line.startsWith('#')) continue;
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$/.exec(line);
+    if (!m) throw new Error(`not exposition format: ${line}`);
+    out.set(m[1], Number(m[2]));
+  }
+  return out;
+}
+
+/** Sum of a metric over its label sets. */
+function sum(m: Map<string, number>, name: string): number {
+  let s = 0;
+  for (const [k, v] of m) if (k === name || k.startsWith(name + '{')) s += v;
+  return s;
+}
+
+/** A 4-layer qwen3_moe (32 experts, top-8) checkpoint. */
+const dir4 = writeModel(t, { arch: 'qwen3_moe', seed: 7, overrides: { numLayers: 4 } });
+
+async function generate(url: string, n: number, extraHeaders: Record<string, string> = {}): Promise<number[]> {
+  return Promise.all(
+    Array.from({ length: n }, async (_, i) => {
+      const r = await request(`${url}/v1/completions`, {
+        method: 'POST',
+        headers: { ...headers, ...extraHeaders },
+        body: JSON.stringify({ model: MODEL_ID, prompt: `Request number ${i} about mixtures of experts`, max_tokens: 12, temperature: 0.7, seed: i, ignore_eos: true }),
+      });
+      await r.body.text();
+      return r.statusCode;
+    }),
+  );
+}
+
+t.test('metrics and the expert cache endpoint after requests', { skip }, async (t) => {
+  const s = await startTestServer(t, dir4, {
+    engine: { offload: { capacity: '0.3125', policy: 'predictive', lookahead: 2, ioThreads: 2, dir: tempDir(t) } },
+    app: { apiKeys: ['sekrit'] },
+  });
+  const auth = { authorization: 'Bearer sekrit' };
+  t.same(await generate(s.url, 4, auth), [200, 200, 200, 200]);
+
+  const m = parseMetrics(await (await request(`${s.url}/metrics`)).body.text());
+  for (let l = 0; l < 4; l++) {
+    t.ok((m.get(`moe_expert_cache_hits_total{layer="${l}"}`) ?? 0) + (m.get(`moe_expert_cache_misses_total{layer="${l}"}`) ?? 0) > 0, `layer ${l} has visits`);
+  }
+  t.ok(sum(m, 'moe_expert_cache_hits_total') > 0, 'hits');
+  t.ok(sum(m, 'moe_expert_cache_misses_total') > 0, 'misses');
+  t.ok(sum(m, 'moe_expert_prefetch_issued_total') > 0, 'prefetches issued');
+  t.ok(sum(m, 'moe_expert_prefetch_used_total') + sum(m, 'moe_expert_prefetch_wasted_total') + sum(m, 'moe_expert_prefetch_cancelled_total') > 0, 'prefetch outcomes');
+  t.ok((m.get('moe_expert_loads_total') ?? 0) > 0, 'loads');
+  t.ok((m.get('moe_expert_loaded_bytes_total') ?? 0) >= (m.get('moe_expert_loads_total') ?? 0) * (m.get('moe_expert_slot_bytes') ?? 0), 'bytes loaded');
+  t.ok(sum(m, 'moe_expert_stall_seconds_total') >= 0);
+  t.equal(m.get('moe_expert_cache_slots_per_layer'), 10);
+  for (const d of [1, 2]) {
+    const recall = m.get(`moe_expert_prediction_recall{distance="${d}"}`);
+    const precision = m.get(`moe_expert_prediction_precision{distance="${d}"}`);
+    t.ok(recall !== undefined && recall > 0 && recall <= 1, `recall at distance ${d}: ${recall}`);
+    t.ok(precision !== undefined && precision > 0 && precision <= 1, `precision at distance ${d}: ${precision}`);
+  }
+
+  // The endpoint: authenticated like every /v1 route.
+  const denied = await request(`${s.url}/v1/internal/experts`);
+  t.equal(denied.statusCode, 401);
+  t.equal(((await denied.body.json()) as { error: { code: string } }).error.code, 'invalid_api_key');
+  const r = await request(`${s.url}/v1/internal/experts`, { headers: auth });
+  t.equal(r.statusCode, 200);
+  const state = (await r.body.json()) as ExpertCacheState & { object: string };
+  t.equal(state.object, 'expert_cache');
+  t.equal(state.policy, 'predictive');
+  t.equal(state.slotsPerLayer, 10);
+  t.equal(state.layers.length, 4);
+  for (const l of state.layers) {
+    t.equal(l.capacity, 10);
+    t.ok(l.resident.length > 0, `layer ${l.layer}: ${l.resident.length} resident`);
+    t.equal(l.resident.length + l.loading.length + l.freeSlots, 10);
+    for (const x of l.resident) t.ok(x.expert >= 0 && x.expert < 32 && x.slot >= 0 && x.slot < 10);
+    t.ok(l.counters.hits + l.counters.misses > 0);
+    t.ok(l.counters.visits > 0);
+  }
+  t.ok(state.stats.loads > 0 && state.stats.bytesLoaded > 0);
+  t.equal(state.stats.prediction.length, 2);
+  // The engine's snapshot carries the same counters.
+  t.ok((s.engine.stats().offload?.loads ?? 0) > 0);
+});
+
+t.test('without offloading the endpoint answers 404 in the OpenAI error shape', async (t) => {
+  const s = await startTestServer(t, tinyModelDir(t));
+  const r = await request(`${s.url}/v1/internal/experts`);
+  t.equal(r.statusCode, 404);
+  const body = (await r.body.json()) as { error: { code: string; type: string; message: string } };
+  t.equal(body.error.code, 'expert_offload_disabled');
+  t.equal(body.error.type, 'invalid_request_error');
+  t.match(body.error.message, /offloadCapacity/);
+  const m = parseMetrics(await (await request(`${s.url}/metrics`)).body.text());
+  t.equal(sum(m, 'moe_expert_cache_hits_total'), 0, 'no offload series');
+});
+
+t.test('routing replay through the server, resident and offloaded', { skip }, async (t) => {
+  const d = tempDir(t);
+  const trace = join(d, 'r.trace.csv');
+  const lines = ['# moe-trace v1', '# model=t layers=2 experts=16 top_k=2 source=test', 'request,phase,position,layer,experts,weights'];
+  for (let p = 0; p < 6; p++) for (let l = 0; l < 2; l++) lines.push(`0,${p < 3 ? 'prefill' : 'decode'},${p},${l},${(p + l) % 16} ${(p * 3 + l + 5) % 16},`);
+  writeFileSync(trace, lines.join('\n') + '\n');
+  for (const offload of [undefined, { capacity: '0.25', policy: 'lru', lookahead: 1, ioThreads: 1, dir: d }]) {
+    const s = await startTestServer(t, dir4, { engine: { replayTrace: trace, ...(offload ? { offload } : {}) } });
+    t.same(await generate(s.url, 3), [200, 200, 200], offload ? 'offloaded replay serves' : 'resident replay serves');
+    if (offload) {
+      // Replay routes 2 experts per token over 16 of the model's 32: every expert a visit
+      // needed (not a pending prefetch, which pre-gating guesses from the model's router) is below 16.
+      const state = (await (await request(`${s.url}/v1/internal/experts`)).body.json()) as ExpertCacheState;
+      let n = 0;
+      for (const l of state.layers) {
+        for (const x of [...l.resident, ...l.loading]) {
+          if (l.prefetched.includes(x.expert)) continue;
+          n++;
+          t.ok(x.expert < 16, `layer ${l.layer} expert ${x.expert} comes from the trace`);
+        }
+      }
+      t.ok(n > 0);
+    }
+    await s.close();
+  }
+});
+
+t.test('bad offload settings fail clearly', async (t) => {
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: 'lots' } }), ConfigError);
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: 'lots' } }), /setting offloadCapacity: expert cache capacity "lots": not a number/);
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5', MOE_SERVE_RUNNER: 'reference' } }), /offloadCapacity needs the native runner/);
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_POLICY: 'belady' } }), /setting offloadPolicy \(from MOE_SERVE_OFFLOAD_POLICY\) must be one of lru, lfu, lfu-decay, predictive/);
+  t.throws(() => loadSettings({ env: {}, flags: { offloadLookahead: '-1' } }), /offloadLookahead/);
+  const s = loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '12GiB', MOE_SERVE_OFFLOAD_LOOKAHEAD: '3', MOE_SERVE_DEMO: '1' } });
+  const o = engineOptions(s, '/m', 'm');
+  t.same(o.offload, { capacity: '12GiB', policy: 'predictive', lookahead: 3, ioThreads: 2 });
+  t.equal(o.replayTrace, undefined);
+  t.equal(engineOptions(loadSettings({ env: {} }), '/m', 'm').offload, undefined, 'off by default');
+
+  // Errors found when the engine loads reach `ready`.
+  const base = { modelDir: tinyModelDir(t), modelId: MODEL_ID, runner: 'native' as const, kvBlockSize: 16, kvBlocks: 32, maxBatchTokens: 64, maxRunning: 2, maxWaiting: 2, policy: 'fcfs' };
+  const small = startEngine({ ...base, offload: { capacity: '0.1', policy: 'lru', lookahead: 2, ioThreads: 1 } });
+  await t.rejects(small.ready, /gives 3 slot\(s\) per layer, but each token is routed to 8 experts per layer, so at least 8 slots per layer are needed/);
+  await small.close();
+  const noTrace = startEngine({ ...base, replayTrace: join(tempDir(t), 'missing.csv') });
+  await t.rejects(noTrace.ready, /ENOENT|no such file/);
+  await noTrace.close();
+  const badDir = startEngine({ ...base, offload: { capacity: '0.5', policy: 'lru', lookahead: 2, ioThreads: 1, dir: '/nonexistent/x' } });
+  await t.rejects(badDir.ready, /offload directory "\/nonexistent\/x" is not a writable directory/);
+  await badDir.close();
+});
