@@ -80,6 +80,33 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
   for (auto& l : layers_) {
     l.experts.resize(static_cast<size_t>(cfg.experts));
   }
+  if (cfg.offload_slots > 0) {
+    StoreConfig sc;
+    sc.file = cfg.offload_file;
+    sc.layers = cfg.layers;
+    sc.experts = cfg.experts;
+    sc.slots = cfg.offload_slots;
+    sc.expert_bytes = expert_bytes();
+    sc.io_threads = cfg.offload_io_threads;
+    sc.direct = cfg.offload_direct;
+    store_ = std::make_unique<ExpertStore>(sc);
+    // Each slot seen as an expert: the same layout as a resident expert's buffer.
+    const size_t gu = row_bytes(cfg.wtype, cfg.hidden) * static_cast<size_t>(2 * cfg.expert_width);
+    for (int64_t l = 0; l < cfg.layers; l++) {
+      LayerWeights& L = layers_[static_cast<size_t>(l)];
+      L.slot_views.resize(static_cast<size_t>(cfg.offload_slots));
+      for (int64_t s = 0; s < cfg.offload_slots; s++) {
+        const uint8_t* p = store_->slot_data(l, s);
+        L.slot_views[static_cast<size_t>(s)].gate_up = WMat{cfg.wtype, 2 * cfg.expert_width, cfg.hidden, p};
+        L.slot_views[static_cast<size_t>(s)].down = WMat{cfg.wtype, cfg.hidden, cfg.expert_width, p + gu};
+      }
+    }
+  }
+}
+
+ExpertStore& Engine::store() {
+  if (!store_) throw std::logic_error("this engine does not offload experts (no offload option)");
+  return *store_;
 }
 
 Engine::~Engine() = default;
@@ -205,17 +232,22 @@ void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, 
     const bool shared = expert == -1;
     if (shared && c.shared_width == 0) throw std::invalid_argument("this model has no shared expert");
     if (!shared && (expert < 0 || expert >= c.experts)) throw std::invalid_argument("expert " + std::to_string(expert) + " out of range");
-    ExpertMat& e = shared ? L.shared : L.experts[static_cast<size_t>(expert)];
     const int64_t W = shared ? c.shared_width : c.expert_width;
-    if (e.bytes.empty()) expert_alloc(e, c.wtype, W, H);
-    if (role == "down") {
-      expect(H, W);
-      pack_rows(*pool_, c.wtype, src, st, rows, cols, const_cast<uint8_t*>(e.down.data));
-    } else {
-      expect(W, H);
-      const size_t off = role == "up" ? row_bytes(c.wtype, H) * static_cast<size_t>(W) : 0;
-      pack_rows(*pool_, c.wtype, src, st, rows, cols, e.bytes.data() + off);
+    const size_t gu = row_bytes(c.wtype, H) * static_cast<size_t>(2 * W);
+    const size_t off = role == "down" ? gu : role == "up" ? row_bytes(c.wtype, H) * static_cast<size_t>(W) : 0;
+    if (role == "down") expect(H, W);
+    else expect(W, H);
+    if (!shared && store_) {
+      // Offloading: packed into the expert's staging record exactly as into a resident
+      // expert's buffer; the store writes it to the file once its three parts are in.
+      uint8_t* base = store_->staging(layer, expert);
+      pack_rows(*pool_, c.wtype, src, st, rows, cols, base + off);
+      store_->part_done(layer, expert, role == "gate" ? 0 : role == "up" ? 1 : 2);
+      return;
     }
+    ExpertMat& e = shared ? L.shared : L.experts[static_cast<size_t>(expert)];
+    if (e.bytes.empty()) expert_alloc(e, c.wtype, W, H);
+    pack_rows(*pool_, c.wtype, src, st, rows, cols, e.bytes.data() + off);
     return;
   }
   throw std::invalid_argument("unknown tensor role " + role);
@@ -239,9 +271,12 @@ void Engine::finalize() {
     need(!L.router.empty(), p + "router");
     need(!c.qkv_bias || !L.qkv_bias.empty(), p + "q/k/v bias");
     need(c.qk_norm == QkNorm::None || (!L.q_norm.empty() && !L.k_norm.empty()), p + "q/k norm");
-    for (int64_t e = 0; e < c.experts; e++) need(!L.experts[static_cast<size_t>(e)].bytes.empty(), p + "expert " + std::to_string(e));
+    for (int64_t e = 0; e < c.experts; e++) {
+      need(store_ ? store_->written(l, e) : !L.experts[static_cast<size_t>(e)].bytes.empty(), p + "expert " + std::to_string(e));
+    }
     need(c.shared_width == 0 || (!L.shared.bytes.empty() && !L.shared_gate.empty()), p + "shared expert");
   }
+  if (store_) store_->finish_writes();
   ready_ = true;
 }
 
@@ -254,8 +289,9 @@ size_t Engine::weight_bytes() const {
   for (const auto& L : layers_) {
     b += (L.input_norm.size() + L.post_norm.size() + L.qkv_bias.size() + L.q_norm.size() + L.k_norm.size() + L.router.size() + L.shared_gate.size()) * 4;
     b += L.qkv.size_bytes() + L.o.size_bytes() + L.shared.bytes.size();
-    for (const auto& e : L.experts) b += e.bytes.size();
+    for (const auto& e : L.experts) b += e.bytes.size();  // none when offloading
   }
+  if (store_) b += store_->arena_bytes();
   return b;
 }
 
@@ -310,6 +346,7 @@ void Engine::begin_step(const std::vector<int32_t>& tokens, const std::vector<Se
     if (t < 0 || t >= cfg_.vocab) throw std::invalid_argument("token id " + std::to_string(t) + " outside the vocabulary");
   }
   seqs_ = seqs;
+  moe_open_ = false;
   mark(-1);
   embed(tokens);
   mark(kEmbed);
@@ -489,7 +526,7 @@ void Engine::route(const float* logits, int64_t n_tokens, int32_t* ids, float* w
   }
 }
 
-void Engine::experts(int64_t layer, const int32_t* ids, const float* weights, int64_t n, int64_t k) {
+int64_t Engine::experts(int64_t layer, const int32_t* ids, const float* weights, int64_t n, int64_t k, const int32_t* subset, int64_t n_subset) {
   check_ready();
   if (!in_step_ || layer != phase_layer_ || !phase_attended_) {
     throw std::logic_error("experts(" + std::to_string(layer) + ") out of order: call attention(" + std::to_string(layer) + ") first");
@@ -499,26 +536,83 @@ void Engine::experts(int64_t layer, const int32_t* ids, const float* weights, in
   for (int64_t i = 0; i < T * k; i++) {
     if (ids[i] < 0 || ids[i] >= cfg_.experts) throw std::invalid_argument("expert id " + std::to_string(ids[i]) + " out of range");
   }
-  moe_block(layer, ids, weights, k);
+  if (moe_open_) {
+    // A later part of the layer: the assignments must be the ones the layer started with.
+    if (k != moe_k_ || std::memcmp(ids, moe_ids_.data(), static_cast<size_t>(n) * 4) != 0 ||
+        std::memcmp(weights, moe_w_.data(), static_cast<size_t>(n) * 4) != 0) {
+      throw std::invalid_argument("experts(" + std::to_string(layer) + "): ids and weights differ from those of this layer's first call");
+    }
+  }
+  const bool first = !moe_open_;
+  if (first) plan_moe(layer, ids, weights, k);
+  try {
+    // The jobs to run now: the given experts (or all that remain), the shared expert with the first part.
+    std::vector<int32_t> run;
+    if (subset == nullptr) {
+      for (int64_t j = 0; j < n_jobs_; j++) {
+        if (!job_done_[static_cast<size_t>(j)]) run.push_back(static_cast<int32_t>(j));
+      }
+    } else {
+      std::vector<char> picked(static_cast<size_t>(n_jobs_), 0);
+      for (int64_t i = 0; i < n_subset; i++) {
+        const int32_t e = subset[i];
+        if (e < 0 || e >= cfg_.experts) throw std::invalid_argument("experts: subset expert id " + std::to_string(e) + " out of range");
+        const int32_t j = job_of_expert_[static_cast<size_t>(e)];
+        if (j < 0) throw std::invalid_argument("experts: expert " + std::to_string(e) + " of the subset is not among the layer's assignments");
+        if (job_done_[static_cast<size_t>(j)]) throw std::logic_error("experts: expert " + std::to_string(e) + " of layer " + std::to_string(layer) + " already ran in this step");
+        if (!picked[static_cast<size_t>(j)]) run.push_back(j);
+        picked[static_cast<size_t>(j)] = 1;
+      }
+      if (shared_job_ >= 0 && !job_done_[static_cast<size_t>(shared_job_)]) run.push_back(static_cast<int32_t>(shared_job_));
+      std::sort(run.begin(), run.end());
+    }
+    const LayerWeights& L = layers_[static_cast<size_t>(layer)];
+    if (store_) {
+      std::vector<int32_t> routed, slot_of;
+      for (int32_t j : run) {
+        if (j != shared_job_) routed.push_back(jobs_[static_cast<size_t>(j)].expert);
+      }
+      slot_of.resize(routed.size());
+      store_->acquire(layer, routed.data(), static_cast<int64_t>(routed.size()), slot_of.data());
+      size_t r = 0;
+      for (int32_t j : run) {
+        if (j != shared_job_) jobs_[static_cast<size_t>(j)].e = &L.slot_views[static_cast<size_t>(slot_of[r++])];
+      }
+    }
+    run_jobs(run);
+    for (int32_t j : run) job_done_[static_cast<size_t>(j)] = 1;
+  } catch (...) {
+    // Nothing of the layer ran yet: forget its plan, so that the caller may start it anew.
+    if (first) moe_open_ = false;
+    throw;
+  }
+  int64_t remaining = 0;
+  for (int64_t j = 0; j < n_jobs_; j++) remaining += job_done_[static_cast<size_t>(j)] ? 0 : 1;
+  if (remaining > 0) return remaining;
+  combine_moe(layer);
+  moe_open_ = false;
   phase_layer_++;
   phase_attended_ = false;
+  return 0;
 }
 
-void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, int64_t k) {
+void Engine::plan_moe(int64_t layer, const int32_t* ids, const float* weights, int64_t k) {
   const EngineConfig& c = cfg_;
   const LayerWeights& L = layers_[static_cast<size_t>(layer)];
   const int64_t T = static_cast<int64_t>(pos_.size());
-  const int64_t H = c.hidden;
-  const bool shared = c.shared_width > 0;
+  moe_k_ = k;
+  moe_ids_.assign(ids, ids + T * k);
+  moe_w_.assign(weights, weights + T * k);
 
   // Tokens grouped by expert: every activated expert is read once for all its tokens.
   std::vector<FfnJob>& jobs = jobs_;
-  std::vector<int32_t> job_of_expert(static_cast<size_t>(c.experts), -1);
+  job_of_expert_.assign(static_cast<size_t>(c.experts), -1);
   size_t n_jobs = 0;
-  const auto job_for = [&](const ExpertMat* e, int64_t width) -> FfnJob& {
+  const auto job_for = [&](const ExpertMat* e, int32_t expert, int64_t width) -> FfnJob& {
     if (jobs.size() <= n_jobs) jobs.emplace_back();
     FfnJob& j = jobs[n_jobs++];
     j.e = e;
+    j.expert = expert;
     j.width = width;
     j.tokens.clear();
     return j;
@@ -526,26 +620,37 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
   for (int64_t t = 0; t < T; t++) {
     for (int64_t i = 0; i < k; i++) {
       const int32_t e = ids[t * k + i];
-      int32_t& jo = job_of_expert[static_cast<size_t>(e)];
+      int32_t& jo = job_of_expert_[static_cast<size_t>(e)];
       if (jo < 0) {
         jo = static_cast<int32_t>(n_jobs);
-        job_for(&L.experts[static_cast<size_t>(e)], c.expert_width);
+        job_for(store_ ? nullptr : &L.experts[static_cast<size_t>(e)], e, c.expert_width);
       }
       FfnJob& j = jobs[static_cast<size_t>(jo)];
       if (j.tokens.empty() || j.tokens.back() != t) j.tokens.push_back(static_cast<int32_t>(t));
     }
   }
-  int64_t shared_job = -1;
-  if (shared) {
-    shared_job = static_cast<int64_t>(n_jobs);
-    FfnJob& j = job_for(&L.shared, c.shared_width);
+  shared_job_ = -1;
+  if (c.shared_width > 0) {
+    shared_job_ = static_cast<int64_t>(n_jobs);
+    FfnJob& j = job_for(&L.shared, -1, c.shared_width);
     for (int64_t t = 0; t < T; t++) j.tokens.push_back(static_cast<int32_t>(t));
   }
-  const int64_t J = static_cast<int64_t>(n_jobs);
+  n_jobs_ = static_cast<int64_t>(n_jobs);
+  job_done_.assign(n_jobs, 0);
+  moe_open_ = true;
+}
+
+void Engine::run_jobs(const std::vector<int32_t>& run) {
+  const EngineConfig& c = cfg_;
+  const int64_t H = c.hidden;
+  std::vector<FfnJob>& jobs = jobs_;
+  const int64_t J = static_cast<int64_t>(run.size());
+  if (J == 0) return;
+  const auto job = [&](int64_t i) -> FfnJob& { return jobs[static_cast<size_t>(run[static_cast<size_t>(i)])]; };
 
   // Gather and quantize each job's inputs.
   pool_->parallel_for(J, 1, [&](int64_t ji, int) {
-    FfnJob& j = jobs[static_cast<size_t>(ji)];
+    FfnJob& j = job(ji);
     const int64_t n = static_cast<int64_t>(j.tokens.size());
     j.x.resize(static_cast<size_t>(n * H));
     for (int64_t r = 0; r < n; r++) std::memcpy(j.x.data() + r * H, xn_.data() + j.tokens[static_cast<size_t>(r)] * H, static_cast<size_t>(H) * 4);
@@ -558,15 +663,17 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
 
   std::vector<int64_t> starts(static_cast<size_t>(J + 1), 0);
   // Work items: (job, row chunk) over all jobs, so that every thread stays busy even when
-  // one expert is much larger than the others (the shared expert).
+  // one expert is much larger than the others (the shared expert). Each output row is
+  // computed by one work item whatever the grouping, so results do not depend on which
+  // jobs run together.
   const auto run_chunks = [&](auto mat_of, auto body) {
     for (int64_t ji = 0; ji < J; ji++) {
-      const WMat& w = mat_of(jobs[static_cast<size_t>(ji)]);
+      const WMat& w = mat_of(job(ji));
       starts[static_cast<size_t>(ji + 1)] = starts[static_cast<size_t>(ji)] + (w.rows + rows_per_item(w) - 1) / rows_per_item(w);
     }
     pool_->parallel_for(starts[static_cast<size_t>(J)], 1, [&](int64_t item, int) {
       const int64_t ji = std::upper_bound(starts.begin(), starts.end(), item) - starts.begin() - 1;
-      FfnJob& j = jobs[static_cast<size_t>(ji)];
+      FfnJob& j = job(ji);
       const WMat& w = mat_of(j);
       const int64_t per = rows_per_item(w);
       const int64_t r0 = (item - starts[static_cast<size_t>(ji)]) * per;
@@ -578,7 +685,7 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
              [&](FfnJob& j, int64_t r0, int64_t r1) { matmul(j.e->gate_up, j.a_in, r0, r1, j.gu.data(), 2 * j.width); });
   mark(kGateUp);
   pool_->parallel_for(J, 1, [&](int64_t ji, int) {
-    FfnJob& j = jobs[static_cast<size_t>(ji)];
+    FfnJob& j = job(ji);
     const int64_t n = static_cast<int64_t>(j.tokens.size()), W = j.width;
     for (int64_t r = 0; r < n; r++) {
       const float* g = j.gu.data() + r * 2 * W;
@@ -590,14 +697,25 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
   mark(kAct);
   run_chunks([](const FfnJob& j) -> const WMat& { return j.e->down; }, [&](FfnJob& j, int64_t r0, int64_t r1) { matmul(j.e->down, j.a_act, r0, r1, j.out.data(), H); });
   mark(kDown);
+}
 
+void Engine::combine_moe(int64_t layer) {
+  const EngineConfig& c = cfg_;
+  const LayerWeights& L = layers_[static_cast<size_t>(layer)];
+  const int64_t T = static_cast<int64_t>(pos_.size());
+  const int64_t H = c.hidden;
+  const int64_t k = moe_k_;
+  const int32_t* ids = moe_ids_.data();
+  const float* weights = moe_w_.data();
+  const std::vector<FfnJob>& jobs = jobs_;
+  const int64_t shared_job = shared_job_;
   // Combine per token in routing-rank order, then the shared expert with its sigmoid gate.
   moe_out_.assign(static_cast<size_t>(T * H), 0.f);
   const VecOps& ops = vecops();
   pool_->parallel_for(T, 4, [&](int64_t t, int) {
     float* y = moe_out_.data() + t * H;
     for (int64_t i = 0; i < k; i++) {
-      const FfnJob& j = jobs[static_cast<size_t>(job_of_expert[static_cast<size_t>(ids[t * k + i])])];
+      const FfnJob& j = jobs[static_cast<size_t>(job_of_expert_[static_cast<size_t>(ids[t * k + i])])];
       const int64_t r = std::lower_bound(j.tokens.begin(), j.tokens.end(), static_cast<int32_t>(t)) - j.tokens.begin();
       ops.axpy(y, weights[t * k + i], j.out.data() + r * H, H);
     }
@@ -609,6 +727,41 @@ void Engine::moe_block(int64_t layer, const int32_t* ids, const float* weights, 
   });
   for (size_t i = 0; i < x_.size(); i++) x_[i] += moe_out_[i];
   mark(kCombine);
+}
+
+void Engine::predict_router(int64_t from, int64_t to, std::vector<float>& out) {
+  check_ready();
+  const EngineConfig& c = cfg_;
+  if (from < 0 || from >= c.layers || to <= from || to >= c.layers) {
+    throw std::invalid_argument("predictRouter(" + std::to_string(from) + ", " + std::to_string(to) + "): need 0 <= from < to < " + std::to_string(c.layers));
+  }
+  if (!in_step_ || from != phase_layer_ || !phase_attended_) {
+    throw std::logic_error("predictRouter(" + std::to_string(from) + ", ...) out of order: call it after attention(" + std::to_string(from) +
+                           ") and before experts(" + std::to_string(from) + ") completes the layer");
+  }
+  const int64_t T = static_cast<int64_t>(pos_.size());
+  const int64_t H = c.hidden, E = c.experts;
+  const VecOps& ops = vecops();
+  out.resize(static_cast<size_t>((to - from) * T * E));
+  pred_xn_.resize(static_cast<size_t>(T * H));
+  constexpr int64_t kExpertChunk = 16;
+  const int64_t chunks = (E + kExpertChunk - 1) / kExpertChunk;
+  for (int64_t j = from + 1; j <= to; j++) {
+    const LayerWeights& L = layers_[static_cast<size_t>(j)];
+    float* dst = out.data() + (j - from - 1) * T * E;
+    pool_->parallel_for(T, 8, [&](int64_t t, int) { rms_norm_row(x_.data() + t * H, L.post_norm.data(), H, c.rms_eps, pred_xn_.data() + t * H); });
+    pool_->parallel_for(T * chunks, 1, [&](int64_t item, int) {
+      const int64_t t = item / chunks;
+      const int64_t e0 = (item % chunks) * kExpertChunk, e1 = std::min(E, e0 + kExpertChunk);
+      const float* xn = pred_xn_.data() + t * H;
+      for (int64_t e = e0; e < e1; e++) dst[t * E + e] = ops.dot(L.router.data() + e * H, xn, H);
+    });
+  }
+}
+
+const std::vector<float>& Engine::residual() const {
+  if (x_.empty()) throw std::logic_error("residual(): no step has begun");
+  return x_;
 }
 
 void Engine::end_step(std::vector<float>& logits) {
@@ -633,6 +786,7 @@ void Engine::end_step(std::vector<float>& logits) {
 }
 
 void Engine::step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs, std::vector<float>& logits) {
+  if (store_) throw std::logic_error("offloading needs the step in pieces (beginStep, attention, experts, endStep); the fused step() does not load experts");
   begin_step(tokens, seqs);
   const int64_t T = static_cast<int64_t>(tokens.size());
   std::vector<int32_t> ids(static_cast<size_t>(T * cfg_.top_k));

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "expert_store.h"
 #include "host_buffer.h"
 #include "kernels.h"
 #include "thread_pool.h"
@@ -43,6 +44,12 @@ struct EngineConfig {
   int threads = 1;
   int64_t kv_block_size = 16;
   int64_t kv_blocks = 0;
+  // Expert offloading (expert_store.h), on when offload_slots > 0: routed experts live in
+  // `offload_file` and in `offload_slots` slots per layer; only the step in pieces runs.
+  std::string offload_file;
+  int64_t offload_slots = 0;
+  int offload_io_threads = 2;
+  bool offload_direct = true;
 };
 
 // A matrix in the engine's format with its own storage.
@@ -70,7 +77,8 @@ struct LayerWeights {
   std::vector<float> q_norm;      // (head_dim) per head, or (q_dim); empty when none
   std::vector<float> k_norm;      // (head_dim) per head, or (kv_dim)
   std::vector<float> router;      // (experts, hidden), float32
-  std::vector<ExpertMat> experts; // [experts]
+  std::vector<ExpertMat> experts; // [experts]; empty buffers when offloading
+  std::vector<ExpertMat> slot_views; // offloading: views of the layer's slots (no storage of their own)
   ExpertMat shared;               // shared expert (width shared_width) when present
   std::vector<float> shared_gate; // (hidden) when present
 };
@@ -108,8 +116,20 @@ class Engine {
   // experts(l, ids, weights) with (T, k) assignments; then end_step().
   void begin_step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs);
   const std::vector<float>& attention(int64_t layer);
-  // ids and weights hold n = T * k entries.
-  void experts(int64_t layer, const int32_t* ids, const float* weights, int64_t n, int64_t k);
+  // ids and weights hold n = T * k entries. `subset` (n_subset distinct expert ids among
+  // ids) runs only those experts now, keeping their outputs; the layer completes (combine,
+  // next layer) on the call that has run every expert of ids, and each call of the layer
+  // must pass the same ids and weights. nullptr: every expert not yet run. Returns the
+  // number of the layer's experts still to run (0: the layer is done). Offloading: each
+  // expert run must be resident or loading (waited for, counted as stall).
+  int64_t experts(int64_t layer, const int32_t* ids, const float* weights, int64_t n, int64_t k, const int32_t* subset = nullptr,
+                  int64_t n_subset = 0);
+  // Pre-gating, after attention(from) and before its experts complete: the routers of
+  // layers from+1..to on the current residual normalised by each one's MoE input norm,
+  // (to - from, T, experts) into `out`.
+  void predict_router(int64_t from, int64_t to, std::vector<float>& out);
+  // The residual stream (T, hidden) of the current or last step.
+  const std::vector<float>& residual() const;
   void end_step(std::vector<float>& logits);
 
   // The gating rule on router logits (T, experts) → ids and weights (T, top_k).
@@ -125,16 +145,22 @@ class Engine {
   size_t kv_bytes() const;
   size_t expert_bytes() const;  // bytes of one routed expert
 
+  bool offload() const { return store_ != nullptr; }
+  ExpertStore& store();  // throws unless offloading
+
  private:
   void check_ready() const;
   void embed(const std::vector<int32_t>& tokens);
   void attention_block(int64_t layer);
-  void moe_block(int64_t layer, const int32_t* ids, const float* weights, int64_t k);
+  void plan_moe(int64_t layer, const int32_t* ids, const float* weights, int64_t k);
+  void run_jobs(const std::vector<int32_t>& run);
+  void combine_moe(int64_t layer);
 
   // One expert's work in a step: which token rows it reads, and its buffers (kept across
   // steps so that decode does not allocate).
   struct FfnJob {
     const ExpertMat* e = nullptr;
+    int32_t expert = -1;  // routed expert id; -1 for the shared expert
     int64_t width = 0;
     std::vector<int32_t> tokens;  // token indices, ascending
     std::vector<float> x;         // (n, hidden) gathered inputs
@@ -178,6 +204,19 @@ class Engine {
   std::vector<float> moe_out_;      // (T, hidden)
   Acts acts_;
   std::vector<FfnJob> jobs_;
+
+  // The MoE block of the current layer while its experts run (in one or several calls).
+  bool moe_open_ = false;
+  int64_t moe_k_ = 0;
+  std::vector<int32_t> moe_ids_;        // (T, k)
+  std::vector<float> moe_w_;            // (T, k)
+  std::vector<int32_t> job_of_expert_;  // [experts] → job, -1 when not routed to
+  std::vector<char> job_done_;          // [jobs]
+  int64_t n_jobs_ = 0;
+  int64_t shared_job_ = -1;
+  std::vector<float> pred_xn_;          // predict_router's normalised rows
+
+  std::unique_ptr<ExpertStore> store_;  // offloading only
 };
 
 }  // namespace moe

@@ -40,6 +40,16 @@ bool get_bool(const Napi::Object& o, const char* key) {
   return v.IsBoolean() && v.As<Napi::Boolean>().Value();
 }
 
+// An integer argument (a JS number with no fraction, within +-2^53).
+int64_t arg_int(const Napi::CallbackInfo& info, size_t i, const char* what) {
+  if (info.Length() <= i || !info[i].IsNumber()) throw std::invalid_argument(std::string(what) + " must be an integer");
+  const double d = info[i].As<Napi::Number>().DoubleValue();
+  if (!(d >= -9007199254740992.0 && d <= 9007199254740992.0) || d != static_cast<double>(static_cast<int64_t>(d))) {
+    throw std::invalid_argument(std::string(what) + " must be an integer");
+  }
+  return static_cast<int64_t>(d);
+}
+
 template <typename T>
 T typed(const Napi::Value& v, const char* what) {
   if (!v.IsTypedArray()) throw std::invalid_argument(std::string(what) + " must be a typed array");
@@ -88,8 +98,14 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
                        {InstanceMethod("setTensor", &NativeEngine::SetTensor), InstanceMethod("finalize", &NativeEngine::Finalize),
                         InstanceMethod("step", &NativeEngine::Step), InstanceMethod("beginStep", &NativeEngine::BeginStep),
                         InstanceMethod("attention", &NativeEngine::Attention), InstanceMethod("experts", &NativeEngine::Experts),
+                        InstanceMethod("expertsPart", &NativeEngine::ExpertsPart),
                         InstanceMethod("endStep", &NativeEngine::EndStep), InstanceMethod("route", &NativeEngine::Route),
-                        InstanceMethod("info", &NativeEngine::Info), InstanceMethod("takeProfile", &NativeEngine::TakeProfile), InstanceMethod("close", &NativeEngine::Close)});
+                        InstanceMethod("info", &NativeEngine::Info), InstanceMethod("takeProfile", &NativeEngine::TakeProfile),
+                        InstanceMethod("predictRouter", &NativeEngine::PredictRouter), InstanceMethod("residual", &NativeEngine::Residual),
+                        InstanceMethod("loadExpert", &NativeEngine::LoadExpert), InstanceMethod("cancelLoad", &NativeEngine::CancelLoad),
+                        InstanceMethod("evictSlot", &NativeEngine::EvictSlot), InstanceMethod("expertState", &NativeEngine::ExpertState),
+                        InstanceMethod("waitExpert", &NativeEngine::WaitExpert), InstanceMethod("storeStats", &NativeEngine::StoreStats),
+                        InstanceMethod("close", &NativeEngine::Close)});
   }
 
   explicit NativeEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeEngine>(info) {
@@ -122,6 +138,22 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     c.threads = static_cast<int>(get_int(o, "threads", 1, false));
     c.kv_block_size = get_int(o, "kvBlockSize", 16, false);
     c.kv_blocks = get_int(o, "kvBlocks", 0, true);
+    const Napi::Value off = o.Get("offload");
+    if (!off.IsUndefined() && !off.IsNull()) {
+      if (!off.IsObject()) throw std::invalid_argument("engine option offload must be an object {file, slotsPerLayer, ioThreads?, direct?}");
+      const Napi::Object oo = off.As<Napi::Object>();
+      if (!oo.Get("file").IsString()) throw std::invalid_argument("engine option offload.file must be a string");
+      c.offload_file = oo.Get("file").As<Napi::String>().Utf8Value();
+      if (c.offload_file.empty()) throw std::invalid_argument("engine option offload.file must not be empty");
+      c.offload_slots = get_int(oo, "slotsPerLayer", 0, true);
+      if (c.offload_slots <= 0) throw std::invalid_argument("engine option offload.slotsPerLayer must be positive, got " + std::to_string(c.offload_slots));
+      const int64_t io = get_int(oo, "ioThreads", 2, false);
+      if (io < 1 || io > 64) throw std::invalid_argument("engine option offload.ioThreads must be in 1..64, got " + std::to_string(io));
+      c.offload_io_threads = static_cast<int>(io);
+      const Napi::Value d = oo.Get("direct");
+      if (!d.IsUndefined() && !d.IsBoolean()) throw std::invalid_argument("engine option offload.direct must be a boolean");
+      c.offload_direct = d.IsUndefined() || d.As<Napi::Boolean>().Value();
+    }
     engine_ = std::make_unique<Engine>(c);
   }
 
@@ -175,19 +207,102 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
   }
 
   Napi::Value Attention(const Napi::CallbackInfo& info) {
-    return to_js(info.Env(), engine().attention(info[0].As<Napi::Number>().Int64Value()));
+    return to_js(info.Env(), engine().attention(arg_int(info, 0, "attention: layer")));
   }
 
   // experts(layer, ids: Int32Array (T*k), weights: Float32Array (T*k), k)
   Napi::Value Experts(const Napi::CallbackInfo& info) {
+    RunExperts(info, false);
+    return info.Env().Undefined();
+  }
+
+  // expertsPart(layer, ids, weights, k, subset: Int32Array) → experts of the layer still to run
+  Napi::Value ExpertsPart(const Napi::CallbackInfo& info) {
+    if (info.Length() < 5) throw std::invalid_argument("expertsPart(layer, ids, weights, k, subset)");
+    return Napi::Number::New(info.Env(), static_cast<double>(RunExperts(info, true)));
+  }
+
+  int64_t RunExperts(const Napi::CallbackInfo& info, bool part) {
     if (info.Length() < 4) throw std::invalid_argument("experts(layer, ids, weights, k)");
-    const int64_t layer = info[0].As<Napi::Number>().Int64Value();
+    const int64_t layer = arg_int(info, 0, "experts: layer");
     auto ids = typed<Napi::Int32Array>(info[1], "ids");
     auto w = typed<Napi::Float32Array>(info[2], "weights");
-    const int64_t k = info[3].As<Napi::Number>().Int64Value();
+    const int64_t k = arg_int(info, 3, "experts: k");
     if (k <= 0 || ids.ElementLength() != w.ElementLength()) throw std::invalid_argument("experts: ids and weights must both hold k entries per token");
-    engine().experts(layer, ids.Data(), w.Data(), static_cast<int64_t>(ids.ElementLength()), k);
+    const int32_t* subset = nullptr;
+    int64_t n_subset = 0;
+    if (part) {
+      auto sub = typed<Napi::Int32Array>(info[4], "subset");
+      subset = sub.Data();
+      n_subset = static_cast<int64_t>(sub.ElementLength());
+      // An empty subset still runs the shared expert with the first part; a zero-length
+      // typed array may have no data pointer.
+      static const int32_t kNone = 0;
+      if (subset == nullptr) subset = &kNone;
+    }
+    return engine().experts(layer, ids.Data(), w.Data(), static_cast<int64_t>(ids.ElementLength()), k, subset, n_subset);
+  }
+
+  // predictRouter(from, to) → Float32Array (to - from, T, experts)
+  Napi::Value PredictRouter(const Napi::CallbackInfo& info) {
+    const int64_t from = arg_int(info, 0, "predictRouter: from");
+    const int64_t to = arg_int(info, 1, "predictRouter: to");
+    std::vector<float> out;
+    engine().predict_router(from, to, out);
+    return to_js(info.Env(), out);
+  }
+
+  Napi::Value Residual(const Napi::CallbackInfo& info) { return to_js(info.Env(), engine().residual()); }
+
+  Napi::Value LoadExpert(const Napi::CallbackInfo& info) {
+    const int64_t layer = arg_int(info, 0, "loadExpert: layer");
+    const int64_t expert = arg_int(info, 1, "loadExpert: expert");
+    const int64_t slot = arg_int(info, 2, "loadExpert: slot");
+    engine().store().load(layer, expert, slot);
     return info.Env().Undefined();
+  }
+
+  Napi::Value CancelLoad(const Napi::CallbackInfo& info) {
+    const int64_t layer = arg_int(info, 0, "cancelLoad: layer");
+    const int64_t expert = arg_int(info, 1, "cancelLoad: expert");
+    return Napi::Boolean::New(info.Env(), engine().store().cancel(layer, expert));
+  }
+
+  Napi::Value EvictSlot(const Napi::CallbackInfo& info) {
+    const int64_t layer = arg_int(info, 0, "evictSlot: layer");
+    const int64_t slot = arg_int(info, 1, "evictSlot: slot");
+    engine().store().evict(layer, slot);
+    return info.Env().Undefined();
+  }
+
+  Napi::Value ExpertState(const Napi::CallbackInfo& info) {
+    const int64_t layer = arg_int(info, 0, "expertState: layer");
+    const int64_t expert = arg_int(info, 1, "expertState: expert");
+    return Napi::Number::New(info.Env(), engine().store().state(layer, expert));
+  }
+
+  Napi::Value WaitExpert(const Napi::CallbackInfo& info) {
+    const int64_t layer = arg_int(info, 0, "waitExpert: layer");
+    const int64_t expert = arg_int(info, 1, "waitExpert: expert");
+    return Napi::Number::New(info.Env(), engine().store().wait(layer, expert));
+  }
+
+  Napi::Value StoreStats(const Napi::CallbackInfo& info) {
+    ExpertStore& st = engine().store();
+    const moe::StoreStats s = st.stats();
+    Napi::Env env = info.Env();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("loads", static_cast<double>(s.loads));
+    o.Set("bytesRead", static_cast<double>(s.bytes_read));
+    auto stall = Napi::Float64Array::New(env, s.stall_seconds.size());
+    std::copy(s.stall_seconds.begin(), s.stall_seconds.end(), stall.Data());
+    o.Set("stallSeconds", stall);
+    o.Set("cancelled", static_cast<double>(s.cancelled));
+    o.Set("discarded", static_cast<double>(s.discarded));
+    o.Set("failed", static_cast<double>(s.failed));
+    o.Set("direct", s.direct);
+    o.Set("slotBytes", static_cast<double>(st.slot_bytes()));
+    return o;
   }
 
   Napi::Value EndStep(const Napi::CallbackInfo& info) {
@@ -220,6 +335,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     o.Set("weights", wtype_name(e.config().wtype));
     o.Set("isa", isa_name(active_isa()));
     o.Set("threads", e.config().threads);
+    o.Set("offload", e.offload());
     return o;
   }
 

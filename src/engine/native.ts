@@ -118,6 +118,45 @@ export interface NativeEngineOptions {
   threads: number;
   kvBlockSize: number;
   kvBlocks: number;
+  /**
+   * Expert offloading. When set, routed experts are not held in RAM: set_tensor writes
+   * each expert, packed in the engine's format, to `file` (created, then unlinked while
+   * open, so nothing is left behind), and the fast tier is `slotsPerLayer` expert slots
+   * per layer. Only the step in pieces runs (step() throws); experts(l, ...) needs each
+   * expert it runs to be resident or loading (it waits for loading ones, counting the
+   * stall). Shared experts and every non-expert weight stay resident.
+   */
+  offload?: NativeOffloadOptions;
+}
+
+export interface NativeOffloadOptions {
+  /** Path of the expert file (the slow tier). It must not exist: the engine creates it and unlinks it at once. */
+  file: string;
+  /** Expert slots per layer in the fast tier (RAM budget), 1 .. experts. */
+  slotsPerLayer: number;
+  /** I/O threads that perform loads (default 2). */
+  ioThreads?: number;
+  /** Read with O_DIRECT (default true); falls back to buffered reads plus dropping the pages when the file system refuses it. */
+  direct?: boolean;
+}
+
+/** Counters of the native expert store since the engine was made. */
+export interface NativeStoreStats {
+  /** Expert reads completed (discarded ones included), and their bytes (slotBytes each). */
+  loads: number;
+  bytesRead: number;
+  /** Seconds the engine waited in experts(l, ...) for loads to finish, per layer (waitExpert's waits are not counted here; it returns them). */
+  stallSeconds: Float64Array;
+  /** Queued loads withdrawn before they started: cancelLoad, evictSlot, or loadExpert reassigning the slot. */
+  cancelled: number;
+  /** Reads that completed after their slot was emptied or reassigned (their bytes were not used). Always set by the addon. */
+  discarded?: number;
+  /** Reads that failed; each error is thrown once by the next waitExpert / experts() for that expert. Always set by the addon. */
+  failed?: number;
+  /** Whether reads bypass the page cache (O_DIRECT was accepted). */
+  direct: boolean;
+  /** Bytes of one expert in the file and in a slot (rounded up to the direct-I/O alignment). */
+  slotBytes: number;
 }
 
 /**
@@ -137,14 +176,54 @@ export interface NativeEngine {
   beginStep(tokens: Int32Array, seqs: Int32Array, blocks: Int32Array): void;
   /** Attention of layer l for the step's tokens; returns the router logits (tokens, experts). */
   attention(layer: number): Float32Array;
-  /** Routed experts of layer l: ids and gate weights, k per token (tokens * k entries). */
+  /**
+   * Routed experts of layer l: ids and gate weights, k per token (tokens * k entries).
+   * Runs every expert of ids not yet run by expertsPart, and completes the layer.
+   */
   experts(layer: number, ids: Int32Array, weights: Float32Array, k: number): void;
+  /**
+   * Part of layer l's routed experts: only the experts in `subset` (distinct ids among
+   * ids) run now; their outputs are kept, and the layer completes (combine, next layer)
+   * on the call that has run the last of them (or on experts(), which runs the rest). So
+   * a layer may stream more experts than it has slots. Every call of a layer must pass
+   * the same ids and weights; the shared expert runs with the first call. The result
+   * equals a single experts() call bit for bit. Returns the number of the layer's experts
+   * still to run (0: the layer is done, attention(l + 1) is next).
+   */
+  expertsPart(layer: number, ids: Int32Array, weights: Float32Array, k: number, subset: Int32Array): number;
   endStep(): Float32Array;
   /** The model's gating rule on router logits (tokens, experts) → top-k ids and weights. */
   route(routerLogits: Float32Array, tokens: number): { ids: Int32Array; weights: Float32Array };
-  info(): { weightBytes: number; kvBytes: number; expertBytes: number; weights: string; isa: string; threads: number };
+  info(): { weightBytes: number; kvBytes: number; expertBytes: number; weights: string; isa: string; threads: number; offload: boolean };
   /** Milliseconds per phase of the steps since the last call; zeros unless MOE_SERVE_PROFILE=1. */
   takeProfile(): Record<string, number>;
+  /**
+   * Pre-gating: the routers of layers from+1 .. to applied to the step's current hidden
+   * state (the residual after layer `from`'s attention, normalised by each target layer's
+   * MoE input norm). Call after attention(from) and before experts(from) completes the
+   * layer; 0 <= from < to < layers. Returns (to - from, tokens, experts) logits. Works with
+   * or without offloading.
+   */
+  predictRouter(from: number, to: number): Float32Array;
+  /** The residual stream (tokens, hidden) of the current or last step, a copy (for tests and diagnostics). */
+  residual(): Float32Array;
+  /**
+   * Offloading only: queues an asynchronous read of (layer, expert) into `slot` of that
+   * layer (FIFO over the I/O threads); whatever the slot held is dropped (no longer
+   * resident; a queued load of it is withdrawn). A no-op when the expert is already
+   * queued, reading or resident in that slot; throws when it is in another slot.
+   */
+  loadExpert(layer: number, expert: number, slot: number): void;
+  /** Offloading only: withdraws a queued load that has not started; true when withdrawn (the slot is then empty). */
+  cancelLoad(layer: number, expert: number): boolean;
+  /** Offloading only: empties the slot (the expert it held is no longer resident; a read in flight into it is discarded when it ends). */
+  evictSlot(layer: number, slot: number): void;
+  /** Offloading only: 0 not present, 1 queued, 2 reading, 3 resident. */
+  expertState(layer: number, expert: number): number;
+  /** Offloading only: blocks until (layer, expert) is resident; returns the seconds waited. Throws if it is neither resident nor loading, or its read failed. */
+  waitExpert(layer: number, expert: number): number;
+  /** Offloading only: the store's counters. */
+  storeStats(): NativeStoreStats;
   /** Frees the weights and the KV cache; the engine is unusable after. */
   close(): void;
 }
