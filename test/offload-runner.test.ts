@@ -15,7 +15,7 @@ import { loadNative } from '../src/engine/native.js';
 import type { ModelRunner, RoutingEvent, StepSequence } from '../src/engine/runner.js';
 import { argmax } from '../src/engine/sampling.js';
 import { Rng } from '../src/model/prng.js';
-import type { Architecture, ModelSpec } from '../src/model/spec.js';
+import type { Architecture } from '../src/model/spec.js';
 import { CapacityError, expertSlotBytes, parseCapacity, slotsPerLayer } from '../src/offload/capacity.js';
 import { OffloadRunner } from '../src/offload/offload-runner.js';
 import { createOnlinePolicy } from '../src/offload/policies.js';
@@ -158,43 +158,48 @@ t.test('prediction counters: top-k and per-token overlap', async (t) => {
 for (const arch of ['qwen3_moe', 'mixtral'] as const) {
   for (const policy of ['lru', 'predictive']) {
     for (const lookahead of [0, 2]) {
-      t.test(`${arch}, ${policy}, lookahead ${lookahead}: logits bitwise equal to the resident runner (store double)`, async (t) => {
-        const x = await model(t, arch, 4);
-        const nSeq = 5;
-        const ref = resident(x, nSeq);
-        t.teardown(() => ref.close());
-        const slots = x.spec.topK + 2; // far below the experts a batch needs: steps split
-        const { runner, store } = faked(x, nSeq, slots, { policy, lookahead });
-        t.teardown(() => runner.close());
-        const bad = compare(ref, runner, x.vocabLimit, nSeq, 12);
-        t.same(bad, [], 'every step bitwise equal');
-        t.same(runner.audit(), [], 'policy slots and store agree');
-        const st = runner.offloadStats();
-        const sum = (f: (l: (typeof st.layers)[number]) => number) => st.layers.reduce((a, l) => a + f(l), 0);
-        t.ok(sum((l) => l.misses) > 0 && sum((l) => l.hits) > 0, `hits ${sum((l) => l.hits)}, misses ${sum((l) => l.misses)}`);
-        t.ok(st.splitSteps > 0, `${st.splitSteps} steps were split`);
-        t.ok(st.loads > 0, 'the store completed loads');
-        for (let l = 0; l < x.spec.numLayers; l++) t.ok(store.held(l) <= slots);
-        if (lookahead === 0) {
-          t.equal(sum((l) => l.prefetchIssued), 0, 'no prefetch');
-          t.equal(store.calls.predictRouter, 0);
-          t.same(st.prediction, []);
-        } else {
-          const issued = sum((l) => l.prefetchIssued);
-          t.ok(issued > 0, `${issued} prefetches issued`);
-          t.ok(store.calls.predictRouter > 0);
-          // Each prefetch is used, wasted, cancelled, or still waiting for its use.
-          const state = runner.expertCacheState();
-          const pending = state.layers.reduce((a, l) => a + l.prefetched.length, 0);
-          t.equal(sum((l) => l.prefetchUsed) + sum((l) => l.prefetchWasted) + sum((l) => l.prefetchCancelled) + pending, issued, 'issued = used + wasted + cancelled + pending');
-          t.equal(st.prediction.length, 2, 'recall and precision for distances 1 and 2');
-          for (const p of st.prediction) {
-            t.ok(p.actual > 0 && p.recall >= 0 && p.recall <= 1 && p.precision >= 0 && p.precision <= 1);
-            // The double predicts layer l+d with layer l's router: right often enough to be above chance.
-            t.ok(p.recall > x.spec.topK / x.spec.numExperts, `distance ${p.distance}: recall ${p.recall.toFixed(3)} above chance`);
+      // Just above top-k (nearly every visit streams its experts through the slots), and
+      // three quarters of the experts (only prompt steps stream).
+      for (const size of ['small', 'large'] as const) {
+        t.test(`${arch}, ${policy}, lookahead ${lookahead}, ${size} cache: logits bitwise equal to the resident runner (store double)`, async (t) => {
+          const x = await model(t, arch, 4);
+          const nSeq = 5;
+          const ref = resident(x, nSeq);
+          t.teardown(() => ref.close());
+          const slots = size === 'small' ? x.spec.topK + 2 : Math.floor(x.spec.numExperts * 0.75);
+          const { runner, store } = faked(x, nSeq, slots, { policy, lookahead });
+          t.teardown(() => runner.close());
+          const bad = compare(ref, runner, x.vocabLimit, nSeq, 12);
+          t.same(bad, [], 'every step bitwise equal');
+          t.same(runner.audit(), [], 'policy slots and store agree');
+          const st = runner.offloadStats();
+          const sum = (f: (l: (typeof st.layers)[number]) => number) => st.layers.reduce((a, l) => a + f(l), 0);
+          t.ok(sum((l) => l.misses) > 0 && sum((l) => l.hits) > 0, `hits ${sum((l) => l.hits)}, misses ${sum((l) => l.misses)}`);
+          t.ok(sum((l) => l.streamedVisits) > 0, `${sum((l) => l.streamedVisits)} visits streamed through the slots`);
+        t.equal(store.parts > 0, true, 'with expertsPart');
+          t.ok(st.loads > 0, 'the store completed loads');
+          for (let l = 0; l < x.spec.numLayers; l++) t.ok(store.held(l) <= slots);
+          if (lookahead === 0) {
+            t.equal(sum((l) => l.prefetchIssued), 0, 'no prefetch');
+            t.equal(store.calls.predictRouter, 0);
+            t.same(st.prediction, []);
+          } else {
+            const issued = sum((l) => l.prefetchIssued);
+            t.ok(issued > 0, `${issued} prefetches issued`);
+            t.ok(store.calls.predictRouter > 0);
+            // Each prefetch is used, wasted, cancelled, or still waiting for its use.
+            const state = runner.expertCacheState();
+            const pending = state.layers.reduce((a, l) => a + l.prefetched.length, 0);
+            t.equal(sum((l) => l.prefetchUsed) + sum((l) => l.prefetchWasted) + sum((l) => l.prefetchCancelled) + pending, issued, 'issued = used + wasted + cancelled + pending');
+            t.equal(st.prediction.length, 2, 'recall and precision for distances 1 and 2');
+            for (const p of st.prediction) {
+              t.ok(p.actual > 0 && p.recall >= 0 && p.recall <= 1 && p.precision >= 0 && p.precision <= 1);
+              // The double predicts layer l+d with layer l's router: right often enough to be above chance.
+              t.ok(p.recall > x.spec.topK / x.spec.numExperts, `distance ${p.distance}: recall ${p.recall.toFixed(3)} above chance`);
+            }
           }
-        }
-      });
+        });
+      }
     }
   }
 }
@@ -341,32 +346,59 @@ t.test('native expert store: bitwise equal to resident, prefetch and pre-gating 
   const ref = resident(x, nSeq);
   t.teardown(() => ref.close());
   const dir = tempDir(t);
-  for (const policy of ['lru', 'predictive']) {
-    for (const lookahead of [0, 2]) {
-      const off = OffloadRunner.fromCheckpoint(x.spec, x.m.weights, {
-        weights: 'f32',
-        threads: 2,
-        kvBlockSize: BLOCK,
-        kvBlocks: nSeq * BLOCKS_PER_SEQ,
-        capacity: '0.3125', // 10 of 32 experts per layer
-        policy,
-        lookahead,
-        ioThreads: 2,
-        dir,
-      });
-      t.equal(off.slotsPerLayer, 10);
-      const bad = compare(ref, off, x.vocabLimit, nSeq, 10, 3);
-      t.same(bad, [], `${policy}, lookahead ${lookahead}: every step bitwise equal`);
-      t.same(off.audit(), [], 'policy slots and store agree');
-      const st = off.offloadStats();
-      t.ok(st.loads > 0 && st.bytesLoaded >= st.loads * st.slotBytes - 1, `${st.loads} loads, ${st.bytesLoaded} bytes`);
-      if (lookahead > 0) t.ok(st.prediction.every((p) => p.actual > 0), 'pre-gating measured');
-      off.close();
+  for (const [capacity, slots] of [
+    ['0.3125', 10],
+    ['75%', 24],
+  ] as const) {
+    for (const policy of ['lru', 'predictive']) {
+      for (const lookahead of [0, 2]) {
+        const off = OffloadRunner.fromCheckpoint(x.spec, x.m.weights, {
+          weights: 'f32',
+          threads: 2,
+          kvBlockSize: BLOCK,
+          kvBlocks: nSeq * BLOCKS_PER_SEQ,
+          capacity,
+          policy,
+          lookahead,
+          ioThreads: 2,
+          dir,
+        });
+        t.equal(off.slotsPerLayer, slots);
+        const bad = compare(ref, off, x.vocabLimit, nSeq, 10, 3);
+        t.same(bad, [], `${slots} slots, ${policy}, lookahead ${lookahead}: every step bitwise equal`);
+        t.same(off.audit(), [], 'policy slots and store agree');
+        const st = off.offloadStats();
+        t.ok(st.loads > 0 && st.bytesLoaded >= st.loads * st.slotBytes - 1, `${st.loads} loads, ${st.bytesLoaded} bytes`);
+        if (lookahead > 0) t.ok(st.prediction.every((p) => p.actual > 0), 'pre-gating measured');
+        off.close();
+      }
     }
   }
+  // Quantized weights: the same bits from the slots, streamed visits included.
+  const ref8 = resident(x, nSeq, { weights: 'q8' });
+  t.teardown(() => ref8.close());
+  const off8 = OffloadRunner.fromCheckpoint(x.spec, x.m.weights, { weights: 'q8', threads: 2, kvBlockSize: BLOCK, kvBlocks: nSeq * BLOCKS_PER_SEQ, capacity: '0.3125', policy: 'predictive', lookahead: 2, dir });
+  t.teardown(() => off8.close());
+  t.same(compare(ref8, off8, x.vocabLimit, nSeq, 6, 4), [], 'q8 at 10 slots: bitwise equal');
+  t.ok(off8.offloadStats().layers.reduce((a, l) => a + l.streamedVisits, 0) > 0, 'visits streamed');
   const q = measurePregating(ref.engine, { layers: 4, experts: 32, topK: 8 }, [[{ seqId: 0, tokens: Uint32Array.from([5, 6, 7, 8, 9]), startPos: 0, blockTable: Int32Array.from([0]), wantLogits: true }]], 2, packBatch);
   t.equal(q.length, 2);
   t.ok(q[0].actual === 5 * 8 * 3 && q[0].recall > 0.25, `distance 1 recall ${q[0].recall}`);
-  const spec: ModelSpec = x.spec;
-  t.ok(spec.numLayers === 4);
+});
+
+t.test('moe-serve generate: --offload-* flags give the same greedy text as the resident engine', { skip: nativeOffload() ? false : 'this build of the addon has no expert store yet' }, async (t) => {
+  const { runGenerate } = await import('../src/cli/generate-cmd.js');
+  const x = await model(t, 'qwen3_moe', 4);
+  const run = async (extra: object) => {
+    let text = '';
+    await runGenerate({ model: x.dir, prompt: 'Experts in a mixture', chat: false, maxTokens: 24, temperature: 0, topP: 1, topK: 0, seed: 0, weights: 'f32', threads: 2, ...extra }, (s) => (text += s));
+    return text;
+  };
+  const plain = await run({});
+  const offloaded = await run({ offload: { capacity: '0.25', policy: 'lru', lookahead: 2, ioThreads: 1, dir: tempDir(t) } });
+  t.ok(plain.length > 1);
+  t.equal(offloaded, plain);
+  const { generateCommand } = await import('../src/cli/generate-cmd.js');
+  await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-policy', 'lru']), /--offload-policy needs --offload-capacity/);
+  await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-policy', 'belady']), /--offload-policy must be one of lru, lfu, lfu-decay, predictive/);
 });

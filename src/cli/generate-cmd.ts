@@ -6,21 +6,41 @@ import type { ModelRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../model/checkpoint.js';
 import { ReferenceModel } from '../model/reference.js';
 import { IncrementalDecoder } from '../model/tokenizer.js';
-import { choiceOpt, intOpt, numOpt, parse, required } from './args.js';
+import { choiceOpt, intOpt, numOpt, parse, required, UsageError } from './args.js';
+import { OffloadRunner } from '../offload/offload-runner.js';
+import { ONLINE_POLICY_NAMES, DEFAULT_ONLINE_POLICY } from '../offload/policies.js';
+import { RoutingReplay } from '../offload/replay.js';
+import type { OffloadOptions } from '../engine/protocol.js';
 
 export const WEIGHT_CHOICES = ['auto', ...Object.keys(WEIGHT_FORMATS)] as readonly string[] as readonly ('auto' | WeightFormat)[];
 
 
-/** The runner a command asked for: the native engine (default) or the reference pass. */
-export function makeRunner(m: OpenedModel, engine: 'native' | 'reference', weights: 'auto' | WeightFormat, threads: number, positions: number): ModelRunner | ReferenceModel {
-  if (engine === 'reference') return ReferenceModel.fromSource(m.spec, (name) => m.weights.float32(name));
+/**
+ * The runner a command asked for: the native engine (default), optionally with its experts
+ * offloaded and/or its routing replayed from a trace, or the reference pass.
+ */
+export function makeRunner(
+  m: OpenedModel,
+  engine: 'native' | 'reference',
+  weights: 'auto' | WeightFormat,
+  threads: number,
+  positions: number,
+  extra: { offload?: OffloadOptions; replay?: RoutingReplay } = {},
+): ModelRunner | ReferenceModel {
+  if (engine === 'reference') {
+    if (extra.offload || extra.replay) throw new UsageError('--offload-capacity and --offload-replay-trace need the native engine');
+    return ReferenceModel.fromSource(m.spec, (name) => m.weights.float32(name));
+  }
   const blockSize = 16;
-  return NativeRunner.fromCheckpoint(m.spec, m.weights, {
+  const base = {
     weights: weights === 'auto' ? storedFormat(m) : weights,
     threads,
     kvBlockSize: blockSize,
     kvBlocks: Math.ceil(positions / blockSize),
-  });
+    replay: extra.replay,
+  };
+  if (extra.offload) return OffloadRunner.fromCheckpoint(m.spec, m.weights, { ...base, ...extra.offload });
+  return NativeRunner.fromCheckpoint(m.spec, m.weights, base);
 }
 
 const HELP = `usage: moe-serve generate --model DIR --prompt TEXT [options]
@@ -40,6 +60,13 @@ options:
   --engine E         native | reference (the plain TypeScript oracle) [native]
   --weights W        weights in memory: auto (as stored) | f32 | bf16 | f16 | q8 | q4 [auto]
   --threads N        compute threads [all cores]
+  --offload-capacity C     offload experts to a file, caching C of them in RAM: a fraction
+                           (0.25, 25%) or bytes (512MiB), split equally across layers [off]
+  --offload-policy P       expert cache policy: ${ONLINE_POLICY_NAMES.join(' | ')} [${DEFAULT_ONLINE_POLICY}]
+  --offload-lookahead N    layers ahead to prefetch; 0: no prefetch [2]
+  --offload-io-threads N   expert reader threads [2]
+  --offload-dir DIR        directory of the expert file [OS temporary directory]
+  --offload-replay-trace F take each token's experts from a moe-trace v1 file
 `;
 
 export interface GenerateArgs {
@@ -55,6 +82,9 @@ export interface GenerateArgs {
   engine?: 'native' | 'reference';
   weights?: 'auto' | WeightFormat;
   threads?: number;
+  offload?: OffloadOptions;
+  /** Path of a moe-trace v1 file for routing replay. */
+  replayTrace?: string;
 }
 
 export async function runGenerate(a: GenerateArgs, out: (s: string) => void): Promise<void> {
@@ -74,7 +104,8 @@ export async function runGenerate(a: GenerateArgs, out: (s: string) => void): Pr
       throw new Error(`the prompt has ${promptIds.length} tokens; the model's context is ${m.spec.maxPositionEmbeddings}`);
     }
     const positions = Math.min(m.spec.maxPositionEmbeddings, promptIds.length + a.maxTokens);
-    const model = makeRunner(m, a.engine ?? 'native', a.weights ?? 'auto', a.threads ?? availableParallelism(), positions);
+    const replay = a.replayTrace ? await RoutingReplay.load(a.replayTrace, { layers: m.spec.numLayers, experts: m.spec.numExperts }) : undefined;
+    const model = makeRunner(m, a.engine ?? 'native', a.weights ?? 'auto', a.threads ?? availableParallelism(), positions, { offload: a.offload, replay });
     const stopIds = [...new Set([...m.spec.eosTokenIds, ...tok.eosTokenIds])];
     const dec = new IncrementalDecoder(tok);
     const gen = generateTokens(model, promptIds, {
@@ -96,6 +127,23 @@ export async function runGenerate(a: GenerateArgs, out: (s: string) => void): Pr
   }
 }
 
+/** --offload-* flags → offload options (undefined without --offload-capacity). */
+function offloadFlags(v: Record<string, string | boolean | undefined>): OffloadOptions | undefined {
+  const cap = v['offload-capacity'];
+  const others = ['offload-policy', 'offload-lookahead', 'offload-io-threads', 'offload-dir'].filter((f) => v[f] !== undefined);
+  if (typeof cap !== 'string' || cap === '') {
+    if (others.length > 0) throw new UsageError(`--${others[0]} needs --offload-capacity`);
+    return undefined;
+  }
+  return {
+    capacity: cap,
+    policy: choiceOpt(v, 'offload-policy', ONLINE_POLICY_NAMES, DEFAULT_ONLINE_POLICY),
+    lookahead: intOpt(v, 'offload-lookahead', 2, 0, 64),
+    ioThreads: intOpt(v, 'offload-io-threads', 2, 1, 256),
+    ...(typeof v['offload-dir'] === 'string' && v['offload-dir'] !== '' ? { dir: v['offload-dir'] } : {}),
+  };
+}
+
 export const generateCommand = {
   summary: "print a model's continuation of a prompt",
   async run(argv: string[]): Promise<number> {
@@ -112,6 +160,12 @@ export const generateCommand = {
       engine: { type: 'string' },
       weights: { type: 'string' },
       threads: { type: 'string' },
+      'offload-capacity': { type: 'string' },
+      'offload-policy': { type: 'string' },
+      'offload-lookahead': { type: 'string' },
+      'offload-io-threads': { type: 'string' },
+      'offload-dir': { type: 'string' },
+      'offload-replay-trace': { type: 'string' },
     });
     if (v.help) {
       process.stdout.write(HELP);
@@ -131,6 +185,8 @@ export const generateCommand = {
         engine: choiceOpt(v, 'engine', ['native', 'reference'] as const, 'native'),
         weights: choiceOpt(v, 'weights', WEIGHT_CHOICES, 'auto'),
         threads: intOpt(v, 'threads', availableParallelism(), 1, 1024),
+        offload: offloadFlags(v),
+        replayTrace: typeof v['offload-replay-trace'] === 'string' && v['offload-replay-trace'] !== '' ? v['offload-replay-trace'] : undefined,
       },
       (s) => process.stdout.write(s),
     );

@@ -79,10 +79,12 @@ export interface EngineStats {
 
 /** Counters of one layer's expert cache since the engine started. */
 export interface OffloadLayerStats {
-  /** Visits of the layer (one per step, or per part of a split step). */
+  /** Visits of the layer (one per step). */
   visits: number;
   /** Visits that had to wait for at least one expert still being read. */
   stalledVisits: number;
+  /** Visits that needed more experts than the layer's slots and streamed them through the slots. */
+  streamedVisits: number;
   /** Needed (expert, visit) pairs that were resident or loading (prefetched ones included). */
   hits: number;
   /** Needed (expert, visit) pairs loaded on demand. */
@@ -112,8 +114,6 @@ export interface OffloadStats {
   /** Expert reads completed by the store, and their bytes. */
   loads: number;
   bytesLoaded: number;
-  /** Steps split into smaller ones because a layer needed more experts than it has slots. */
-  splitSteps: number;
   layers: OffloadLayerStats[];
   /** Pre-gating quality per lookahead distance (predicted top-k vs the routing used). */
   prediction: { distance: number; predicted: number; actual: number; hits: number; recall: number; precision: number }[];

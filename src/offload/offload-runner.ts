@@ -17,16 +17,13 @@
 // engine's, so logits are bitwise those of the all-resident NativeRunner.
 //
 // Capacity. The budget is split equally across layers (capacity.ts): every layer has
-// `slotsPerLayer` slots. A layer's experts are computed in one call, so a visit needs all
-// of its distinct experts resident at once: when a step's batch needs more experts at
-// some layer than the layer has slots (a long prompt chunk, many sequences), the step is
-// split: the tokens are packed, in order, into smaller steps whose routing fits every
-// layer seen so far, and those run one after the other (a sequence's chunk becomes
-// consecutive sub-chunks; KV entries written by the abandoned attempt are rewritten with
-// the same values). With f32/bf16/f16 weights the engine's results do not depend on the
-// batch's composition, so split steps are still bitwise equal to the resident run; with
-// q8/q4 the 8-bit activation kernels group tokens differently and results agree within
-// the engine's batch variance, not bit for bit.
+// `slotsPerLayer` slots. When a visit needs more distinct experts than its layer has
+// slots (a long prompt chunk, many sequences at once), the policy's decision streams
+// them through the slots: a load that evicts an expert of the same visit comes after
+// that expert has run. The runner follows the decision in order and, before such an
+// eviction, runs the visit's experts held so far with expertsPart(); experts() runs the
+// rest and completes the layer. The engine combines the parts exactly as one call, so
+// streamed visits are bitwise equal too, in every weight format.
 //
 // Prefetch probabilities. For a target layer m = l + d and each token, the expert ids in
 // the token's pre-gating top-k at m are used with probability precision(d) (measured
@@ -68,6 +65,7 @@ export type OffloadEngine = Pick<
   | 'beginStep'
   | 'attention'
   | 'experts'
+  | 'expertsPart'
   | 'endStep'
   | 'route'
   | 'predictRouter'
@@ -112,19 +110,8 @@ const STATE_QUEUED = 1;
 const STATE_READING = 2;
 const STATE_RESIDENT = 3;
 
-/** A run of one sequence's new tokens inside a (possibly split) step. */
-interface Piece {
-  /** Index of the sequence in the step's batch. */
-  entry: number;
-  /** Offsets into that sequence's new tokens. */
-  from: number;
-  to: number;
-}
-
-type PartResult = { logits: Float32Array } | { overflowLayer: number; routings: Int32Array[] };
-
 function emptyLayerStats(): OffloadLayerStats {
-  return { visits: 0, stalledVisits: 0, hits: 0, misses: 0, prefetchIssued: 0, prefetchUsed: 0, prefetchWasted: 0, prefetchCancelled: 0, stallSeconds: 0 };
+  return { visits: 0, stalledVisits: 0, streamedVisits: 0, hits: 0, misses: 0, prefetchIssued: 0, prefetchUsed: 0, prefetchWasted: 0, prefetchCancelled: 0, stallSeconds: 0 };
 }
 
 export class OffloadRunner implements ModelRunner {
@@ -151,7 +138,9 @@ export class OffloadRunner implements ModelRunner {
   /** Per live sequence, per layer: the experts of its last token. */
   private readonly lastRouting = new Map<number, (Int32Array | null)[]>();
   private readonly pinned: Set<number>[];
-  private splitSteps = 0;
+  /** The store's slots as the runner filled them: (layer, slot) → expert, (layer, expert) → slot. */
+  private readonly slotExpert: Int32Array;
+  private readonly expertSlot: Int32Array;
   private closed = false;
 
   constructor(
@@ -183,6 +172,8 @@ export class OffloadRunner implements ModelRunner {
     this.reuseHits = new Float64Array(this.L);
     this.reusePrev = new Float64Array(this.L);
     this.pinned = Array.from({ length: this.L }, () => new Set<number>());
+    this.slotExpert = new Int32Array(this.L * slots).fill(-1);
+    this.expertSlot = new Int32Array(this.L * this.E).fill(-1);
   }
 
   /** Packs the checkpoint's weights into an engine whose routed experts are offloaded to a file. */
@@ -235,86 +226,6 @@ export class OffloadRunner implements ModelRunner {
 
   step(batch: StepSequence[]): StepOutput {
     if (this.closed) throw new Error('the offload runner is closed');
-    const V = this.spec.vocabSize;
-    const rowsWanted = batch.filter((s) => s.wantLogits).length;
-    const logits = new Float32Array(rowsWanted * V);
-    const rowOf = new Int32Array(batch.length).fill(-1);
-    let r = 0;
-    batch.forEach((s, i) => {
-      if (s.wantLogits) rowOf[i] = r++;
-    });
-    const queue: Piece[][] = [batch.map((s, i) => ({ entry: i, from: 0, to: s.tokens.length }))];
-    let split = false;
-    while (queue.length > 0) {
-      const part = queue.shift()!;
-      const sub = part.map((p) => {
-        const s = batch[p.entry];
-        return {
-          seqId: s.seqId,
-          tokens: s.tokens.subarray(p.from, p.to),
-          startPos: s.startPos + p.from,
-          blockTable: s.blockTable,
-          wantLogits: s.wantLogits && p.to === s.tokens.length,
-        };
-      });
-      const res = this.runPart(sub);
-      if ('logits' in res) {
-        let row = 0;
-        sub.forEach((s, i) => {
-          if (!s.wantLogits) return;
-          logits.set(res.logits.subarray(row * V, (row + 1) * V), rowOf[part[i].entry] * V);
-          row++;
-        });
-      } else {
-        split = true;
-        queue.unshift(...this.splitPart(part, res.routings));
-      }
-    }
-    if (split) this.splitSteps++;
-    return { logits, rows: rowsWanted };
-  }
-
-  /**
-   * Packs a part's tokens, in order, into parts whose distinct experts fit the slots at
-   * every layer of `routings` (the routing of each layer reached before the overflow).
-   */
-  private splitPart(part: Piece[], routings: Int32Array[]): Piece[][] {
-    const K = this.k;
-    const C = this.slotsPerLayer;
-    const layers = routings.length;
-    const sets = Array.from({ length: layers }, () => new Set<number>());
-    const out: Piece[][] = [];
-    let cur: Piece[] = [];
-    const close = () => {
-      if (cur.length > 0) out.push(cur);
-      cur = [];
-      for (const s of sets) s.clear();
-    };
-    let t = 0; // token index in the part
-    for (const p of part) {
-      let start = p.from;
-      for (let i = p.from; i < p.to; i++, t++) {
-        let fits = true;
-        for (let l = 0; l < layers && fits; l++) {
-          let extra = 0;
-          for (let j = 0; j < K; j++) if (!sets[l].has(routings[l][t * K + j])) extra++;
-          if (sets[l].size + extra > C) fits = false;
-        }
-        if (!fits) {
-          if (i > start) cur.push({ entry: p.entry, from: start, to: i });
-          close();
-          start = i;
-        }
-        for (let l = 0; l < layers; l++) for (let j = 0; j < K; j++) sets[l].add(routings[l][t * K + j]);
-      }
-      if (p.to > start) cur.push({ entry: p.entry, from: start, to: p.to });
-    }
-    close();
-    return out;
-  }
-
-  /** Runs one step of the engine over `batch`; reports the first layer whose experts do not fit the slots. */
-  private runPart(batch: StepSequence[]): PartResult {
     const e = this.engine;
     const L = this.L;
     const E = this.E;
@@ -334,40 +245,42 @@ export class OffloadRunner implements ModelRunner {
     e.beginStep(tokens, seqs, blocks);
     for (let l = 0; l < L; l++) {
       const routerLogits = e.attention(l);
-      let ids: Int32Array;
-      let w: Float32Array;
-      if (this.replay) {
-        const r = this.replay.route(l, routerLogits, meta);
-        ids = r.ids;
-        w = r.weights;
-      } else {
-        const r = e.route(routerLogits, T);
-        ids = r.ids;
-        w = r.weights;
-      }
+      const r = this.replay ? this.replay.route(l, routerLogits, meta) : e.route(routerLogits, T);
+      const ids = r.ids;
+      const w = r.weights;
       routings.push(ids);
       weightsOf.push(w);
       const distinct = distinctIds(ids, E);
-      if (distinct.length > this.slotsPerLayer) return { overflowLayer: l, routings };
-      this.serveLayer(l, distinct, meta, ids);
-      if (this.lookahead > 0 && l + 1 < L) this.prefetchAfter(l, T, predicted, firstOfSeq);
+      // Pre-gating reads the hidden state before any of the layer's experts run; its
+      // prefetches are issued after the visit's demand loads, which the store serves first.
+      const to = Math.min(L - 1, l + this.lookahead);
+      const pred = to > l ? e.predictRouter(l, to) : null;
+      const ran = this.serveLayer(l, distinct, meta, ids, w);
+      if (pred) this.prefetchAfter(l, to, pred, T, predicted, firstOfSeq);
       const st = this.layerStats[l];
       st.visits++;
+      let left = 0;
+      let stalled = false;
       for (const x of distinct) {
-        if (e.expertState(l, x) !== STATE_RESIDENT) {
-          st.stalledVisits++;
-          break;
-        }
+        if (ran.has(x)) continue;
+        left++;
+        if (!stalled && e.expertState(l, x) !== STATE_RESIDENT) stalled = true;
       }
-      e.experts(l, ids, w, K);
+      if (stalled) st.stalledVisits++;
+      if (left > 0) e.experts(l, ids, w, K);
     }
     const logits = e.endStep();
     this.commit(meta, T, routings, weightsOf, predicted, firstOfSeq, lastOfSeq);
-    return { logits };
+    return { logits, rows: logits.length / this.spec.vocabSize };
   }
 
   /** Makes a visit's experts resident or loading, as the policy decides. */
-  private serveLayer(l: number, distinct: number[], meta: StepTokens, ids: Int32Array): void {
+  /**
+   * Makes a visit's experts resident or loading, as the policy decides; when the decision
+   * streams the visit through the slots, runs the experts held so far before evicting one
+   * of them. Returns the experts that already ran.
+   */
+  private serveLayer(l: number, distinct: number[], meta: StepTokens, ids: Int32Array, w: Float32Array): Set<number> {
     const e = this.engine;
     const E = this.E;
     const st = this.layerStats[l];
@@ -379,6 +292,7 @@ export class OffloadRunner implements ModelRunner {
         // Stale: not needed by the visit it was fetched for. Withdraw it if its read has not started.
         if (e.expertState(l, x) === STATE_QUEUED && e.cancelLoad(l, x)) {
           this.policy.cancelPrefetch(l, x);
+          this.setSlot(l, this.expertSlot[l * E + x], -1);
           this.unusedPrefetch[l * E + x] = 0;
           st.prefetchCancelled++;
         }
@@ -393,11 +307,33 @@ export class OffloadRunner implements ModelRunner {
       observer.observeRouting(l, tokens);
     }
     const d = this.policy.request(l, distinct);
-    for (const ev of d.evictions) {
-      this.noteEvicted(l, ev.expert);
-      e.evictSlot(l, ev.slot);
+    const C = this.slotsPerLayer;
+    const need = new Set(distinct);
+    const ran = new Set<number>();
+    let p = 0;
+    for (const ld of d.loads) {
+      const occ = this.slotExpert[l * C + ld.slot];
+      if (occ >= 0) {
+        // The policy evicted the slot's expert for this load (decisions list them in the same order).
+        const ev = d.evictions[p++];
+        if (!ev || ev.slot !== ld.slot || ev.expert !== occ) {
+          throw new Error(`offload: layer ${l}: the policy's evictions do not match its loads (slot ${ld.slot} holds ${occ}, eviction ${JSON.stringify(ev)})`);
+        }
+        if (need.has(occ) && !ran.has(occ)) {
+          // Streaming: run every expert of the visit held so far before the slot is reused.
+          const part = distinct.filter((x) => this.expertSlot[l * E + x] >= 0 && !ran.has(x));
+          e.expertsPart(l, ids, w, this.k, Int32Array.from(part));
+          for (const x of part) ran.add(x);
+        }
+        this.noteEvicted(l, occ);
+        e.evictSlot(l, ld.slot);
+        this.setSlot(l, ld.slot, -1);
+      }
+      e.loadExpert(l, ld.expert, ld.slot);
+      this.setSlot(l, ld.slot, ld.expert);
     }
-    for (const ld of d.loads) e.loadExpert(l, ld.expert, ld.slot);
+    if (p !== d.evictions.length) throw new Error(`offload: layer ${l}: ${d.evictions.length - p} eviction(s) of the policy without a load`);
+    if (ran.size > 0) st.streamedVisits++;
     for (const x of d.prefetchHits) {
       if (this.unusedPrefetch[l * E + x]) {
         this.unusedPrefetch[l * E + x] = 0;
@@ -406,6 +342,16 @@ export class OffloadRunner implements ModelRunner {
     }
     st.hits += d.hits.length;
     st.misses += d.loads.length;
+    return ran;
+  }
+
+  /** Records what a slot of the store holds (-1: empty). */
+  private setSlot(l: number, slot: number, expert: number): void {
+    const C = this.slotsPerLayer;
+    const old = this.slotExpert[l * C + slot];
+    if (old >= 0) this.expertSlot[l * this.E + old] = -1;
+    this.slotExpert[l * C + slot] = expert;
+    if (expert >= 0) this.expertSlot[l * this.E + expert] = slot;
   }
 
   private noteEvicted(l: number, expert: number): void {
@@ -417,13 +363,11 @@ export class OffloadRunner implements ModelRunner {
     this.pinned[l].delete(expert);
   }
 
-  /** Pre-gating after layer l's attention: predictions for l+1 .. l+lookahead, and prefetches from them. */
-  private prefetchAfter(l: number, T: number, predicted: { distance: number; ids: Int32Array }[][], firstOfSeq: Map<number, number>): void {
+  /** Pre-gating after layer l's attention (`pred`: logits of layers l+1 .. to): predictions, and prefetches from them. */
+  private prefetchAfter(l: number, to: number, pred: Float32Array, T: number, predicted: { distance: number; ids: Int32Array }[][], firstOfSeq: Map<number, number>): void {
     const e = this.engine;
     const E = this.E;
     const K = this.k;
-    const to = Math.min(this.L - 1, l + this.lookahead);
-    const pred = e.predictRouter(l, to);
     if (pred.length !== (to - l) * T * E) throw new Error(`predictRouter(${l}, ${to}) returned ${pred.length} logits, expected ${(to - l) * T * E}`);
     let room = this.maxQueued - this.queuedPrefetches();
     for (let d = 1; d <= to - l; d++) {
@@ -438,8 +382,10 @@ export class OffloadRunner implements ModelRunner {
         if (p.evicted >= 0) {
           this.noteEvicted(m, p.evicted);
           e.evictSlot(m, p.slot);
+          this.setSlot(m, p.slot, -1);
         }
         e.loadExpert(m, p.expert, p.slot);
+        this.setSlot(m, p.slot, p.expert);
         this.unusedPrefetch[m * E + p.expert] = 1;
         this.outstanding[m].add(p.expert);
         this.layerStats[m].prefetchIssued++;
@@ -539,7 +485,6 @@ export class OffloadRunner implements ModelRunner {
       direct: s.direct,
       loads: s.loads,
       bytesLoaded: s.bytesRead,
-      splitSteps: this.splitSteps,
       layers: this.layerStats.map((x, l) => ({ ...x, stallSeconds: s.stallSeconds[l] ?? 0 })),
       prediction: this.lookahead > 0 ? this.prediction.snapshot() : [],
     };

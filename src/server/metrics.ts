@@ -116,6 +116,7 @@ export class ServerMetrics {
     perLayer('moe_expert_stall_seconds_total', 'Time steps waited for experts still being read, by layer.', (l) => l.stallSeconds);
     perLayer('moe_expert_layer_visits_total', 'Layer visits of the offloading engine, by layer.', (l) => l.visits);
     perLayer('moe_expert_stalled_visits_total', 'Layer visits that waited for at least one expert read, by layer.', (l) => l.stalledVisits);
+    perLayer('moe_expert_streamed_visits_total', 'Layer visits that needed more experts than the layer has slots and streamed them through the slots, by layer.', (l) => l.streamedVisits);
     const total = (name: string, help: string, pick: (o: OffloadStats) => number) => {
       let seen = 0;
       new Counter({
@@ -133,7 +134,6 @@ export class ServerMetrics {
     };
     total('moe_expert_loads_total', 'Expert reads completed by the expert store.', (o) => o.loads);
     total('moe_expert_loaded_bytes_total', 'Bytes of expert reads completed by the expert store.', (o) => o.bytesLoaded);
-    total('moe_expert_split_steps_total', 'Engine steps split because a layer needed more experts than its slots.', (o) => o.splitSteps);
     const gauge = (name: string, help: string, pick: (o: OffloadStats) => number) =>
       new Gauge({
         name,

@@ -1,8 +1,9 @@
 // A test double of the native expert store: a resident NativeEngine (every expert in
 // RAM, so the arithmetic is the real engine's) with the offloading calls of the addon
-// contract simulated in TypeScript. It enforces what the real store enforces: experts(l)
-// only accepts experts that are queued, reading or resident in a slot of layer l; a slot
-// holds one expert; a load replaces what the slot held. Reads complete in FIFO order,
+// contract simulated in TypeScript. It enforces what the real store enforces:
+// experts(l) / expertsPart(l) only run experts that are queued, reading or resident in a
+// slot of layer l (experts() only the ones no expertsPart ran); a slot holds one expert;
+// a load replaces what the slot held. Reads complete in FIFO order,
 // `readsPerLayer` of them at every attention() call (I/O progressing while the step
 // computes), and experts() completes the ones it needs (counting a stall).
 // predictRouter is approximated by repeating the current layer's router logits (the
@@ -24,6 +25,10 @@ export class FakeOffloadStore implements OffloadEngine {
   readonly calls = { loadExpert: 0, cancelLoad: 0, cancelled: 0, evictSlot: 0, predictRouter: 0, experts: 0 };
   private loads = 0;
   private stalls: number[];
+  /** Experts of the current layer already run by expertsPart. */
+  private ran = new Set<number>();
+  /** Visits streamed through expertsPart. */
+  parts = 0;
 
   constructor(
     readonly inner: NativeEngine,
@@ -47,21 +52,35 @@ export class FakeOffloadStore implements OffloadEngine {
   attention(layer: number): Float32Array {
     for (let i = 0; i < (this.opts.readsPerLayer ?? 1); i++) this.completeOne();
     this.lastLogits = this.inner.attention(layer);
+    this.ran.clear();
     return this.lastLogits;
   }
 
   experts(layer: number, ids: Int32Array, weights: Float32Array, k: number): void {
     this.calls.experts++;
-    for (const e of ids) {
+    this.acquire(layer, ids.filter((e) => !this.ran.has(e)), 'experts');
+    this.inner.experts(layer, ids, weights, k);
+  }
+
+  expertsPart(layer: number, ids: Int32Array, weights: Float32Array, k: number, subset: Int32Array): number {
+    this.parts++;
+    for (const e of subset) if (this.ran.has(e)) throw new Error(`fake store: expert ${e} of layer ${layer} already ran`);
+    this.acquire(layer, subset, 'expertsPart');
+    for (const e of subset) this.ran.add(e);
+    return this.inner.expertsPart(layer, ids, weights, k, subset);
+  }
+
+  /** Waits for the experts a call runs; each must be queued, reading or resident. */
+  private acquire(layer: number, experts: Int32Array, call: string): void {
+    for (const e of experts) {
       const st = this.state[layer * this.E + e];
-      if (st === 0) throw new Error(`fake store: experts(${layer}) got expert ${e}, which is neither resident nor loading`);
+      if (st === 0) throw new Error(`fake store: ${call}(${layer}) got expert ${e}, which is neither resident nor loading`);
       if (st !== 3) {
         // Wait: complete reads in FIFO order until this one is done.
         while (this.state[layer * this.E + e] !== 3) this.completeOne();
         this.stalls[layer] += 1e-6;
       }
     }
-    this.inner.experts(layer, ids, weights, k);
   }
 
   endStep(): Float32Array {
