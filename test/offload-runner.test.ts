@@ -116,15 +116,16 @@ t.test('capacity: fractions and byte budgets become slots per layer', async (t) 
   t.throws(() => parseCapacity('2'), /fraction and must be in \(0, 1\]/);
   t.throws(() => parseCapacity('12XB'), /unknown unit "XB"/);
 
-  const shape = { layers: 48, experts: 128, topK: 8, slotBytes: 5 << 20 };
+  const shape = { layers: 48, experts: 128, slotBytes: 5 << 20 };
   t.equal(slotsPerLayer('0.25', shape), 32);
   t.equal(slotsPerLayer('100%', shape), 128);
   // 48 layers × 32 slots × 5 MiB = 7.5 GiB; a byte above or below.
   t.equal(slotsPerLayer(String(48 * 32 * (5 << 20)) + 'B', shape), 32);
   t.equal(slotsPerLayer(String(48 * 32 * (5 << 20) - 1) + 'B', shape), 31);
   t.equal(slotsPerLayer('1TiB', shape), 128, 'clamped to the experts');
-  t.throws(() => slotsPerLayer('0.05', shape), /gives 6 slot\(s\) per layer.*at least 8 slots per layer/);
-  t.throws(() => slotsPerLayer('100MiB', shape), /at least 8 slots per layer/);
+  t.equal(slotsPerLayer('0.05', shape), 6, 'fewer slots than top-k are allowed (visits stream)');
+  t.throws(() => slotsPerLayer('0.005', shape), /0.005 of 128 experts per layer gives no expert slot per layer; at least one slot per layer is needed \(fraction 0.00781, or 251658240 bytes\)/);
+  t.throws(() => slotsPerLayer('100MiB', shape), /gives no expert slot per layer/);
   const s = expertSlotBytes('q8_0', 2048, 768);
   t.equal(s.expertBytes, 3 * 2048 * 768 * 34 / 32);
   t.equal(s.slotBytes % 4096, 0);
@@ -204,6 +205,27 @@ for (const arch of ['qwen3_moe', 'mixtral'] as const) {
   }
 }
 
+t.test('fewer slots than top-k: every visit streams, still bitwise equal (store double)', async (t) => {
+  const x = await model(t, 'qwen3_moe', 3); // top-8 of 32
+  const ref = resident(x, 3);
+  t.teardown(() => ref.close());
+  for (const slots of [1, 3]) {
+    for (const policy of ['lru', 'predictive']) {
+      const { runner, store } = faked(x, 3, slots, { policy, lookahead: 2 });
+      t.same(compare(ref, runner, x.vocabLimit, 3, 6), [], `${slots} slot(s), ${policy}`);
+      const st = runner.offloadStats();
+      t.equal(
+        st.layers.reduce((a, l) => a + l.streamedVisits, 0),
+        st.layers.reduce((a, l) => a + l.visits, 0),
+        'every visit streamed',
+      );
+      t.ok(store.parts > 0);
+      t.same(runner.audit(), []);
+      runner.close();
+    }
+  }
+});
+
 t.test('stale prefetches still queued are cancelled in the store and the policy', async (t) => {
   const x = await model(t, 'qwen3_moe', 4);
   const ref = resident(x, 4);
@@ -245,7 +267,7 @@ t.test('bad offload settings give clear errors', async (t) => {
   const x = await model(t, 'qwen3_moe', 2);
   const ckpt = x.m.weights;
   const base = { weights: 'f32' as const, threads: 1, kvBlockSize: BLOCK, kvBlocks: 8, policy: 'lru' };
-  t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.1' }), /gives 3 slot\(s\) per layer.*at least 8 slots/);
+  t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.01' }), /gives no expert slot per layer/);
   t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: 'lots' }), /expert cache capacity "lots": not a number/);
   t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.5', dir: '/nonexistent/moe-serve' }), /offload directory "\/nonexistent\/moe-serve" is not a writable directory/);
   t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.5', ioThreads: 0 }), /I\/O threads must be an integer in \[1, 256\]/);
@@ -254,7 +276,8 @@ t.test('bad offload settings give clear errors', async (t) => {
   const store = new FakeOffloadStore(inner, { layers: 2, experts: 32 }, 8);
   t.throws(() => new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: 8 }, store, 8, { policy: 'belady' }), /belady needs the future/);
   t.throws(() => new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: 8 }, store, 8, { lookahead: -1 }), /lookahead must be an integer >= 0/);
-  t.throws(() => new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: 8 }, store, 4), /slots per layer must be an integer in \[8, 32\]/);
+  t.throws(() => new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: 8 }, store, 0), /slots per layer must be an integer in \[1, 32\]/);
+  t.throws(() => new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: 8 }, store, 33), /slots per layer must be an integer in \[1, 32\]/);
 });
 
 // ---- Routing replay ----
@@ -347,6 +370,7 @@ t.test('native expert store: bitwise equal to resident, prefetch and pre-gating 
   t.teardown(() => ref.close());
   const dir = tempDir(t);
   for (const [capacity, slots] of [
+    ['0.1', 3],
     ['0.3125', 10],
     ['75%', 24],
   ] as const) {

@@ -167,8 +167,8 @@ t.test('bad offload settings fail clearly', async (t) => {
 
   // Errors found when the engine loads reach `ready`.
   const base = { modelDir: tinyModelDir(t), modelId: MODEL_ID, runner: 'native' as const, kvBlockSize: 16, kvBlocks: 32, maxBatchTokens: 64, maxRunning: 2, maxWaiting: 2, policy: 'fcfs' };
-  const small = startEngine({ ...base, offload: { capacity: '0.1', policy: 'lru', lookahead: 2, ioThreads: 1 } });
-  await t.rejects(small.ready, /gives 3 slot\(s\) per layer, but each token is routed to 8 experts per layer, so at least 8 slots per layer are needed/);
+  const small = startEngine({ ...base, offload: { capacity: '0.01', policy: 'lru', lookahead: 2, ioThreads: 1 } });
+  await t.rejects(small.ready, /0.01 of 32 experts per layer gives no expert slot per layer; at least one slot per layer is needed/);
   await small.close();
   const noTrace = startEngine({ ...base, replayTrace: join(tempDir(t), 'missing.csv') });
   await t.rejects(noTrace.ready, /ENOENT|no such file/);

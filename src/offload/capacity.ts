@@ -7,8 +7,9 @@
 //   fraction f: slots = floor(f × experts per layer)
 //   bytes B:    slots = floor(B / (layers × bytes of one expert slot))
 //
-// clamped to the experts per layer. A layer needs at least top-k slots (one token's
-// experts must be resident together), so fewer is an error that says what to give.
+// clamped to the experts per layer. A layer needs at least one slot; with fewer slots
+// than top-k every visit streams its experts through the slots (correct, but each token
+// then reads its experts from the slow tier), so a budget below that works and is slow.
 
 const UNITS: Record<string, number> = {
   b: 1,
@@ -90,23 +91,20 @@ export function expertSlotBytes(format: string, hidden: number, width: number): 
 export interface SlotShape {
   layers: number;
   experts: number;
-  topK: number;
   /** Bytes of one expert slot. */
   slotBytes: number;
 }
 
-/** Slots per layer for a capacity (setting text or parsed); throws CapacityError when it is below top-k. */
+/** Slots per layer for a capacity (setting text or parsed); throws CapacityError when it gives no slot. */
 export function slotsPerLayer(capacity: string | CapacitySpec, shape: SlotShape): number {
   const c = typeof capacity === 'string' ? parseCapacity(capacity) : capacity;
   const raw = c.kind === 'fraction' ? Math.floor(c.fraction * shape.experts + 1e-9) : Math.floor(c.bytes / (shape.layers * shape.slotBytes));
-  const slots = Math.min(shape.experts, raw);
-  if (slots < shape.topK) {
-    const minBytes = shape.topK * shape.layers * shape.slotBytes;
+  if (raw < 1) {
     const given = c.kind === 'fraction' ? `${c.fraction} of ${shape.experts} experts per layer` : `${c.bytes} bytes over ${shape.layers} layers of ${shape.slotBytes}-byte expert slots`;
     throw new CapacityError(
-      `expert cache capacity too small: ${given} gives ${raw} slot(s) per layer, but each token is routed to ${shape.topK} experts per layer, ` +
-        `so at least ${shape.topK} slots per layer are needed (fraction ${(shape.topK / shape.experts).toPrecision(3)}, or ${minBytes} bytes)`,
+      `expert cache capacity too small: ${given} gives no expert slot per layer; at least one slot per layer is needed ` +
+        `(fraction ${(1 / shape.experts).toPrecision(3)}, or ${shape.layers * shape.slotBytes} bytes)`,
     );
   }
-  return slots;
+  return Math.min(shape.experts, raw);
 }

@@ -155,9 +155,7 @@ export class OffloadRunner implements ModelRunner {
     this.replay = o.replay;
     this.onRouting = o.onRouting;
     this.k = o.replay ? o.replay.k : spec.topK;
-    if (!Number.isInteger(slots) || slots < this.k || slots > this.E) {
-      throw new Error(`expert slots per layer must be an integer in [${this.k}, ${this.E}] (top-k .. experts), got ${slots}`);
-    }
+    if (!Number.isInteger(slots) || slots < 1 || slots > this.E) throw new Error(`expert slots per layer must be an integer in [1, ${this.E}], got ${slots}`);
     const lookahead = o.lookahead ?? DEFAULT_LOOKAHEAD;
     if (!Number.isInteger(lookahead) || lookahead < 0) throw new Error(`offload lookahead must be an integer >= 0, got ${lookahead}`);
     this.slotsPerLayer = slots;
@@ -174,14 +172,15 @@ export class OffloadRunner implements ModelRunner {
     this.pinned = Array.from({ length: this.L }, () => new Set<number>());
     this.slotExpert = new Int32Array(this.L * slots).fill(-1);
     this.expertSlot = new Int32Array(this.L * this.E).fill(-1);
+    // The policy starts empty: so does the store (an engine may be reused by a new runner).
+    for (let l = 0; l < this.L; l++) for (let s = 0; s < slots; s++) engine.evictSlot(l, s);
   }
 
   /** Packs the checkpoint's weights into an engine whose routed experts are offloaded to a file. */
   static fromCheckpoint(spec: ModelSpec, ckpt: SafetensorsCheckpoint, o: OffloadRunnerOptions): OffloadRunner {
     const format = WEIGHT_FORMATS[o.weights];
     const { slotBytes } = expertSlotBytes(format, spec.hiddenSize, spec.expertIntermediateSize);
-    const k = Math.max(spec.topK, o.replay ? o.replay.k : 0);
-    const slots = slotsPerLayer(o.capacity, { layers: spec.numLayers, experts: spec.numExperts, topK: k, slotBytes });
+    const slots = slotsPerLayer(o.capacity, { layers: spec.numLayers, experts: spec.numExperts, slotBytes });
     const ioThreads = o.ioThreads ?? DEFAULT_IO_THREADS;
     if (!Number.isInteger(ioThreads) || ioThreads < 1 || ioThreads > 256) throw new Error(`offload I/O threads must be an integer in [1, 256], got ${ioThreads}`);
     const dir = o.dir && o.dir !== '' ? o.dir : tmpdir();
