@@ -25,7 +25,8 @@ function help(): string {
   return `usage: moe-serve serve (--model DIR | --demo) [--host 127.0.0.1] [--port 8000] [--config FILE] [options]
 
 Serves the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) plus /health,
-/ready and /metrics. Settings: defaults <- --config file <- environment <- flags.
+/ready, /metrics and, with expert offloading, /v1/internal/experts (the expert cache).
+Settings: defaults <- --config file <- environment <- flags.
 
 options:
 ${rows.join('\n')}
