@@ -226,6 +226,28 @@ t.test('fewer slots than top-k: every visit streams, still bitwise equal (store 
   }
 });
 
+t.test('a failed read fails its step; the cache starts over and later steps are bitwise equal again', async (t) => {
+  const x = await model(t, 'qwen3_moe', 3);
+  const ref = resident(x, 4);
+  t.teardown(() => ref.close());
+  const { runner, store } = faked(x, 4, 12, { policy: 'predictive', lookahead: 2 });
+  t.teardown(() => runner.close());
+  t.same(compare(ref, runner, x.vocabLimit, 2, 3), []);
+  // A new sequence's step: the read of the first expert it needs at layer 0 fails.
+  const prompt = Uint32Array.from([11, 12, 13, 14]);
+  const batch = [{ seqId: 3, tokens: prompt, startPos: 0, blockTable: Int32Array.from({ length: BLOCKS_PER_SEQ }, (_, j) => 3 * BLOCKS_PER_SEQ + j), wantLogits: true }];
+  // Fail whichever expert the step needs first at layer 0: find it from the resident engine's routing.
+  const logits0 = (() => {
+    ref.engine.beginStep(Int32Array.from(prompt), Int32Array.from([0, 4, 1, BLOCKS_PER_SEQ]), batch[0].blockTable);
+    return ref.engine.attention(0);
+  })();
+  store.failNext = { layer: 0, expert: ref.engine.route(logits0, 4).ids[0] };
+  t.throws(() => runner.step(batch), /read of expert \d+ of layer 0 failed/);
+  t.equal(runner.offloadStats().cacheResets, 1, 'the cache started over');
+  t.same(runner.audit(), [], 'store and policy agree after the reset');
+  t.same(compare(ref, runner, x.vocabLimit, 3, 4, 9), [], 'later steps bitwise equal');
+});
+
 t.test('stale prefetches still queued are cancelled in the store and the policy', async (t) => {
   const x = await model(t, 'qwen3_moe', 4);
   const ref = resident(x, 4);

@@ -114,6 +114,8 @@ export interface OffloadStats {
   /** Expert reads completed by the store, and their bytes. */
   loads: number;
   bytesLoaded: number;
+  /** Times a failed step left the cache unknown and the runner started over with it empty. */
+  cacheResets: number;
   layers: OffloadLayerStats[];
   /** Pre-gating quality per lookahead distance (predicted top-k vs the routing used). */
   prediction: { distance: number; predicted: number; actual: number; hits: number; recall: number; precision: number }[];

@@ -116,7 +116,9 @@ function emptyLayerStats(): OffloadLayerStats {
 
 export class OffloadRunner implements ModelRunner {
   readonly slotsPerLayer: number;
-  readonly policy: ExpertCachePolicy;
+  /** The cache policy (replaced by a fresh one when a failed step leaves the cache unknown). */
+  policy: ExpertCachePolicy;
+  private readonly policyName: string;
   readonly lookahead: number;
   /** Experts per token in the routing (the model's top-k, or the replayed trace's k). */
   readonly k: number;
@@ -142,6 +144,8 @@ export class OffloadRunner implements ModelRunner {
   private readonly slotExpert: Int32Array;
   private readonly expertSlot: Int32Array;
   private closed = false;
+  /** Times a failed step made the runner empty the cache. */
+  private cacheResets = 0;
 
   constructor(
     readonly spec: ModelSpec,
@@ -162,7 +166,8 @@ export class OffloadRunner implements ModelRunner {
     this.lookahead = Math.min(lookahead, this.L - 1);
     this.minProb = o.prefetchMinProbability ?? 0.3;
     this.maxQueued = Math.max(1, o.maxQueuedPrefetches ?? 2 * DEFAULT_IO_THREADS);
-    this.policy = createOnlinePolicy(o.policy ?? DEFAULT_ONLINE_POLICY, { layers: this.L, experts: this.E, topK: this.k, capacity: slots }, { prefetch: this.lookahead > 0 });
+    this.policyName = o.policy ?? DEFAULT_ONLINE_POLICY;
+    this.policy = this.newPolicy();
     this.layerStats = Array.from({ length: this.L }, emptyLayerStats);
     this.prediction = new PredictionCounters(Math.max(1, this.lookahead));
     this.unusedPrefetch = new Uint8Array(this.L * this.E);
@@ -173,7 +178,35 @@ export class OffloadRunner implements ModelRunner {
     this.slotExpert = new Int32Array(this.L * slots).fill(-1);
     this.expertSlot = new Int32Array(this.L * this.E).fill(-1);
     // The policy starts empty: so does the store (an engine may be reused by a new runner).
-    for (let l = 0; l < this.L; l++) for (let s = 0; s < slots; s++) engine.evictSlot(l, s);
+    this.emptyStore();
+  }
+
+  private newPolicy(): ExpertCachePolicy {
+    return createOnlinePolicy(this.policyName, { layers: this.L, experts: this.E, topK: this.k, capacity: this.slotsPerLayer }, { prefetch: this.lookahead > 0 });
+  }
+
+  /** Empties every slot of the store and the runner's record of them. */
+  private emptyStore(): void {
+    for (let l = 0; l < this.L; l++) {
+      for (let s = 0; s < this.slotsPerLayer; s++) this.engine.evictSlot(l, s);
+      this.outstanding[l].clear();
+      this.pinned[l].clear();
+    }
+    this.slotExpert.fill(-1);
+    this.expertSlot.fill(-1);
+    this.unusedPrefetch.fill(0);
+  }
+
+  /**
+   * After a failed step (a read error, a bad argument) the store may no longer hold what
+   * the policy believes: start over with an empty store and a fresh policy, so that the
+   * next steps run. Counters are kept; unused prefetches are counted as wasted.
+   */
+  private resetCache(): void {
+    for (let i = 0; i < this.unusedPrefetch.length; i++) if (this.unusedPrefetch[i]) this.layerStats[Math.floor(i / this.E)].prefetchWasted++;
+    this.emptyStore();
+    this.policy = this.newPolicy();
+    this.cacheResets++;
   }
 
   /** Packs the checkpoint's weights into an engine whose routed experts are offloaded to a file. */
@@ -225,6 +258,19 @@ export class OffloadRunner implements ModelRunner {
 
   step(batch: StepSequence[]): StepOutput {
     if (this.closed) throw new Error('the offload runner is closed');
+    try {
+      return this.runStep(batch);
+    } catch (err) {
+      try {
+        this.resetCache();
+      } catch {
+        // The engine itself is unusable; the error below says why.
+      }
+      throw err;
+    }
+  }
+
+  private runStep(batch: StepSequence[]): StepOutput {
     const e = this.engine;
     const L = this.L;
     const E = this.E;
@@ -484,6 +530,7 @@ export class OffloadRunner implements ModelRunner {
       direct: s.direct,
       loads: s.loads,
       bytesLoaded: s.bytesRead,
+      cacheResets: this.cacheResets,
       layers: this.layerStats.map((x, l) => ({ ...x, stallSeconds: s.stallSeconds[l] ?? 0 })),
       prediction: this.lookahead > 0 ? this.prediction.snapshot() : [],
     };

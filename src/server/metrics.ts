@@ -134,6 +134,7 @@ export class ServerMetrics {
     };
     total('moe_expert_loads_total', 'Expert reads completed by the expert store.', (o) => o.loads);
     total('moe_expert_loaded_bytes_total', 'Bytes of expert reads completed by the expert store.', (o) => o.bytesLoaded);
+    total('moe_expert_cache_resets_total', 'Times a failed engine step made the expert cache start over empty.', (o) => o.cacheResets);
     const gauge = (name: string, help: string, pick: (o: OffloadStats) => number) =>
       new Gauge({
         name,

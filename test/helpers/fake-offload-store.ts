@@ -29,6 +29,8 @@ export class FakeOffloadStore implements OffloadEngine {
   private ran = new Set<number>();
   /** Visits streamed through expertsPart. */
   parts = 0;
+  /** Makes the next read of this (layer, expert) fail: the slot is emptied and the call that needs it throws. */
+  failNext: { layer: number; expert: number } | null = null;
 
   constructor(
     readonly inner: NativeEngine,
@@ -73,6 +75,11 @@ export class FakeOffloadStore implements OffloadEngine {
   /** Waits for the experts a call runs; each must be queued, reading or resident. */
   private acquire(layer: number, experts: Int32Array, call: string): void {
     for (const e of experts) {
+      if (this.failNext && this.failNext.layer === layer && this.failNext.expert === e) {
+        this.failNext = null;
+        if (this.state[layer * this.E + e] !== 0) this.drop(layer, e);
+        throw new Error(`fake store: read of expert ${e} of layer ${layer} failed`);
+      }
       const st = this.state[layer * this.E + e];
       if (st === 0) throw new Error(`fake store: ${call}(${layer}) got expert ${e}, which is neither resident nor loading`);
       if (st !== 3) {
