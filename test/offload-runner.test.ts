@@ -19,7 +19,7 @@ import type { Architecture } from '../src/model/spec.js';
 import { CapacityError, expertSlotBytes, parseCapacity, slotsPerLayer } from '../src/offload/capacity.js';
 import { OffloadRunner } from '../src/offload/offload-runner.js';
 import { createOnlinePolicy } from '../src/offload/policies.js';
-import { measurePregating, PredictionCounters, scoreTopK, topKIds } from '../src/offload/prediction.js';
+import { measurePregating, NeedCalibration, PredictionCounters, scoreTopK, topKIds } from '../src/offload/prediction.js';
 import { RoutingReplay } from '../src/offload/replay.js';
 import { FakeOffloadStore } from './helpers/fake-offload-store.js';
 import { tempDir, writeModel } from './helpers/models.js';
@@ -51,9 +51,9 @@ function resident(x: Opened, seqs: number, extra: Partial<Parameters<typeof Nati
 }
 
 /** An offload runner over the TypeScript store double. */
-function faked(x: Opened, seqs: number, slots: number, o: ConstructorParameters<typeof OffloadRunner>[4] = {}, readsPerLayer = 1) {
+function faked(x: Opened, seqs: number, slots: number, o: ConstructorParameters<typeof OffloadRunner>[4] = {}, readsPerLayer = 1, noisyPrediction = false) {
   const inner = resident(x, seqs).engine;
-  const store = new FakeOffloadStore(inner, { layers: x.spec.numLayers, experts: x.spec.numExperts }, slots, { readsPerLayer });
+  const store = new FakeOffloadStore(inner, { layers: x.spec.numLayers, experts: x.spec.numExperts }, slots, { readsPerLayer, noisyPrediction });
   const runner = new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: seqs * BLOCKS_PER_SEQ }, store, slots, o);
   return { runner, store };
 }
@@ -246,6 +246,53 @@ t.test('a failed read fails its step; the cache starts over and later steps are 
   t.equal(runner.offloadStats().cacheResets, 1, 'the cache started over');
   t.same(runner.audit(), [], 'store and policy agree after the reset');
   t.same(compare(ref, runner, x.vocabLimit, 3, 4, 9), [], 'later steps bitwise equal');
+});
+
+t.test('need calibration: overconfident probabilities come down, calibrated ones stay', async (t) => {
+  const c = new NeedCalibration(2);
+  const rng = new Rng(4);
+  // Distance 1: the model says 0.9 for 8 experts, but only one in ten is needed.
+  // Distance 2: the model says 0.75 and three in four are needed.
+  for (let v = 0; v < 200; v++) {
+    const p1 = new Float64Array(32);
+    const n1 = new Uint8Array(32);
+    const p2 = new Float64Array(32);
+    const n2 = new Uint8Array(32);
+    for (let x = 0; x < 8; x++) {
+      p1[x] = 0.9;
+      n1[x] = rng.u32() % 10 === 0 ? 1 : 0;
+      p2[x] = 0.75;
+      n2[x] = rng.u32() % 4 !== 0 ? 1 : 0;
+    }
+    c.observe(1, p1, n1);
+    c.observe(2, p2, n2);
+  }
+  t.ok(Math.abs(c.calibrate(1, 0.9) - 0.1) < 0.03, `overconfident 0.9 → ${c.calibrate(1, 0.9).toFixed(3)}`);
+  t.ok(Math.abs(c.calibrate(2, 0.75) - 0.75) < 0.05, `calibrated 0.75 → ${c.calibrate(2, 0.75).toFixed(3)}`);
+  t.equal(c.calibrate(1, 0.35), 0.35, 'an empty bin keeps the model value');
+  t.equal(c.calibrate(3, 0.5), 0.5, 'beyond the distances: the model value');
+});
+
+t.test('replayed routing that pre-gating cannot predict: prefetching mostly stops', async (t) => {
+  const x = await model(t, 'qwen3_moe', 4);
+  const { path } = writeTrace(tempDir(t));
+  const run = async (replay: boolean) => {
+    const rp = replay ? await RoutingReplay.load(path, { layers: 4, experts: 32 }) : undefined;
+    const { runner } = faked(x, 3, 12, { policy: 'lru', lookahead: 2, replay: rp });
+    const ref = resident(x, 3, { replay: replay ? await RoutingReplay.load(path, { layers: 4, experts: 32 }) : undefined });
+    t.same(compare(ref, runner, x.vocabLimit, 3, 40, 6), []);
+    const st = runner.offloadStats();
+    const issued = st.layers.reduce((a, l) => a + l.prefetchIssued, 0);
+    const used = st.layers.reduce((a, l) => a + l.prefetchUsed, 0);
+    runner.close();
+    ref.close();
+    return { issued, used, precision: st.prediction[0].precision };
+  };
+  const own = await run(false);
+  const replayed = await run(true);
+  t.comment(`own routing: ${own.issued} prefetches, ${own.used} used (precision ${own.precision.toFixed(2)}); replayed: ${replayed.issued}, ${replayed.used} used (precision ${replayed.precision.toFixed(2)})`);
+  t.ok(replayed.precision < own.precision, 'pre-gating predicts the model, not the trace');
+  t.ok(replayed.used / Math.max(1, replayed.issued) >= 0.3 || replayed.issued < own.issued / 2, 'prefetches from poor predictions are few or still mostly useful');
 });
 
 t.test('stale prefetches still queued are cancelled in the store and the policy', async (t) => {

@@ -29,8 +29,9 @@
 // the token's pre-gating top-k at m are used with probability precision(d) (measured
 // online: hits / predicted at that distance), and each sequence's experts at m for its
 // previous token are reused with probability reuse(m) (measured online). A batch needs
-// e with P = 1 - Π (1 - p_token(e)); hints at or above `prefetchMinProbability` are
-// offered best first. Prefetch reads are kept few (`maxQueuedPrefetches` queued at
+// e with P = 1 - Π (1 - p_token(e)). Tokens are not independent, so P is then calibrated
+// online against what the visits needed (per distance, in probability bins); hints at
+// or above `prefetchMinProbability` are offered best first. Prefetch reads are kept few (`maxQueuedPrefetches` queued at
 // once) so that demand reads never wait behind a long prefetch queue.
 
 import { randomBytes } from 'node:crypto';
@@ -56,7 +57,7 @@ import type { KvGeometry, ModelRunner, RoutingEvent, StepOutput, StepSequence } 
 import type { ExpertCachePolicy, PrefetchHint } from './cache-policy.js';
 import { expertSlotBytes, slotsPerLayer } from './capacity.js';
 import { createOnlinePolicy, DEFAULT_ONLINE_POLICY } from './policies.js';
-import { PredictionCounters, topKIds } from './prediction.js';
+import { NeedCalibration, PredictionCounters, topKIds } from './prediction.js';
 import type { RoutingReplay, StepTokens } from './replay.js';
 
 /** The engine calls the runner makes (a NativeEngine built with `offload`, or a test double). */
@@ -106,6 +107,13 @@ export interface OffloadRunnerOptions extends NativeRunnerOptions, OffloadSettin
   direct?: boolean;
 }
 
+/** Pre-gating's top-k per token for a later layer, and the batch's need probability per expert. */
+interface Predicted {
+  distance: number;
+  ids: Int32Array;
+  pAny: Float64Array;
+}
+
 const STATE_QUEUED = 1;
 const STATE_READING = 2;
 const STATE_RESIDENT = 3;
@@ -134,8 +142,12 @@ export class OffloadRunner implements ModelRunner {
   private readonly unusedPrefetch: Uint8Array;
   /** Per layer: prefetches issued for its next visit. */
   private readonly outstanding: Set<number>[];
+  /** Per layer: outstanding prefetches pinned until that visit (so later prefetches do not evict them). */
+  private readonly prefetchPins: Set<number>[];
   /** Per layer: experts reused by a sequence's next token, of the previous token's experts. */
   private readonly reuseHits: Float64Array;
+  /** Calibration of need probabilities against what visits needed. */
+  private readonly calibration: NeedCalibration;
   private readonly reusePrev: Float64Array;
   /** Per live sequence, per layer: the experts of its last token. */
   private readonly lastRouting = new Map<number, (Int32Array | null)[]>();
@@ -172,7 +184,9 @@ export class OffloadRunner implements ModelRunner {
     this.prediction = new PredictionCounters(Math.max(1, this.lookahead));
     this.unusedPrefetch = new Uint8Array(this.L * this.E);
     this.outstanding = Array.from({ length: this.L }, () => new Set<number>());
+    this.prefetchPins = Array.from({ length: this.L }, () => new Set<number>());
     this.reuseHits = new Float64Array(this.L);
+    this.calibration = new NeedCalibration(Math.max(1, this.lookahead));
     this.reusePrev = new Float64Array(this.L);
     this.pinned = Array.from({ length: this.L }, () => new Set<number>());
     this.slotExpert = new Int32Array(this.L * slots).fill(-1);
@@ -190,6 +204,7 @@ export class OffloadRunner implements ModelRunner {
     for (let l = 0; l < this.L; l++) {
       for (let s = 0; s < this.slotsPerLayer; s++) this.engine.evictSlot(l, s);
       this.outstanding[l].clear();
+      this.prefetchPins[l].clear();
       this.pinned[l].clear();
     }
     this.slotExpert.fill(-1);
@@ -280,7 +295,7 @@ export class OffloadRunner implements ModelRunner {
     const T = tokens.length;
     const routings: Int32Array[] = [];
     const weightsOf: Float32Array[] = [];
-    const predicted: { distance: number; ids: Int32Array }[][] = Array.from({ length: L }, () => []);
+    const predicted: Predicted[][] = Array.from({ length: L }, () => []);
     const firstOfSeq = new Map<number, number>();
     const lastOfSeq = new Map<number, number>();
     for (let t = 0; t < T; t++) {
@@ -330,6 +345,8 @@ export class OffloadRunner implements ModelRunner {
     const E = this.E;
     const st = this.layerStats[l];
     const out = this.outstanding[l];
+    for (const x of this.prefetchPins[l]) if (!this.pinned[l].has(x)) this.policy.unpin(l, x);
+    this.prefetchPins[l].clear();
     if (out.size > 0) {
       const need = new Set(distinct);
       for (const x of out) {
@@ -409,7 +426,7 @@ export class OffloadRunner implements ModelRunner {
   }
 
   /** Pre-gating after layer l's attention (`pred`: logits of layers l+1 .. to): predictions, and prefetches from them. */
-  private prefetchAfter(l: number, to: number, pred: Float32Array, T: number, predicted: { distance: number; ids: Int32Array }[][], firstOfSeq: Map<number, number>): void {
+  private prefetchAfter(l: number, to: number, pred: Float32Array, T: number, predicted: Predicted[][], firstOfSeq: Map<number, number>): void {
     const e = this.engine;
     const E = this.E;
     const K = this.k;
@@ -418,12 +435,21 @@ export class OffloadRunner implements ModelRunner {
     for (let d = 1; d <= to - l; d++) {
       const m = l + d;
       const ids = topKIds(pred.subarray((d - 1) * T * E, d * T * E), T, E, K);
-      predicted[m].push({ distance: d, ids });
+      const pAny = this.needProbability(m, d, ids, T, firstOfSeq);
+      predicted[m].push({ distance: d, ids, pAny });
       if (room <= 0) continue;
-      const hints = this.hints(m, d, ids, T, firstOfSeq);
+      const hints = this.hints(d, pAny);
       if (hints.length === 0) continue;
-      const issued = this.policy.prefetch(m, hints, room);
-      for (const p of issued) {
+      // One at a time, each pinned until its visit: a later prefetch for the same visit
+      // must not take the slot of an earlier one (an unused prefetch is every recency
+      // policy's first victim).
+      let h = 0;
+      while (room > 0 && h < hints.length) {
+        const issued = this.policy.prefetch(m, hints.slice(h), 1);
+        if (issued.length === 0) break;
+        const p = issued[0];
+        while (h < hints.length && hints[h].expert !== p.expert) h++;
+        h++;
         if (p.evicted >= 0) {
           this.noteEvicted(m, p.evicted);
           e.evictSlot(m, p.slot);
@@ -433,6 +459,7 @@ export class OffloadRunner implements ModelRunner {
         this.setSlot(m, p.slot, p.expert);
         this.unusedPrefetch[m * E + p.expert] = 1;
         this.outstanding[m].add(p.expert);
+        if (this.policy.pin(m, p.expert)) this.prefetchPins[m].add(p.expert);
         this.layerStats[m].prefetchIssued++;
         room--;
       }
@@ -447,7 +474,8 @@ export class OffloadRunner implements ModelRunner {
   }
 
   /** P(the visit of layer m needs e) for the step's tokens, from pre-gating at distance d and recent routing. */
-  private hints(m: number, d: number, predIds: Int32Array, T: number, firstOfSeq: Map<number, number>): PrefetchHint[] {
+  /** Model probability (before calibration) that the visit of layer m needs each expert. */
+  private needProbability(m: number, d: number, predIds: Int32Array, T: number, firstOfSeq: Map<number, number>): Float64Array {
     const E = this.E;
     const K = this.k;
     const a = this.prediction.precision(d);
@@ -458,9 +486,21 @@ export class OffloadRunner implements ModelRunner {
       const prev = this.lastRouting.get(seq)?.[m];
       if (prev) for (const x of prev) pNot[x] *= 1 - rho;
     }
+    for (let x = 0; x < E; x++) pNot[x] = 1 - pNot[x];
+    return pNot;
+  }
+
+  /**
+   * Hints from need probabilities, calibrated by what such probabilities turned out to
+   * mean at this distance (NeedCalibration). Tokens of one batch are not independent
+   * (similar hidden states give similar predictions), so the model alone is
+   * overconfident when predictions are poor.
+   */
+  private hints(d: number, pAny: Float64Array): PrefetchHint[] {
     const hints: PrefetchHint[] = [];
-    for (let x = 0; x < E; x++) {
-      const p = 1 - pNot[x];
+    for (let x = 0; x < this.E; x++) {
+      if (!(pAny[x] > 0)) continue;
+      const p = this.calibration.calibrate(d, pAny[x]);
       if (p >= this.minProb) hints.push({ expert: x, priority: p });
     }
     return hints.sort((u, v) => v.priority - u.priority || u.expert - v.expert);
@@ -472,14 +512,22 @@ export class OffloadRunner implements ModelRunner {
     T: number,
     routings: Int32Array[],
     weights: Float32Array[],
-    predicted: { distance: number; ids: Int32Array }[][],
+    predicted: Predicted[][],
     firstOfSeq: Map<number, number>,
     lastOfSeq: Map<number, number>,
   ): void {
     const K = this.k;
     for (let m = 0; m < this.L; m++) {
       const used = routings[m];
-      for (const p of predicted[m]) this.prediction.add(p.distance, p.ids, K, used, K, T);
+      let need: Uint8Array | null = null;
+      for (const p of predicted[m]) {
+        this.prediction.add(p.distance, p.ids, K, used, K, T);
+        if (!need) {
+          need = new Uint8Array(this.E);
+          for (let i = 0; i < used.length; i++) need[used[i]] = 1;
+        }
+        this.calibration.observe(p.distance, p.pAny, need);
+      }
       for (const [seq, t] of firstOfSeq) {
         const prev = this.lastRouting.get(seq)?.[m];
         if (!prev) continue;

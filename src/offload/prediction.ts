@@ -135,3 +135,46 @@ export function measurePregating(
   }
   return counters.snapshot();
 }
+
+/**
+ * Calibration of prefetch probabilities. A prefetcher's model gives, per expert, the
+ * probability that the next visit of a layer needs it; the model is often over- or
+ * underconfident (tokens of one batch are not independent, predictions can be poor).
+ * Per lookahead distance, probabilities are binned; each bin counts the experts it held
+ * and how many the visit then needed. calibrate(d, p) is the bin's observed frequency,
+ * with the model's own value counted as `prior` observations.
+ */
+export class NeedCalibration {
+  private readonly seen: Float64Array;
+  private readonly needed: Float64Array;
+
+  constructor(
+    readonly maxDistance: number,
+    readonly bins = 10,
+    readonly prior = 2,
+  ) {
+    this.seen = new Float64Array(maxDistance * bins);
+    this.needed = new Float64Array(maxDistance * bins);
+  }
+
+  private bin(distance: number, p: number): number {
+    return (distance - 1) * this.bins + Math.min(this.bins - 1, Math.max(0, Math.floor(p * this.bins)));
+  }
+
+  /** Records a visit: the model's probabilities (0 = not considered) and which experts it needed (0/1). */
+  observe(distance: number, p: ArrayLike<number>, needed: ArrayLike<number>): void {
+    if (distance < 1 || distance > this.maxDistance) return;
+    for (let x = 0; x < p.length; x++) {
+      if (!(p[x] > 0)) continue;
+      const b = this.bin(distance, p[x]);
+      this.seen[b]++;
+      this.needed[b] += needed[x] ? 1 : 0;
+    }
+  }
+
+  calibrate(distance: number, p: number): number {
+    if (distance < 1 || distance > this.maxDistance) return p;
+    const b = this.bin(distance, p);
+    return (this.needed[b] + this.prior * p) / (this.seen[b] + this.prior);
+  }
+}

@@ -22,6 +22,7 @@ export class FakeOffloadStore implements OffloadEngine {
   private readonly queue: { layer: number; expert: number }[] = [];
   private lastLogits: Float32Array = new Float32Array(0);
   private tokens = 0;
+  private noise = 0;
   readonly calls = { loadExpert: 0, cancelLoad: 0, cancelled: 0, evictSlot: 0, predictRouter: 0, experts: 0 };
   private loads = 0;
   private stalls: number[];
@@ -36,7 +37,7 @@ export class FakeOffloadStore implements OffloadEngine {
     readonly inner: NativeEngine,
     shape: { layers: number; experts: number },
     readonly slots: number,
-    readonly opts: { readsPerLayer?: number; slotBytes?: number } = {},
+    readonly opts: { readsPerLayer?: number; slotBytes?: number; /** predictRouter returns noise (a useless predictor). */ noisyPrediction?: boolean } = {},
   ) {
     this.L = shape.layers;
     this.E = shape.experts;
@@ -103,6 +104,7 @@ export class FakeOffloadStore implements OffloadEngine {
     if (!(to > from)) throw new Error(`predictRouter(${from}, ${to}): to must be above from`);
     const out = new Float32Array((to - from) * this.lastLogits.length);
     for (let d = 0; d < to - from; d++) out.set(this.lastLogits, d * this.lastLogits.length);
+    if (this.opts.noisyPrediction) for (let i = 0; i < out.length; i++) out[i] = (((i + 1) * 2654435761 + this.noise++ * 40503) >>> 0) / 2 ** 32;
     if (this.lastLogits.length !== this.tokens * this.E) throw new Error('predictRouter before attention');
     return out;
   }
