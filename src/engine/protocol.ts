@@ -134,6 +134,7 @@ export interface ExpertCacheState {
     resident: { expert: number; slot: number }[];
     /** Experts assigned a slot whose read is queued or in progress. */
     loading: { expert: number; slot: number; state: 'queued' | 'reading' }[];
+    /** Experts kept from eviction: pinned by the operator, or prefetched and pinned until the visit they were fetched for. */
     pinned: number[];
     /** Prefetched and not used yet (resident or loading). */
     prefetched: number[];

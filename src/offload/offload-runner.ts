@@ -315,12 +315,12 @@ export class OffloadRunner implements ModelRunner {
       // prefetches are issued after the visit's demand loads, which the store serves first.
       const to = Math.min(L - 1, l + this.lookahead);
       const pred = to > l ? e.predictRouter(l, to) : null;
-      const ran = this.serveLayer(l, distinct, meta, ids, w);
+      const { ran, stalled: streamStalled } = this.serveLayer(l, distinct, meta, ids, w);
       if (pred) this.prefetchAfter(l, to, pred, T, predicted, firstOfSeq);
       const st = this.layerStats[l];
       st.visits++;
       let left = 0;
-      let stalled = false;
+      let stalled = streamStalled;
       for (const x of distinct) {
         if (ran.has(x)) continue;
         left++;
@@ -334,13 +334,12 @@ export class OffloadRunner implements ModelRunner {
     return { logits, rows: logits.length / this.spec.vocabSize };
   }
 
-  /** Makes a visit's experts resident or loading, as the policy decides. */
   /**
    * Makes a visit's experts resident or loading, as the policy decides; when the decision
    * streams the visit through the slots, runs the experts held so far before evicting one
-   * of them. Returns the experts that already ran.
+   * of them. Returns the experts that already ran, and whether they waited for a read.
    */
-  private serveLayer(l: number, distinct: number[], meta: StepTokens, ids: Int32Array, w: Float32Array): Set<number> {
+  private serveLayer(l: number, distinct: number[], meta: StepTokens, ids: Int32Array, w: Float32Array): { ran: Set<number>; stalled: boolean } {
     const e = this.engine;
     const E = this.E;
     const st = this.layerStats[l];
@@ -372,6 +371,7 @@ export class OffloadRunner implements ModelRunner {
     const C = this.slotsPerLayer;
     const need = new Set(distinct);
     const ran = new Set<number>();
+    let stalled = false;
     let p = 0;
     for (const ld of d.loads) {
       const occ = this.slotExpert[l * C + ld.slot];
@@ -384,6 +384,7 @@ export class OffloadRunner implements ModelRunner {
         if (need.has(occ) && !ran.has(occ)) {
           // Streaming: run every expert of the visit held so far before the slot is reused.
           const part = distinct.filter((x) => this.expertSlot[l * E + x] >= 0 && !ran.has(x));
+          stalled ||= part.some((x) => e.expertState(l, x) !== STATE_RESIDENT);
           e.expertsPart(l, ids, w, this.k, Int32Array.from(part));
           for (const x of part) ran.add(x);
         }
@@ -404,7 +405,7 @@ export class OffloadRunner implements ModelRunner {
     }
     st.hits += d.hits.length;
     st.misses += d.loads.length;
-    return ran;
+    return { ran, stalled };
   }
 
   /** Records what a slot of the store holds (-1: empty). */
@@ -607,7 +608,7 @@ export class OffloadRunner implements ModelRunner {
         capacity: this.slotsPerLayer,
         resident,
         loading,
-        pinned: [...this.pinned[l]].sort((u, v) => u - v),
+        pinned: [...new Set([...this.pinned[l], ...this.prefetchPins[l]])].sort((u, v) => u - v),
         prefetched,
         freeSlots: this.slotsPerLayer - resident.length - loading.length,
         counters: stats.layers[l],
