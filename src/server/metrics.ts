@@ -117,17 +117,20 @@ export class ServerMetrics {
     perLayer('moe_expert_layer_visits_total', 'Layer visits of the offloading engine, by layer.', (l) => l.visits);
     perLayer('moe_expert_stalled_visits_total', 'Layer visits that waited for at least one expert read, by layer.', (l) => l.stalledVisits);
     perLayer('moe_expert_streamed_visits_total', 'Layer visits that needed more experts than the layer has slots and streamed them through the slots, by layer.', (l) => l.streamedVisits);
+    // Metrics without a layer or distance carry the policy as a label, so that a server
+    // without offloading exposes no offload samples at all (not zeros).
     const total = (name: string, help: string, pick: (o: OffloadStats) => number) => {
       let seen = 0;
       new Counter({
         name,
         help,
+        labelNames: ['policy'],
         registers: r,
         collect() {
           const o = offload();
           if (!o) return;
           const v = pick(o);
-          this.inc(v > seen ? v - seen : 0);
+          this.inc({ policy: o.policy }, v > seen ? v - seen : 0);
           if (v > seen) seen = v;
         },
       });
@@ -139,10 +142,11 @@ export class ServerMetrics {
       new Gauge({
         name,
         help,
+        labelNames: ['policy'],
         registers: r,
         collect() {
           const o = offload();
-          if (o) this.set(pick(o));
+          if (o) this.set({ policy: o.policy }, pick(o));
         },
       });
     gauge('moe_expert_cache_slots_per_layer', 'Expert slots of each layer (the capacity split equally across layers).', (o) => o.slotsPerLayer);
