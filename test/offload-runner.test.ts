@@ -310,6 +310,21 @@ t.test('stale prefetches still queued are cancelled in the store and the policy'
   t.same(runner.audit(), []);
 });
 
+t.test('queued prefetches a closer prediction no longer supports are withdrawn before their visit', async (t) => {
+  const x = await model(t, 'qwen3_moe', 4);
+  const ref = resident(x, 3);
+  t.teardown(() => ref.close());
+  // Reads never start on their own, and each predictRouter call gives different noise:
+  // distance-2 prefetches are often not predicted again at distance 1.
+  const { runner, store } = faked(x, 3, 16, { policy: 'lru', lookahead: 2, prefetchMinProbability: 0.2, maxQueuedPrefetches: 64 }, 0, true);
+  t.teardown(() => runner.close());
+  t.same(compare(ref, runner, x.vocabLimit, 3, 20, 2), []);
+  t.ok(store.calls.cancelledAhead > 0, `${store.calls.cancelledAhead} withdrawn ahead of their visit`);
+  const st = runner.offloadStats();
+  t.equal(st.layers.reduce((a, l) => a + l.prefetchCancelled, 0), store.calls.cancelled, 'every withdrawal counted');
+  t.same(runner.audit(), []);
+});
+
 t.test('the cache state lists slots, loading experts and counters per layer', async (t) => {
   const x = await model(t, 'mixtral', 3);
   const { runner } = faked(x, 2, 4, { policy: 'lru', lookahead: 1 }, 0);

@@ -31,8 +31,12 @@
 // previous token are reused with probability reuse(m) (measured online). A batch needs
 // e with P = 1 - Π (1 - p_token(e)). Tokens are not independent, so P is then calibrated
 // online against what the visits needed (per distance, in probability bins); hints at
-// or above `prefetchMinProbability` are offered best first. Prefetch reads are kept few (`maxQueuedPrefetches` queued at
-// once) so that demand reads never wait behind a long prefetch queue.
+// or above `prefetchMinProbability` are offered best first. A queued prefetch that a
+// closer prediction (a later layer's pre-gating) puts below half that threshold is
+// withdrawn before its read starts, like one its visit shows unneeded. Prefetch reads
+// are kept few (`maxQueuedPrefetches` queued at once) so that demand reads never wait
+// behind a long prefetch queue. Each prefetch is pinned until its visit, so that later
+// prefetches for the same visit cannot take its slot.
 
 import { randomBytes } from 'node:crypto';
 import { accessSync, constants, statSync } from 'node:fs';
@@ -438,6 +442,9 @@ export class OffloadRunner implements ModelRunner {
       const ids = topKIds(pred.subarray((d - 1) * T * E, d * T * E), T, E, K);
       const pAny = this.needProbability(m, d, ids, T, firstOfSeq);
       predicted[m].push({ distance: d, ids, pAny });
+      // Earlier prefetches for m (from further away) that this closer prediction no longer
+      // supports and whose reads have not started are withdrawn, freeing their I/O.
+      if (d < this.lookahead) room += this.withdrawUnsupported(m, d, pAny);
       if (room <= 0) continue;
       const hints = this.hints(d, pAny);
       if (hints.length === 0) continue;
@@ -465,6 +472,25 @@ export class OffloadRunner implements ModelRunner {
         room--;
       }
     }
+  }
+
+  /** Cancels queued prefetches for layer m whose calibrated probability at distance d fell below half the threshold; returns how many. */
+  private withdrawUnsupported(m: number, d: number, pAny: Float64Array): number {
+    const E = this.E;
+    let n = 0;
+    for (const x of this.outstanding[m]) {
+      if (!this.unusedPrefetch[m * E + x]) continue;
+      if (this.calibration.calibrate(d, pAny[x]) >= this.minProb / 2) continue;
+      if (this.engine.expertState(m, x) !== STATE_QUEUED || !this.engine.cancelLoad(m, x)) continue;
+      if (this.prefetchPins[m].delete(x) && !this.pinned[m].has(x)) this.policy.unpin(m, x);
+      this.policy.cancelPrefetch(m, x);
+      this.setSlot(m, this.expertSlot[m * E + x], -1);
+      this.unusedPrefetch[m * E + x] = 0;
+      this.outstanding[m].delete(x);
+      this.layerStats[m].prefetchCancelled++;
+      n++;
+    }
+    return n;
   }
 
   /** Prefetch reads issued and not started yet. */

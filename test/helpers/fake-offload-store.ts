@@ -23,7 +23,9 @@ export class FakeOffloadStore implements OffloadEngine {
   private lastLogits: Float32Array = new Float32Array(0);
   private tokens = 0;
   private noise = 0;
-  readonly calls = { loadExpert: 0, cancelLoad: 0, cancelled: 0, evictSlot: 0, predictRouter: 0, experts: 0 };
+  readonly calls = { loadExpert: 0, cancelLoad: 0, cancelled: 0, cancelledAhead: 0, evictSlot: 0, predictRouter: 0, experts: 0 };
+  /** Layer of the last attention() call. */
+  private layerNow = -1;
   private loads = 0;
   private stalls: number[];
   /** Experts of the current layer already run by expertsPart. */
@@ -54,6 +56,7 @@ export class FakeOffloadStore implements OffloadEngine {
 
   attention(layer: number): Float32Array {
     for (let i = 0; i < (this.opts.readsPerLayer ?? 1); i++) this.completeOne();
+    this.layerNow = layer;
     this.lastLogits = this.inner.attention(layer);
     this.ran.clear();
     return this.lastLogits;
@@ -126,6 +129,8 @@ export class FakeOffloadStore implements OffloadEngine {
     const i = layer * this.E + expert;
     if (this.state[i] !== 1) return false;
     this.calls.cancelled++;
+    // Withdrawn before its layer's visit (from a closer prediction), not at the visit.
+    if (layer > this.layerNow) this.calls.cancelledAhead++;
     this.drop(layer, expert);
     return true;
   }
