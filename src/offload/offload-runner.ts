@@ -150,9 +150,9 @@ export class OffloadRunner implements ModelRunner {
   private readonly prefetchPins: Set<number>[];
   /** Per layer: experts reused by a sequence's next token, of the previous token's experts. */
   private readonly reuseHits: Float64Array;
+  private readonly reusePrev: Float64Array;
   /** Calibration of need probabilities against what visits needed. */
   private readonly calibration: NeedCalibration;
-  private readonly reusePrev: Float64Array;
   /** Per live sequence, per layer: the experts of its last token. */
   private readonly lastRouting = new Map<number, (Int32Array | null)[]>();
   private readonly pinned: Set<number>[];
@@ -190,8 +190,8 @@ export class OffloadRunner implements ModelRunner {
     this.outstanding = Array.from({ length: this.L }, () => new Set<number>());
     this.prefetchPins = Array.from({ length: this.L }, () => new Set<number>());
     this.reuseHits = new Float64Array(this.L);
-    this.calibration = new NeedCalibration(Math.max(1, this.lookahead));
     this.reusePrev = new Float64Array(this.L);
+    this.calibration = new NeedCalibration(Math.max(1, this.lookahead));
     this.pinned = Array.from({ length: this.L }, () => new Set<number>());
     this.slotExpert = new Int32Array(this.L * slots).fill(-1);
     this.expertSlot = new Int32Array(this.L * this.E).fill(-1);
@@ -500,8 +500,10 @@ export class OffloadRunner implements ModelRunner {
     return n;
   }
 
-  /** P(the visit of layer m needs e) for the step's tokens, from pre-gating at distance d and recent routing. */
-  /** Model probability (before calibration) that the visit of layer m needs each expert. */
+  /**
+   * Model probability (before calibration) that the visit of layer m needs each expert,
+   * from pre-gating at distance d and each sequence's previous experts at m.
+   */
   private needProbability(m: number, d: number, predIds: Int32Array, T: number, firstOfSeq: Map<number, number>): Float64Array {
     const E = this.E;
     const K = this.k;
