@@ -4,6 +4,7 @@
 import t from 'tap';
 import { QueueFullError } from '../src/engine/protocol.js';
 import { BlockManager } from '../src/scheduler/block-manager.js';
+import { ExpertAwarePolicy } from '../src/scheduler/expert-aware-policy.js';
 import { FcfsPolicy } from '../src/scheduler/fcfs-policy.js';
 import { createPolicy, type PolicyCandidate } from '../src/scheduler/policy.js';
 import { KvCapacityError, Scheduler, type SchedulerConfig, type SchedulerOutput } from '../src/scheduler/scheduler.js';
@@ -116,7 +117,7 @@ t.test('fcfs policy: running first, waiting in order, last prompt chunked to the
     { seqId: 0, numTokens: 1 },
     { seqId: 2, numTokens: 3 },
   ]);
-  t.throws(() => createPolicy('nope'), /unknown batch policy "nope"; policies: fcfs/);
+  t.throws(() => createPolicy('nope'), /unknown batch policy "nope"; policies: fcfs, expert-aware/);
 });
 
 t.test('chunked prefill: sizes follow the budget, logits only on the last chunk', async (t) => {
@@ -291,4 +292,143 @@ t.test('a policy that breaks the budget is caught', async (t) => {
   });
   s.addRequest({ requestId: 'a', promptTokens: prompt(9), maxTokens: 1 });
   t.throws(() => s.schedule(), /policy greedy-bug picked 9 tokens; the step budget is 4/);
+});
+
+// ---------------------------------------------------------------------------------------
+// Expert-aware policy (issue 6)
+
+const decode = (seqId: number, stepsWaited: number, experts?: number[][], state: 'running' | 'waiting' = 'running', pending = 1): PolicyCandidate => ({
+  seqId,
+  state,
+  arrival: seqId,
+  promptTokens: 4,
+  computedTokens: state === 'running' ? 4 : 0,
+  pendingTokens: pending,
+  stepsWaited,
+  hints: experts ? { predictedExperts: experts } : undefined,
+});
+
+t.test('expert-aware policy: equals FCFS when everything fits', async (t) => {
+  const ea = new ExpertAwarePolicy();
+  const fcfs = new FcfsPolicy();
+  const sets = [[[0, 1]], [[2, 3]], [[0, 1]], [[4, 5]]];
+  const cands = [decode(0, 0, sets[0]), decode(1, 2, sets[1]), decode(2, 1, sets[2]), decode(3, 0, sets[3]), decode(4, 0, undefined, 'waiting', 6), decode(5, 0, undefined, 'waiting', 6)];
+  for (const budget of [
+    { maxTokens: 16, maxRunning: 8 },
+    { maxTokens: 8, maxRunning: 8 },
+    { maxTokens: 4, maxRunning: 8 },
+    { maxTokens: 16, maxRunning: 5 },
+  ]) {
+    t.same(ea.pick(cands, budget), fcfs.pick(cands, budget), JSON.stringify(budget));
+  }
+  t.equal(ea.lastRegrouped, 0);
+  t.ok(ea.lastPickMicros >= 0 && ea.pickCalls === 4, 'pick cost measured');
+  t.equal(createPolicy('expert-aware').name, 'expert-aware');
+});
+
+t.test('expert-aware policy: groups shared and resident experts, respects the budget', async (t) => {
+  const ea = new ExpertAwarePolicy({ maxExtraWaitSteps: 4 });
+  // Two layers; sequences 1, 3, 5 predict experts {0,1}/{2,3}; 0, 2, 4 predict disjoint sets.
+  const same = [
+    [0, 1],
+    [2, 3],
+  ];
+  const cands = [0, 1, 2, 3, 4, 5].map((i) =>
+    decode(
+      i,
+      0,
+      i % 2
+        ? same
+        : [
+            [10 + i, 11 + i],
+            [20 + i, 21 + i],
+          ],
+    ),
+  );
+  const picks = ea.pick(cands, { maxTokens: 3, maxRunning: 8 });
+  t.equal(picks.length, 3);
+  t.same(picks.map((p) => p.seqId).sort(), [1, 3, 5], 'the three sharing sequences');
+  t.ok(picks.every((p) => p.numTokens === 1));
+  t.equal(ea.lastRegrouped, 2, 'two picks differ from FCFS (0, 1, 2)');
+
+  // Resident experts: with sequence 0's experts resident, it is picked over an equal one.
+  const E = 32;
+  const res = [new Uint8Array(E), new Uint8Array(E)];
+  for (const e of [10, 11]) res[0][e] = 1;
+  for (const e of [20, 21]) res[1][e] = 1;
+  const two = [
+    decode(2, 0, [
+      [12, 13],
+      [22, 23],
+    ]),
+    decode(0, 0, [
+      [10, 11],
+      [20, 21],
+    ]),
+  ];
+  t.same(ea.pick(two, { maxTokens: 1, maxRunning: 8, resident: res }), [{ seqId: 0, numTokens: 1 }]);
+  t.same(ea.pick(two, { maxTokens: 1, maxRunning: 8 }), [{ seqId: 2, numTokens: 1 }], 'without residency: FCFS order breaks the tie');
+
+  // Prompt chunks share the token budget; waiting prompts come after running ones.
+  const mixed = [decode(0, 0, same), decode(1, 0, same, 'running', 10), decode(2, 0, undefined), decode(3, 0, undefined, 'waiting', 5)];
+  const p2 = ea.pick(mixed, { maxTokens: 6, maxRunning: 8 });
+  t.ok(p2.reduce((a, p) => a + p.numTokens, 0) <= 6, 'token budget');
+  const p3 = ea.pick(mixed, { maxTokens: 6, maxRunning: 3 });
+  t.notOk(
+    p3.some((p) => p.seqId === 3),
+    'maxRunning: no admission',
+  );
+});
+
+t.test('expert-aware policy: a sequence at the bound is picked first; ms bound', async (t) => {
+  const ea = new ExpertAwarePolicy({ maxExtraWaitSteps: 2 });
+  const cheap = [[0, 1]];
+  // Sequence 9 has waited 8 steps with its own experts; 8 runnable, 2 per step: FCFS
+  // would have served it within 3 steps, so 8 > 3 + 2 and it must go first.
+  const cands = [decode(9, 8, [[30, 31]]), ...[0, 1, 2, 3, 4, 5, 6].map((i) => decode(i, 0, cheap))];
+  const picks = ea.pick(cands, { maxTokens: 2, maxRunning: 8 });
+  t.equal(picks[0].seqId, 9);
+  t.equal(ea.lastDue, 1);
+  const ms = new ExpertAwarePolicy({ maxExtraWaitSteps: 10, maxExtraWaitMs: 20 });
+  t.equal(ms.boundSteps(10), 2, '20 ms at 10 ms per step');
+  t.equal(ms.boundSteps(1), 10, 'the step bound when smaller');
+  t.throws(() => new ExpertAwarePolicy({ maxExtraWaitSteps: -1 }));
+});
+
+t.test('expert-aware policy in the scheduler: budgets hold, nobody waits beyond the bound', async (t) => {
+  const bound = 3;
+  const policy = new ExpertAwarePolicy({ maxExtraWaitSteps: bound });
+  // maxRunning 12 with a 4-token budget: more decodes are runnable than fit a step.
+  const s = makeScheduler({ maxBatchTokens: 4, maxRunning: 12, maxWaiting: 32, policy });
+  const sim = new Sim(s);
+  const rng = (() => {
+    let x = 7;
+    return () => ((x = (x * 1103515245 + 12345) & 0x7fffffff) / 0x7fffffff);
+  })();
+  for (let i = 0; i < 12; i++) {
+    const group = i % 3;
+    s.addRequest({ requestId: `r${i}`, promptTokens: prompt(2, i * 10), maxTokens: 30, hints: { predictedExperts: [[group * 4, group * 4 + 1]] } });
+    sim.output.set(`r${i}`, []);
+    sim.maxTokens.set(`r${i}`, 30);
+  }
+  const lastRun = new Map<string, number>();
+  let maxGap = 0;
+  let steps = 0;
+  while (s.hasUnfinished()) {
+    if (++steps > 2000) throw new Error('no progress');
+    const out = sim.step();
+    t.ok(out.numTokens <= 4, 'token budget');
+    t.ok(s.stats().running <= 12, 'maxRunning');
+    for (const e of out.entries) {
+      const prev = lastRun.get(e.requestId);
+      if (prev !== undefined) maxGap = Math.max(maxGap, steps - prev - 1);
+      lastRun.set(e.requestId, steps);
+    }
+    void rng;
+  }
+  t.equal(sim.finished.length, 12, 'every request finished');
+  // Round robin over 12 decodes in steps of 4: FCFS waits 2 steps; ours at most 2 + bound
+  // (one more while prompts are still being admitted at the start).
+  t.ok(maxGap <= 2 + bound + 1, `max wait between tokens ${maxGap} <= ${2 + bound + 1}`);
+  t.ok(policy.pickCalls > 0 && policy.totalPickMicros / policy.pickCalls < 5000, `pick cost ${policy.totalPickMicros / policy.pickCalls} us`);
 });

@@ -1,6 +1,18 @@
 import { readTrace, type TraceHeader, type TraceRequest } from '../offload/trace.js';
 import { buildSchedule } from '../offload/schedule.js';
 import { createCachePolicy, DEFAULT_BYTES_PER_EXPERT, DEFAULT_POLICY, DEFAULT_TIMING, POLICY_NAMES, simulate, type PolicyName, type SimResult } from '../offload/simulator.js';
+import {
+  BATCH_CACHES,
+  BATCH_PREDICTORS,
+  BATCH_SCHEDULERS,
+  fairnessVsFcfs,
+  runBatchSim,
+  type BatchCacheName,
+  type BatchPredictorName,
+  type BatchSchedulerName,
+  type BatchSimResult,
+} from '../offload/batch-sim.js';
+import { EXPERT_AWARE_DEFAULTS } from '../scheduler/expert-aware-policy.js';
 import { choiceOpt, intOpt, numOpt, parse, required, UsageError } from './args.js';
 
 const HELP = `usage: moe-serve sim --trace FILE [--policy ${POLICY_NAMES.join('|')}] [--capacity N|F]
@@ -37,6 +49,34 @@ Options:
   --compute-gbps G    memory bandwidth of expert compute, GB/s (default ${DEFAULT_TIMING.computeBandwidth / 1e9})
   --layer-ms T        per-layer compute besides experts, ms (default ${DEFAULT_TIMING.layerBaseSeconds * 1e3})
   --json              one JSON object: per capacity hit_rate, loads, belady_loads, loads_vs_belady, ...
+
+Batch formation (--scheduler switches to it):
+  moe-serve sim --scheduler ${BATCH_SCHEDULERS.join('|')} --trace FILE [--batch N] [--concurrency M]
+                [--capacity C] [--predictor ${BATCH_PREDICTORS.join('|')}] [--cache ${BATCH_CACHES.join('|')}]
+                [--max-extra-wait S] [--miss-penalty P] [--no-prefill] [--no-oracle] [--json]
+
+  M requests (--concurrency, default 64) are runnable; each step the scheduler picks N
+  (--batch, default 8) of them, one token each; a finished request's lane takes the next
+  request from the file. Reported: distinct experts per step (mean over layers),
+  expert loads per token with a per-layer cache of C slots (default: half the experts;
+  LRU by default, demand loads only), and fairness against FCFS run on the same trace:
+  extra wait per token (steps waited minus FCFS's for the same token; p99 and max over
+  the tokens run in steady state in both runs, i.e. every lane busy and requests left
+  to join; in parentheses / *_all over all tokens, which includes the drain after the
+  file ends, when the two runs are in unlike states) and the p99 inter-token gap (steps) as
+  a ratio to FCFS's. Simulated seconds use the timing options below (per layer visit:
+  layer-ms + distinct x compute + loads x load time, no overlap).
+  fcfs          round robin, longest-waiting first
+  expert-aware  groups by what is knowable: each request's routing so far (--predictor
+                prev: the previous token's experts, default; recent: decayed frequency
+                over its recent tokens) and the cache's resident set. --predictor
+                pregate [--pregate-accuracy A] is a what-if, not knowable from a trace:
+                an emulated pre-gating predictor naming each true expert with
+                probability A (default 0.8), else a wrong one
+  oracle        the same grouping told the tokens' true routing (the yardstick)
+  --max-extra-wait S  steps a request may wait beyond FCFS (default ${EXPERT_AWARE_DEFAULTS.maxExtraWaitSteps})
+  --miss-penalty P    extra cost of a non-resident expert vs a resident one (default ${EXPERT_AWARE_DEFAULTS.missPenalty})
+  --no-oracle         with expert-aware, skip the oracle run (else reported for the share of its savings)
 `;
 
 export const simCommand = {
@@ -55,10 +95,22 @@ export const simCommand = {
       'compute-gbps': { type: 'string' },
       'layer-ms': { type: 'string' },
       json: { type: 'boolean' },
+      scheduler: { type: 'string' },
+      batch: { type: 'string' },
+      predictor: { type: 'string' },
+      cache: { type: 'string' },
+      'max-extra-wait': { type: 'string' },
+      'miss-penalty': { type: 'string' },
+      'no-oracle': { type: 'boolean' },
+      'pregate-accuracy': { type: 'string' },
     });
     if (v.help) {
       process.stdout.write(HELP);
       return 0;
+    }
+    if (v.scheduler !== undefined) return runBatching(v);
+    for (const k of ['batch', 'predictor', 'cache', 'max-extra-wait', 'miss-penalty', 'no-oracle', 'pregate-accuracy']) {
+      if (v[k] !== undefined) throw new UsageError(`--${k} needs --scheduler`);
     }
     const file = required(v, 'trace');
     const policyName = choiceOpt(v, 'policy', POLICY_NAMES, DEFAULT_POLICY) as PolicyName;
@@ -166,3 +218,142 @@ export const simCommand = {
     return 0;
   },
 };
+
+type Values = Record<string, string | boolean | undefined>;
+
+async function runBatching(v: Values): Promise<number> {
+  const file = required(v, 'trace');
+  const scheduler = choiceOpt(v, 'scheduler', BATCH_SCHEDULERS) as BatchSchedulerName;
+  for (const k of ['policy', 'total-capacity', 'no-prefetch']) if (v[k] !== undefined) throw new UsageError(`--${k} is for the cache simulation, not --scheduler`);
+  const batch = intOpt(v, 'batch', 8, 1, 1 << 16);
+  const concurrency = intOpt(v, 'concurrency', 64, 1, 1 << 16);
+  const capacity = v.capacity === undefined ? undefined : intOpt(v, 'capacity', 1, 1, 1 << 16);
+  const predictor = choiceOpt(v, 'predictor', BATCH_PREDICTORS, 'prev') as BatchPredictorName;
+  const cache = choiceOpt(v, 'cache', BATCH_CACHES, 'lru') as BatchCacheName;
+  const policy = {
+    maxExtraWaitSteps: intOpt(v, 'max-extra-wait', EXPERT_AWARE_DEFAULTS.maxExtraWaitSteps, 0, 1 << 20),
+    missPenalty: numOpt(v, 'miss-penalty', EXPERT_AWARE_DEFAULTS.missPenalty, 0, 1e6),
+  };
+  const timing = {
+    bytesPerExpert: intOpt(v, 'expert-bytes', DEFAULT_BYTES_PER_EXPERT, 1),
+    loadBandwidth: numOpt(v, 'load-gbps', DEFAULT_TIMING.loadBandwidth / 1e9, 1e-6, 1e6) * 1e9,
+    computeBandwidth: numOpt(v, 'compute-gbps', DEFAULT_TIMING.computeBandwidth / 1e9, 1e-6, 1e6) * 1e9,
+    layerBaseSeconds: numOpt(v, 'layer-ms', DEFAULT_TIMING.layerBaseSeconds * 1e3, 0, 1e6) / 1e3,
+  };
+  const pregateAccuracy = numOpt(v, 'pregate-accuracy', 0.8, 0, 1);
+  if (v['pregate-accuracy'] !== undefined && predictor !== 'pregate') throw new UsageError('--pregate-accuracy needs --predictor pregate');
+  const base = { batch, concurrency, capacity, predictor, cache, policy, timing, pregateAccuracy, prefill: !v['no-prefill'] };
+  // Each run streams the file again: the schedule depends on the scheduler.
+  const fcfs = await runBatchSim(file, { ...base, scheduler: 'fcfs' });
+  const ours = scheduler === 'fcfs' ? fcfs : await runBatchSim(file, { ...base, scheduler });
+  const oracle = scheduler === 'expert-aware' && !v['no-oracle'] ? await runBatchSim(file, { ...base, scheduler: 'oracle' }) : scheduler === 'oracle' ? ours : null;
+  const out = batchReport(file, ours, fcfs, oracle);
+  if (v.json) {
+    process.stdout.write(JSON.stringify(out) + '\n');
+    return 0;
+  }
+  process.stdout.write(formatBatchReport(out) + '\n');
+  return 0;
+}
+
+function figures(r: BatchSimResult, fcfs: BatchSimResult) {
+  const f = fairnessVsFcfs(r, fcfs);
+  return {
+    scheduler: r.scheduler,
+    predictor: r.predictor === 'pregate' ? `pregate:${r.pregateAccuracy}` : r.predictor,
+    distinct_experts_per_step: r.distinctPerStep,
+    loads_per_token: r.loadsPerToken,
+    hit_rate: r.hitRate,
+    // Steady state (all lanes busy, requests left to join) in both runs: the drain after
+    // the file ends happens at different times in the two runs, so it compares unlike states.
+    p99_extra_wait_steps: f.p99ExtraWaitSteady,
+    max_extra_wait_steps: f.maxExtraWaitSteady,
+    p99_extra_wait_steps_all: f.p99ExtraWait,
+    max_extra_wait_steps_all: f.maxExtraWait,
+    mean_extra_wait_steps_all: f.meanExtraWait,
+    p99_gap_steps: f.p99Gap,
+    p99_gap_vs_fcfs: f.p99GapVsFcfs,
+    steps: r.steps,
+    tokens: r.tokens,
+    simulated_seconds: r.seconds,
+    tokens_per_simulated_second: r.seconds > 0 ? r.tokens / r.seconds : 0,
+    regrouped_per_step: r.regroupedPerStep,
+    pick_us_mean: r.pickMicrosMean,
+    pick_us_p99: r.pickMicrosP99,
+    /** The policy's own cost per step over the simulated step time. */
+    pick_cost_vs_step: r.steps > 0 && r.seconds > 0 ? r.pickMicrosMean / 1e6 / (r.seconds / r.steps) : 0,
+  };
+}
+
+export function batchReport(file: string, ours: BatchSimResult, fcfs: BatchSimResult, oracle: BatchSimResult | null) {
+  const h = ours.header;
+  const o = figures(ours, fcfs);
+  const fc = figures(fcfs, fcfs);
+  const or = oracle ? figures(oracle, fcfs) : null;
+  const saving = (x: number, y: number) => (y > 0 ? 1 - x / y : 0);
+  const out: Record<string, unknown> = {
+    trace: file,
+    model: h.model,
+    layers: h.layers,
+    experts: h.experts,
+    top_k: h.topK,
+    requests: ours.requests,
+    batch: ours.batch,
+    concurrency: ours.concurrency,
+    capacity_per_layer: ours.capacity,
+    cache: ours.cache,
+    ...o,
+    distinct_vs_fcfs: fc.distinct_experts_per_step > 0 ? o.distinct_experts_per_step / fc.distinct_experts_per_step : 1,
+    loads_vs_fcfs: fc.loads_per_token > 0 ? o.loads_per_token / fc.loads_per_token : 1,
+    distinct_reduction: saving(o.distinct_experts_per_step, fc.distinct_experts_per_step),
+    loads_reduction: saving(o.loads_per_token, fc.loads_per_token),
+    throughput_vs_fcfs: fc.tokens_per_simulated_second > 0 ? o.tokens_per_simulated_second / fc.tokens_per_simulated_second : 1,
+    fcfs: fc,
+  };
+  if (or) {
+    out.oracle = or;
+    const od = fc.distinct_experts_per_step - or.distinct_experts_per_step;
+    const ol = fc.loads_per_token - or.loads_per_token;
+    out.oracle_distinct_reduction = saving(or.distinct_experts_per_step, fc.distinct_experts_per_step);
+    out.oracle_loads_reduction = saving(or.loads_per_token, fc.loads_per_token);
+    out.share_of_oracle_distinct_savings = od > 0 ? (fc.distinct_experts_per_step - o.distinct_experts_per_step) / od : null;
+    out.share_of_oracle_loads_savings = ol > 0 ? (fc.loads_per_token - o.loads_per_token) / ol : null;
+  }
+  return out;
+}
+
+function formatBatchReport(out: Record<string, unknown>): string {
+  type Fig = ReturnType<typeof figures>;
+  const runs: Fig[] = [out.fcfs as Fig];
+  if (out.oracle && out.scheduler !== 'oracle') runs.push(out.oracle as Fig);
+  if (out.scheduler !== 'fcfs') runs.push(out as unknown as Fig);
+  const fc = out.fcfs as Fig;
+  const n = (x: number, d = 3) => x.toFixed(d);
+  const lines = [
+    `trace        ${out.trace} (${out.model || 'unnamed'}: ${out.layers} layers, ${out.experts} experts, top-${out.top_k}), ${out.requests} requests`,
+    `batching     ${out.concurrency} runnable, ${out.batch} per step; ${out.cache} cache of ${out.capacity_per_layer} experts per layer`,
+    '',
+    'scheduler          distinct/step  vs fcfs  loads/token  vs fcfs  extra wait p99/max (all)    p99 gap vs fcfs  pick us (mean/p99)',
+  ];
+  for (const r of runs) {
+    const name = r.scheduler + (r.predictor ? ` (${r.predictor})` : '');
+    lines.push(
+      [
+        name.padEnd(18),
+        n(r.distinct_experts_per_step, 2).padStart(13),
+        n(r.distinct_experts_per_step / fc.distinct_experts_per_step).padStart(8),
+        n(r.loads_per_token, 2).padStart(12),
+        n(r.loads_per_token / fc.loads_per_token).padStart(8),
+        `${r.p99_extra_wait_steps}/${r.max_extra_wait_steps} (${r.p99_extra_wait_steps_all}/${r.max_extra_wait_steps_all})`.padStart(28),
+        n(r.p99_gap_vs_fcfs, 2).padStart(16),
+        `   ${n(r.pick_us_mean, 0)}/${n(r.pick_us_p99, 0)}`,
+      ].join(' '),
+    );
+  }
+  if (out.share_of_oracle_distinct_savings !== undefined) {
+    const s = out.share_of_oracle_distinct_savings as number | null;
+    const sl = out.share_of_oracle_loads_savings as number | null;
+    lines.push('', `share of oracle's savings: distinct experts ${s === null ? 'n/a' : n(s)}, loads ${sl === null ? 'n/a' : n(sl)}`);
+  }
+  return lines.join('\n');
+}

@@ -9,8 +9,10 @@ Writes a many-request moe-trace v1 file whose routing statistics match a real tr
 previous token's experts kept at the same layer) and co-occurrence across adjacent
 layers (P(expert at l+1 | expert at l)). Then prints both traces' statistics side by side.
 
-Model, per request, token and layer: keep each of the previous token's experts at the
-layer with a fitted per-layer probability; fill the other slots without replacement from
+Model, per request, token and layer: keep n of the previous token's experts at the
+layer, n drawn from a chain over the token's layers (the real trace's transition of
+keep counts between adjacent layers, tilted per layer to match its reuse rate), so a
+token that repeats its predecessor at one layer tends to at the next; fill the other slots without replacement from
 a mixture (fitted per-layer weight) of the cross-layer conditional given this token's
 experts at l-1 and the layer's popularity. The first P positions are prefill, P within
 +-25% of a real request's prompt length. Deterministic per --seed (default 1).
@@ -21,13 +23,19 @@ Options:
   --json                  one JSON object with the comparison
 `;
 
-export function formatComparison(c: StatsComparison, realName: string, synthName: string): string {
+export function formatComparison(c: StatsComparison, realName: string, synthName: string, halves: StatsComparison | null = null): string {
   const f = (x: number) => (Number.isNaN(x) ? '   n/a' : x.toFixed(4).padStart(8));
   return [
     `statistic                                        real       synth     |diff| / distance`,
     `popularity TV distance, mean over layers          -          -       ${f(c.popularityTV)}   (real vs uniform: ${f(c.popularityTVUniform).trim()})`,
     `reuse rate, mean over layers                ${f(c.reuseMeanReal)}    ${f(c.reuseMeanSynth)}    mean ${f(c.reuseMeanAbsDiff).trim()}, max ${f(c.reuseMaxAbsDiff).trim()} over layers`,
     `cross-layer P(f at l+1 | e at l), top pairs       -          -       ${f(c.coocMeanAbsDiff)}   mean abs diff over ${c.coocPairs} pairs (independent layers: ${f(c.coocIndependentMeanAbsDiff).trim()})`,
+    ...(halves
+      ? [
+          `  for scale, the real trace's halves against each other: popularity TV ${f(halves.popularityTV).trim()}, reuse mean diff ${f(halves.reuseMeanAbsDiff).trim()}, co-occurrence ${f(halves.coocMeanAbsDiff).trim()}`,
+        ]
+      : []),
+    `keep counts of adjacent layers, correlation  ${f(c.keepCorrReal)}    ${f(c.keepCorrSynth)}    ${f(Math.abs(c.keepCorrReal - c.keepCorrSynth))}   (how reuse is coupled across a token's layers)`,
     `(real: ${realName}; synth: ${synthName})`,
   ].join('\n');
 }
@@ -75,6 +83,11 @@ export const synthTraceCommand = {
           cooc_mean_abs_diff: c.coocMeanAbsDiff,
           cooc_independent_mean_abs_diff: c.coocIndependentMeanAbsDiff,
           cooc_pairs: c.coocPairs,
+          keep_corr_real: c.keepCorrReal,
+          keep_corr_synth: c.keepCorrSynth,
+          real_halves: r.realHalves
+            ? { popularity_tv: r.realHalves.popularityTV, reuse_mean_abs_diff: r.realHalves.reuseMeanAbsDiff, cooc_mean_abs_diff: r.realHalves.coocMeanAbsDiff }
+            : null,
         }) + '\n',
       );
       return 0;
@@ -85,7 +98,7 @@ export const synthTraceCommand = {
         `real         ${like} (${h.model || 'unnamed'}: ${h.layers} layers, ${h.experts} experts, top-${h.topK}): ${r.real.requests} request(s), ${r.real.tokens} tokens`,
         `synthetic    ${out}: ${r.synth.requests} request(s), ${r.synth.tokens} tokens, ${r.rowsWritten} rows, seed ${seed}`,
         '',
-        formatComparison(c, like, out),
+        formatComparison(c, like, out, r.realHalves),
       ].join('\n') + '\n',
     );
     return 0;

@@ -4,12 +4,20 @@
 // adjacent layers (P(expert f at l+1 | expert e at l)).
 //
 // Generative model, per request, token and layer l:
-//   1. each of the previous token's experts at l is kept with probability keep[l];
+//   1. n_l of the previous token's experts at l are kept (chosen uniformly), n_l drawn
+//      from a chain across the token's layers: P(n_l = j | n_{l-1} = i) is the real
+//      trace's keep-count transition (pooled over layers), tilted per layer by
+//      exp(theta[l] j) so each layer's reuse rate matches. A token similar to its
+//      predecessor at one layer is similar at the next, as in real routing (adjacent
+//      layers' keep counts correlate about 0.55 in the shipped traces), which carries
+//      the previous token's cross-layer expert pairs over;
 //   2. the remaining slots are filled without replacement from
-//        alpha[l] * mean_{e in this token's experts at l-1} P(. at l | e at l-1)
-//      + (1 - alpha[l]) * popularity[l],
-//      falling back to uniform over the unchosen experts when that mass runs out.
-// keep[] and alpha[] are fitted on calibration runs (same seed each run, so the runs
+//        popularity[l](f) * exp(alpha[l] * mean_{e in this token's experts at l-1} lift(e, f)),
+//      lift(e, f) = log(P(f at l | e at l-1) / (K popularity[l](f))) from the real trace
+//      (a log-linear coupling: experts that the layer below's choices make likely, as a
+//      router fed a hidden state similar to the layer below's would), falling back to
+//      uniform over the unchosen experts when that mass runs out.
+// theta[] and alpha[] are fitted on calibration runs (same seed each run, so the runs
 // differ only by the parameters) until the generated reuse rates and co-occurrence
 // match the real ones. Everything is driven by one seeded PRNG: same seed, same bytes.
 //
@@ -45,6 +53,13 @@ export class TraceStats {
   /** Per rank: sum and count of recorded gate weights. */
   readonly weightSum: Float64Array;
   readonly weightN: Float64Array;
+  /**
+   * Keep counts: for consecutive tokens, n_l = |experts at l ∩ previous token's at l|.
+   * keepTrans[(i, j)] counts adjacent layers (l-1, l) of one token with n = i then j;
+   * keepStart[j] counts layers with n = j whose layer below had no comparison.
+   */
+  readonly keepTrans: Float64Array;
+  readonly keepStart: Float64Array;
   /** Per layer: prefill tokens other than a request's last prefill token lacking the layer. */
   readonly prefillSkips: Float64Array;
   prefillNonLast = 0;
@@ -67,6 +82,8 @@ export class TraceStats {
     this.weightSum = new Float64Array(K);
     this.weightN = new Float64Array(K);
     this.prefillSkips = new Float64Array(L);
+    this.keepTrans = new Float64Array((K + 1) * (K + 1));
+    this.keepStart = new Float64Array(K + 1);
   }
 
   add(req: TraceRequest): void {
@@ -79,12 +96,14 @@ export class TraceStats {
     let prev: TraceToken | null = null;
     req.tokens.forEach((tok, t) => {
       const ex = tok.experts;
+      let below = -1; // keep count at the layer below, -1 when it had no comparison
       const nonLastPrefill = tok.phase === 'prefill' && t < req.prefillTokens - 1;
       if (nonLastPrefill) this.prefillNonLast++;
       for (let l = 0; l < L; l++) {
         const b = l * K;
         if (ex[b] === NO_EXPERT) {
           if (nonLastPrefill) this.prefillSkips[l]++;
+          below = -1;
           continue;
         }
         this.rows[l]++;
@@ -105,6 +124,11 @@ export class TraceStats {
           for (let k = 0; k < K; k++) if (mark[ex[b + k]] === stamp) same++;
           this.reuseSum[l] += same / K;
           this.reusePairs[l]++;
+          if (below >= 0) this.keepTrans[below * (K + 1) + same]++;
+          else this.keepStart[same]++;
+          below = same;
+        } else {
+          below = -1;
         }
         if (l + 1 < L && ex[b + K] !== NO_EXPERT) {
           for (let k = 0; k < K; k++) {
@@ -146,6 +170,32 @@ export class TraceStats {
     return w;
   }
 
+  /** Correlation of the keep counts of adjacent layers within a token (NaN without pairs). */
+  keepCorrelation(): number {
+    const K1 = this.topK + 1;
+    let n = 0;
+    let sx = 0;
+    let sy = 0;
+    let sxx = 0;
+    let syy = 0;
+    let sxy = 0;
+    for (let i = 0; i < K1; i++) {
+      for (let j = 0; j < K1; j++) {
+        const c = this.keepTrans[i * K1 + j];
+        n += c;
+        sx += c * i;
+        sy += c * j;
+        sxx += c * i * i;
+        syy += c * j * j;
+        sxy += c * i * j;
+      }
+    }
+    if (n < 2) return NaN;
+    const vx = sxx / n - (sx / n) ** 2;
+    const vy = syy / n - (sy / n) ** 2;
+    return vx > 0 && vy > 0 ? (sxy / n - (sx / n) * (sy / n)) / Math.sqrt(vx * vy) : NaN;
+  }
+
   meanReuse(): number {
     let s = 0;
     let n = 0;
@@ -160,13 +210,32 @@ export class TraceStats {
   }
 }
 
-/** Statistics of a trace file, read as a stream. */
-export async function traceStats(file: string): Promise<{ header: TraceHeader; stats: TraceStats }> {
+/**
+ * Statistics of a trace file, read as a stream, plus the same of two halves of it (even
+ * and odd requests; a single request is split at its middle token) for held-out checks.
+ */
+export async function traceStats(file: string): Promise<{ header: TraceHeader; stats: TraceStats; halves: [TraceStats, TraceStats] }> {
   let header: TraceHeader | null = null;
   let stats: TraceStats | null = null;
-  for await (const req of readTrace(file, (h) => ((header = h), (stats = new TraceStats(h))), { keepWeights: true })) stats!.add(req);
-  if (header === null || stats === null) throw new Error(`${file}: no header`);
-  return { header, stats };
+  let halves: [TraceStats, TraceStats] | null = null;
+  let n = 0;
+  let only: TraceRequest | null = null;
+  for await (const req of readTrace(file, (h) => ((header = h), (stats = new TraceStats(h)), (halves = [new TraceStats(h), new TraceStats(h)])), { keepWeights: true })) {
+    stats!.add(req);
+    halves![n % 2].add(req);
+    only = n === 0 ? req : null;
+    n++;
+  }
+  if (header === null || stats === null || halves === null) throw new Error(`${file}: no header`);
+  const hv: [TraceStats, TraceStats] = halves;
+  if (n === 1 && only) {
+    const mid = Math.floor(only.tokens.length / 2);
+    hv[0] = new TraceStats(header);
+    hv[1] = new TraceStats(header);
+    hv[0].add({ ...only, tokens: only.tokens.slice(0, mid), prefillTokens: Math.min(only.prefillTokens, mid) });
+    hv[1].add({ ...only, tokens: only.tokens.slice(mid), prefillTokens: Math.max(0, only.prefillTokens - mid) });
+  }
+  return { header, stats, halves: hv };
 }
 
 export interface StatsComparison {
@@ -191,6 +260,9 @@ export interface StatsComparison {
   coocIndependentMeanAbsDiff: number;
   /** Pairs compared (top `topPairs` by real joint count per adjacent layer pair). */
   coocPairs: number;
+  /** Correlation of adjacent layers' keep counts within a token (how reuse is coupled across layers). */
+  keepCorrReal: number;
+  keepCorrSynth: number;
 }
 
 /** Compares the statistics of a real trace and a synthetic (or any other) one of the same shape. */
@@ -275,6 +347,8 @@ export function compareStats(real: TraceStats, synth: TraceStats, topPairs = 64)
     coocPerLayer: coocPer,
     coocIndependentMeanAbsDiff: cN ? cInd / cN : NaN,
     coocPairs: cN,
+    keepCorrReal: real.keepCorrelation(),
+    keepCorrSynth: synth.keepCorrelation(),
   };
 }
 
@@ -301,10 +375,30 @@ export interface SynthModel {
   /** (l, e, f) for l in 0..L-2: P(f at l+1 | e at l) / K (sums to 1 per row); rows of unseen e are 0. */
   cond: Float64Array;
   condValid: Uint8Array;
-  /** Per layer: probability of keeping each of the previous token's experts. */
+  /** Per layer: the real reuse rate (share of the previous token's experts kept). */
   keep: Float64Array;
-  /** Per layer: weight of the cross-layer conditional in the fill mixture. */
+  /**
+   * Keep-count chain across the layers of a token: keepT[(i, j)] = P(n_l = j | n_{l-1} = i)
+   * (fitted on the real trace, pooled over layers, add-0.5 smoothed); keepStart[j] = P(n = j)
+   * at a token's first layer with a previous token. Layer l tilts the row by exp(theta[l] j),
+   * theta fitted so each layer's reuse rate matches.
+   */
+  keepT: Float64Array;
+  keepStart: Float64Array;
+  theta: Float64Array;
+  /**
+   * (l, e, f) for l in 0..L-2: log of P(f at l+1 | e at l) (smoothed with 2 pseudo-tokens
+   * drawn from the popularity) over K x popularity of f at l+1: the lift of f given e.
+   */
+  lift: Float32Array;
+  /** Per layer: strength of the coupling to the layer below (0: independent layers). */
   alpha: Float64Array;
+  /**
+   * (l, e): the base weights of the fill, starting at the popularity and rescaled on
+   * calibration runs (iterative proportional fitting) so the generated popularity
+   * matches despite the coupling and the keeps.
+   */
+  fillPop: Float64Array;
   /** Layers skipped for prefill tokens other than a request's last one. */
   prefillSkip: Uint8Array;
   prefillLengths: number[];
@@ -328,6 +422,19 @@ export function buildModel(header: TraceHeader, s: TraceStats): SynthModel {
       for (let f = 0; f < E; f++) cond[row + f] = s.joint[row + f] / (n * K);
     }
   }
+  const lift = new Float32Array(s.joint.length);
+  for (let l = 0; l + 1 < L; l++) {
+    for (let e = 0; e < E; e++) {
+      const n = s.lower[l * E + e];
+      if (n === 0) continue;
+      const row = (l * E + e) * E;
+      for (let f = 0; f < E; f++) {
+        const base = K * pop[(l + 1) * E + f];
+        if (base <= 0) continue;
+        lift[row + f] = Math.log((s.joint[row + f] + 2 * base) / (n + 2) / base);
+      }
+    }
+  }
   const keep = new Float64Array(L);
   for (let l = 0; l < L; l++) {
     const r = s.reuse(l);
@@ -335,12 +442,28 @@ export function buildModel(header: TraceHeader, s: TraceStats): SynthModel {
   }
   const prefillSkip = new Uint8Array(L);
   for (let l = 0; l < L; l++) prefillSkip[l] = s.prefillNonLast > 0 && s.prefillSkips[l] * 2 > s.prefillNonLast ? 1 : 0;
+  const K1 = K + 1;
+  const keepT = new Float64Array(K1 * K1);
+  for (let i = 0; i < K1; i++) {
+    let sum = 0;
+    for (let j = 0; j < K1; j++) sum += keepT[i * K1 + j] = s.keepTrans[i * K1 + j] + 0.5;
+    for (let j = 0; j < K1; j++) keepT[i * K1 + j] /= sum;
+  }
+  const keepStart = new Float64Array(K1);
+  let ks = 0;
+  for (let j = 0; j < K1; j++) ks += keepStart[j] = s.keepStart[j] + 0.5;
+  for (let j = 0; j < K1; j++) keepStart[j] /= ks;
   return {
     header,
     pop,
     cond,
     condValid,
     keep,
+    keepT,
+    keepStart,
+    theta: new Float64Array(L),
+    lift,
+    fillPop: Float64Array.from(pop),
     alpha: new Float64Array(L).fill(0.5),
     prefillSkip,
     prefillLengths: s.prefillLengths.length ? s.prefillLengths : [0],
@@ -362,42 +485,68 @@ export function generateRequest(m: SynthModel, rng: () => number, id: number, to
 
   const d = new Float64Array(E);
   const chosen = new Uint8Array(E);
+  const tilt = new Float64Array(K + 1);
+  const lift = new Float64Array(E);
+  const order = new Int32Array(K);
   const out: TraceToken[] = [];
   let prev: Uint16Array | null = null;
   for (let t = 0; t < M; t++) {
     const phase = t < P ? 'prefill' : 'decode';
     const skipping = phase === 'prefill' && t < P - 1;
     const ex = new Uint16Array(L * K).fill(NO_EXPERT);
+    let below = -1; // keep count at the layer below (-1: none)
     for (let l = 0; l < L; l++) {
-      if (skipping && m.prefillSkip[l]) continue;
+      if (skipping && m.prefillSkip[l]) {
+        below = -1;
+        continue;
+      }
       const b = l * K;
       chosen.fill(0);
       let n = 0;
       if (prev && prev[b] !== NO_EXPERT) {
-        const q = m.keep[l];
-        for (let k = 0; k < K; k++) {
-          if (rng() < q) {
-            ex[b + n++] = prev[b + k];
-            chosen[prev[b + k]] = 1;
-          }
+        // Keep count from the chain across layers, tilted for this layer's reuse rate.
+        const row = below >= 0 ? m.keepT.subarray(below * (K + 1), (below + 1) * (K + 1)) : m.keepStart;
+        const th = m.theta[l];
+        let tot = 0;
+        for (let j = 0; j <= K; j++) tot += tilt[j] = row[j] * Math.exp(th * j);
+        let r = rng() * tot;
+        let j = 0;
+        while (j < K && (r -= tilt[j]) >= 0) j++;
+        // Keep j of the previous token's experts, chosen uniformly (partial shuffle).
+        for (let k = 0; k < K; k++) order[k] = k;
+        for (let k = 0; k < j; k++) {
+          const x = k + Math.floor(rng() * (K - k));
+          const tmp = order[k];
+          order[k] = order[x];
+          order[x] = tmp;
+          const e = prev[b + order[k]];
+          ex[b + n++] = e;
+          chosen[e] = 1;
         }
+        below = j;
+      } else {
+        below = -1;
       }
       if (n === K) continue;
-      // Fill distribution: mixture of the cross-layer conditional and the popularity.
+      // Fill distribution: popularity times exp(alpha x the mean lift of f given this
+      // token's experts at l-1), a log-linear coupling to the layer below.
       let a = l > 0 && ex[b - K] !== NO_EXPERT ? m.alpha[l] : 0;
       let valid = 0;
       if (a > 0) for (let k = 0; k < K; k++) valid += m.condValid[(l - 1) * E + ex[b - K + k]];
       if (valid === 0) a = 0;
       const pb = l * E;
-      for (let f = 0; f < E; f++) d[f] = (1 - a) * m.pop[pb + f];
       if (a > 0) {
-        const w = a / valid;
+        lift.fill(0);
         for (let k = 0; k < K; k++) {
           const e = ex[b - K + k];
           if (!m.condValid[(l - 1) * E + e]) continue;
           const row = ((l - 1) * E + e) * E;
-          for (let f = 0; f < E; f++) d[f] += w * m.cond[row + f];
+          for (let f = 0; f < E; f++) lift[f] += m.lift[row + f];
         }
+        const w = a / valid;
+        for (let f = 0; f < E; f++) d[f] = m.fillPop[pb + f] * Math.exp(w * lift[f]);
+      } else {
+        for (let f = 0; f < E; f++) d[f] = m.fillPop[pb + f];
       }
       for (; n < K; n++) {
         let total = 0;
@@ -450,7 +599,7 @@ function calibrate(m: SynthModel, seed: number, requests: number, tokens: number
   return s;
 }
 
-/** Fits keep[] (reuse) and alpha[] (cross-layer co-occurrence) so generated statistics match. */
+/** Fits theta[] (reuse) and alpha[] (cross-layer co-occurrence) so generated statistics match. */
 export function fitModel(m: SynthModel, real: TraceStats, opts: FitOptions = {}): SynthModel {
   const { layers: L } = m.header;
   const meanTokens = opts.tokensPerRequest ?? m.tokenCounts.reduce((x, y) => x + y, 0) / m.tokenCounts.length;
@@ -463,29 +612,60 @@ export function fitModel(m: SynthModel, real: TraceStats, opts: FitOptions = {})
         const r = real.reuse(l);
         const g = s.reuse(l);
         if (Number.isNaN(r) || Number.isNaN(g)) continue;
-        m.keep[l] = Math.min(1, Math.max(0, m.keep[l] + (r - g)));
+        // d(reuse)/d(theta) = Var(keep count) / K, about 1/4 for K = 6: a damped Newton step.
+        m.theta[l] = Math.max(-20, Math.min(20, m.theta[l] + 3 * (r - g)));
       }
     }
   };
   fitKeep(2);
-  // Alpha: per layer, the grid value whose co-occurrence (pair l-1, l) and popularity match best.
-  const grid = [0, 0.2, 0.4, 0.6, 0.8, 1];
-  const best = new Float64Array(L).fill(Infinity);
-  const chosen = new Float64Array(L).fill(0.5);
-  for (const a of grid) {
+  // Alpha per layer: the grid value minimizing, at that layer, the co-occurrence
+  // difference (pair l-1, l) plus the popularity drift the coupling causes before the
+  // fill weights are re-fitted below (a strong coupling copies a short trace's pairs and
+  // drifts the marginals). The errors are averaged over 5 neighbouring layers first:
+  // one layer's figure on a calibration run this size is noisy.
+  const grid = [0, 0.5, 1, 1.5, 2, 3, 4];
+  const errs = grid.map((a) => {
     m.alpha.fill(a);
-    const c = compareStats(real, calibrate(m, seed, requests, opts.tokensPerRequest));
+    const c = compareStats(real, calibrate(m, seed + 1, requests * 2, opts.tokensPerRequest));
+    const e = new Float64Array(L);
     for (let l = 1; l < L; l++) {
-      const err = (Number.isNaN(c.coocPerLayer[l - 1]) ? 0 : c.coocPerLayer[l - 1]) + (Number.isNaN(c.popularityTVPerLayer[l]) ? 0 : c.popularityTVPerLayer[l]);
-      if (err < best[l]) {
-        best[l] = err;
+      e[l] = (Number.isNaN(c.coocPerLayer[l - 1]) ? 0 : c.coocPerLayer[l - 1]) + (Number.isNaN(c.popularityTVPerLayer[l]) ? 0 : c.popularityTVPerLayer[l]);
+    }
+    return e;
+  });
+  const chosen = new Float64Array(L);
+  for (let l = 1; l < L; l++) {
+    let best = Infinity;
+    grid.forEach((a, g) => {
+      let sum = 0;
+      let n = 0;
+      for (let j = Math.max(1, l - 2); j <= Math.min(L - 1, l + 2); j++) {
+        sum += errs[g][j];
+        n++;
+      }
+      if (sum / n < best) {
+        best = sum / n;
         chosen[l] = a;
       }
-    }
+    });
   }
   m.alpha.set(chosen);
   m.alpha[0] = 0;
-  fitKeep(3);
+  const { experts: E } = m.header;
+  for (let round = 0; round < 4; round++) {
+    // Popularity: rescale the fill weights by real / generated (damped).
+    const s = calibrate(m, seed, requests, opts.tokensPerRequest);
+    for (let l = 0; l < L; l++) {
+      if (real.rows[l] === 0 || s.rows[l] === 0) continue;
+      for (let e = 0; e < E; e++) {
+        const r = real.popularity(l, e);
+        if (r === 0) continue;
+        const g = s.popularity(l, e);
+        m.fillPop[l * E + e] *= Math.min(4, Math.max(0.25, Math.sqrt((r + 1e-4) / (g + 1e-4))));
+      }
+    }
+    fitKeep(round === 3 ? 2 : 1);
+  }
   return m;
 }
 
@@ -508,6 +688,8 @@ export interface SynthResult {
   real: TraceStats;
   synth: TraceStats;
   comparison: StatsComparison;
+  /** The real trace's two halves compared with each other: how closely real data matches itself. */
+  realHalves: StatsComparison | null;
   model: SynthModel;
   rowsWritten: number;
 }
@@ -515,7 +697,7 @@ export interface SynthResult {
 /** Reads `like`, fits the model and streams `requests` synthetic requests to `out`. */
 export async function synthesizeTrace(o: SynthOptions): Promise<SynthResult> {
   const seed = o.seed ?? 1;
-  const { header, stats: real } = await traceStats(o.like);
+  const { header, stats: real, halves } = await traceStats(o.like);
   if (real.tokens === 0) throw new Error(`${o.like}: no rows to learn from`);
   const model = fitModel(buildModel(header, real), real, { seed, tokensPerRequest: o.tokensPerRequest, calibrationRows: o.calibrationRows });
   const { layers: L, topK: K } = header;
@@ -553,5 +735,6 @@ export async function synthesizeTrace(o: SynthOptions): Promise<SynthResult> {
     file.destroy();
     throw e;
   }
-  return { header, real, synth, comparison: compareStats(real, synth), model, rowsWritten };
+  const realHalves = halves[0].tokens > 1 && halves[1].tokens > 1 ? compareStats(halves[0], halves[1]) : null;
+  return { header, real, synth, comparison: compareStats(real, synth), realHalves, model, rowsWritten };
 }

@@ -3,12 +3,15 @@
 // (queues, KV blocks, preemption); the policy only sees a description of the runnable
 // sequences and the step's budget, so it can be tested and replaced on its own.
 
+import { ExpertAwarePolicy } from './expert-aware-policy.js';
 import { FcfsPolicy } from './fcfs-policy.js';
 
 /** What a later policy may know about a sequence beyond its lengths (unused by FCFS). */
 export interface SequenceHints {
   /** Experts predicted for the sequence's next tokens, per layer (pre-gating predictor). */
   predictedExperts?: readonly (readonly number[])[];
+  /** Probability of each predicted expert, parallel to predictedExperts (default 1 each). */
+  predictedWeights?: readonly (readonly number[])[];
 }
 
 export interface PolicyCandidate {
@@ -36,6 +39,13 @@ export interface StepBudget {
   maxTokens: number;
   /** Sequences running at once at most: running ones kept plus waiting ones admitted. */
   maxRunning: number;
+  /**
+   * Expert-aware policies only (FCFS ignores it): per layer, resident[l][e] != 0 when
+   * expert e of layer l is resident in the expert cache.
+   */
+  resident?: readonly Uint8Array[];
+  /** Recent step time in ms, for bounds given in ms (a policy may estimate it itself). */
+  stepMs?: number;
 }
 
 export interface PolicyPick {
@@ -57,6 +67,7 @@ export interface BatchPolicy {
 
 const POLICIES: Record<string, () => BatchPolicy> = {
   fcfs: () => new FcfsPolicy(),
+  'expert-aware': () => new ExpertAwarePolicy(),
 };
 
 /** The policy configured by name. */
