@@ -1,0 +1,276 @@
+// Offload benchmark (issue "Expert offloading", point 6): `npm run bench:offload`.
+//
+// A synthetic checkpoint shaped like Qwen3-30B-A3B (8 of its 48 layers, the engine
+// benchmark's model, Q8_0 in memory) with each token's experts replayed from a real
+// routing trace (../shared/traces/qwen3-30b-a3b.trace.csv by default: random weights
+// route almost uniformly, real models do not). The fast tier holds a quarter of the
+// experts (the experts are 4x its capacity); the rest live in the expert file, read with
+// direct I/O. In one process run:
+//   - the memory read bandwidth (streaming probe) and the slow tier's read bandwidth
+//     (every slot of the fast tier filled through the expert store's own I/O threads,
+//     O_DIRECT, cold), measured before and after the decode runs;
+//   - single-stream decode tokens/s with every expert resident (same replayed routing);
+//   - offloaded decode on demand (LRU, no prefetch) and with our policy (the project's
+//     default policy with pre-gating prefetch), each from a cold cache;
+//   - the offload limit: Belady's loads for the decode steps' expert visits as they were
+//     recorded, read at the measured slow-tier bandwidth, overlapped with the resident
+//     compute time (the larger of the two), as tokens/s;
+//   - cache figures: hit rate, loads (demand + prefetch) against Belady's, prefetches
+//     used / wasted, stall-free fraction of layer visits, pre-gating recall/precision.
+// Options (environment): BENCH_THREADS (2), BENCH_OFFLOAD_DECODE (96 decode tokens),
+// BENCH_OFFLOAD_TRACE (trace file), BENCH_OFFLOAD_CAPACITY ("0.25": fraction of experts),
+// BENCH_OFFLOAD_DIR (expert file directory; default the OS temporary directory).
+// The last line is JSON: offload_vs_ondemand, offload_limit_fraction, offload_vs_resident,
+// stall_free_fraction, loads_vs_belady, and `figures`: [{name, value, unit, compared_to}].
+
+import { existsSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { NativeRunner, type NativeRunnerOptions } from '../src/engine/native-runner.js';
+import { loadNative, type NativeEngine } from '../src/engine/native.js';
+import type { OffloadStats } from '../src/engine/protocol.js';
+import type { ModelRunner, RoutingEvent, StepSequence } from '../src/engine/runner.js';
+import { openModel } from '../src/model/checkpoint.js';
+import type { ModelSpec } from '../src/model/spec.js';
+import { BeladyPolicy } from '../src/offload/belady.js';
+import { OffloadRunner } from '../src/offload/offload-runner.js';
+import { DEFAULT_ONLINE_POLICY } from '../src/offload/policies.js';
+import { RoutingReplay } from '../src/offload/replay.js';
+import { BENCH_MODELS, ensureCheckpoint } from './lib/bench-models.js';
+import { probeBandwidth, tokenIds } from './lib/engine-bench-common.js';
+
+interface Figure {
+  name: string;
+  value: number;
+  unit: string;
+  compared_to: string | null;
+}
+
+const here = dirname(fileURLToPath(import.meta.url));
+const THREADS = Number(process.env.BENCH_THREADS ?? 2);
+const DECODE = Number(process.env.BENCH_OFFLOAD_DECODE ?? 96);
+const CAPACITY = process.env.BENCH_OFFLOAD_CAPACITY ?? '0.25';
+const TRACE = resolve(process.env.BENCH_OFFLOAD_TRACE ?? join(here, '..', '..', 'shared', 'traces', 'qwen3-30b-a3b.trace.csv'));
+const DIR = process.env.BENCH_OFFLOAD_DIR;
+const KV_BLOCK_SIZE = 16;
+
+const log = (s: string) => console.log(s);
+const figures: Figure[] = [];
+const round = (v: number, d: number) => Math.round(v * 10 ** d) / 10 ** d;
+function figure(name: string, value: number, unit: string, compared_to: string | null = null): number {
+  figures.push({ name, value: round(value, unit === 'ratio' || unit === 'fraction' ? 4 : 3), unit, compared_to });
+  return value;
+}
+
+/** Every layer visit of the decode steps: the distinct experts each layer needed, step after step. */
+class VisitLog {
+  /** (step, layer) -> distinct experts, steps in order. */
+  readonly steps: number[][][] = [];
+  private current: number[][] | null = null;
+  constructor(private readonly layers: number) {}
+  onRouting = (e: RoutingEvent): void => {
+    if (e.layer === 0) {
+      this.current = Array.from({ length: this.layers }, () => []);
+      this.steps.push(this.current);
+    }
+    const seen = new Set<number>();
+    for (let i = 0; i < e.ids.length; i++) seen.add(e.ids[i]);
+    this.current![e.layer] = [...seen];
+  };
+}
+
+/**
+ * Belady's loads over the recorded visits at `slots` per layer, counted from step
+ * `from` on (the steps before it warm the cache the same way for every policy).
+ */
+function beladyLoads(v: VisitLog, layers: number, experts: number, slots: number, from: number): number {
+  const policy = new BeladyPolicy({ layers, experts, capacity: slots }, { visits: v.steps.length, set: (l, t) => v.steps[t][l] });
+  let loads = 0;
+  v.steps.forEach((step, t) => {
+    for (let l = 0; l < layers; l++) {
+      const d = policy.request(l, step[l]);
+      if (t >= from) loads += d.loads.length;
+    }
+  });
+  return loads;
+}
+
+interface DecodeRun {
+  seconds: number;
+  tokensPerSecond: number;
+  visits: VisitLog;
+  tokens: number[];
+}
+
+/** Prompt in one step, then DECODE greedy tokens one per step; the decode steps are timed. */
+function decode(runner: ModelRunner, visits: VisitLog, prompt: number[], limit: number, afterPrompt?: () => void): DecodeRun {
+  const V = runner.spec.vocabSize;
+  const positions = prompt.length + DECODE;
+  const blocks = Int32Array.from({ length: Math.ceil(positions / KV_BLOCK_SIZE) }, (_, i) => i);
+  const entry = (tokens: number[], startPos: number): StepSequence => ({
+    seqId: 0,
+    tokens: Uint32Array.from(tokens),
+    startPos,
+    blockTable: blocks.subarray(0, Math.ceil((startPos + tokens.length) / KV_BLOCK_SIZE)),
+    wantLogits: true,
+  });
+  const argmax = (l: Float32Array) => {
+    let b = 0;
+    for (let i = 1; i < Math.min(V, limit); i++) if (l[i] > l[b]) b = i;
+    return b;
+  };
+  let last = argmax(runner.step([entry(prompt, 0)]).logits);
+  afterPrompt?.();
+  const tokens: number[] = [];
+  const t0 = performance.now();
+  for (let i = 0; i < DECODE; i++) {
+    tokens.push(last);
+    last = argmax(runner.step([entry([last], prompt.length + i)]).logits);
+  }
+  const seconds = (performance.now() - t0) / 1000;
+  return { seconds, tokensPerSecond: DECODE / seconds, visits, tokens };
+}
+
+/** Fills every slot of every layer from the expert file through the store (cold, direct I/O); bytes/s. */
+function slowTierBandwidth(engine: NativeEngine, spec: ModelSpec, slots: number, round: number): number {
+  const bytesBefore = engine.storeStats().bytesRead;
+  const t0 = performance.now();
+  for (let l = 0; l < spec.numLayers; l++) {
+    // A different expert set per round, so that no read repeats one the disk may have cached.
+    for (let s = 0; s < slots; s++) engine.loadExpert(l, (s + round * slots) % spec.numExperts, s);
+  }
+  for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < slots; s++) engine.waitExpert(l, (s + round * slots) % spec.numExperts);
+  const seconds = (performance.now() - t0) / 1000;
+  const bytes = engine.storeStats().bytesRead - bytesBefore;
+  for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < slots; s++) engine.evictSlot(l, s);
+  return bytes / seconds;
+}
+
+function cacheFigures(prefix: string, st: OffloadStats, decodeLoadsFrom: { loads: number }): { hitRate: number; loads: number; stallFree: number } {
+  let hits = 0;
+  let misses = 0;
+  let issued = 0;
+  let used = 0;
+  let wasted = 0;
+  let visits = 0;
+  let stalled = 0;
+  for (const l of st.layers) {
+    hits += l.hits;
+    misses += l.misses;
+    issued += l.prefetchIssued - l.prefetchCancelled;
+    used += l.prefetchUsed;
+    wasted += l.prefetchWasted;
+    visits += l.visits;
+    stalled += l.stalledVisits;
+  }
+  const loads = st.loads - decodeLoadsFrom.loads;
+  figure(`${prefix}_hit_rate`, hits / Math.max(1, hits + misses), 'fraction');
+  figure(`${prefix}_prefetch_reads`, issued, 'experts');
+  figure(`${prefix}_prefetch_used`, used, 'experts');
+  figure(`${prefix}_prefetch_wasted`, wasted, 'experts');
+  const stallFree = visits > 0 ? 1 - stalled / visits : 1;
+  return { hitRate: hits / Math.max(1, hits + misses), loads, stallFree };
+}
+
+async function main(): Promise<void> {
+  if (!existsSync(TRACE)) throw new Error(`routing trace ${TRACE} not found; set BENCH_OFFLOAD_TRACE to a moe-trace v1 file`);
+  const modelDir = ensureCheckpoint(BENCH_MODELS.qwen, log);
+  const m = await openModel(modelDir);
+  const spec = m.spec;
+  const L = spec.numLayers;
+  const E = spec.numExperts;
+  const replay = await RoutingReplay.load(TRACE, { layers: L, experts: E });
+  log(`model ${BENCH_MODELS.qwen.preset}: ${L} layers x ${E} experts, top-${spec.topK}; routing replayed from ${replay.describe()}`);
+  const promptLen = Math.min(28, 64);
+  const prompt = tokenIds(promptLen, 11, 1000, Math.min(spec.vocabSize, 30000));
+  const limit = Math.min(spec.vocabSize, 30000);
+  const kvBlocks = Math.ceil((promptLen + DECODE) / KV_BLOCK_SIZE) + 1;
+  const base: NativeRunnerOptions = { weights: 'q8', threads: THREADS, kvBlockSize: KV_BLOCK_SIZE, kvBlocks };
+
+  const memBw0 = probeBandwidth(THREADS);
+
+  // All-resident decode with the same replayed routing.
+  let resident: DecodeRun;
+  {
+    const visits = new VisitLog(L);
+    const t0 = performance.now();
+    const runner = NativeRunner.fromCheckpoint(spec, m.weights, { ...base, replay, onRouting: visits.onRouting });
+    log(`resident engine loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    try {
+      decode(runner, new VisitLog(L), prompt, limit); // warm-up pass over the same workload
+      resident = decode(runner, visits, prompt, limit);
+    } finally {
+      runner.close();
+    }
+    log(`all-resident decode: ${resident.tokensPerSecond.toFixed(2)} tok/s`);
+  }
+
+  // One offloading engine (the expert file is written once); each policy starts cold.
+  const t0 = performance.now();
+  const first = OffloadRunner.fromCheckpoint(spec, m.weights, { ...base, capacity: CAPACITY, policy: 'lru', lookahead: 0, replay, dir: DIR });
+  m.close();
+  const engine = (first.engine as unknown as NativeEngine);
+  const slots = first.slotsPerLayer;
+  const slotBytes = engine.storeStats().slotBytes;
+  log(`offload engine loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s: ${slots} slots per layer of ${E} experts, ${(slotBytes / 1e6).toFixed(2)} MB per expert, direct I/O ${engine.storeStats().direct}`);
+
+  try {
+    const diskBw0 = slowTierBandwidth(engine, spec, slots, 0);
+    log(`slow tier: ${(diskBw0 / 1e9).toFixed(3)} GB/s (direct ${engine.storeStats().direct}); memory: ${memBw0.toFixed(1)} GB/s`);
+
+    const runPolicy = (name: string, policy: string, lookahead: number) => {
+      const visits = new VisitLog(L);
+      const runner = new OffloadRunner(spec, first.kv, first.engine, slots, { policy, lookahead, replay, onRouting: visits.onRouting });
+      // Loads of the decode steps only (demand and prefetch reads): the store's count
+      // after the run minus its count once the prompt step is done.
+      let loadsAfterPrompt = 0;
+      const r = decode(runner, visits, prompt, limit, () => (loadsAfterPrompt = engine.storeStats().loads));
+      const st = runner.offloadStats();
+      const c = cacheFigures(name, st, { loads: loadsAfterPrompt });
+      for (let l = 0; l < L; l++) for (let s = 0; s < slots; s++) engine.evictSlot(l, s);
+      log(`${name}: ${r.tokensPerSecond.toFixed(2)} tok/s, hit rate ${c.hitRate.toFixed(3)}, stall-free ${c.stallFree.toFixed(3)}`);
+      return { run: r, stats: st, ...c };
+    };
+    const ondemand = runPolicy('ondemand', 'lru', 0);
+    const ours = runPolicy('ours', DEFAULT_ONLINE_POLICY, 2);
+    const diskBw1 = slowTierBandwidth(engine, spec, slots, 1);
+    const memBw1 = probeBandwidth(THREADS);
+    const diskBw = (diskBw0 + diskBw1) / 2;
+    const memBw = (memBw0 + memBw1) / 2;
+
+    // Decode-only loads: the visits of the prompt (one step, or several pieces when a layer
+    // needs more experts than it has slots) warm the cache; the last DECODE steps count.
+    const steps = ours.run.visits.steps.length;
+    const belady = beladyLoads(ours.run.visits, L, E, slots, steps - DECODE);
+    const beladyPerToken = belady / DECODE;
+    const ioSeconds = (belady * slotBytes) / diskBw;
+    const limitSeconds = Math.max(ioSeconds, resident.seconds);
+    const limitTps = DECODE / limitSeconds;
+
+    figure('memory_bandwidth', memBw, 'GB/s');
+    figure('slow_tier_bandwidth', diskBw / 1e9, 'GB/s', 'memory_bandwidth');
+    figure('resident_decode', resident.tokensPerSecond, 'tok/s');
+    figure('ondemand_decode', ondemand.run.tokensPerSecond, 'tok/s', 'offload_limit');
+    figure('ours_decode', ours.run.tokensPerSecond, 'tok/s', 'offload_limit');
+    figure('offload_limit', limitTps, 'tok/s', 'belady loads at slow_tier_bandwidth, overlapped with resident compute');
+    figure('belady_loads_per_token', beladyPerToken, 'experts');
+    figure('ondemand_loads_per_token', ondemand.loads / DECODE, 'experts', 'belady_loads_per_token');
+    figure('ours_loads_per_token', ours.loads / DECODE, 'experts', 'belady_loads_per_token');
+    figure('ondemand_loads_vs_belady', ondemand.loads / belady, 'ratio', 'belady_loads_per_token');
+    const res = {
+      offload_vs_ondemand: figure('offload_vs_ondemand', ours.run.tokensPerSecond / ondemand.run.tokensPerSecond, 'ratio', 'ondemand_decode'),
+      offload_limit_fraction: figure('offload_limit_fraction', ours.run.tokensPerSecond / limitTps, 'ratio', 'offload_limit'),
+      offload_vs_resident: figure('offload_vs_resident', ours.run.tokensPerSecond / resident.tokensPerSecond, 'ratio', 'resident_decode'),
+      stall_free_fraction: figure('stall_free_fraction', ours.stallFree, 'fraction'),
+      loads_vs_belady: figure('loads_vs_belady', ours.loads / belady, 'ratio', 'belady_loads_per_token'),
+    };
+    console.log(JSON.stringify({ ...res, figures }));
+  } finally {
+    first.close();
+  }
+}
+
+main().catch((e) => {
+  console.error(e instanceof Error ? (e.stack ?? e.message) : String(e));
+  process.exit(1);
+});
