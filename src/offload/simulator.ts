@@ -32,6 +32,7 @@ import type { StepToken } from './schedule.js';
 import { LfuPolicy } from './lfu.js';
 import { LruPolicy } from './lru.js';
 import { PredictivePolicy } from './predictive.js';
+import { ForecastPolicy } from './forecast.js';
 
 export interface TimingModel {
   bytesPerExpert: number;
@@ -192,10 +193,10 @@ export function beladyFor(sched: AccessSchedule, capacity: number): BeladyPolicy
   );
 }
 
-export const POLICY_NAMES = ['lru', 'lfu', 'lfu-decay', 'belady', 'predictive'] as const;
+export const POLICY_NAMES = ['lru', 'lfu', 'lfu-decay', 'belady', 'predictive', 'forecast'] as const;
 export type PolicyName = (typeof POLICY_NAMES)[number];
 /** The project's default expert cache policy. */
-export const DEFAULT_POLICY: PolicyName = 'predictive';
+export const DEFAULT_POLICY: PolicyName = 'forecast';
 
 /** A fresh policy for a run over `sched` (Belady reads the schedule's future). */
 export function createCachePolicy(name: PolicyName, sched: AccessSchedule, capacity: number, opts: { prefetch?: boolean } = {}): ExpertCachePolicy {
@@ -211,5 +212,7 @@ export function createCachePolicy(name: PolicyName, sched: AccessSchedule, capac
       return beladyFor(sched, capacity);
     case 'predictive':
       return new PredictivePolicy(shape, { prefetch: opts.prefetch });
+    case 'forecast':
+      return new ForecastPolicy(shape, { prefetch: opts.prefetch });
   }
 }

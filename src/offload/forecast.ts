@@ -1,0 +1,569 @@
+// "forecast": an expert cache policy that ranks residents by a learned, distance-aware
+// forecast of their reuse, estimated online from what the server knows at the visit.
+//
+// Eviction score. For an expert e of layer l at the layer's visit n, the policy
+// estimates P(e is needed again within the next h visits of l) for h in HORIZONS and
+// keeps the residents with the largest sum over h. The sum is a discretised closeness
+// of the next use: an expert needed at the next visit counts in every term, one needed
+// in 8 visits in one term only, one not needed for long in none. Belady keeps the
+// nearest next use; this is its forecast version (with the true next uses in place of
+// the forecasts the same rule stays within 1% of Belady at 2x the active experts).
+//
+// Each P(h) is a logistic model of one feature vector shared by the horizons and layers:
+//   - recency: one-hot buckets of the visits since e's last use at l;
+//   - frequency: log(1 + uses decayed with half-lives 1..32 visits, and undecayed), so
+//     the model weighs short and long memory itself instead of a fixed half-life;
+//   - next token, same layer: P(e at l for the next token | the current tokens' experts
+//     at l), and from two tokens back, from online transition counts per layer;
+//   - next token, layer below (cross-layer): P(e at l for the next token | the current
+//     tokens' experts at l - 1), counts of "i at (token t, l-1), e at (token t+1, l)";
+//   - nearest neighbours (cross-layer, whole token): the past tokens whose routing at
+//     layers 0..l overlaps most with the current token's; how often e follows them at l
+//     (next token, and within 4 tokens);
+//   with several sequences in the batch, the forecasts of the sequences are combined as
+//   P(any of them needs e).
+// The weights are learned online (Adagrad on the logistic loss) from zero: after each
+// visit the policy records the features of the layer's residents and recently used
+// experts; their labels (used within h visits?) are known h visits later, and only then
+// does the model learn from them. Nothing is read from the future and no constant was
+// fitted to a trace: the model starts knowing nothing about a model's routing.
+//
+// Online use. request()/prefetch() are the ExpertCachePolicy interface. The per-token
+// routing (which sequence chose which experts, in router rank order) arrives through the
+// optional observeRouting() (the simulator calls observe(), the VisitObserver form); call
+// it for a layer before request() of that layer. Without it the policy still works: each
+// visit's expert set is taken as the routing of one sequence.
+//
+// Prefetch. After layer l is routed, RoutingPredictor's cross-layer co-occurrence (or the
+// engine's pre-gating) gives P(needed at l+1). A hint is issued only when its probability
+// is at least prefetchMin and beats the victim's forecast of use at the next visit; the
+// experts the layer's last visit used are never displaced by a prefetch. A prefetch is a
+// full load whether or not it is used, so it can never lower the load count (demand
+// loading with the best evictions is optimal for counting loads): it only hides load
+// latency. With prefetch: false the policy is demand-only.
+
+import { SlotCache, type PolicyShape, type PrefetchHint } from './cache-policy.js';
+import { RoutingPredictor } from '../router/predictor.js';
+import type { VisitObserver } from './simulator.js';
+import type { StepToken } from './schedule.js';
+import { NO_EXPERT } from './trace.js';
+
+/** Horizons (visits of the layer) of the reuse forecasts summed by the eviction score. */
+const HORIZONS = [1, 2, 4, 8];
+/** Half-lives (visits) of the decayed use counts; Infinity = lifetime count. */
+const HALF_LIVES = [1, 2, 4, 8, 16, 32, Infinity];
+/** Upper bounds of the recency buckets (visits since the last use, 0 = this visit). */
+const AGE_EDGES = [0, 1, 2, 4, 8, 16, 64];
+const N_AGE = AGE_EDGES.length + 1;
+const F_COUNT = 0;
+const F_AGE = F_COUNT + HALF_LIVES.length;
+const F_TRANS = F_AGE + N_AGE;
+const F_KNN = F_TRANS + 8;
+const F_BIAS = F_KNN + 3;
+const N_FEAT = F_BIAS + 1;
+/** Adagrad step size (the features are O(1)). */
+const LEARNING_RATE = 0.03;
+/**
+ * Training examples of a visit: the residents and every expert of the layer used within
+ * this many visits, so the model learns from more than the policy's own choices.
+ */
+const TRAIN_AGE = 64;
+/** Floor inside log p of the transition features. */
+const P_EPS = 1e-3;
+/** Tokens remembered for the nearest-neighbour forecast (all sequences, most recent). */
+const KNN_WINDOW = 512;
+/** Neighbours whose successors vote. */
+const KNN_K = 4;
+/** Successor tokens of a neighbour that vote for "needed soon". */
+const KNN_AHEAD = 4;
+
+export interface ForecastOptions {
+  /** Issue prefetches (default true). */
+  prefetch?: boolean;
+  /** Minimum predicted probability for a prefetch hint (default 0.6). */
+  prefetchMin?: number;
+  /** Share a predictor with the engine (prefetch hints, pre-gating); one is created otherwise. */
+  predictor?: RoutingPredictor;
+}
+
+/** One sequence's routing at one layer, as the engine knows it when the layer runs. */
+export interface SeqRouting {
+  seq: number;
+  /** Distinct experts the sequence's current token chose at the layer (empty: skipped). */
+  experts: ArrayLike<number>;
+}
+
+/** A routed token: its experts per layer (null until the layer ran) and its successor. */
+interface TokenRec {
+  routing: (Int32Array | null)[];
+  next: TokenRec | null;
+  /** While current: similarity of each window token (by ring slot), over the layers run so far. */
+  sim: Float32Array | null;
+}
+
+interface SeqHistory {
+  /** Current (last routed) token's experts per layer, and the previous token's. */
+  cur: (Int32Array | null)[];
+  prev: (Int32Array | null)[];
+  token: TokenRec | null;
+}
+
+/** Training examples of one visit: features at time `at`, labelled as visits pass. */
+interface Pending {
+  at: number;
+  experts: Int32Array;
+  feats: Float32Array; // experts.length x N_FEAT
+  /** Visits from `at` to each expert's first use after it; -1 while not used. */
+  firstUse: Int32Array;
+}
+
+export class ForecastPolicy extends SlotCache implements VisitObserver {
+  readonly name = 'forecast';
+  readonly predictor: RoutingPredictor;
+  private readonly prefetchOn: boolean;
+  private readonly prefetchMin: number;
+  // Per (layer, expert) history.
+  private readonly lastUse: Float64Array;
+  private readonly counts: Float64Array; // (layer, expert, half-life) as of countAt
+  private readonly countAt: Float64Array;
+  // Transition counts per layer, (from i, to j): next token same layer; two tokens ahead;
+  // next token from the layer below.
+  private readonly trans: Float32Array;
+  private readonly transN: Float32Array;
+  private readonly trans2: Float32Array;
+  private readonly trans2N: Float32Array;
+  private readonly cross: Float32Array;
+  private readonly crossN: Float32Array;
+  private readonly hist = new Map<number, SeqHistory>();
+  /** Sequences of each layer's latest visit (the pseudo-sequence -1 without observeRouting). */
+  private readonly visitSeqs: number[][];
+  private readonly routedAt: Int32Array; // per layer: visit time observeRouting was called for
+  // Forecasts for the layer's next visit per (layer, expert), refreshed at each visit.
+  private readonly pSame: Float64Array;
+  private readonly pSame2: Float64Array;
+  private readonly pCross: Float64Array;
+  private readonly vote1: Float64Array;
+  private readonly voteAhead: Float64Array;
+  private readonly knnSim: Float64Array; // per layer: similarity of the best neighbour (0..1)
+  // Nearest-neighbour window.
+  private readonly ring: (TokenRec | null)[] = new Array(KNN_WINDOW).fill(null);
+  private ringHead = 0;
+  // Model.
+  private readonly w: Float64Array; // horizon x N_FEAT
+  private readonly g2: Float64Array;
+  private readonly pending: Pending[][]; // per layer, oldest first
+  private readonly x = new Float64Array(N_FEAT);
+  private readonly scoreAt: Float64Array; // (layer, expert): visit time of the cached score
+  private readonly score: Float64Array;
+  private readonly p1: Float64Array; // cached P(needed at the next visit)
+  private inPrefetch = false;
+  private readonly scratch: Float64Array;
+  private readonly flags: Uint8Array;
+
+  constructor(shape: PolicyShape, opts: ForecastOptions = {}) {
+    super(shape);
+    const { layers: L, experts: E } = shape;
+    this.predictor = opts.predictor ?? new RoutingPredictor(shape);
+    this.prefetchOn = opts.prefetch ?? true;
+    this.prefetchMin = opts.prefetchMin ?? 0.6;
+    this.lastUse = new Float64Array(L * E).fill(-Infinity);
+    this.counts = new Float64Array(L * E * HALF_LIVES.length);
+    this.countAt = new Float64Array(L * E);
+    this.trans = new Float32Array(L * E * E);
+    this.transN = new Float32Array(L * E);
+    this.trans2 = new Float32Array(L * E * E);
+    this.trans2N = new Float32Array(L * E);
+    this.cross = new Float32Array(L * E * E);
+    this.crossN = new Float32Array(L * E);
+    this.visitSeqs = Array.from({ length: L }, () => []);
+    this.routedAt = new Int32Array(L).fill(-1);
+    this.pSame = new Float64Array(L * E);
+    this.pSame2 = new Float64Array(L * E);
+    this.pCross = new Float64Array(L * E);
+    this.vote1 = new Float64Array(L * E);
+    this.voteAhead = new Float64Array(L * E);
+    this.knnSim = new Float64Array(L);
+    this.w = new Float64Array(HORIZONS.length * N_FEAT);
+    this.g2 = new Float64Array(HORIZONS.length * N_FEAT).fill(1e-8);
+    this.pending = Array.from({ length: L }, () => []);
+    this.scoreAt = new Float64Array(L * E).fill(-1);
+    this.score = new Float64Array(L * E);
+    this.p1 = new Float64Array(L * E);
+    this.scratch = new Float64Array(E);
+    this.flags = new Uint8Array(E);
+  }
+
+  // ---- routing input -------------------------------------------------------------
+
+  /** VisitObserver: per-token routing of a visit (the simulator calls this before request()). */
+  observe(_step: number, layer: number, tokens: readonly StepToken[]): void {
+    const K = tokens.length ? tokens[0].token.experts.length / this.layers : 0;
+    const out: SeqRouting[] = [];
+    for (const t of tokens) {
+      const ex = t.token.experts.subarray(layer * K, (layer + 1) * K);
+      out.push({ seq: t.request, experts: ex[0] === NO_EXPERT ? ex.subarray(0, 0) : ex });
+    }
+    this.observeRouting(layer, out);
+  }
+
+  /**
+   * Optional online input: which sequence chose which experts at `layer`, for the visit
+   * about to be requested (call before request(layer, union of the experts)). A sequence
+   * absent from the last layer's visit after being in it is taken as finished. Without
+   * these calls the visit's expert set is taken as the routing of a single sequence.
+   */
+  observeRouting(layer: number, tokens: readonly SeqRouting[]): void {
+    this.predictor.observe(layer, tokens);
+    const seqs: number[] = [];
+    for (const t of tokens) {
+      if (t.experts.length === 0) continue;
+      this.learnRouting(t.seq, layer, t.experts);
+      seqs.push(t.seq);
+    }
+    if (layer === this.layers - 1) {
+      const live = new Set(seqs);
+      for (const s of this.visitSeqs[layer]) {
+        if (!live.has(s)) {
+          this.hist.delete(s);
+          this.predictor.endSequence(s);
+        }
+      }
+    }
+    this.visitSeqs[layer] = seqs;
+    this.routedAt[layer] = this.visits[layer];
+  }
+
+  private learnRouting(seq: number, layer: number, experts: ArrayLike<number>): void {
+    let h = this.hist.get(seq);
+    if (!h) this.hist.set(seq, (h = { cur: new Array(this.layers).fill(null), prev: new Array(this.layers).fill(null), token: null }));
+    this.trackToken(h, layer, experts);
+    // h.cur[layer] is still the previous token's routing at this layer and h.prev[layer]
+    // the one before; h.prev[layer - 1] is the previous token's at the layer below
+    // (h.cur[layer - 1] is already the current token's: layers run in order).
+    const last = h.cur[layer];
+    if (last) this.count(this.trans, this.transN, layer, last, experts);
+    const last2 = h.prev[layer];
+    if (last2) this.count(this.trans2, this.trans2N, layer, last2, experts);
+    const below = layer > 0 ? h.prev[layer - 1] : null;
+    if (below) this.count(this.cross, this.crossN, layer, below, experts);
+    h.prev[layer] = last;
+    h.cur[layer] = Int32Array.from(experts);
+  }
+
+  private count(counts: Float32Array, n: Float32Array, layer: number, from: Int32Array, to: ArrayLike<number>): void {
+    const E = this.experts;
+    for (const i of from) {
+      n[layer * E + i]++;
+      const row = (layer * E + i) * E;
+      for (let k = 0; k < to.length; k++) counts[row + to[k]]++;
+    }
+  }
+
+  /** Nearest-neighbour bookkeeping: the token's routing and its similarity to the window. */
+  private trackToken(h: SeqHistory, layer: number, experts: ArrayLike<number>): void {
+    let tok = h.token;
+    if (!tok || tok.routing[layer] !== null) {
+      // The sequence's next token starts (its first routed layer).
+      const nt: TokenRec = { routing: new Array(this.layers).fill(null), next: null, sim: new Float32Array(KNN_WINDOW) };
+      if (tok) {
+        tok.sim = null;
+        tok.next = nt;
+      }
+      const slot = this.ringHead;
+      this.ring[slot] = nt;
+      this.ringHead = (slot + 1) % KNN_WINDOW;
+      // The slot's previous occupant is gone: forget its similarity to the live tokens.
+      for (const other of this.hist.values()) if (other.token?.sim) other.token.sim[slot] = 0;
+      h.token = tok = nt;
+    }
+    const cur = Int32Array.from(experts);
+    tok.routing[layer] = cur;
+    const mark = this.flags;
+    mark.fill(0);
+    for (const e of cur) mark[e] = 1;
+    const sim = tok.sim!;
+    for (let r = 0; r < KNN_WINDOW; r++) {
+      const o = this.ring[r];
+      if (!o || o === tok) continue;
+      const ro = o.routing[layer];
+      if (!ro) continue;
+      let ov = 0;
+      for (const e of ro) ov += mark[e];
+      sim[r] += ov;
+    }
+  }
+
+  /**
+   * Adds to v1 / vAhead the votes of the successors (next token; within KNN_AHEAD tokens)
+   * of the KNN_K window tokens most similar to `tok` at layers 0..layer, at `layer`.
+   * Returns the best similarity as a fraction of the token's routed experts.
+   */
+  private knnVote(tok: TokenRec, layer: number, v1: Float64Array, vAhead: Float64Array): number {
+    const sim = tok.sim;
+    if (!sim) return 0;
+    const best: number[] = [];
+    for (let r = 0; r < KNN_WINDOW; r++) {
+      const o = this.ring[r];
+      if (!o || o === tok || !o.next || o.next === tok || !o.next.routing[layer] || sim[r] <= 0) continue;
+      if (best.length === KNN_K && sim[r] <= sim[best[KNN_K - 1]]) continue;
+      if (best.length === KNN_K) best.pop();
+      let k = best.length;
+      while (k > 0 && sim[best[k - 1]] < sim[r]) k--;
+      best.splice(k, 0, r);
+    }
+    if (best.length === 0) return 0;
+    const w = 1 / KNN_K;
+    const seen = this.flags;
+    for (const r of best) {
+      seen.fill(0);
+      let o: TokenRec | null = this.ring[r]!.next;
+      for (let d = 1; d <= KNN_AHEAD && o && o !== tok && o.routing[layer]; d++, o = o.next) {
+        for (const e of o.routing[layer]!) {
+          if (d === 1) v1[e] += w;
+          if (!seen[e]) {
+            seen[e] = 1;
+            vAhead[e] += w;
+          }
+        }
+      }
+    }
+    let total = 0;
+    for (let l = 0; l <= layer; l++) total += tok.routing[l]?.length ?? 0;
+    return total > 0 ? sim[best[0]] / total : 0;
+  }
+
+  // ---- VisitObserver prefetch -----------------------------------------------------
+
+  prefetchHints(layer: number, tokens: readonly StepToken[]): PrefetchHint[] {
+    if (!this.prefetchOn) return [];
+    const E = this.experts;
+    const pAny = new Float64Array(E);
+    const seen = new Set<number>();
+    for (const t of tokens) {
+      if (seen.has(t.request)) continue;
+      seen.add(t.request);
+      const p = this.predictor.nextLayer(t.request, layer, this.scratch);
+      for (let e = 0; e < E; e++) pAny[e] = 1 - (1 - pAny[e]) * (1 - p[e]);
+    }
+    const hints: PrefetchHint[] = [];
+    for (let e = 0; e < E; e++) if (pAny[e] >= this.prefetchMin) hints.push({ expert: e, priority: pAny[e] });
+    return hints.sort((a, b) => b.priority - a.priority);
+  }
+
+  override prefetch(layer: number, hints: readonly PrefetchHint[], max: number) {
+    this.inPrefetch = true;
+    try {
+      return super.prefetch(layer, hints, max);
+    } finally {
+      this.inPrefetch = false;
+    }
+  }
+
+  /** In prefetch, keepScore is the forecast P(needed at the next visit): the hint must beat it. */
+  protected override prefetchFloor(_layer: number, hint: PrefetchHint): number {
+    return hint.priority;
+  }
+
+  // ---- visits ----------------------------------------------------------------------
+
+  override request(layer: number, experts: ArrayLike<number>) {
+    const d = super.request(layer, experts);
+    this.record(layer, this.visits[layer] - 1);
+    return d;
+  }
+
+  protected override beforeVisit(layer: number, experts: ArrayLike<number>, now: number): void {
+    const E = this.experts;
+    if (this.routedAt[layer] !== now) {
+      // No per-sequence routing was given for this visit: one pseudo-sequence.
+      this.learnRouting(-1, layer, experts);
+      this.visitSeqs[layer] = [-1];
+    }
+    this.routedAt[layer] = -1;
+    const need = this.flags;
+    need.fill(0);
+    for (let k = 0; k < experts.length; k++) need[experts[k]] = 1;
+    this.learnFrom(layer, now, need);
+    const H = HALF_LIVES.length;
+    for (let k = 0; k < experts.length; k++) {
+      const i = layer * E + experts[k];
+      this.decayTo(i, now);
+      for (let j = 0; j < H; j++) this.counts[i * H + j] += 1;
+      this.lastUse[i] = now;
+    }
+    this.forecastNext(layer);
+  }
+
+  /** Forecasts for the layer's next visit: for each e, P(any of the visit's sequences needs e). */
+  private forecastNext(layer: number): void {
+    const E = this.experts;
+    const at = (a: Float64Array) => a.subarray(layer * E, (layer + 1) * E);
+    const ps = at(this.pSame);
+    const p2 = at(this.pSame2);
+    const pc = at(this.pCross);
+    const v1 = at(this.vote1);
+    const va = at(this.voteAhead);
+    for (const a of [ps, p2, pc, v1, va]) a.fill(0);
+    let bestSim = 0;
+    const tmp = this.scratch;
+    const anyOf = (acc: Float64Array) => {
+      for (let e = 0; e < E; e++) acc[e] = 1 - (1 - acc[e]) * (1 - tmp[e]);
+    };
+    const seqs = this.visitSeqs[layer];
+    for (const s of seqs) {
+      const h = this.hist.get(s);
+      if (!h) continue;
+      if (h.token) bestSim = Math.max(bestSim, this.knnVote(h.token, layer, v1, va));
+      const cur = h.cur[layer];
+      if (cur && cur.length) {
+        this.mix(this.trans, this.transN, layer, cur, tmp);
+        anyOf(ps);
+      }
+      const prev = h.prev[layer];
+      if (prev && prev.length) {
+        this.mix(this.trans2, this.trans2N, layer, prev, tmp);
+        anyOf(p2);
+      }
+      const below = layer > 0 ? h.cur[layer - 1] : null;
+      if (below && below.length) {
+        this.mix(this.cross, this.crossN, layer, below, tmp);
+        anyOf(pc);
+      }
+    }
+    const n = Math.max(1, seqs.length);
+    for (let e = 0; e < E; e++) {
+      v1[e] = Math.min(1, v1[e] / n);
+      va[e] = Math.min(1, va[e] / n);
+    }
+    this.knnSim[layer] = bestSim;
+  }
+
+  /** out[e] = mean over i in `given` of count(i -> e) / (n(i) + 1). */
+  private mix(counts: Float32Array, n: Float32Array, layer: number, given: Int32Array, out: Float64Array): void {
+    const E = this.experts;
+    out.fill(0);
+    for (const i of given) {
+      const ni = n[layer * E + i];
+      if (ni === 0) continue;
+      const row = (layer * E + i) * E;
+      const d = ni + 1;
+      for (let e = 0; e < E; e++) out[e] += counts[row + e] / d;
+    }
+    for (let e = 0; e < E; e++) out[e] /= given.length;
+  }
+
+  private decayTo(i: number, now: number): void {
+    const H = HALF_LIVES.length;
+    const dt = now - this.countAt[i];
+    if (dt > 0) {
+      for (let j = 0; j < H; j++) if (Number.isFinite(HALF_LIVES[j])) this.counts[i * H + j] *= Math.pow(2, -dt / HALF_LIVES[j]);
+      this.countAt[i] = now;
+    }
+  }
+
+  /** Features of (layer, expert) after the layer's visit at `now`. */
+  private features(layer: number, expert: number, now: number, x: Float64Array | Float32Array, off = 0): void {
+    const i = layer * this.experts + expert;
+    const H = HALF_LIVES.length;
+    this.decayTo(i, now);
+    for (let j = 0; j < H; j++) x[off + F_COUNT + j] = Math.log1p(this.counts[i * H + j]);
+    for (let j = 0; j < N_AGE; j++) x[off + F_AGE + j] = 0;
+    const age = now - this.lastUse[i];
+    let b = 0;
+    while (b < AGE_EDGES.length && age > AGE_EDGES[b]) b++;
+    x[off + F_AGE + b] = 1;
+    const ps = this.pSame[i];
+    const pc = this.pCross[i];
+    const p2 = this.pSame2[i];
+    x[off + F_TRANS] = ps;
+    x[off + F_TRANS + 1] = Math.log(ps + P_EPS) / 4;
+    x[off + F_TRANS + 2] = pc;
+    x[off + F_TRANS + 3] = Math.log(pc + P_EPS) / 4;
+    x[off + F_TRANS + 4] = p2;
+    x[off + F_TRANS + 5] = Math.log(p2 + P_EPS) / 4;
+    x[off + F_TRANS + 6] = ps * pc * 4; // both transitions agree
+    x[off + F_TRANS + 7] = age <= 2 ? ps * 2 : 0; // recent and predicted
+    x[off + F_KNN] = this.vote1[i];
+    x[off + F_KNN + 1] = this.voteAhead[i];
+    x[off + F_KNN + 2] = this.vote1[i] * this.knnSim[layer];
+    x[off + F_BIAS] = 1;
+  }
+
+  private predict(h: number, x: Float64Array | Float32Array, off = 0): number {
+    let z = 0;
+    const w = h * N_FEAT;
+    for (let f = 0; f < N_FEAT; f++) z += this.w[w + f] * x[off + f];
+    return 1 / (1 + Math.exp(-Math.max(-30, Math.min(30, z))));
+  }
+
+  /**
+   * Labels the layer's pending examples with the visit at `now` (experts `need`) and
+   * learns from those whose longest horizon has passed.
+   */
+  private learnFrom(layer: number, now: number, need: Uint8Array): void {
+    const q = this.pending[layer];
+    for (const p of q) {
+      for (let k = 0; k < p.experts.length; k++) if (p.firstUse[k] < 0 && need[p.experts[k]]) p.firstUse[k] = now - p.at;
+    }
+    const hMax = HORIZONS[HORIZONS.length - 1];
+    while (q.length && now - q[0].at >= hMax) this.train(q.shift()!);
+  }
+
+  private train(p: Pending): void {
+    for (let k = 0; k < p.experts.length; k++) {
+      const off = k * N_FEAT;
+      const d = p.firstUse[k];
+      for (let hi = 0; hi < HORIZONS.length; hi++) {
+        const y = d >= 1 && d <= HORIZONS[hi] ? 1 : 0;
+        const err = this.predict(hi, p.feats, off) - y;
+        const wo = hi * N_FEAT;
+        for (let f = 0; f < N_FEAT; f++) {
+          const g = err * p.feats[off + f];
+          if (g === 0) continue;
+          this.g2[wo + f] += g * g;
+          this.w[wo + f] -= (LEARNING_RATE * g) / Math.sqrt(this.g2[wo + f]);
+        }
+      }
+    }
+  }
+
+  /** After a visit: the layer's residents and recent experts become examples to label later. */
+  private record(layer: number, now: number): void {
+    const E = this.experts;
+    const ex: number[] = [];
+    for (let e = 0; e < E; e++) if (now - this.lastUse[layer * E + e] <= TRAIN_AGE || this.slotOf(layer, e) >= 0) ex.push(e);
+    if (ex.length === 0) return;
+    const feats = new Float32Array(ex.length * N_FEAT);
+    for (let k = 0; k < ex.length; k++) this.features(layer, ex[k], now, feats, k * N_FEAT);
+    this.pending[layer].push({ at: now, experts: Int32Array.from(ex), feats, firstUse: new Int32Array(ex.length).fill(-1) });
+  }
+
+  protected touch(): void {}
+
+  protected keepScore(layer: number, expert: number, now: number): number {
+    const i = layer * this.experts + expert;
+    if (this.inPrefetch) {
+      // For the coming visit (time now): never displace the last visit's experts.
+      if (this.lastUse[i] === now - 1) return Infinity;
+      this.ensureScore(layer, expert, now - 1);
+      return this.p1[i];
+    }
+    this.ensureScore(layer, expert, now);
+    return this.score[i];
+  }
+
+  private ensureScore(layer: number, expert: number, at: number): void {
+    const i = layer * this.experts + expert;
+    if (this.scoreAt[i] === at) return;
+    this.features(layer, expert, at, this.x);
+    let s = 0;
+    for (let h = 0; h < HORIZONS.length; h++) {
+      const p = this.predict(h, this.x);
+      if (h === 0) this.p1[i] = p;
+      s += p;
+    }
+    // Ties (an untrained model) go to the more recently used expert.
+    this.score[i] = s + 1e-9 * Math.max(-1, 1 - (at - this.lastUse[i]) / (at + 2));
+    this.scoreAt[i] = at;
+  }
+}
