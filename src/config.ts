@@ -46,7 +46,11 @@ export interface ServeSettings {
   maxBatchTokens: number;
   maxRunning: number;
   maxWaiting: number;
-  policy: string;
+  policy: 'fcfs' | 'expert-aware';
+  policyMaxExtraWaitSteps: number;
+  policyMaxExtraWaitMs: number;
+  policyMissPenalty: number;
+  prefillFirst: boolean;
   logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
   cacheDir: string;
 }
@@ -81,7 +85,7 @@ const KEYS: readonly (keyof ServeSettings)[] = [
   'allowSpecialTokensInChat', 'runner', 'weights', 'threads',
   'offloadCapacity', 'offloadPolicy', 'offloadLookahead', 'offloadIoThreads', 'offloadDir', 'offloadReplayTrace',
   'kvBlockSize', 'kvBlocks', 'maxBatchTokens', 'maxRunning', 'maxWaiting',
-  'policy', 'logLevel', 'cacheDir',
+  'policy', 'policyMaxExtraWaitSteps', 'policyMaxExtraWaitMs', 'policyMissPenalty', 'prefillFirst', 'logLevel', 'cacheDir',
 ];
 
 /** config/settings.json sits one level above both src/ and dist/. */

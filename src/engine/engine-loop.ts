@@ -3,14 +3,25 @@
 // events → update the scheduler. The worker drives it; tests can drive it directly.
 // A failure inside a step fails the requests it touched (reason 'error'), never the loop.
 
-import { createPolicy, type BatchPolicy } from '../scheduler/policy.js';
-import { KvCapacityError, Scheduler, type SchedulerOutput } from '../scheduler/scheduler.js';
-import type { EngineEvent, EngineStats, FinishReason, GenerationRequest } from './protocol.js';
+import { createPolicy, type BatchPolicy, type PolicyOptions, type SequenceHints } from '../scheduler/policy.js';
+import { EXTRA_WAIT_BUCKETS, KvCapacityError, Scheduler, type LiveHints, type SchedulerOutput } from '../scheduler/scheduler.js';
+import type { BatchingStats, EngineEvent, EngineStats, FinishReason, GenerationRequest } from './protocol.js';
 import type { ModelRunner } from './runner.js';
 import { RequestSampler } from './sampler.js';
 
 /** Empty steps in a row, with requests in the engine, taken as a stalled policy. */
 const MAX_EMPTY_STEPS = 100;
+
+/** Bucket upper bounds of the distinct-experts-per-step histogram (mean over layers). */
+export const DISTINCT_EXPERT_BUCKETS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512];
+
+/** Counters some policies keep about themselves (ExpertAwarePolicy's); read when present. */
+interface PolicyCounters {
+  totalPickMicros?: number;
+  pickCalls?: number;
+  totalRegrouped?: number;
+  lastDue?: number;
+}
 
 export interface EngineLoopOptions {
   kvBlockSize: number;
@@ -18,8 +29,12 @@ export interface EngineLoopOptions {
   maxBatchTokens: number;
   maxRunning: number;
   maxWaiting: number;
-  /** A policy, or its name ('fcfs'). */
+  /** A policy, or its name ('fcfs', 'expert-aware'). */
   policy: string | BatchPolicy;
+  /** Options of a policy given by name. */
+  policyOptions?: PolicyOptions;
+  /** Admit waiting prompts before stepping running decodes (SchedulerConfig.prefillFirst). */
+  prefillFirst?: boolean;
   /** Only ids below it are sampled: the tokenizer's ids, not the embedding's padding rows. */
   vocabLimit: number;
   /** Positions the model handles (max_position_embeddings). */
@@ -33,21 +48,58 @@ export class EngineLoop {
   private readonly samplers = new Map<string, RequestSampler>();
   /** Consecutive steps that scheduled nothing although requests were in the engine. */
   private emptySteps = 0;
+  private readonly policy: BatchPolicy;
+  /** Exponential mean of the step time (schedule, model step, sampling), ms. */
+  private stepMsMean: number | undefined;
+  private readonly batching: BatchingStats;
 
   constructor(
     private readonly runner: ModelRunner,
     private readonly opts: EngineLoopOptions,
     private readonly emit: (e: EngineEvent) => void,
   ) {
+    this.policy = typeof opts.policy === 'string' ? createPolicy(opts.policy, opts.policyOptions) : opts.policy;
+    this.batching = {
+      policy: this.policy.name,
+      distinctBuckets: DISTINCT_EXPERT_BUCKETS,
+      distinctCounts: DISTINCT_EXPERT_BUCKETS.map(() => 0),
+      distinctSum: 0,
+      distinctSteps: 0,
+      regroupedPicks: 0,
+      duePicks: 0,
+      pickSeconds: 0,
+      pickCalls: 0,
+      extraWaitBuckets: [...EXTRA_WAIT_BUCKETS],
+      extraWaitCounts: EXTRA_WAIT_BUCKETS.map(() => 0),
+      extraWaitSum: 0,
+      extraWaitTokens: 0,
+    };
     this.scheduler = new Scheduler({
       blockSize: opts.kvBlockSize,
       numBlocks: opts.kvBlocks,
       maxBatchTokens: opts.maxBatchTokens,
       maxRunning: opts.maxRunning,
       maxWaiting: opts.maxWaiting,
-      policy: typeof opts.policy === 'string' ? createPolicy(opts.policy) : opts.policy,
+      policy: this.policy,
       now: opts.now,
+      live: this.policy.usesHints ? this.liveHints() : undefined,
+      prefillFirst: opts.prefillFirst,
     });
+  }
+
+  /** What the runner knows for the policy: each sequence's predicted experts, the resident set, the step time. */
+  private liveHints(): LiveHints {
+    const r = this.runner;
+    return {
+      hints: r.routingHints
+        ? (seqId: number): SequenceHints | undefined => {
+            const h = r.routingHints!(seqId);
+            return h ? { predictedExperts: h.experts, ...(h.weights ? { predictedWeights: h.weights } : {}) } : undefined;
+          }
+        : undefined,
+      resident: r.residentExperts ? () => r.residentExperts!() : undefined,
+      stepMs: () => this.stepMsMean,
+    };
   }
 
   /**
@@ -95,9 +147,23 @@ export class EngineLoop {
   /** Runs one step; false when there was nothing to run. */
   step(): boolean {
     if (!this.scheduler.hasUnfinished()) return false;
+    const t0 = performance.now();
+    const worked = this.runStep();
+    if (worked) {
+      const ms = performance.now() - t0;
+      this.stepMsMean = this.stepMsMean === undefined ? ms : 0.8 * this.stepMsMean + 0.2 * ms;
+    }
+    return worked;
+  }
+
+  private runStep(): boolean {
     let out: SchedulerOutput;
+    const p = this.policy as PolicyCounters;
+    const callsBefore = p.pickCalls;
     try {
       out = this.scheduler.schedule();
+      // Due picks of the step's (last) pick() call.
+      if (p.pickCalls !== callsBefore && typeof p.lastDue === 'number') this.batching.duePicks += p.lastDue;
     } catch (e) {
       // The scheduler's state is suspect: every request fails rather than hang.
       this.finish(this.scheduler.requestIds(), 'error', `scheduler: ${message(e)}`);
@@ -121,6 +187,13 @@ export class EngineLoop {
       const want = out.entries.filter((e) => e.wantLogits).length;
       if (res.rows !== want) throw new Error(`the runner returned ${res.rows} logit rows for ${want} sequences`);
       logits = res.logits;
+      const d = this.runner.lastStepDistinctExperts?.();
+      if (d !== undefined) {
+        const b = this.batching;
+        b.distinctSteps++;
+        b.distinctSum += d;
+        for (let i = 0; i < b.distinctBuckets.length; i++) if (d <= b.distinctBuckets[i]) b.distinctCounts[i]++;
+      }
     } catch (e) {
       this.finish(
         out.entries.map((e) => e.requestId),
@@ -158,7 +231,24 @@ export class EngineLoop {
   }
 
   stats(): EngineStats {
-    return this.scheduler.stats();
+    return { ...this.scheduler.stats(), batching: this.batchingStats() };
+  }
+
+  /** Batch formation counters: the policy's own (when it keeps them) and the scheduler's fairness counters. */
+  batchingStats(): BatchingStats {
+    const p = this.policy as PolicyCounters;
+    const w = this.scheduler.waitStats();
+    const b = this.batching;
+    return {
+      ...b,
+      distinctCounts: [...b.distinctCounts],
+      regroupedPicks: p.totalRegrouped ?? 0,
+      pickSeconds: (p.totalPickMicros ?? 0) / 1e6,
+      pickCalls: p.pickCalls ?? 0,
+      extraWaitCounts: w.extraWaitCounts,
+      extraWaitSum: w.extraWaitSum,
+      extraWaitTokens: w.extraWaitTokens,
+    };
   }
 
   /** Suggested seconds before a client turned away by a full queue retries. */

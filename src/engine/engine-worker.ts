@@ -105,6 +105,8 @@ async function main(): Promise<void> {
       maxRunning: opts.maxRunning,
       maxWaiting: opts.maxWaiting,
       policy: opts.policy,
+      policyOptions: opts.policyOptions,
+      prefillFirst: opts.prefillFirst,
       vocabLimit: tok.vocabSize,
       contextLength: opened.spec.maxPositionEmbeddings,
     },

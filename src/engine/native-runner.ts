@@ -9,8 +9,8 @@ import type { SafetensorsCheckpoint } from '../model/safetensors.js';
 import { paramCounts, type ModelSpec } from '../model/spec.js';
 import { EMBED, FINAL_NORM, LM_HEAD, layerNames } from '../model/tensor-names.js';
 import { loadNative, type NativeEngine, type NativeEngineOptions } from './native.js';
-import type { KvGeometry, ModelRunner, RoutingEvent, StepOutput, StepSequence } from './runner.js';
-import type { RoutingReplay, StepTokens } from '../offload/replay.js';
+import type { KvGeometry, ModelRunner, RoutingEvent, RoutingHint, StepOutput, StepSequence } from './runner.js';
+import type { Routing, RoutingReplay, StepTokens } from '../offload/replay.js';
 
 /** Weight formats users choose (`--weights`), and the addon's names for them. */
 export const WEIGHT_FORMATS = { f32: 'f32', bf16: 'bf16', f16: 'f16', q8: 'q8_0', q4: 'q4_0' } as const;
@@ -170,6 +170,11 @@ export function packBatch(batch: StepSequence[]): { tokens: Int32Array; seqs: In
 }
 
 export class NativeRunner implements ModelRunner {
+  /** Routing replay only: per sequence, per layer, the experts of its last token (live hints). */
+  private readonly lastRouting = new Map<number, Int32Array[]>();
+  /** Routing replay only: distinct experts per layer of the last step, mean over layers. */
+  private lastDistinct: number | undefined;
+
   private constructor(
     readonly spec: ModelSpec,
     readonly kv: KvGeometry,
@@ -219,18 +224,51 @@ export class NativeRunner implements ModelRunner {
     // Routing replay: the step in pieces with the trace's experts.
     const meta = stepTokens(batch);
     const e = this.engine;
+    const L = this.spec.numLayers;
+    const routed: Routing[] = [];
     e.beginStep(tokens, seqs, blocks);
-    for (let l = 0; l < this.spec.numLayers; l++) {
+    for (let l = 0; l < L; l++) {
       const r = this.replay.route(l, e.attention(l), meta);
       this.onRouting?.({ layer: l, ids: r.ids, weights: r.weights, k: r.k, seq: meta.seq, pos: meta.pos });
       e.experts(l, r.ids, r.weights, r.k);
+      routed.push(r);
     }
     const logits = e.endStep();
+    this.noteRouting(meta, routed);
     return { logits, rows: logits.length / this.spec.vocabSize };
   }
 
-  release(_seqId: number): void {
-    // KV blocks belong to the scheduler's pool; the engine keeps no per-sequence state.
+  /** Each sequence's last token's experts per layer, and the step's distinct experts. */
+  private noteRouting(meta: StepTokens, routed: Routing[]): void {
+    const last = new Map<number, number>();
+    for (let t = 0; t < meta.seq.length; t++) last.set(meta.seq[t], t);
+    let distinct = 0;
+    const seen = new Uint8Array(this.spec.numExperts);
+    for (const r of routed) {
+      seen.fill(0);
+      for (let i = 0; i < r.ids.length; i++) {
+        if (!seen[r.ids[i]]) distinct++;
+        seen[r.ids[i]] = 1;
+      }
+    }
+    this.lastDistinct = routed.length > 0 ? distinct / routed.length : undefined;
+    for (const [seq, t] of last) this.lastRouting.set(seq, routed.map((r) => r.ids.slice(t * r.k, (t + 1) * r.k)));
+  }
+
+  /** Routing replay only: the sequence's last token's experts (its next token often reuses some). */
+  routingHints(seqId: number): RoutingHint | undefined {
+    const hist = this.lastRouting.get(seqId);
+    return hist ? { experts: hist.map((ids) => Array.from(ids)) } : undefined;
+  }
+
+  lastStepDistinctExperts(): number | undefined {
+    return this.lastDistinct;
+  }
+
+  release(seqId: number): void {
+    // KV blocks belong to the scheduler's pool; the engine keeps no per-sequence state
+    // (routing replay: only the last routing, for hints).
+    this.lastRouting.delete(seqId);
   }
 
   close(): void {

@@ -75,6 +75,37 @@ export interface EngineStats {
   generationTokens: number;
   /** Expert offloading counters; present when the runner offloads experts. */
   offload?: OffloadStats;
+  /** Batch formation: the policy's counters and what its steps touched. */
+  batching?: BatchingStats;
+}
+
+/** Cumulative counters of batch formation (since the engine started). */
+export interface BatchingStats {
+  policy: string;
+  /**
+   * Distinct experts per step (mean over layers) of the steps whose routing the runner
+   * saw: cumulative counts per bucket (distinctCounts[i]: steps with a value <=
+   * distinctBuckets[i]), their sum and number. Absent values: the runner does not see routing.
+   */
+  distinctBuckets: number[];
+  distinctCounts: number[];
+  distinctSum: number;
+  distinctSteps: number;
+  /** Picks the policy made that FCFS would not have made (expert-aware policies). */
+  regroupedPicks: number;
+  /** Picks forced by the fairness bound (sequences at their extra-wait bound). */
+  duePicks: number;
+  /** Seconds spent in the policy's pick(), and its calls. */
+  pickSeconds: number;
+  pickCalls: number;
+  /**
+   * Decode tokens' extra wait in steps beyond round-robin FCFS's (the scheduler's
+   * WaitStats): cumulative counts per bucket, sum, tokens.
+   */
+  extraWaitBuckets: number[];
+  extraWaitCounts: number[];
+  extraWaitSum: number;
+  extraWaitTokens: number;
 }
 
 /** Counters of one layer's expert cache since the engine started. */
@@ -205,8 +236,12 @@ export interface EngineOptions {
   maxRunning: number;
   /** Requests waiting at most; beyond it submit() throws QueueFullError. */
   maxWaiting: number;
-  /** Batch-formation policy by name ('fcfs'). */
+  /** Batch-formation policy by name ('fcfs', 'expert-aware'). */
   policy: string;
+  /** The policy's options (fairness bounds of expert-aware). */
+  policyOptions?: { maxExtraWaitSteps?: number; maxExtraWaitMs?: number; missPenalty?: number };
+  /** Admit waiting prompts before stepping running decodes (SchedulerConfig.prefillFirst). */
+  prefillFirst?: boolean;
   /** Native runner: keep routed experts in a file and cache them in RAM (absent: all resident). */
   offload?: OffloadOptions;
   /** Native runner: take each token's experts from this moe-trace v1 file instead of the router (src/offload/replay.ts). */

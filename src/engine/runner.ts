@@ -44,6 +44,26 @@ export interface ModelRunner {
   offloadStats?(): OffloadStats;
   /** The expert cache's state (runners that offload experts). */
   expertCacheState?(): ExpertCacheState;
+  /**
+   * Live hint for batch policies: the experts each layer is predicted to route the
+   * sequence's next token to (weights: the probability of each, default 1); undefined
+   * when nothing is known yet (before its first step). Cheap: called per running
+   * sequence per step, only for policies that use hints.
+   */
+  routingHints?(seqId: number): RoutingHint | undefined;
+  /**
+   * Per layer, resident[l][e] != 0 when expert e of layer l is in the fast tier (or being
+   * read into it). The arrays may be reused by the next call: read them at once.
+   */
+  residentExperts?(): Uint8Array[];
+  /** Distinct experts per layer of the last completed step, mean over layers (runners that see the routing). */
+  lastStepDistinctExperts?(): number | undefined;
+}
+
+/** A sequence's predicted experts for its next token, per layer. */
+export interface RoutingHint {
+  experts: number[][];
+  weights?: number[][];
 }
 
 /** One layer's routing as a runner applied it (for tests and tracing). */

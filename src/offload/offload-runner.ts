@@ -57,7 +57,7 @@ import {
   type NativeRunnerOptions,
 } from '../engine/native-runner.js';
 import type { ExpertCacheState, OffloadLayerStats, OffloadStats } from '../engine/protocol.js';
-import type { KvGeometry, ModelRunner, RoutingEvent, StepOutput, StepSequence } from '../engine/runner.js';
+import type { KvGeometry, ModelRunner, RoutingEvent, RoutingHint, StepOutput, StepSequence } from '../engine/runner.js';
 import type { ExpertCachePolicy, PrefetchHint } from './cache-policy.js';
 import { expertSlotBytes, slotsPerLayer } from './capacity.js';
 import { createOnlinePolicy, DEFAULT_ONLINE_POLICY } from './policies.js';
@@ -160,6 +160,10 @@ export class OffloadRunner implements ModelRunner {
   private readonly slotExpert: Int32Array;
   private readonly expertSlot: Int32Array;
   private closed = false;
+  /** Distinct experts per layer of the last completed step (mean over layers). */
+  private lastDistinct: number | undefined;
+  /** residentExperts()'s arrays, reused. */
+  private residentView: Uint8Array[] | null = null;
   /** Times a failed step made the runner empty the cache. */
   private cacheResets = 0;
 
@@ -306,6 +310,7 @@ export class OffloadRunner implements ModelRunner {
       if (!firstOfSeq.has(meta.seq[t])) firstOfSeq.set(meta.seq[t], t);
       lastOfSeq.set(meta.seq[t], t);
     }
+    let distinctSum = 0;
     e.beginStep(tokens, seqs, blocks);
     for (let l = 0; l < L; l++) {
       const routerLogits = e.attention(l);
@@ -315,6 +320,7 @@ export class OffloadRunner implements ModelRunner {
       routings.push(ids);
       weightsOf.push(w);
       const distinct = distinctIds(ids, E);
+      distinctSum += distinct.length;
       // Pre-gating reads the hidden state before any of the layer's experts run; its
       // prefetches are issued after the visit's demand loads, which the store serves first.
       const to = Math.min(L - 1, l + this.lookahead);
@@ -335,6 +341,7 @@ export class OffloadRunner implements ModelRunner {
     }
     const logits = e.endStep();
     this.commit(meta, T, routings, weightsOf, predicted, firstOfSeq, lastOfSeq);
+    this.lastDistinct = distinctSum / L;
     return { logits, rows: logits.length / this.spec.vocabSize };
   }
 
@@ -589,6 +596,45 @@ export class OffloadRunner implements ModelRunner {
 
   release(seqId: number): void {
     this.lastRouting.delete(seqId);
+  }
+
+  /**
+   * The sequence's experts at each layer for its last token, each with the probability
+   * that the next token reuses it: the layer's reuse rate measured online (the same
+   * estimate prefetching uses), (hits + 1) / (previous experts + 2).
+   */
+  routingHints(seqId: number): RoutingHint | undefined {
+    const hist = this.lastRouting.get(seqId);
+    if (!hist) return undefined;
+    const experts: number[][] = [];
+    const weights: number[][] = [];
+    for (let m = 0; m < this.L; m++) {
+      const prev = hist[m];
+      if (!prev) {
+        experts.push([]);
+        weights.push([]);
+        continue;
+      }
+      const rho = (this.reuseHits[m] + 1) / (this.reusePrev[m] + 2);
+      experts.push(Array.from(prev));
+      weights.push(new Array<number>(prev.length).fill(rho));
+    }
+    return { experts, weights };
+  }
+
+  /** Per layer: 1 for experts that hold a slot (resident, or being read into it). */
+  residentExperts(): Uint8Array[] {
+    const E = this.E;
+    const view = (this.residentView ??= Array.from({ length: this.L }, () => new Uint8Array(E)));
+    for (let l = 0; l < this.L; l++) {
+      const r = view[l];
+      for (let x = 0; x < E; x++) r[x] = this.expertSlot[l * E + x] >= 0 ? 1 : 0;
+    }
+    return view;
+  }
+
+  lastStepDistinctExperts(): number | undefined {
+    return this.lastDistinct;
   }
 
   close(): void {

@@ -57,22 +57,45 @@ export interface PolicyPick {
 export interface BatchPolicy {
   readonly name: string;
   /**
-   * Candidates come in the scheduler's order: running sequences oldest-admitted first,
-   * then the waiting queue front to back (preempted sequences are put at its front).
+   * Candidates come in the scheduler's order: running sequences longest-waiting first
+   * (steps since they last ran; ties oldest-admitted first, which is admission order
+   * whenever every running sequence fits a step), then the waiting queue front to back
+   * (preempted sequences are put at its front).
    * Returns the step's picks in the order the scheduler should serve them; it allocates
    * KV blocks in that order and may drop picks when blocks run out. Must not mutate.
    */
   pick(candidates: readonly PolicyCandidate[], budget: StepBudget): PolicyPick[];
+  /**
+   * True when the policy reads candidates' hints and the budget's resident/stepMs: only
+   * then does the engine compute them each step (FCFS pays nothing for them).
+   */
+  readonly usesHints?: boolean;
 }
 
-const POLICIES: Record<string, () => BatchPolicy> = {
+/** Options of the configured policies (settings policyMaxExtraWaitSteps, policyMaxExtraWaitMs, policyMissPenalty); FCFS takes none. */
+export interface PolicyOptions {
+  /** Steps a sequence may wait beyond FCFS's wait (expert-aware). */
+  maxExtraWaitSteps?: number;
+  /** The same bound in milliseconds; the smaller bound wins (expert-aware). */
+  maxExtraWaitMs?: number;
+  /** Extra cost of a non-resident expert, in units of a resident one (expert-aware). */
+  missPenalty?: number;
+}
+
+const POLICIES: Record<string, (o: PolicyOptions) => BatchPolicy> = {
   fcfs: () => new FcfsPolicy(),
-  'expert-aware': () => new ExpertAwarePolicy(),
+  // The engine gives it live hints (each sequence's predicted experts, the resident set).
+  'expert-aware': (o) => Object.assign(new ExpertAwarePolicy(o), { usesHints: true }),
 };
 
+/** Names of the policies createPolicy knows. */
+export function policyNames(): string[] {
+  return Object.keys(POLICIES);
+}
+
 /** The policy configured by name. */
-export function createPolicy(name: string): BatchPolicy {
+export function createPolicy(name: string, options: PolicyOptions = {}): BatchPolicy {
   const make = POLICIES[name];
   if (!make) throw new Error(`unknown batch policy "${name}"; policies: ${Object.keys(POLICIES).join(', ')}`);
-  return make();
+  return make(options);
 }

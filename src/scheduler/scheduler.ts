@@ -16,6 +16,37 @@ import { QueueFullError } from '../engine/protocol.js';
 import { BlockManager } from './block-manager.js';
 import type { BatchPolicy, PolicyCandidate, SequenceHints } from './policy.js';
 
+/**
+ * What the engine knows each step beyond the requests (live hints for policies with
+ * `usesHints`): never called for other policies.
+ */
+export interface LiveHints {
+  /** Predicted experts of the sequence's next token (e.g. its previous token's routing). */
+  hints?(seqId: number): SequenceHints | undefined;
+  /** Per layer, resident[l][e] != 0 when expert e of layer l is in the expert cache. */
+  resident?(): readonly Uint8Array[] | undefined;
+  /** Recent step time in ms. */
+  stepMs?(): number | undefined;
+}
+
+/** Bucket upper bounds (steps) of the extra-wait histogram. */
+export const EXTRA_WAIT_BUCKETS = [0, 1, 2, 4, 8, 16, 32, 64] as const;
+
+/** Fairness counters of the steps formed so far. */
+export interface WaitStats {
+  /**
+   * Decode tokens run after waiting longer than round-robin FCFS would have made them
+   * wait: floor(pending tokens ahead of it, longest-waiting first, / budget) steps,
+   * projected when the token became ready (steps that held only prompt work, with
+   * prefillFirst, are not counted). extraWaitCounts[i] counts
+   * tokens with extra wait <= EXTRA_WAIT_BUCKETS[i] (cumulative, Prometheus-style).
+   */
+  extraWaitCounts: number[];
+  extraWaitSum: number;
+  extraWaitTokens: number;
+  maxExtraWait: number;
+}
+
 /** A request that needs more KV positions than the whole pool holds. */
 export class KvCapacityError extends Error {
   constructor(
@@ -41,6 +72,16 @@ export interface SchedulerConfig {
   policy: BatchPolicy;
   /** Milliseconds clock (tests inject one); default performance.now. */
   now?: () => number;
+  /** Live hints for policies that use them (policy.usesHints). */
+  live?: LiveHints;
+  /**
+   * Admit waiting prompts before stepping running decodes (vLLM v0's prefill-first): a
+   * step with waiting requests and room to run more holds only prompt work (running
+   * prompt chunks, then waiting prompts). Without it, waiting prompts get the budget
+   * running sequences leave, so at most about maxBatchTokens decodes are ever running;
+   * with it, up to maxRunning sequences run and take turns in steps of maxBatchTokens.
+   */
+  prefillFirst?: boolean;
 }
 
 export interface SchedulerRequest {
@@ -94,6 +135,10 @@ interface Sequence {
   /** Tokens whose keys and values are in the KV cache. */
   computed: number;
   stepsWaited: number;
+  /** Of stepsWaited, steps that held only prompt work (prefillFirst): not counted as extra wait. */
+  promptStepsWaited: number;
+  /** Steps FCFS would make its current token wait, projected when the token became ready. */
+  fcfsWait: number;
   /** Whether the prompt was counted in the statistics (once, not again after preemption). */
   promptCounted: boolean;
   hints?: SequenceHints;
@@ -114,6 +159,7 @@ export class Scheduler {
   private nextArrival = 0;
   private readonly finishTimes: number[] = [];
   private readonly counters = { preemptions: 0, steps: 0, promptTokens: 0, generationTokens: 0 };
+  private readonly waits: WaitStats = { extraWaitCounts: EXTRA_WAIT_BUCKETS.map(() => 0), extraWaitSum: 0, extraWaitTokens: 0, maxExtraWait: 0 };
 
   constructor(readonly config: SchedulerConfig) {
     for (const k of ['maxBatchTokens', 'maxRunning', 'maxWaiting'] as const) {
@@ -148,6 +194,8 @@ export class Scheduler {
       maxTokens: req.maxTokens,
       computed: 0,
       stepsWaited: 0,
+      promptStepsWaited: 0,
+      fcfsWait: 0,
       promptCounted: false,
       hints: req.hints,
     };
@@ -159,20 +207,50 @@ export class Scheduler {
   /** Forms the next step's batch; an empty batch when nothing is runnable. */
   schedule(): SchedulerOutput {
     const out: SchedulerOutput = { batch: [], entries: [], preempted: [], numTokens: 0 };
-    const isRunning = new Set(this.running);
-    const candidates: PolicyCandidate[] = [...this.running, ...this.waiting].map((s) => ({
+    if (this.running.length + this.waiting.length === 0) return out;
+    // Running sequences longest-waiting first (stable: admission order among equals), so
+    // that running sequences whose tokens exceed the budget take turns (round robin)
+    // instead of the oldest ones running every step.
+    const running = this.running.length > 1 && this.running.some((s) => s.stepsWaited > 0) ? [...this.running].sort((a, b) => b.stepsWaited - a.stepsWaited) : this.running;
+    // FCFS's wait for a token that just became ready: the tokens ahead of it in this order
+    // run first, maxBatchTokens per step.
+    let ahead = 0;
+    for (const s of running) {
+      if (s.stepsWaited === 0) s.fcfsWait = Math.floor(ahead / this.config.maxBatchTokens);
+      ahead += s.tokens.length - s.computed;
+    }
+    const policy = this.config.policy;
+    const live = policy.usesHints ? this.config.live : undefined;
+    const candidate = (s: Sequence, state: 'running' | 'waiting'): PolicyCandidate => ({
       seqId: s.seqId,
-      state: isRunning.has(s) ? 'running' : 'waiting',
+      state,
       arrival: s.arrival,
       promptTokens: s.promptLen,
       computedTokens: s.computed,
       pendingTokens: s.tokens.length - s.computed,
       stepsWaited: s.stepsWaited,
-      hints: s.hints,
-    }));
-    if (candidates.length === 0) return out;
-    const picks = this.config.policy.pick(candidates, { maxTokens: this.config.maxBatchTokens, maxRunning: this.config.maxRunning });
+      hints: (state === 'running' ? live?.hints?.(s.seqId) : undefined) ?? s.hints,
+    });
+    const budget = {
+      maxTokens: this.config.maxBatchTokens,
+      maxRunning: this.config.maxRunning,
+      ...(live ? { resident: live.resident?.(), stepMs: live.stepMs?.() } : {}),
+    };
+    let candidates: PolicyCandidate[] = [];
+    let picks: { seqId: number; numTokens: number }[] = [];
+    let promptStep = false;
+    if (this.config.prefillFirst && this.waiting.length > 0 && this.running.length < this.config.maxRunning) {
+      // Prompt work only: running prompt chunks first, then waiting prompts.
+      candidates = [...running.filter((s) => s.computed < s.promptLen).map((s) => candidate(s, 'running')), ...this.waiting.map((s) => candidate(s, 'waiting'))];
+      picks = policy.pick(candidates, budget);
+      promptStep = picks.length > 0;
+    }
+    if (picks.length === 0) {
+      candidates = [...running.map((s) => candidate(s, 'running')), ...this.waiting.map((s) => candidate(s, 'waiting'))];
+      picks = policy.pick(candidates, budget);
+    }
     this.checkPicks(picks, candidates);
+    if (!promptStep) this.noteWaits(picks, candidates);
 
     const bySeq = new Map([...this.running, ...this.waiting].map((s) => [s.seqId, s]));
     const scheduled = new Set<Sequence>();
@@ -205,9 +283,11 @@ export class Scheduler {
     for (const s of [...this.running, ...this.waiting]) {
       if (!scheduled.has(s)) {
         s.stepsWaited++;
+        if (promptStep) s.promptStepsWaited++;
         continue;
       }
       s.stepsWaited = 0;
+      s.promptStepsWaited = 0;
       if (s.firstScheduledAt === null) s.firstScheduledAt = t;
     }
     if (out.batch.length > 0) this.counters.steps++;
@@ -335,6 +415,28 @@ export class Scheduler {
     out.entries.push({ requestId: seq.requestId, seqId: seq.seqId, numTokens, wantLogits });
     out.numTokens += numTokens;
     scheduled.add(seq);
+  }
+
+  /** Extra wait of the step's decode tokens against round-robin FCFS (see WaitStats). */
+  private noteWaits(picks: readonly { seqId: number; numTokens: number }[], candidates: readonly PolicyCandidate[]): void {
+    const byId = new Map(candidates.map((c) => [c.seqId, c]));
+    const w = this.waits;
+    for (const p of picks) {
+      const c = byId.get(p.seqId)!;
+      if (c.state !== 'running' || c.pendingTokens !== 1) continue;
+      const seq = this.running.find((s) => s.seqId === p.seqId);
+      if (!seq) continue;
+      const extra = Math.max(0, c.stepsWaited - seq.promptStepsWaited - seq.fcfsWait);
+      w.extraWaitTokens++;
+      w.extraWaitSum += extra;
+      if (extra > w.maxExtraWait) w.maxExtraWait = extra;
+      for (let i = 0; i < EXTRA_WAIT_BUCKETS.length; i++) if (extra <= EXTRA_WAIT_BUCKETS[i]) w.extraWaitCounts[i]++;
+    }
+  }
+
+  /** Fairness counters since start (copies). */
+  waitStats(): WaitStats {
+    return { ...this.waits, extraWaitCounts: [...this.waits.extraWaitCounts] };
   }
 
   /** A policy bug must not corrupt the KV accounting: its picks are checked. */

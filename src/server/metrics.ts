@@ -2,12 +2,46 @@
 // moe_ prefix. Engine gauges are read from engine.stats() at scrape time; latencies and
 // token counts are observed by the server as responses are produced.
 
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import type { EngineStats, OffloadLayerStats, OffloadStats } from '../engine/protocol.js';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics, type Metric } from 'prom-client';
+import type { BatchingStats, EngineStats, OffloadLayerStats, OffloadStats } from '../engine/protocol.js';
 
 const TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640];
 const ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80];
 const E2E_BUCKETS = [0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920];
+
+/** A histogram whose cumulative buckets are kept elsewhere (the engine worker) and exposed as they are at scrape time. */
+interface HistogramSnapshot {
+  policy: string;
+  /** Upper bounds, ascending. */
+  buckets: readonly number[];
+  /** Cumulative counts: counts[i] observations <= buckets[i]. */
+  counts: readonly number[];
+  sum: number;
+  count: number;
+}
+
+function snapshotHistogram(name: string, help: string, read: () => HistogramSnapshot | null): Metric {
+  const metric = {
+    name,
+    help,
+    type: 'histogram' as const,
+    aggregator: 'sum' as const,
+    reset(): void {},
+    async get() {
+      const h = read();
+      const values: { value: number; labels: Record<string, string | number>; metricName: string }[] = [];
+      if (h) {
+        h.buckets.forEach((le, i) => values.push({ value: h.counts[i], labels: { le, policy: h.policy }, metricName: `${name}_bucket` }));
+        values.push({ value: h.count, labels: { le: '+Inf', policy: h.policy }, metricName: `${name}_bucket` });
+        values.push({ value: h.sum, labels: { policy: h.policy }, metricName: `${name}_sum` });
+        values.push({ value: h.count, labels: { policy: h.policy }, metricName: `${name}_count` });
+      }
+      return { name, help, type: 'histogram' as const, aggregator: 'sum' as const, values };
+    },
+  };
+  // prom-client's registry only needs name, help, type, get() and reset() of a metric.
+  return metric as unknown as Metric;
+}
 
 export type FinishedReason = 'stop' | 'length' | 'abort' | 'error';
 
@@ -60,6 +94,7 @@ export class ServerMetrics {
       },
     });
     this.offloadMetrics(r, () => safeStats()?.offload ?? null);
+    this.batchingMetrics(this.registry, () => safeStats()?.batching ?? null);
     this.promptTokens = new Counter({ name: 'moe_prompt_tokens_total', help: 'Prompt tokens of served requests.', registers: r });
     this.generationTokens = new Counter({ name: 'moe_generation_tokens_total', help: 'Tokens generated for served requests.', registers: r });
     this.requestSuccess = new Counter({
@@ -165,6 +200,52 @@ export class ServerMetrics {
     byDistance('moe_expert_prediction_recall', "Pre-gating recall: share of the experts tokens used that their prediction d layers earlier had, by distance d.", (p) => p.recall);
     byDistance('moe_expert_prediction_precision', 'Pre-gating precision: share of predicted experts that tokens used, by distance d.', (p) => p.precision);
     byDistance('moe_expert_prediction_tokens', 'Predicted (token, expert) pairs behind the recall and precision gauges, by distance d.', (p) => p.predicted);
+  }
+
+  /**
+   * Batch formation, labelled by policy: distinct experts per step (histogram; steps whose
+   * routing the runner sees: offloading or routing replay), regrouping decisions, due
+   * picks, extra wait against round-robin FCFS (histogram), and the policy's own cost.
+   * The engine keeps the cumulative values; these mirror them at scrape time.
+   */
+  private batchingMetrics(registry: Registry, batching: () => BatchingStats | null): void {
+    const r = [registry];
+    registry.registerMetric(
+      snapshotHistogram('moe_batch_distinct_experts_per_step', 'Distinct experts a step activated, mean over layers (steps whose routing the engine sees: expert offloading or routing replay), by batch policy.', () => {
+        const b = batching();
+        return b && b.distinctSteps > 0 ? { policy: b.policy, buckets: b.distinctBuckets, counts: b.distinctCounts, sum: b.distinctSum, count: b.distinctSteps } : null;
+      }),
+    );
+    registry.registerMetric(
+      snapshotHistogram(
+        'moe_batch_extra_wait_steps',
+        'Steps a decode token waited beyond what round-robin FCFS would have made it wait (pending tokens ahead of it when it became ready / step budget), per token, by batch policy.',
+        () => {
+          const b = batching();
+          return b && b.extraWaitTokens > 0 ? { policy: b.policy, buckets: b.extraWaitBuckets, counts: b.extraWaitCounts, sum: b.extraWaitSum, count: b.extraWaitTokens } : null;
+        },
+      ),
+    );
+    const total = (name: string, help: string, pick: (b: BatchingStats) => number) => {
+      let seen = 0;
+      new Counter({
+        name,
+        help,
+        labelNames: ['policy'],
+        registers: r,
+        collect() {
+          const b = batching();
+          if (!b) return;
+          const v = pick(b);
+          this.inc({ policy: b.policy }, v > seen ? v - seen : 0);
+          if (v > seen) seen = v;
+        },
+      });
+    };
+    total('moe_batch_regrouped_picks_total', 'Sequences the batch policy put in a step that FCFS would not have (regrouping decisions).', (b) => b.regroupedPicks);
+    total('moe_batch_due_picks_total', 'Sequences picked first because they reached the policy\'s extra-wait bound.', (b) => b.duePicks);
+    total('moe_batch_policy_pick_seconds_total', "Time spent in the batch policy's pick (policies that measure it: expert-aware).", (b) => b.pickSeconds);
+    total('moe_batch_policy_picks_total', "Calls of the batch policy's pick (policies that measure it: expert-aware).", (b) => b.pickCalls);
   }
 
   get contentType(): string {

@@ -39,6 +39,12 @@ export function engineOptions(s: Readonly<ServeSettings>, modelDir: string, mode
     maxRunning: s.maxRunning,
     maxWaiting: s.maxWaiting,
     policy: s.policy,
+    policyOptions: {
+      maxExtraWaitSteps: s.policyMaxExtraWaitSteps,
+      ...(s.policyMaxExtraWaitMs > 0 ? { maxExtraWaitMs: s.policyMaxExtraWaitMs } : {}),
+      missPenalty: s.policyMissPenalty,
+    },
+    ...(s.prefillFirst ? { prefillFirst: true } : {}),
     ...(s.offloadCapacity !== ''
       ? { offload: { capacity: s.offloadCapacity, policy: s.offloadPolicy, lookahead: s.offloadLookahead, ioThreads: s.offloadIoThreads, ...(s.offloadDir !== '' ? { dir: s.offloadDir } : {}) } }
       : {}),
