@@ -84,6 +84,8 @@ export interface ForecastOptions {
   prefetchMin?: number;
   /** Share a predictor with the engine (prefetch hints, pre-gating); one is created otherwise. */
   predictor?: RoutingPredictor;
+  /** Adagrad step size of the online model (default LEARNING_RATE). */
+  learningRate?: number;
 }
 
 /** One sequence's routing at one layer, as the engine knows it when the layer runs. */
@@ -122,6 +124,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   readonly predictor: RoutingPredictor;
   private readonly prefetchOn: boolean;
   private readonly prefetchMin: number;
+  private readonly lr: number;
   // Per (layer, expert) history.
   private readonly lastUse: Float64Array;
   private readonly counts: Float64Array; // (layer, expert, half-life) as of countAt
@@ -166,6 +169,8 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     this.predictor = opts.predictor ?? new RoutingPredictor(shape);
     this.prefetchOn = opts.prefetch ?? true;
     this.prefetchMin = opts.prefetchMin ?? 0.6;
+    this.lr = opts.learningRate ?? LEARNING_RATE;
+    if (!(this.lr > 0)) throw new Error(`forecast learning rate must be > 0, got ${this.lr}`);
     this.lastUse = new Float64Array(L * E).fill(-Infinity);
     this.counts = new Float64Array(L * E * HALF_LIVES.length);
     this.countAt = new Float64Array(L * E);
@@ -521,7 +526,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
           const g = err * p.feats[off + f];
           if (g === 0) continue;
           this.g2[wo + f] += g * g;
-          this.w[wo + f] -= (LEARNING_RATE * g) / Math.sqrt(this.g2[wo + f]);
+          this.w[wo + f] -= (this.lr * g) / Math.sqrt(this.g2[wo + f]);
         }
       }
     }
