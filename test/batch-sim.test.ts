@@ -95,6 +95,11 @@ t.test('oracle >= expert-aware >= fcfs in savings, within the fairness bound', a
   const f0 = fairnessVsFcfs(fcfs, fcfs);
   t.equal(f0.maxExtraWait, 0);
 
+  // The gap factor: FCFS's gap is 4 steps, so 1.25 allows one extra step.
+  const gap = await runBatchSim(src, { ...base, scheduler: 'expert-aware', policy: { maxGapFactor: 1.25 } });
+  const fg = fairnessVsFcfs(gap, fcfs);
+  t.ok(fg.maxExtraWaitSteady <= 1 && fg.p99GapVsFcfs <= 1.25, `gap factor 1.25: max extra ${fg.maxExtraWaitSteady}, p99 gap ratio ${fg.p99GapVsFcfs}`);
+
   // A tighter bound costs savings but holds.
   const tight = await runBatchSim(src, { ...base, scheduler: 'expert-aware', policy: { maxExtraWaitSteps: 1 } });
   t.ok(fairnessVsFcfs(tight, fcfs).maxExtraWaitSteady <= 1, 'bound 1 holds');

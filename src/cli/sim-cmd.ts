@@ -53,7 +53,8 @@ Options:
 Batch formation (--scheduler switches to it):
   moe-serve sim --scheduler ${BATCH_SCHEDULERS.join('|')} --trace FILE [--batch N] [--concurrency M]
                 [--capacity C] [--predictor ${BATCH_PREDICTORS.join('|')}] [--cache ${BATCH_CACHES.join('|')}]
-                [--max-extra-wait S] [--miss-penalty P] [--no-prefill] [--no-oracle] [--json]
+                [--max-extra-wait S] [--max-gap-factor F] [--miss-penalty P]
+                [--pregate-accuracy A] [--no-prefill] [--no-oracle] [--json]
 
   M requests (--concurrency, default 64) are runnable; each step the scheduler picks N
   (--batch, default 8) of them, one token each; a finished request's lane takes the next
@@ -75,6 +76,7 @@ Batch formation (--scheduler switches to it):
                 probability A (default 0.8), else a wrong one
   oracle        the same grouping told the tokens' true routing (the yardstick)
   --max-extra-wait S  steps a request may wait beyond FCFS (default ${EXPERT_AWARE_DEFAULTS.maxExtraWaitSteps})
+  --max-gap-factor F  also keep each token's gap within F x its FCFS gap (default: off)
   --miss-penalty P    extra cost of a non-resident expert vs a resident one (default ${EXPERT_AWARE_DEFAULTS.missPenalty})
   --no-oracle         with expert-aware, skip the oracle run (else reported for the share of its savings)
 `;
@@ -103,13 +105,14 @@ export const simCommand = {
       'miss-penalty': { type: 'string' },
       'no-oracle': { type: 'boolean' },
       'pregate-accuracy': { type: 'string' },
+      'max-gap-factor': { type: 'string' },
     });
     if (v.help) {
       process.stdout.write(HELP);
       return 0;
     }
     if (v.scheduler !== undefined) return runBatching(v);
-    for (const k of ['batch', 'predictor', 'cache', 'max-extra-wait', 'miss-penalty', 'no-oracle', 'pregate-accuracy']) {
+    for (const k of ['batch', 'predictor', 'cache', 'max-extra-wait', 'miss-penalty', 'no-oracle', 'pregate-accuracy', 'max-gap-factor']) {
       if (v[k] !== undefined) throw new UsageError(`--${k} needs --scheduler`);
     }
     const file = required(v, 'trace');
@@ -233,6 +236,7 @@ async function runBatching(v: Values): Promise<number> {
   const policy = {
     maxExtraWaitSteps: intOpt(v, 'max-extra-wait', EXPERT_AWARE_DEFAULTS.maxExtraWaitSteps, 0, 1 << 20),
     missPenalty: numOpt(v, 'miss-penalty', EXPERT_AWARE_DEFAULTS.missPenalty, 0, 1e6),
+    maxGapFactor: v['max-gap-factor'] === undefined ? undefined : numOpt(v, 'max-gap-factor', 1.5, 1, 1e6),
   };
   const timing = {
     bytesPerExpert: intOpt(v, 'expert-bytes', DEFAULT_BYTES_PER_EXPERT, 1),

@@ -38,9 +38,15 @@
 // Options (constructor, with defaults):
 //   maxExtraWaitSteps  4     steps a sequence may wait beyond round-robin FCFS's wait
 //   maxExtraWaitMs     none  the same bound in milliseconds (the smaller bound wins)
+//   maxGapFactor       none  also keep each token's gap (wait + 1 steps) within this
+//                            factor of its FCFS gap (e.g. 1.2: a token FCFS serves
+//                            after 7 steps waits at most 8, i.e. the bound becomes 1)
 //   missPenalty        2     extra cost of a non-resident expert, in units of a resident
 //                            one (0: only distinct experts count; ignored without
 //                            budget.resident)
+//   amortize           true  divide an expert's cost by the expected number of later
+//                            picks of this step that share it (from the candidates'
+//                            predictions): seeds the greedy with widely shared experts
 
 import { FcfsPolicy } from './fcfs-policy.js';
 import type { BatchPolicy, PolicyCandidate, PolicyPick, StepBudget } from './policy.js';
@@ -50,6 +56,7 @@ export interface ExpertAwareOptions {
   maxExtraWaitMs?: number;
   missPenalty?: number;
   amortize?: boolean;
+  maxGapFactor?: number;
 }
 
 export const EXPERT_AWARE_DEFAULTS = { maxExtraWaitSteps: 4, missPenalty: 2 } as const;
@@ -60,6 +67,7 @@ export class ExpertAwarePolicy implements BatchPolicy {
   readonly maxExtraWaitMs: number | undefined;
   readonly missPenalty: number;
   readonly amortize: boolean;
+  readonly maxGapFactor: number | undefined;
   /** Microseconds spent in the last pick() (hrtime). */
   lastPickMicros = 0;
   totalPickMicros = 0;
@@ -85,6 +93,8 @@ export class ExpertAwarePolicy implements BatchPolicy {
     this.maxExtraWaitMs = opts.maxExtraWaitMs;
     this.missPenalty = opts.missPenalty ?? EXPERT_AWARE_DEFAULTS.missPenalty;
     this.amortize = opts.amortize ?? true;
+    this.maxGapFactor = opts.maxGapFactor;
+    if (this.maxGapFactor !== undefined && !(this.maxGapFactor >= 1)) throw new Error(`maxGapFactor must be >= 1, got ${this.maxGapFactor}`);
     if (!Number.isInteger(this.maxExtraWaitSteps) || this.maxExtraWaitSteps < 0) throw new Error(`maxExtraWaitSteps must be an integer >= 0, got ${this.maxExtraWaitSteps}`);
     if (this.maxExtraWaitMs !== undefined && !(this.maxExtraWaitMs >= 0)) throw new Error(`maxExtraWaitMs must be >= 0, got ${this.maxExtraWaitMs}`);
     if (!(this.missPenalty >= 0)) throw new Error(`missPenalty must be >= 0, got ${this.missPenalty}`);
@@ -159,7 +169,9 @@ export class ExpertAwarePolicy implements BatchPolicy {
         st.fcfsWait = fw;
         st.lastWaited = c.stepsWaited;
       }
-      slack[i] = fw + B - c.stepsWaited;
+      // The gap bound: a token's wait + 1 steps within maxGapFactor x FCFS's.
+      const b = this.maxGapFactor === undefined ? B : Math.min(B, Math.floor((this.maxGapFactor - 1) * (fw + 1) + 1e-9));
+      slack[i] = fw + b - c.stepsWaited;
     }
     for (const id of this.fcfsWait.keys()) if (!seen.has(id)) this.fcfsWait.delete(id);
 
