@@ -211,12 +211,13 @@ export class Scheduler {
     // Running sequences longest-waiting first (stable: admission order among equals), so
     // that running sequences whose tokens exceed the budget take turns (round robin)
     // instead of the oldest ones running every step.
-    const running = this.running.length > 1 && this.running.some((s) => s.stepsWaited > 0) ? [...this.running].sort((a, b) => b.stepsWaited - a.stepsWaited) : this.running;
+    const waited = (s: Sequence) => s.stepsWaited - s.promptStepsWaited;
+    const running = this.running.length > 1 && this.running.some((s) => waited(s) > 0) ? [...this.running].sort((a, b) => waited(b) - waited(a)) : this.running;
     // FCFS's wait for a token that just became ready: the tokens ahead of it in this order
     // run first, maxBatchTokens per step.
     let ahead = 0;
     for (const s of running) {
-      if (s.stepsWaited === 0) s.fcfsWait = Math.floor(ahead / this.config.maxBatchTokens);
+      if (waited(s) === 0) s.fcfsWait = Math.floor(ahead / this.config.maxBatchTokens);
       ahead += s.tokens.length - s.computed;
     }
     const policy = this.config.policy;
@@ -228,7 +229,9 @@ export class Scheduler {
       promptTokens: s.promptLen,
       computedTokens: s.computed,
       pendingTokens: s.tokens.length - s.computed,
-      stepsWaited: s.stepsWaited,
+      // Steps that held only prompt work (prefillFirst) delayed every running sequence
+      // alike, as they would under FCFS: not counted, so fairness bounds count decode steps.
+      stepsWaited: waited(s),
       hints: (state === 'running' ? live?.hints?.(s.seqId) : undefined) ?? s.hints,
     });
     const budget = {
@@ -426,7 +429,7 @@ export class Scheduler {
       if (c.state !== 'running' || c.pendingTokens !== 1) continue;
       const seq = this.running.find((s) => s.seqId === p.seqId);
       if (!seq) continue;
-      const extra = Math.max(0, c.stepsWaited - seq.promptStepsWaited - seq.fcfsWait);
+      const extra = Math.max(0, c.stepsWaited - seq.fcfsWait);
       w.extraWaitTokens++;
       w.extraWaitSum += extra;
       if (extra > w.maxExtraWait) w.maxExtraWait = extra;

@@ -1,0 +1,295 @@
+// Expert-aware batching benchmark (issue 6, point 5): `npm run bench:batching`.
+//
+// The server (in this process: Fastify app + engine worker, as bench:serve) on the
+// synthetic Qwen3-30B-A3B-shaped checkpoint (8 of its 48 layers, 128 experts, top-8;
+// Q8_0 in memory; bench/lib/bench-models.ts), routed experts offloaded with half of each
+// layer's experts in the fast tier (capacity 0.5, demand-loaded LRU without prefetch by
+// default, as in `moe-serve sim`, so the effect of grouping on loads is not mixed with
+// prefetching), and every token's experts replayed from a many-request trace synthesized
+// from the real one (synthesizeTrace --like ../shared/traces/qwen3-30b-a3b.trace.csv,
+// written to a temporary file): random weights route almost uniformly, real models do not.
+//
+// Workload: 64 streaming /v1/completions requests at once (undici, 64 connections), the
+// same for every policy: one-token prompts (ids), ignore_eos, the same max_tokens and
+// seeds. "64 runnable, steps of 8": maxRunning 64, maxBatchTokens 8 and prefillFirst (the
+// 64 prompts are admitted first, 8 per step; then the 64 decoding sequences take turns,
+// 8 tokens a step). Each policy runs on a fresh engine (cold cache, same sequence ids, so
+// the same routing replay): FCFS (round robin) and expert-aware (previous-token routing
+// weighted by the measured reuse rate, the resident set, fairness bound
+// BENCH_BATCHING_EXTRA_WAIT steps beyond FCFS: default 1, so that a token's gap is at most
+// 9 steps where FCFS's is 8, inside the 1.2x p99 inter-token latency target).
+//
+// Measured per policy: generated tokens/s (client wall time from the first request to the
+// last token), inter-token latency p50/p99 (client side, SSE), distinct experts per
+// step (mean over layers; from /metrics, decode steps and the admission steps), expert
+// loads per generated token (/metrics: cache misses), the policy's own cost (pick seconds
+// / wall), regrouped picks and the extra-wait histogram.
+//
+// Options (environment): BENCH_BATCHING_TOKENS (max_tokens per request, default 12),
+// BENCH_BATCHING_REQUESTS (64), BENCH_BATCHING_STEP (maxBatchTokens, 8),
+// BENCH_BATCHING_CAPACITY ("0.5"), BENCH_BATCHING_CACHE (lru), BENCH_BATCHING_LOOKAHEAD (0),
+// BENCH_BATCHING_EXTRA_WAIT (1), BENCH_BATCHING_PASSES (1: fcfs then expert-aware;
+// 2: fcfs, expert-aware, expert-aware, fcfs, to cancel a load drift on a shared machine),
+// BENCH_BATCHING_TRACE (real trace), BENCH_THREADS (2), BENCH_OFFLOAD_DIR (expert file dir).
+// The last line is JSON: distinct_experts_reduction, throughput_vs_fcfs, p99_itl_vs_fcfs,
+// loads_per_token_vs_fcfs, and `figures`: [{name, value, unit, compared_to}].
+
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Pool } from 'undici';
+import { startEngine } from '../src/engine/engine-client.js';
+import type { EngineOptions } from '../src/engine/protocol.js';
+import { MoeTokenizer } from '../src/model/tokenizer.js';
+import { synthesizeTrace } from '../src/offload/synth-trace.js';
+import { buildApp } from '../src/server/app.js';
+import { BENCH_MODELS, ensureCheckpoint } from './lib/bench-models.js';
+
+interface Figure {
+  name: string;
+  value: number;
+  unit: string;
+  compared_to: string | null;
+}
+
+const here = dirname(fileURLToPath(import.meta.url));
+const env = process.env;
+const TOKENS = Number(env.BENCH_BATCHING_TOKENS ?? 12);
+const REQUESTS = Number(env.BENCH_BATCHING_REQUESTS ?? 64);
+const STEP = Number(env.BENCH_BATCHING_STEP ?? 8);
+const CAPACITY = env.BENCH_BATCHING_CAPACITY ?? '0.5';
+const CACHE = env.BENCH_BATCHING_CACHE ?? 'lru';
+const LOOKAHEAD = Number(env.BENCH_BATCHING_LOOKAHEAD ?? 0);
+const EXTRA_WAIT = Number(env.BENCH_BATCHING_EXTRA_WAIT ?? 1);
+const PASSES = Number(env.BENCH_BATCHING_PASSES ?? 1);
+const THREADS = Number(env.BENCH_THREADS ?? 2);
+const TRACE = resolve(env.BENCH_BATCHING_TRACE ?? join(here, '..', '..', 'shared', 'traces', 'qwen3-30b-a3b.trace.csv'));
+const MODEL_ID = 'qwen3-30b-a3b-8l';
+type PolicyName = 'fcfs' | 'expert-aware';
+
+const log = (s: string) => console.log(s);
+const round = (v: number, d: number) => Math.round(v * 10 ** d) / 10 ** d;
+
+function pct(xs: number[], p: number): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))];
+}
+
+function parseMetrics(text: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const line of text.split('\n')) {
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$/.exec(line);
+    if (m) out.set(m[1], Number(m[2]));
+  }
+  return out;
+}
+
+function sum(m: Map<string, number>, name: string): number {
+  let s = 0;
+  for (const [k, v] of m) if (k === name || k.startsWith(name + '{')) s += v;
+  return s;
+}
+
+interface RunResult {
+  policy: PolicyName;
+  wallS: number;
+  tokens: number;
+  tps: number;
+  itl: number[];
+  ttft: number[];
+  distinctPerStep: number;
+  steps: number;
+  loadsPerToken: number;
+  regrouped: number;
+  duePicks: number;
+  pickSeconds: number;
+  extraWaitMean: number;
+}
+
+async function runPolicy(policy: PolicyName, modelDir: string, tokenizer: MoeTokenizer, trace: string, expertDir: string): Promise<RunResult> {
+  const opts: EngineOptions = {
+    modelDir,
+    modelId: MODEL_ID,
+    runner: 'native',
+    weights: 'q8',
+    threads: THREADS,
+    kvBlockSize: 16,
+    kvBlocks: Math.max(256, Math.ceil(((TOKENS + 16) * REQUESTS) / 16) + 16),
+    maxBatchTokens: STEP,
+    maxRunning: REQUESTS,
+    maxWaiting: REQUESTS * 2,
+    policy,
+    policyOptions: { maxExtraWaitSteps: EXTRA_WAIT, missPenalty: 2 },
+    prefillFirst: true,
+    offload: { capacity: CAPACITY, policy: CACHE, lookahead: LOOKAHEAD, ioThreads: 2, dir: expertDir },
+    replayTrace: trace,
+  };
+  const t0 = performance.now();
+  const engine = startEngine(opts);
+  await engine.ready;
+  log(`  ${policy}: engine ready in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  const app = buildApp({ engine, tokenizer });
+  const url = await app.listen({ host: '127.0.0.1', port: 0 });
+  const pool = new Pool(url, { connections: REQUESTS, pipelining: 1 });
+  try {
+    const itl: number[] = [];
+    const ttft: number[] = [];
+    let tokens = 0;
+    const start = performance.now();
+    let end = start;
+    await Promise.all(
+      Array.from({ length: REQUESTS }, async (_, i) => {
+        const sent = performance.now();
+        const r = await pool.request({
+          path: '/v1/completions',
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body: JSON.stringify({ model: MODEL_ID, prompt: [100 + i], max_tokens: TOKENS, temperature: 0.8, seed: i, ignore_eos: true, stream: true, stream_options: { include_usage: true } }),
+        });
+        if (r.statusCode !== 200) throw new Error(`HTTP ${r.statusCode}: ${await r.body.text()}`);
+        let last = 0;
+        let buf = '';
+        for await (const chunk of r.body) {
+          buf += chunk.toString();
+          let k: number;
+          while ((k = buf.indexOf('\n\n')) >= 0) {
+            const frame = buf.slice(0, k);
+            buf = buf.slice(k + 2);
+            if (!frame.startsWith('data: ') || frame === 'data: [DONE]') continue;
+            const obj = JSON.parse(frame.slice(6));
+            if (obj.usage) tokens += obj.usage.completion_tokens;
+            if (!obj.choices?.[0]?.text) continue;
+            const now = performance.now();
+            if (last === 0) ttft.push(now - sent);
+            else itl.push(now - last);
+            last = now;
+            if (now > end) end = now;
+          }
+        }
+      }),
+    );
+    const wallS = (end - start) / 1000;
+    const m = parseMetrics(await (await pool.request({ path: '/metrics', method: 'GET' })).body.text());
+    const l = `{policy="${policy}"}`;
+    const steps = m.get(`moe_batch_distinct_experts_per_step_count${l}`) ?? 0;
+    const misses = sum(m, 'moe_expert_cache_misses_total');
+    const extraTokens = m.get(`moe_batch_extra_wait_steps_count${l}`) ?? 0;
+    return {
+      policy,
+      wallS,
+      tokens,
+      tps: tokens / wallS,
+      itl,
+      ttft,
+      distinctPerStep: steps > 0 ? (m.get(`moe_batch_distinct_experts_per_step_sum${l}`) ?? 0) / steps : NaN,
+      steps,
+      loadsPerToken: misses / Math.max(1, tokens),
+      regrouped: m.get(`moe_batch_regrouped_picks_total${l}`) ?? 0,
+      duePicks: m.get(`moe_batch_due_picks_total${l}`) ?? 0,
+      pickSeconds: m.get(`moe_batch_policy_pick_seconds_total${l}`) ?? 0,
+      extraWaitMean: extraTokens > 0 ? (m.get(`moe_batch_extra_wait_steps_sum${l}`) ?? 0) / extraTokens : 0,
+    };
+  } finally {
+    await pool.close();
+    await app.close();
+    await engine.close();
+  }
+}
+
+function mergeRuns(rs: RunResult[]): RunResult {
+  const a = rs[0];
+  if (rs.length === 1) return a;
+  const wallS = rs.reduce((s, r) => s + r.wallS, 0);
+  const tokens = rs.reduce((s, r) => s + r.tokens, 0);
+  const steps = rs.reduce((s, r) => s + r.steps, 0);
+  return {
+    ...a,
+    wallS,
+    tokens,
+    tps: tokens / wallS,
+    itl: rs.flatMap((r) => r.itl),
+    ttft: rs.flatMap((r) => r.ttft),
+    steps,
+    distinctPerStep: rs.reduce((s, r) => s + r.distinctPerStep * r.steps, 0) / steps,
+    loadsPerToken: rs.reduce((s, r) => s + r.loadsPerToken * r.tokens, 0) / tokens,
+    regrouped: rs.reduce((s, r) => s + r.regrouped, 0),
+    duePicks: rs.reduce((s, r) => s + r.duePicks, 0),
+    pickSeconds: rs.reduce((s, r) => s + r.pickSeconds, 0),
+    extraWaitMean: rs.reduce((s, r) => s + r.extraWaitMean, 0) / rs.length,
+  };
+}
+
+async function main(): Promise<void> {
+  const t0 = performance.now();
+  const modelDir = ensureCheckpoint(BENCH_MODELS.qwen, log);
+  const work = mkdtempSync(join(env.BENCH_OFFLOAD_DIR ?? tmpdir(), 'moe-bench-batching-'));
+  try {
+    const trace = join(work, 'synth.trace.csv');
+    const ts = performance.now();
+    const synth = await synthesizeTrace({ like: TRACE, out: trace, requests: REQUESTS, tokensPerRequest: Math.max(32, TOKENS + 8), seed: 1 });
+    log(
+      `batching bench: synthesized ${REQUESTS} requests like ${TRACE} (${synth.header.layers} layers, ${synth.header.experts} experts, top-${synth.header.topK}) in ${((performance.now() - ts) / 1000).toFixed(1)} s`,
+    );
+    log(
+      `  model ${modelDir} (q8, ${THREADS} threads), experts offloaded: capacity ${CAPACITY}, cache ${CACHE}, lookahead ${LOOKAHEAD}; ` +
+        `${REQUESTS} concurrent streams, 1-token prompts, ${TOKENS} tokens each (ignore_eos), maxRunning ${REQUESTS}, maxBatchTokens ${STEP}, prefillFirst; expert-aware extra-wait bound ${EXTRA_WAIT} step(s)`,
+    );
+    const tokenizer = await MoeTokenizer.load(modelDir);
+    const order: PolicyName[] = PASSES >= 2 ? ['fcfs', 'expert-aware', 'expert-aware', 'fcfs'] : ['fcfs', 'expert-aware'];
+    const runs: RunResult[] = [];
+    for (const p of order) {
+      const r = await runPolicy(p, modelDir, tokenizer, trace, work);
+      log(
+        `  ${p.padEnd(12)} ${r.tps.toFixed(2)} tok/s (${r.tokens} tokens in ${r.wallS.toFixed(1)} s), itl p50 ${pct(r.itl, 50).toFixed(0)} p99 ${pct(r.itl, 99).toFixed(0)} ms, ` +
+          `distinct experts/step ${r.distinctPerStep.toFixed(2)} over ${r.steps} steps, loads/token ${r.loadsPerToken.toFixed(2)}, regrouped ${r.regrouped}, due ${r.duePicks}, ` +
+          `extra wait mean ${r.extraWaitMean.toFixed(2)} steps, policy cost ${((r.pickSeconds / r.wallS) * 100).toFixed(3)}% of wall`,
+      );
+      runs.push(r);
+    }
+    const fcfs = mergeRuns(runs.filter((r) => r.policy === 'fcfs'));
+    const ours = mergeRuns(runs.filter((r) => r.policy === 'expert-aware'));
+    const figures: Figure[] = [];
+    const fig = (name: string, value: number, unit: string, compared_to: string | null = null) =>
+      figures.push({ name, value: round(value, unit === 'ratio' || unit === 'fraction' ? 4 : 3), unit, compared_to });
+    for (const r of [fcfs, ours]) {
+      const n = r.policy === 'fcfs' ? 'fcfs' : 'expert_aware';
+      const vs = r.policy === 'fcfs' ? null : (x: string) => `fcfs_${x}`;
+      fig(`${n}_throughput`, r.tps, 'tokens/s', vs ? vs('throughput') : null);
+      fig(`${n}_itl_p50`, pct(r.itl, 50), 'ms', vs ? vs('itl_p50') : null);
+      fig(`${n}_itl_p99`, pct(r.itl, 99), 'ms', vs ? vs('itl_p99') : null);
+      fig(`${n}_ttft_p99`, pct(r.ttft, 99), 'ms', vs ? vs('ttft_p99') : null);
+      fig(`${n}_distinct_experts_per_step`, r.distinctPerStep, 'experts', vs ? vs('distinct_experts_per_step') : null);
+      fig(`${n}_loads_per_token`, r.loadsPerToken, 'loads', vs ? vs('loads_per_token') : null);
+      fig(`${n}_extra_wait_mean`, r.extraWaitMean, 'steps', null);
+    }
+    fig('expert_aware_regrouped_picks', ours.regrouped, 'picks', null);
+    fig('expert_aware_policy_cost', ours.pickSeconds / ours.wallS, 'fraction', 'expert_aware_wall_time');
+    const distinctReduction = 1 - ours.distinctPerStep / fcfs.distinctPerStep;
+    const throughputVs = ours.tps / fcfs.tps;
+    const p99Vs = pct(ours.itl, 99) / pct(fcfs.itl, 99);
+    const loadsVs = ours.loadsPerToken / fcfs.loadsPerToken;
+    fig('distinct_experts_reduction', distinctReduction, 'fraction', 'fcfs_distinct_experts_per_step');
+    fig('throughput_vs_fcfs', throughputVs, 'ratio', 'fcfs_throughput');
+    fig('p99_itl_vs_fcfs', p99Vs, 'ratio', 'fcfs_itl_p99');
+    fig('loads_per_token_vs_fcfs', loadsVs, 'ratio', 'fcfs_loads_per_token');
+    log(
+      `  expert-aware vs FCFS: distinct experts/step -${(distinctReduction * 100).toFixed(1)}%, loads/token x${loadsVs.toFixed(3)}, throughput x${throughputVs.toFixed(3)} (target >= 1.15), ` +
+        `p99 ITL x${p99Vs.toFixed(3)} (target <= 1.2); total ${((performance.now() - t0) / 1000).toFixed(0)} s`,
+    );
+    console.log(
+      JSON.stringify({
+        distinct_experts_reduction: round(distinctReduction, 4),
+        throughput_vs_fcfs: round(throughputVs, 4),
+        p99_itl_vs_fcfs: round(p99Vs, 4),
+        loads_per_token_vs_fcfs: round(loadsVs, 4),
+        figures,
+      }),
+    );
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+await main();
