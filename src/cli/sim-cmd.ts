@@ -314,7 +314,7 @@ export function batchReport(file: string, ours: BatchSimResult, fcfs: BatchSimRe
     throughput_vs_fcfs: fc.tokens_per_simulated_second > 0 ? o.tokens_per_simulated_second / fc.tokens_per_simulated_second : 1,
     fcfs: fc,
   };
-  if (or) {
+  if (or && ours.scheduler !== 'oracle') {
     out.oracle = or;
     const od = fc.distinct_experts_per_step - or.distinct_experts_per_step;
     const ol = fc.loads_per_token - or.loads_per_token;
@@ -337,13 +337,13 @@ function formatBatchReport(out: Record<string, unknown>): string {
     `trace        ${out.trace} (${out.model || 'unnamed'}: ${out.layers} layers, ${out.experts} experts, top-${out.top_k}), ${out.requests} requests`,
     `batching     ${out.concurrency} runnable, ${out.batch} per step; ${out.cache} cache of ${out.capacity_per_layer} experts per layer`,
     '',
-    'scheduler          distinct/step  vs fcfs  loads/token  vs fcfs  extra wait p99/max (all)    p99 gap vs fcfs  pick us (mean/p99)',
+    'scheduler                  distinct/step  vs fcfs  loads/token  vs fcfs  extra wait p99/max (all)    p99 gap vs fcfs  pick us (mean/p99)',
   ];
   for (const r of runs) {
     const name = r.scheduler + (r.predictor ? ` (${r.predictor})` : '');
     lines.push(
       [
-        name.padEnd(18),
+        name.padEnd(26),
         n(r.distinct_experts_per_step, 2).padStart(13),
         n(r.distinct_experts_per_step / fc.distinct_experts_per_step).padStart(8),
         n(r.loads_per_token, 2).padStart(12),
