@@ -335,3 +335,26 @@ t.test('sim --json', async (t) => {
   const help = await runCli(['sim', '--help']);
   t.match(help.out, /continuous batching/);
 });
+
+t.test('forecast: a sequence that sits out a step keeps its history when the caller ends sequences', async (t) => {
+  const shape = { layers: 2, experts: 8, capacity: 4 };
+  const route = (p: ForecastPolicy, seqs: { seq: number; experts: number[] }[]) => {
+    for (let l = 0; l < shape.layers; l++) {
+      p.observeRouting(l, seqs.map((s) => ({ seq: s.seq, experts: Int32Array.from(s.experts) })));
+      p.request(l, [...new Set(seqs.flatMap((s) => s.experts))]);
+    }
+  };
+  // Implicit ends (the simulator's contract): absent from a step's last layer = finished.
+  const implicit = new ForecastPolicy(shape);
+  route(implicit, [{ seq: 1, experts: [0, 1] }, { seq: 2, experts: [2, 3] }]);
+  route(implicit, [{ seq: 2, experts: [2, 4] }]);
+  t.same(implicit.predictor.sequences().sort(), [2], 'sequence 1 taken as finished');
+  // Explicit ends (the offload runner): sitting out keeps the history until endSequence.
+  const explicit = new ForecastPolicy(shape);
+  explicit.useExplicitEnds();
+  route(explicit, [{ seq: 1, experts: [0, 1] }, { seq: 2, experts: [2, 3] }]);
+  route(explicit, [{ seq: 2, experts: [2, 4] }]);
+  t.same(explicit.predictor.sequences().sort(), [1, 2], 'sequence 1 kept while it sits out');
+  explicit.endSequence(1);
+  t.same(explicit.predictor.sequences(), [2], 'sequence 1 dropped by endSequence');
+});

@@ -138,6 +138,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   private readonly cross: Float32Array;
   private readonly crossN: Float32Array;
   private readonly hist = new Map<number, SeqHistory>();
+  private explicitEnds = false;
   /** Sequences of each layer's latest visit (the pseudo-sequence -1 without observeRouting). */
   private readonly visitSeqs: number[][];
   private readonly routedAt: Int32Array; // per layer: visit time observeRouting was called for
@@ -214,9 +215,26 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   /**
    * Optional online input: which sequence chose which experts at `layer`, for the visit
    * about to be requested (call before request(layer, union of the experts)). A sequence
-   * absent from the last layer's visit after being in it is taken as finished. Without
-   * these calls the visit's expert set is taken as the routing of a single sequence.
+   * absent from the last layer's visit after being in it is taken as finished, unless the
+   * caller ends sequences itself (endSequence): a server whose batch policy lets running
+   * sequences sit out steps must, or their history would be lost. Without these calls
+   * the visit's expert set is taken as the routing of a single sequence.
    */
+  /**
+   * Ends a sequence explicitly (its history is dropped). After the first call, sequences
+   * are no longer taken as finished when they are absent from a visit.
+   */
+  endSequence(seq: number): void {
+    this.explicitEnds = true;
+    this.hist.delete(seq);
+    this.predictor.endSequence(seq);
+  }
+
+  /** Sequences end only through endSequence (the runner calls this when it drives the policy). */
+  useExplicitEnds(): void {
+    this.explicitEnds = true;
+  }
+
   observeRouting(layer: number, tokens: readonly SeqRouting[]): void {
     this.predictor.observe(layer, tokens);
     const seqs: number[] = [];
@@ -225,7 +243,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
       this.learnRouting(t.seq, layer, t.experts);
       seqs.push(t.seq);
     }
-    if (layer === this.layers - 1) {
+    if (layer === this.layers - 1 && !this.explicitEnds) {
       const live = new Set(seqs);
       for (const s of this.visitSeqs[layer]) {
         if (!live.has(s)) {

@@ -118,6 +118,12 @@ interface Predicted {
   pAny: Float64Array;
 }
 
+/** Policies that keep per-sequence history (forecast) and are told when a sequence ends. */
+interface SequenceAware {
+  useExplicitEnds?(): void;
+  endSequence?(seq: number): void;
+}
+
 const STATE_QUEUED = 1;
 const STATE_READING = 2;
 const STATE_RESIDENT = 3;
@@ -204,7 +210,11 @@ export class OffloadRunner implements ModelRunner {
   }
 
   private newPolicy(): ExpertCachePolicy {
-    return createOnlinePolicy(this.policyName, { layers: this.L, experts: this.E, topK: this.k, capacity: this.slotsPerLayer }, { prefetch: this.lookahead > 0 });
+    const p = createOnlinePolicy(this.policyName, { layers: this.L, experts: this.E, topK: this.k, capacity: this.slotsPerLayer }, { prefetch: this.lookahead > 0 });
+    // Sequences end when the engine releases them, not when they sit out a step (an
+    // expert-aware batch policy leaves running sequences out of steps on purpose).
+    (p as SequenceAware).useExplicitEnds?.();
+    return p;
   }
 
   /** Empties every slot of the store and the runner's record of them. */
@@ -596,6 +606,7 @@ export class OffloadRunner implements ModelRunner {
 
   release(seqId: number): void {
     this.lastRouting.delete(seqId);
+    (this.policy as SequenceAware).endSequence?.(seqId);
   }
 
   /**
