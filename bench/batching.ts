@@ -28,8 +28,8 @@
 // Options (environment): BENCH_BATCHING_TOKENS (max_tokens per request, default 12),
 // BENCH_BATCHING_REQUESTS (64), BENCH_BATCHING_STEP (maxBatchTokens, 8),
 // BENCH_BATCHING_CAPACITY ("0.5"), BENCH_BATCHING_CACHE (lru), BENCH_BATCHING_LOOKAHEAD (0),
-// BENCH_BATCHING_EXTRA_WAIT (1), BENCH_BATCHING_PASSES (1: fcfs then expert-aware;
-// 2: fcfs, expert-aware, expert-aware, fcfs, to cancel a load drift on a shared machine),
+// BENCH_BATCHING_EXTRA_WAIT (1), BENCH_BATCHING_PASSES (2: fcfs, expert-aware, expert-aware,
+// fcfs, to cancel a load drift on a shared machine; 1: fcfs then expert-aware),
 // BENCH_BATCHING_TRACE (real trace), BENCH_THREADS (2), BENCH_OFFLOAD_DIR (expert file dir).
 // The last line is JSON: distinct_experts_reduction, throughput_vs_fcfs, p99_itl_vs_fcfs,
 // loads_per_token_vs_fcfs, and `figures`: [{name, value, unit, compared_to}].
@@ -62,7 +62,7 @@ const CAPACITY = env.BENCH_BATCHING_CAPACITY ?? '0.5';
 const CACHE = env.BENCH_BATCHING_CACHE ?? 'lru';
 const LOOKAHEAD = Number(env.BENCH_BATCHING_LOOKAHEAD ?? 0);
 const EXTRA_WAIT = Number(env.BENCH_BATCHING_EXTRA_WAIT ?? 1);
-const PASSES = Number(env.BENCH_BATCHING_PASSES ?? 1);
+const PASSES = Number(env.BENCH_BATCHING_PASSES ?? 2);
 const THREADS = Number(env.BENCH_THREADS ?? 2);
 const TRACE = resolve(env.BENCH_BATCHING_TRACE ?? join(here, '..', '..', 'shared', 'traces', 'qwen3-30b-a3b.trace.csv'));
 const MODEL_ID = 'qwen3-30b-a3b-8l';
