@@ -3,6 +3,8 @@
 // resident experts, the step time) only when the policy uses them; /metrics shows
 // distinct experts per step, regrouping decisions, extra wait and the policy's cost.
 
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import t from 'tap';
 import { request } from 'undici';
 import { loadSettings } from '../src/config.js';
@@ -186,3 +188,29 @@ for (const policy of ['expert-aware', 'fcfs'] as const) {
     }
   });
 }
+
+t.test('routing replay without offloading: the native runner gives hints and distinct experts', { skip }, async (t) => {
+  const d = tempDir(t);
+  const trace = join(d, 'r.trace.csv');
+  const lines = ['# moe-trace v1', '# model=t layers=4 experts=32 top_k=4 source=test', 'request,phase,position,layer,experts,weights'];
+  // 6 requests, 24 positions; requests of even and odd ids favour different experts.
+  for (let r = 0; r < 6; r++) {
+    for (let p = 0; p < 24; p++) {
+      for (let l = 0; l < 4; l++) {
+        const base = (r % 2) * 16 + ((p + l) % 4);
+        lines.push(`${r},${p < 2 ? 'prefill' : 'decode'},${p},${l},${base} ${base + 4} ${base + 8} ${(base + 12) % 32},`);
+      }
+    }
+  }
+  writeFileSync(trace, lines.join('\n') + '\n');
+  const s = await startTestServer(t, dir4, { engine: { policy: 'expert-aware', prefillFirst: true, maxBatchTokens: 3, maxRunning: 16, replayTrace: trace } });
+  t.same(await streamMany(s.url, 12), new Array(12).fill(200));
+  const m = parseMetrics(await (await request(`${s.url}/metrics`)).body.text());
+  const l = '{policy="expert-aware"}';
+  const steps = m.get(`moe_batch_distinct_experts_per_step_count${l}`) ?? 0;
+  t.ok(steps > 0, `${steps} steps with routing seen`);
+  const mean = (m.get(`moe_batch_distinct_experts_per_step_sum${l}`) ?? 0) / steps;
+  t.ok(mean >= 4 && mean <= 12, `distinct experts per step ${mean.toFixed(2)} (k = 4, at most 3 tokens)`);
+  t.ok((m.get(`moe_batch_regrouped_picks_total${l}`) ?? 0) > 0, 'regrouped with the replayed routing as hints');
+  t.same([...m.keys()].filter((k) => k.startsWith('moe_expert_cache')), [], 'no offload samples');
+});
