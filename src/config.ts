@@ -49,6 +49,7 @@ export interface ServeSettings {
   policy: 'fcfs' | 'expert-aware';
   policyMaxExtraWaitSteps: number;
   policyMaxExtraWaitMs: number;
+  policyMaxGapFactor: number;
   policyMissPenalty: number;
   prefillFirst: boolean;
   logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
@@ -85,7 +86,7 @@ const KEYS: readonly (keyof ServeSettings)[] = [
   'allowSpecialTokensInChat', 'runner', 'weights', 'threads',
   'offloadCapacity', 'offloadPolicy', 'offloadLookahead', 'offloadIoThreads', 'offloadDir', 'offloadReplayTrace',
   'kvBlockSize', 'kvBlocks', 'maxBatchTokens', 'maxRunning', 'maxWaiting',
-  'policy', 'policyMaxExtraWaitSteps', 'policyMaxExtraWaitMs', 'policyMissPenalty', 'prefillFirst', 'logLevel', 'cacheDir',
+  'policy', 'policyMaxExtraWaitSteps', 'policyMaxExtraWaitMs', 'policyMaxGapFactor', 'policyMissPenalty', 'prefillFirst', 'logLevel', 'cacheDir',
 ];
 
 /** config/settings.json sits one level above both src/ and dist/. */
@@ -246,6 +247,8 @@ export function loadSettings(src: SettingSources = {}): Readonly<ServeSettings> 
   }
   if (out.cacheDir === '') out.cacheDir = envSettings(env).cacheDir;
   checkOffload(out as unknown as ServeSettings);
+  const gap = (out as unknown as ServeSettings).policyMaxGapFactor;
+  if (gap !== 0 && gap < 1) throw new ConfigError(`setting policyMaxGapFactor must be 0 (off) or >= 1, got ${gap}`);
   for (const v of Object.values(out)) if (Array.isArray(v)) Object.freeze(v);
   return Object.freeze(out as unknown as ServeSettings);
 }

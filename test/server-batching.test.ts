@@ -120,10 +120,11 @@ t.test('engine loop: FCFS never asks for hints; expert-aware gets them every ste
 });
 
 t.test('settings: the policy and its fairness bounds reach the engine options', async (t) => {
-  const s = loadSettings({ env: {}, flags: { policy: 'expert-aware', policyMaxExtraWaitSteps: '6', policyMaxExtraWaitMs: '250', policyMissPenalty: '1.5', prefillFirst: true } });
+  const s = loadSettings({ env: {}, flags: { policy: 'expert-aware', policyMaxExtraWaitSteps: '6', policyMaxExtraWaitMs: '250', policyMaxGapFactor: '1.2', policyMissPenalty: '1.5', prefillFirst: true } });
   const o = engineOptions(s, '/m', 'm');
   t.equal(o.policy, 'expert-aware');
-  t.same(o.policyOptions, { maxExtraWaitSteps: 6, maxExtraWaitMs: 250, missPenalty: 1.5 });
+  t.same(o.policyOptions, { maxExtraWaitSteps: 6, maxExtraWaitMs: 250, maxGapFactor: 1.2, missPenalty: 1.5 });
+  t.equal((createPolicy('expert-aware', o.policyOptions) as unknown as { maxGapFactor?: number }).maxGapFactor, 1.2, 'the gap factor reaches the policy');
   t.equal(o.prefillFirst, true);
   const d = engineOptions(loadSettings({ env: {} }), '/m', 'm');
   t.equal(d.policy, 'fcfs');
@@ -131,6 +132,7 @@ t.test('settings: the policy and its fairness bounds reach the engine options', 
   t.equal(d.prefillFirst, undefined);
   t.throws(() => loadSettings({ env: { MOE_SERVE_POLICY: 'greedy' } }), /setting policy \(from MOE_SERVE_POLICY\) must be one of fcfs, expert-aware/);
   t.throws(() => createPolicy('expert-aware', { maxExtraWaitSteps: -1 }), /maxExtraWaitSteps/);
+  t.throws(() => loadSettings({ env: { MOE_SERVE_POLICY_MAX_GAP_FACTOR: '0.5' } }), /policyMaxGapFactor must be 0 \(off\) or >= 1, got 0.5/);
 });
 
 /** A 4-layer qwen3_moe (32 experts, top-8) checkpoint. */

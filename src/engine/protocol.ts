@@ -239,7 +239,7 @@ export interface EngineOptions {
   /** Batch-formation policy by name ('fcfs', 'expert-aware'). */
   policy: string;
   /** The policy's options (fairness bounds of expert-aware). */
-  policyOptions?: { maxExtraWaitSteps?: number; maxExtraWaitMs?: number; missPenalty?: number };
+  policyOptions?: { maxExtraWaitSteps?: number; maxExtraWaitMs?: number; maxGapFactor?: number; missPenalty?: number };
   /** Admit waiting prompts before stepping running decodes (SchedulerConfig.prefillFirst). */
   prefillFirst?: boolean;
   /** Native runner: keep routed experts in a file and cache them in RAM (absent: all resident). */

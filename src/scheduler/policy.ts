@@ -72,12 +72,14 @@ export interface BatchPolicy {
   readonly usesHints?: boolean;
 }
 
-/** Options of the configured policies (settings policyMaxExtraWaitSteps, policyMaxExtraWaitMs, policyMissPenalty); FCFS takes none. */
+/** Options of the configured policies (settings policyMaxExtraWaitSteps, policyMaxExtraWaitMs, policyMaxGapFactor, policyMissPenalty); FCFS takes none. */
 export interface PolicyOptions {
   /** Steps a sequence may wait beyond FCFS's wait (expert-aware). */
   maxExtraWaitSteps?: number;
   /** The same bound in milliseconds; the smaller bound wins (expert-aware). */
   maxExtraWaitMs?: number;
+  /** Bound on a token's gap as a factor (>= 1) of its FCFS gap (expert-aware). */
+  maxGapFactor?: number;
   /** Extra cost of a non-resident expert, in units of a resident one (expert-aware). */
   missPenalty?: number;
 }

@@ -42,6 +42,7 @@ export function engineOptions(s: Readonly<ServeSettings>, modelDir: string, mode
     policyOptions: {
       maxExtraWaitSteps: s.policyMaxExtraWaitSteps,
       ...(s.policyMaxExtraWaitMs > 0 ? { maxExtraWaitMs: s.policyMaxExtraWaitMs } : {}),
+      ...(s.policyMaxGapFactor > 0 ? { maxGapFactor: s.policyMaxGapFactor } : {}),
       missPenalty: s.policyMissPenalty,
     },
     ...(s.prefillFirst ? { prefillFirst: true } : {}),
