@@ -19,7 +19,8 @@
 //     used / wasted, stall-free fraction of layer visits, pre-gating recall/precision.
 // Options (environment): BENCH_THREADS (2), BENCH_OFFLOAD_DECODE (96 decode tokens),
 // BENCH_OFFLOAD_TRACE (trace file), BENCH_OFFLOAD_CAPACITY ("0.25": fraction of experts),
-// BENCH_OFFLOAD_DIR (expert file directory; default the OS temporary directory).
+// BENCH_OFFLOAD_DIR (expert file directory; default the OS temporary directory),
+// BENCH_OFFLOAD_IO_THREADS (the store's I/O threads; default the runner's).
 // The last line is JSON: offload_vs_ondemand, offload_limit_fraction, offload_vs_resident,
 // stall_free_fraction, loads_vs_belady, and `figures`: [{name, value, unit, compared_to}].
 
@@ -52,6 +53,7 @@ const DECODE = Number(process.env.BENCH_OFFLOAD_DECODE ?? 96);
 const CAPACITY = process.env.BENCH_OFFLOAD_CAPACITY ?? '0.25';
 const TRACE = resolve(process.env.BENCH_OFFLOAD_TRACE ?? join(here, '..', '..', 'shared', 'traces', 'qwen3-30b-a3b.trace.csv'));
 const DIR = process.env.BENCH_OFFLOAD_DIR;
+const IO_THREADS = process.env.BENCH_OFFLOAD_IO_THREADS ? Number(process.env.BENCH_OFFLOAD_IO_THREADS) : undefined;
 const KV_BLOCK_SIZE = 16;
 
 const log = (s: string) => console.log(s);
@@ -207,7 +209,7 @@ async function main(): Promise<void> {
 
   // One offloading engine (the expert file is written once); each policy starts cold.
   const t0 = performance.now();
-  const first = OffloadRunner.fromCheckpoint(spec, m.weights, { ...base, capacity: CAPACITY, policy: 'lru', lookahead: 0, replay, dir: DIR });
+  const first = OffloadRunner.fromCheckpoint(spec, m.weights, { ...base, capacity: CAPACITY, policy: 'lru', lookahead: 0, replay, dir: DIR, ioThreads: IO_THREADS });
   m.close();
   const engine = (first.engine as unknown as NativeEngine);
   const slots = first.slotsPerLayer;
