@@ -36,7 +36,7 @@ export interface ServeSettings {
   weights: 'auto' | 'f32' | 'bf16' | 'f16' | 'q8' | 'q4';
   threads: number;
   offloadCapacity: string;
-  offloadPolicy: 'lru' | 'lfu' | 'lfu-decay' | 'predictive';
+  offloadPolicy: 'lru' | 'lfu' | 'lfu-decay' | 'predictive' | 'forecast';
   offloadLookahead: number;
   offloadIoThreads: number;
   offloadDir: string;

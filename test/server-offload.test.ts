@@ -159,11 +159,11 @@ t.test('bad offload settings fail clearly', async (t) => {
   t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: 'lots' } }), ConfigError);
   t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: 'lots' } }), /setting offloadCapacity: expert cache capacity "lots": not a number/);
   t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5', MOE_SERVE_RUNNER: 'reference' } }), /offloadCapacity needs the native runner/);
-  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_POLICY: 'belady' } }), /setting offloadPolicy \(from MOE_SERVE_OFFLOAD_POLICY\) must be one of lru, lfu, lfu-decay, predictive/);
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_POLICY: 'belady' } }), /setting offloadPolicy \(from MOE_SERVE_OFFLOAD_POLICY\) must be one of lru, lfu, lfu-decay, predictive, forecast/);
   t.throws(() => loadSettings({ env: {}, flags: { offloadLookahead: '-1' } }), /offloadLookahead/);
   const s = loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '12GiB', MOE_SERVE_OFFLOAD_LOOKAHEAD: '3', MOE_SERVE_DEMO: '1' } });
   const o = engineOptions(s, '/m', 'm');
-  t.same(o.offload, { capacity: '12GiB', policy: 'predictive', lookahead: 3, ioThreads: 2 });
+  t.same(o.offload, { capacity: '12GiB', policy: 'forecast', lookahead: 3, ioThreads: 2 });
   t.equal(o.replayTrace, undefined);
   t.equal(engineOptions(loadSettings({ env: {} }), '/m', 'm').offload, undefined, 'off by default');
 
