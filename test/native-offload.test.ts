@@ -14,6 +14,7 @@ import type { Architecture, ModelSpec } from '../src/model/spec.js';
 import { EMBED, FINAL_NORM, LM_HEAD, layerNames } from '../src/model/tensor-names.js';
 import { loadNative, type NativeEngine, type NativeEngineOptions, type NativeOffloadOptions } from '../src/engine/native.js';
 import { argmax } from '../src/engine/sampling.js';
+import { engineOptions as runnerEngineOptions } from '../src/engine/native-runner.js';
 import { Rng } from '../src/model/prng.js';
 import { relMaxError, tempDir, writeModel } from './helpers/models.js';
 
@@ -24,30 +25,8 @@ const BLOCK = 16;
 const BLOCKS_PER_SEQ = 8; // 128 positions per sequence
 
 function engineOptions(spec: ModelSpec, weights: Weights, kvBlocks: number, offload?: NativeOffloadOptions): NativeEngineOptions {
-  return {
-    vocab: spec.vocabSize,
-    hidden: spec.hiddenSize,
-    layers: spec.numLayers,
-    heads: spec.numHeads,
-    kvHeads: spec.numKvHeads,
-    headDim: spec.headDim,
-    experts: spec.numExperts,
-    topK: spec.topK,
-    expertWidth: spec.expertIntermediateSize,
-    sharedWidth: spec.sharedExpertIntermediateSize,
-    renormTopK: spec.gating === 'softmax_topk_renorm',
-    qkNorm: spec.qkNorm,
-    qkvBias: spec.qkvBias,
-    tieEmbeddings: spec.tieWordEmbeddings,
-    rmsEps: spec.rmsNormEps,
-    ropeTheta: spec.ropeTheta,
-    maxPositions: spec.maxPositionEmbeddings,
-    weights,
-    threads: 2,
-    kvBlockSize: BLOCK,
-    kvBlocks,
-    offload,
-  };
+  const format = weights === 'q8_0' ? 'q8' : 'f32';
+  return { ...runnerEngineOptions(spec, { weights: format, threads: 2, kvBlockSize: BLOCK, kvBlocks }), offload };
 }
 
 /** Every tensor of the checkpoint to the engine under its role, as the runner does. */
