@@ -27,7 +27,7 @@
 import { existsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { NativeRunner, type NativeRunnerOptions } from '../src/engine/native-runner.js';
+import { NativeRunner, packBatch, type NativeRunnerOptions } from '../src/engine/native-runner.js';
 import { loadNative, type NativeEngine } from '../src/engine/native.js';
 import type { OffloadStats } from '../src/engine/protocol.js';
 import type { ModelRunner, RoutingEvent, StepSequence } from '../src/engine/runner.js';
@@ -36,6 +36,7 @@ import type { ModelSpec } from '../src/model/spec.js';
 import { BeladyPolicy } from '../src/offload/belady.js';
 import { OffloadRunner } from '../src/offload/offload-runner.js';
 import { DEFAULT_ONLINE_POLICY } from '../src/offload/policies.js';
+import { measurePregating, type PredictionStats } from '../src/offload/prediction.js';
 import { RoutingReplay } from '../src/offload/replay.js';
 import { BENCH_MODELS, ensureCheckpoint } from './lib/bench-models.js';
 import { probeBandwidth, tokenIds } from './lib/engine-bench-common.js';
@@ -55,6 +56,8 @@ const TRACE = resolve(process.env.BENCH_OFFLOAD_TRACE ?? join(here, '..', '..', 
 const DIR = process.env.BENCH_OFFLOAD_DIR;
 const IO_THREADS = process.env.BENCH_OFFLOAD_IO_THREADS ? Number(process.env.BENCH_OFFLOAD_IO_THREADS) : undefined;
 const KV_BLOCK_SIZE = 16;
+const PREGATING_STEPS = 48;
+const PREGATING_LOOKAHEAD = 3;
 
 const log = (s: string) => console.log(s);
 const figures: Figure[] = [];
@@ -193,6 +196,7 @@ async function main(): Promise<void> {
 
   // All-resident decode with the same replayed routing.
   let resident: DecodeRun;
+  let pregating: PredictionStats[] = [];
   {
     const visits = new VisitLog(L);
     const t0 = performance.now();
@@ -201,6 +205,15 @@ async function main(): Promise<void> {
     try {
       decode(runner, new VisitLog(L), prompt, limit); // warm-up pass over the same workload
       resident = decode(runner, visits, prompt, limit);
+      // Pre-gating quality on the model's own routing (replayed routing is not the
+      // weights' own, so no predictor from hidden states could match it): the prompt,
+      // then the decoded tokens one per step.
+      const blocks = Int32Array.from({ length: Math.ceil((promptLen + DECODE) / KV_BLOCK_SIZE) }, (_, i) => i);
+      const seq = (tokens: number[], startPos: number): StepSequence[] => [
+        { seqId: 0, tokens: Uint32Array.from(tokens), startPos, blockTable: blocks.subarray(0, Math.ceil((startPos + tokens.length) / KV_BLOCK_SIZE)), wantLogits: true },
+      ];
+      const steps = [seq(prompt, 0), ...resident.tokens.slice(0, PREGATING_STEPS).map((tok, i) => seq([tok], promptLen + i))];
+      pregating = measurePregating(runner.engine, { layers: L, experts: E, topK: spec.topK }, steps, PREGATING_LOOKAHEAD, packBatch);
     } finally {
       runner.close();
     }
@@ -256,6 +269,14 @@ async function main(): Promise<void> {
     figure('ours_decode', ours.run.tokensPerSecond, 'tok/s', 'offload_limit');
     figure('offload_limit', limitTps, 'tok/s', 'belady loads at slow_tier_bandwidth, overlapped with resident compute');
     figure('belady_loads_per_token', beladyPerToken, 'experts');
+    for (const p of ours.stats.prediction) {
+      log(`our prefetch predictions under replay, ${p.distance} layer(s) ahead: recall ${p.recall.toFixed(3)}, precision ${p.precision.toFixed(3)}`);
+    }
+    for (const p of pregating) {
+      log(`pre-gating, model's own routing, ${p.distance} layer(s) ahead: recall ${p.recall.toFixed(3)}, precision ${p.precision.toFixed(3)} (top-${spec.topK} of ${E}; chance ${(spec.topK / E).toFixed(3)})`);
+      figure(`pregating_recall_d${p.distance}`, p.recall, 'fraction', `chance ${spec.topK}/${E}`);
+      figure(`pregating_precision_d${p.distance}`, p.precision, 'fraction', `chance ${spec.topK}/${E}`);
+    }
     figure('ondemand_loads_per_token', ondemand.loads / DECODE, 'experts', 'belady_loads_per_token');
     figure('ours_loads_per_token', ours.loads / DECODE, 'experts', 'belady_loads_per_token');
     figure('ondemand_loads_vs_belady', ondemand.loads / belady, 'ratio', 'belady_loads_per_token');
