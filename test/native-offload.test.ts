@@ -383,6 +383,65 @@ t.test('load, cancel, evict and state transitions', async (t) => {
   t.ok(d1.discarded! - d0.discarded! <= d1.loads - d0.loads - 8, 'discarded reads are among the reads');
 });
 
+t.test('queued loads start by priority (demand first), FIFO within a priority', async (t) => {
+  const fx = await fixture(t, 'olmoe');
+  const E = fx.spec.numExperts;
+  const { engine: e } = fx.make('q8_0', { slotsPerLayer: E, ioThreads: 1 });
+  // The gate lets exactly one queued read start at a time, so the order is observable.
+  const next = (): number[] => {
+    const before = e.storeStats().loads;
+    e.gateLoads(1);
+    for (let spin = 0; e.storeStats().loads === before; spin++) if (spin > 1e8) throw new Error('no read started');
+    const resident: number[] = [];
+    for (let l = 0; l < 2; l++) for (let x = 0; x < E; x++) if (e.expertState(l, x) === 3) resident.push(l * E + x);
+    return resident;
+  };
+  e.gateLoads(0);
+  e.loadExpert(1, 0, 0, 1); // prefetches of layer 1
+  e.loadExpert(1, 1, 1, 1);
+  e.loadExpert(1, 2, 2, 2); // a less urgent one
+  e.loadExpert(0, 3, 3); // demand (default priority 0)
+  e.loadExpert(1, 4, 4, 1);
+  e.loadExpert(0, 5, 5, 0);
+  t.throws(() => e.loadExpert(0, 6, 6, -1), /priority/);
+  t.same([0, 1, 2, 3, 4, 5].map((x) => e.expertState(x === 3 || x === 5 ? 0 : 1, x)), [1, 1, 1, 1, 1, 1], 'all queued behind the gate');
+  const order: number[] = [];
+  let seen = new Set<number>();
+  const step = () => {
+    const now = next();
+    const added = now.filter((i) => !seen.has(i));
+    t.equal(added.length, 1, 'one read per opening of the gate');
+    order.push(added[0] % E);
+    seen = new Set(now);
+  };
+  step();
+  step();
+  t.same(order, [3, 5], 'demand loads first, in the order queued');
+  // Loading a queued prefetch again with demand priority raises it.
+  e.loadExpert(1, 4, 4, 0);
+  step();
+  t.same(order, [3, 5, 4]);
+  step();
+  step();
+  t.same(order, [3, 5, 4, 0, 1], 'then the prefetches of priority 1, FIFO');
+  step();
+  t.same(order, [3, 5, 4, 0, 1, 2], 'the least urgent last');
+  t.equal(e.storeStats().loads, 6);
+
+  // A demand load never waits behind queued prefetches on the I/O thread, only behind a read in flight.
+  e.gateLoads(-1);
+  for (let x = 0; x < 6; x++) e.evictSlot(x === 3 || x === 5 ? 0 : 1, x);
+  e.gateLoads(0);
+  for (let x = 0; x < 16; x++) e.loadExpert(1, x, x, 1);
+  e.loadExpert(0, 20, 0);
+  e.gateLoads(1);
+  e.waitExpert(0, 20);
+  t.equal(e.expertState(1, 0), 1, 'the first prefetch is still queued after the demand load');
+  e.gateLoads(-1);
+  for (let x = 0; x < 16; x++) e.waitExpert(1, x);
+  t.equal(e.storeStats().loads, 6 + 17);
+});
+
 t.test('random loads, evictions and cancels leave a consistent store; the step after is exact', async (t) => {
   const fx = await fixture(t, 'qwen2_moe');
   const spec = fx.spec;

@@ -105,6 +105,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
                         InstanceMethod("loadExpert", &NativeEngine::LoadExpert), InstanceMethod("cancelLoad", &NativeEngine::CancelLoad),
                         InstanceMethod("evictSlot", &NativeEngine::EvictSlot), InstanceMethod("expertState", &NativeEngine::ExpertState),
                         InstanceMethod("waitExpert", &NativeEngine::WaitExpert), InstanceMethod("storeStats", &NativeEngine::StoreStats),
+                        InstanceMethod("gateLoads", &NativeEngine::GateLoads),
                         InstanceMethod("close", &NativeEngine::Close)});
   }
 
@@ -258,7 +259,10 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     const int64_t layer = arg_int(info, 0, "loadExpert: layer");
     const int64_t expert = arg_int(info, 1, "loadExpert: expert");
     const int64_t slot = arg_int(info, 2, "loadExpert: slot");
-    engine().store().load(layer, expert, slot);
+    int64_t priority = 0;
+    if (info.Length() > 3 && !info[3].IsUndefined()) priority = arg_int(info, 3, "loadExpert: priority");
+    if (priority < 0 || priority > 1000000) throw std::invalid_argument("loadExpert: priority must be an integer in [0, 1000000]");
+    engine().store().load(layer, expert, slot, static_cast<int>(priority));
     return info.Env().Undefined();
   }
 
@@ -285,6 +289,11 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     const int64_t layer = arg_int(info, 0, "waitExpert: layer");
     const int64_t expert = arg_int(info, 1, "waitExpert: expert");
     return Napi::Number::New(info.Env(), engine().store().wait(layer, expert));
+  }
+
+  Napi::Value GateLoads(const Napi::CallbackInfo& info) {
+    engine().store().gate(arg_int(info, 0, "gateLoads: n"));
+    return info.Env().Undefined();
   }
 
   Napi::Value StoreStats(const Napi::CallbackInfo& info) {

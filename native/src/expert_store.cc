@@ -239,6 +239,15 @@ bool ExpertStore::remove_queued(int64_t layer, int64_t expert) {
   return false;
 }
 
+void ExpertStore::promote_queued(int64_t layer, int64_t expert, int priority) {
+  for (auto& j : queue_) {
+    if (j.layer == layer && j.expert == expert) {
+      if (priority < j.priority) j.priority = priority;
+      return;
+    }
+  }
+}
+
 void ExpertStore::drop_occupant(int64_t layer, int64_t slot) {
   Slot& s = sl(layer, slot);
   if (s.occupant >= 0) {
@@ -253,15 +262,19 @@ void ExpertStore::drop_occupant(int64_t layer, int64_t slot) {
   s.gen++;
 }
 
-void ExpertStore::load(int64_t layer, int64_t expert, int64_t slot) {
+void ExpertStore::load(int64_t layer, int64_t expert, int64_t slot, int priority) {
   check_expert(layer, expert);
   check_slot(layer, slot);
+  if (priority < 0) throw std::invalid_argument("load priority must be >= 0, got " + std::to_string(priority));
   if (!written_[static_cast<size_t>(layer * cfg_.experts + expert)]) throw std::logic_error(name(layer, expert) + " was never written to the expert file");
   {
     std::lock_guard<std::mutex> lock(mu_);
     Expert& e = ex(layer, expert);
     if (e.state != kAbsent) {
-      if (e.slot == slot) return;  // already queued, reading or resident there
+      if (e.slot == slot) {  // already queued, reading or resident there
+        if (e.state == kQueued) promote_queued(layer, expert, priority);
+        return;
+      }
       throw std::logic_error(name(layer, expert) + " is already in slot " + std::to_string(e.slot) + "; evict it before loading it into slot " +
                              std::to_string(slot));
     }
@@ -271,7 +284,7 @@ void ExpertStore::load(int64_t layer, int64_t expert, int64_t slot) {
     e.state = kQueued;
     e.slot = static_cast<int32_t>(slot);
     e.error.clear();
-    queue_.push_back(Job{layer, expert, slot, s.gen});
+    queue_.push_back(Job{layer, expert, slot, s.gen, priority, next_seq_++});
   }
   work_cv_.notify_one();
 }
@@ -334,6 +347,9 @@ void ExpertStore::acquire(int64_t layer, const int32_t* ids, int64_t n, int32_t*
     check_expert(layer, ids[i]);
     if (ex(layer, ids[i]).state == kAbsent) report(i);
   }
+  for (int64_t i = 0; i < n; i++) {
+    if (ex(layer, ids[i]).state == kQueued) promote_queued(layer, ids[i], 0);
+  }
   const auto t0 = std::chrono::steady_clock::now();
   bool waited = false;
   for (;;) {
@@ -354,6 +370,14 @@ void ExpertStore::acquire(int64_t layer, const int32_t* ids, int64_t n, int32_t*
   for (int64_t i = 0; i < n; i++) slot_of[i] = ex(layer, ids[i]).slot;
 }
 
+void ExpertStore::gate(int64_t n) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    gate_ = n < 0 ? -1 : n;
+  }
+  work_cv_.notify_all();
+}
+
 StoreStats ExpertStore::stats() {
   std::lock_guard<std::mutex> lock(mu_);
   StoreStats s = stats_;
@@ -365,16 +389,21 @@ StoreStats ExpertStore::stats() {
 // I/O threads
 
 bool ExpertStore::pick(Job& job) {
-  // FIFO, except that a load into a slot whose previous (discarded) read is still in
-  // flight waits for that read to end.
+  if (gate_ == 0) return false;
+  // The most urgent priority first, FIFO within it (the queue is in arrival order),
+  // except that a load into a slot whose previous (discarded) read is still in flight
+  // waits for that read to end.
+  auto best = queue_.end();
   for (auto it = queue_.begin(); it != queue_.end(); ++it) {
-    if (!sl(it->layer, it->slot).busy) {
-      job = *it;
-      queue_.erase(it);
-      return true;
-    }
+    if (sl(it->layer, it->slot).busy) continue;
+    if (best == queue_.end() || it->priority < best->priority) best = it;
+    if (best->priority == 0) break;
   }
-  return false;
+  if (best == queue_.end()) return false;
+  job = *best;
+  queue_.erase(best);
+  if (gate_ > 0) gate_--;
+  return true;
 }
 
 std::string ExpertStore::read_record(int64_t index, uint8_t* dst) {

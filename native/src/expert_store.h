@@ -75,7 +75,11 @@ class ExpertStore {
 
   // ---- The fast tier ----
   const uint8_t* slot_data(int64_t layer, int64_t slot) const;
-  void load(int64_t layer, int64_t expert, int64_t slot);
+  // Queues a read of (layer, expert) into slot. Queued reads start in order of priority
+  // (0 = demand, the default; a larger number waits behind every smaller one), FIFO within
+  // a priority; a read already started is never interrupted. Loading an expert already
+  // queued in that slot with a smaller priority raises it to that priority.
+  void load(int64_t layer, int64_t expert, int64_t slot, int priority = 0);
   bool cancel(int64_t layer, int64_t expert);
   void evict(int64_t layer, int64_t slot);
   int state(int64_t layer, int64_t expert);
@@ -83,10 +87,14 @@ class ExpertStore {
   // resident nor loading, or its read failed (the error is reported once).
   double wait(int64_t layer, int64_t expert);
   // For compute: waits until each of the n distinct experts is resident and writes its
-  // slot to slot_of[i]; the wait is added to the layer's stall time. Throws (before
+  // slot to slot_of[i]; the wait is added to the layer's stall time. Queued reads of
+  // these experts are raised to demand priority (0) first. Throws (before
   // waiting) if one is neither resident nor loading, and if a read fails.
   void acquire(int64_t layer, const int32_t* experts, int64_t n, int32_t* slot_of);
   StoreStats stats();
+  // For tests and diagnostics: from now on at most n more queued reads start (n < 0: no
+  // limit, the default). Reads already started finish either way.
+  void gate(int64_t n);
 
  private:
   struct Expert {
@@ -102,6 +110,8 @@ class ExpertStore {
   struct Job {
     int64_t layer, expert, slot;
     uint64_t gen;
+    int priority;
+    uint64_t seq;  // arrival order (FIFO within a priority)
   };
   struct Staged {
     HostBuffer buf;
@@ -117,6 +127,8 @@ class ExpertStore {
   // Empties a slot (mu_ held): a queued load is withdrawn, a read in flight will be discarded.
   void drop_occupant(int64_t layer, int64_t slot);
   bool remove_queued(int64_t layer, int64_t expert);
+  // Raises the queued load of (layer, expert) to `priority` when that is more urgent (mu_ held).
+  void promote_queued(int64_t layer, int64_t expert, int priority);
   bool pick(Job& job);
   void io_main();
   std::string read_record(int64_t index, uint8_t* dst);  // "" on success, else the error
@@ -139,6 +151,8 @@ class ExpertStore {
   std::vector<Expert> experts_;
   std::vector<Slot> slots_;
   std::deque<Job> queue_;
+  uint64_t next_seq_ = 0;
+  int64_t gate_ = -1;  // reads that may still start (< 0: any number)
   StoreStats stats_;
   bool stop_ = false;
   std::vector<std::thread> threads_;

@@ -209,11 +209,14 @@ export interface NativeEngine {
   residual(): Float32Array;
   /**
    * Offloading only: queues an asynchronous read of (layer, expert) into `slot` of that
-   * layer (FIFO over the I/O threads); whatever the slot held is dropped (no longer
-   * resident; a queued load of it is withdrawn). A no-op when the expert is already
-   * queued, reading or resident in that slot; throws when it is in another slot.
+   * layer; whatever the slot held is dropped (no longer resident; a queued load of it is
+   * withdrawn). Queued reads start by priority (0, the default, is demand; a larger
+   * number waits behind every smaller one), FIFO within a priority; a read that started
+   * is not interrupted. When the expert is already queued, reading or resident in that
+   * slot it only raises a queued read to a more urgent priority; throws when it is in
+   * another slot. experts() raises the queued reads it waits for to priority 0.
    */
-  loadExpert(layer: number, expert: number, slot: number): void;
+  loadExpert(layer: number, expert: number, slot: number, priority?: number): void;
   /** Offloading only: withdraws a queued load that has not started; true when withdrawn (the slot is then empty). */
   cancelLoad(layer: number, expert: number): boolean;
   /** Offloading only: empties the slot (the expert it held is no longer resident; a read in flight into it is discarded when it ends). */
@@ -222,6 +225,8 @@ export interface NativeEngine {
   expertState(layer: number, expert: number): number;
   /** Offloading only: blocks until (layer, expert) is resident; returns the seconds waited. Throws if it is neither resident nor loading, or its read failed. */
   waitExpert(layer: number, expert: number): number;
+  /** Offloading only, for tests and diagnostics: at most n more queued reads start from now on (n < 0: no limit, the default). */
+  gateLoads(n: number): void;
   /** Offloading only: the store's counters. */
   storeStats(): NativeStoreStats;
   /** Frees the weights and the KV cache; the engine is unusable after. */
