@@ -157,7 +157,7 @@ t.test('prediction counters: top-k and per-token overlap', async (t) => {
 });
 
 for (const arch of ['qwen3_moe', 'mixtral'] as const) {
-  for (const policy of ['lru', 'predictive']) {
+  for (const policy of ['lru', 'predictive', 'forecast']) {
     for (const lookahead of [0, 2]) {
       // Just above top-k (nearly every visit streams its experts through the slots), and
       // three quarters of the experts (only prompt steps stream).
@@ -204,6 +204,39 @@ for (const arch of ['qwen3_moe', 'mixtral'] as const) {
     }
   }
 }
+
+t.test('a visit waiting for reads runs its resident experts first; still bitwise equal (store double)', async (t) => {
+  const x = await model(t, 'qwen3_moe', 4);
+  const ref = resident(x, 1);
+  t.teardown(() => ref.close());
+  const slots = Math.floor(x.spec.numExperts * 0.75);
+  for (const residentFirst of [true, false]) {
+    // No read completes before its visit: every visit with a miss waits.
+    const { runner, store } = faked(x, 1, slots, { policy: 'lru', lookahead: 0, residentFirst }, 0);
+    t.same(compare(ref, runner, x.vocabLimit, 1, 16), [], `residentFirst ${residentFirst}: every step bitwise equal`);
+    const st = runner.offloadStats();
+    t.equal(st.layers.reduce((a, l) => a + l.streamedVisits, 0), 0, 'nothing streamed: parts come from resident-first only');
+    if (residentFirst) t.ok(store.parts > 0, `${store.parts} resident parts ran before the misses`);
+    else t.equal(store.parts, 0);
+    t.same(runner.audit(), []);
+    runner.close();
+  }
+});
+
+t.test('forecast: next-step prefetches from its own forecast, at a lower priority than demand (store double)', async (t) => {
+  const x = await model(t, 'qwen3_moe', 4);
+  const ref = resident(x, 2);
+  t.teardown(() => ref.close());
+  const { runner, store } = faked(x, 2, 24, { policy: 'forecast', lookahead: 2, nextStepMinProbability: 0.05, maxQueuedPrefetches: 64 });
+  t.teardown(() => runner.close());
+  t.same(compare(ref, runner, x.vocabLimit, 2, 30, 5), [], 'every step bitwise equal');
+  t.same(runner.audit(), []);
+  const st = runner.offloadStats();
+  const issued = st.layers.reduce((a, l) => a + l.prefetchIssued, 0);
+  t.ok(issued > 0, `${issued} prefetches issued`);
+  t.ok(store.priorities.some((p) => p === 2), 'next-step prefetches are read with priority 2');
+  t.ok(store.priorities.every((p) => p === 0 || p === 1 || p === 2), 'demand 0, this step 1, next step 2');
+});
 
 t.test('fewer slots than top-k: every visit streams, still bitwise equal (store double)', async (t) => {
   const x = await model(t, 'qwen3_moe', 3); // top-8 of 32
@@ -458,7 +491,7 @@ t.test('native expert store: bitwise equal to resident, prefetch and pre-gating 
     ['0.3125', 10],
     ['75%', 24],
   ] as const) {
-    for (const policy of ['lru', 'predictive']) {
+    for (const policy of ['lru', 'predictive', 'forecast']) {
       for (const lookahead of [0, 2]) {
         const off = OffloadRunner.fromCheckpoint(x.spec, x.m.weights, {
           weights: 'f32',

@@ -393,9 +393,11 @@ bool ExpertStore::pick(Job& job) {
   // The most urgent priority first, FIFO within it (the queue is in arrival order),
   // except that a load into a slot whose previous (discarded) read is still in flight
   // waits for that read to end.
+  const bool background_full = background_reads_ >= std::max(1, cfg_.io_threads - 1);
   auto best = queue_.end();
   for (auto it = queue_.begin(); it != queue_.end(); ++it) {
     if (sl(it->layer, it->slot).busy) continue;
+    if (it->priority > 0 && background_full) continue;
     if (best == queue_.end() || it->priority < best->priority) best = it;
     if (best->priority == 0) break;
   }
@@ -444,11 +446,14 @@ void ExpertStore::io_main() {
     Expert& e = ex(job.layer, job.expert);
     e.state = kReading;
     s.busy = true;
+    const bool background = job.priority > 0;
+    if (background) background_reads_++;
     uint8_t* dst = arenas_[static_cast<size_t>(job.layer)].data() + static_cast<size_t>(job.slot) * slot_bytes_;
     lock.unlock();
     const std::string err = read_record(job.layer * cfg_.experts + job.expert, dst);
     lock.lock();
     s.busy = false;
+    if (background) background_reads_--;
     if (err.empty()) {
       stats_.loads++;
       stats_.bytes_read += slot_bytes_;

@@ -77,7 +77,9 @@ class ExpertStore {
   const uint8_t* slot_data(int64_t layer, int64_t slot) const;
   // Queues a read of (layer, expert) into slot. Queued reads start in order of priority
   // (0 = demand, the default; a larger number waits behind every smaller one), FIFO within
-  // a priority; a read already started is never interrupted. Loading an expert already
+  // a priority; a read already started is never interrupted. With more than one I/O
+  // thread, reads of priority > 0 occupy at most all threads but one, so that a demand
+  // read always finds a thread free. Loading an expert already
   // queued in that slot with a smaller priority raises it to that priority.
   void load(int64_t layer, int64_t expert, int64_t slot, int priority = 0);
   bool cancel(int64_t layer, int64_t expert);
@@ -152,7 +154,8 @@ class ExpertStore {
   std::vector<Slot> slots_;
   std::deque<Job> queue_;
   uint64_t next_seq_ = 0;
-  int64_t gate_ = -1;  // reads that may still start (< 0: any number)
+  int64_t gate_ = -1;
+  int background_reads_ = 0;  // reads of priority > 0 in flight  // reads that may still start (< 0: any number)
   StoreStats stats_;
   bool stop_ = false;
   std::vector<std::thread> threads_;

@@ -161,6 +161,8 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   private readonly score: Float64Array;
   private readonly p1: Float64Array; // cached P(needed at the next visit)
   private inPrefetch = false;
+  /** In prefetchNextVisit: victims and hints are compared on the full eviction score. */
+  private byScore = false;
   private readonly scratch: Float64Array;
   private readonly flags: Uint8Array;
 
@@ -373,6 +375,44 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     return hints.sort((a, b) => b.priority - a.priority);
   }
 
+  /**
+   * Prefetch hints for the layer's next visit from the reuse forecast itself: experts not
+   * resident whose forecast P(needed at the next visit) is at least `min` (default
+   * prefetchMin), best first. Call after the layer's visit (request()); prefetch() then
+   * takes a slot only from a resident forecast less likely to be needed.
+   */
+  nextVisitHints(layer: number, min = this.prefetchMin): PrefetchHint[] {
+    if (!this.prefetchOn) return [];
+    const E = this.experts;
+    const at = this.visits[layer] - 1;
+    if (at < 0) return [];
+    const hints: PrefetchHint[] = [];
+    for (let e = 0; e < E; e++) {
+      if (this.slotOfE[layer * E + e] >= 0) continue;
+      this.ensureScore(layer, e, at);
+      const p = this.p1[layer * E + e];
+      if (p >= min) hints.push({ expert: e, priority: p });
+    }
+    return hints.sort((a, b) => b.priority - a.priority || a.expert - b.expert);
+  }
+
+  /**
+   * Prefetch for the layer's next visit with the eviction rule itself as admission: a
+   * hint takes a slot only from a resident whose eviction score (the forecast summed over
+   * the horizons) is below the hint expert's own, so a prefetch never displaces what the
+   * policy values more than the prediction; the last visit's experts are never displaced.
+   */
+  prefetchNextVisit(layer: number, hints: readonly PrefetchHint[], max: number) {
+    this.inPrefetch = true;
+    this.byScore = true;
+    try {
+      return super.prefetch(layer, hints, max);
+    } finally {
+      this.inPrefetch = false;
+      this.byScore = false;
+    }
+  }
+
   override prefetch(layer: number, hints: readonly PrefetchHint[], max: number) {
     this.inPrefetch = true;
     try {
@@ -383,7 +423,11 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   }
 
   /** In prefetch, keepScore is the forecast P(needed at the next visit): the hint must beat it. */
-  protected override prefetchFloor(_layer: number, hint: PrefetchHint): number {
+  protected override prefetchFloor(layer: number, hint: PrefetchHint, now: number): number {
+    if (this.byScore) {
+      this.ensureScore(layer, hint.expert, now - 1);
+      return this.score[layer * this.experts + hint.expert];
+    }
     return hint.priority;
   }
 
@@ -569,7 +613,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
       // For the coming visit (time now): never displace the last visit's experts.
       if (this.lastUse[i] === now - 1) return Infinity;
       this.ensureScore(layer, expert, now - 1);
-      return this.p1[i];
+      return this.byScore ? this.score[i] : this.p1[i];
     }
     this.ensureScore(layer, expert, now);
     return this.score[i];

@@ -58,7 +58,7 @@ import {
 } from '../engine/native-runner.js';
 import type { ExpertCacheState, OffloadLayerStats, OffloadStats } from '../engine/protocol.js';
 import type { KvGeometry, ModelRunner, RoutingEvent, RoutingHint, StepOutput, StepSequence } from '../engine/runner.js';
-import type { ExpertCachePolicy, PrefetchHint } from './cache-policy.js';
+import type { ExpertCachePolicy, PrefetchHint, PrefetchIssue } from './cache-policy.js';
 import { expertSlotBytes, slotsPerLayer } from './capacity.js';
 import { createOnlinePolicy, DEFAULT_ONLINE_POLICY } from './policies.js';
 import { NeedCalibration, PredictionCounters, topKIds } from './prediction.js';
@@ -84,6 +84,7 @@ export type OffloadEngine = Pick<
 
 export const DEFAULT_LOOKAHEAD = 2;
 export const DEFAULT_IO_THREADS = 2;
+export const DEFAULT_MAX_QUEUED_PREFETCHES = 16;
 
 export interface OffloadSettings {
   /** Expert cache policy by name (default: the project's default, predictive). */
@@ -92,8 +93,20 @@ export interface OffloadSettings {
   lookahead?: number;
   /** Smallest estimated probability of use for a prefetch (default 0.3). */
   prefetchMinProbability?: number;
-  /** Prefetch reads queued (not started) at most, over all layers (default 2 × I/O threads, at least 2). */
+  /** Prefetch reads queued (not started) at most, over all layers (default DEFAULT_MAX_QUEUED_PREFETCHES; demand reads start first either way). */
   maxQueuedPrefetches?: number;
+  /**
+   * After each layer's visit, prefetch for the layer's next visit (the next step) what
+   * the cache policy itself forecasts (policies with nextVisitHints, e.g. forecast), at
+   * a lower read priority than this step's prefetches (default true when lookahead > 0).
+   */
+  nextStepPrefetch?: boolean;
+  /** Smallest forecast probability for a next-step prefetch (default: prefetchMinProbability). */
+  nextStepMinProbability?: number;
+  /** Next-step prefetches displace only residents the policy values less (its eviction score; default true), not only those less likely at the next visit. */
+  nextStepByScore?: boolean;
+  /** When a visit waits for reads, run its resident experts first, while the others load (default true; bitwise the same result). */
+  residentFirst?: boolean;
   /** Routing replay (the trace's experts instead of the router's). */
   replay?: RoutingReplay;
   /** Called with every layer's routing of the steps that completed. */
@@ -124,6 +137,17 @@ interface SequenceAware {
   endSequence?(seq: number): void;
 }
 
+/** Read priorities of the store: demand loads first, then prefetches for this step's later layers, then for the next step. */
+const PRIORITY_DEMAND = 0;
+const PRIORITY_PREFETCH = 1;
+const PRIORITY_NEXT_STEP = 2;
+
+/** Policies that forecast their own next visit of a layer (forecast). */
+interface NextVisitForecaster {
+  nextVisitHints?(layer: number, min?: number): PrefetchHint[];
+  prefetchNextVisit?(layer: number, hints: readonly PrefetchHint[], max: number): PrefetchIssue[];
+}
+
 const STATE_QUEUED = 1;
 const STATE_READING = 2;
 const STATE_RESIDENT = 3;
@@ -146,6 +170,12 @@ export class OffloadRunner implements ModelRunner {
   private readonly onRouting?: (e: RoutingEvent) => void;
   private readonly minProb: number;
   private readonly maxQueued: number;
+  private readonly nextStep: boolean;
+  private readonly residentFirst: boolean;
+  private readonly nextStepByScore: boolean;
+  private readonly nextStepMin: number;
+  /** Per layer: outstanding prefetches from the policy's own next-visit forecast (pre-gating does not withdraw them). */
+  private readonly forecastIssued: Set<number>[];
   private readonly layerStats: OffloadLayerStats[];
   private readonly prediction: PredictionCounters;
   /** (layer, expert): prefetched and not used yet (mirrors the policy's own flag). */
@@ -191,7 +221,12 @@ export class OffloadRunner implements ModelRunner {
     this.slotsPerLayer = slots;
     this.lookahead = Math.min(lookahead, this.L - 1);
     this.minProb = o.prefetchMinProbability ?? 0.3;
-    this.maxQueued = Math.max(1, o.maxQueuedPrefetches ?? 2 * DEFAULT_IO_THREADS);
+    this.maxQueued = Math.max(1, o.maxQueuedPrefetches ?? DEFAULT_MAX_QUEUED_PREFETCHES);
+    this.nextStep = this.lookahead > 0 && (o.nextStepPrefetch ?? true);
+    this.nextStepMin = o.nextStepMinProbability ?? this.minProb;
+    this.residentFirst = o.residentFirst ?? true;
+    this.nextStepByScore = o.nextStepByScore ?? true;
+    this.forecastIssued = Array.from({ length: this.L }, () => new Set<number>());
     this.policyName = o.policy ?? DEFAULT_ONLINE_POLICY;
     this.policy = this.newPolicy();
     this.layerStats = Array.from({ length: this.L }, emptyLayerStats);
@@ -222,6 +257,7 @@ export class OffloadRunner implements ModelRunner {
     for (let l = 0; l < this.L; l++) {
       for (let s = 0; s < this.slotsPerLayer; s++) this.engine.evictSlot(l, s);
       this.outstanding[l].clear();
+      this.forecastIssued[l].clear();
       this.prefetchPins[l].clear();
       this.pinned[l].clear();
     }
@@ -283,10 +319,7 @@ export class OffloadRunner implements ModelRunner {
       engine.close();
       throw e;
     }
-    return new OffloadRunner(spec, { blockSize: o.kvBlockSize, numBlocks: o.kvBlocks }, engine, slots, {
-      ...o,
-      maxQueuedPrefetches: o.maxQueuedPrefetches ?? 2 * ioThreads,
-    });
+    return new OffloadRunner(spec, { blockSize: o.kvBlockSize, numBlocks: o.kvBlocks }, engine, slots, o);
   }
 
   step(batch: StepSequence[]): StepOutput {
@@ -337,6 +370,7 @@ export class OffloadRunner implements ModelRunner {
       const pred = to > l ? e.predictRouter(l, to) : null;
       const { ran, stalled: streamStalled } = this.serveLayer(l, distinct, meta, ids, w);
       if (pred) this.prefetchAfter(l, to, pred, T, predicted, firstOfSeq);
+      if (this.nextStep) this.prefetchNextVisit(l);
       const st = this.layerStats[l];
       st.visits++;
       let left = 0;
@@ -347,6 +381,17 @@ export class OffloadRunner implements ModelRunner {
         if (!stalled && e.expertState(l, x) !== STATE_RESIDENT) stalled = true;
       }
       if (stalled) st.stalledVisits++;
+      if (left > 0 && stalled && this.residentFirst) {
+        // Experts already resident run while the others are read; the engine combines the
+        // parts exactly as one experts() call. Repeated while reads keep arriving.
+        for (;;) {
+          const ready = distinct.filter((x) => !ran.has(x) && e.expertState(l, x) === STATE_RESIDENT);
+          if (ready.length === 0 || ready.length === left) break;
+          e.expertsPart(l, ids, w, K, Int32Array.from(ready));
+          for (const x of ready) ran.add(x);
+          left -= ready.length;
+        }
+      }
       if (left > 0) e.experts(l, ids, w, K);
     }
     const logits = e.endStep();
@@ -381,6 +426,7 @@ export class OffloadRunner implements ModelRunner {
       }
       out.clear();
     }
+    this.forecastIssued[l].clear();
     const observer = this.policy as unknown as { observeRouting?: (layer: number, tokens: { seq: number; experts: ArrayLike<number> }[]) => void };
     if (typeof observer.observeRouting === 'function') {
       const K = this.k;
@@ -465,30 +511,54 @@ export class OffloadRunner implements ModelRunner {
       if (room <= 0) continue;
       const hints = this.hints(d, pAny);
       if (hints.length === 0) continue;
-      // One at a time, each pinned until its visit: a later prefetch for the same visit
-      // must not take the slot of an earlier one (an unused prefetch is every recency
-      // policy's first victim).
-      let h = 0;
-      while (room > 0 && h < hints.length) {
-        const issued = this.policy.prefetch(m, hints.slice(h), 1);
-        if (issued.length === 0) break;
-        const p = issued[0];
-        while (h < hints.length && hints[h].expert !== p.expert) h++;
-        h++;
-        if (p.evicted >= 0) {
-          this.noteEvicted(m, p.evicted);
-          e.evictSlot(m, p.slot);
-          this.setSlot(m, p.slot, -1);
-        }
-        e.loadExpert(m, p.expert, p.slot);
-        this.setSlot(m, p.slot, p.expert);
-        this.unusedPrefetch[m * E + p.expert] = 1;
-        this.outstanding[m].add(p.expert);
-        if (this.policy.pin(m, p.expert)) this.prefetchPins[m].add(p.expert);
-        this.layerStats[m].prefetchIssued++;
-        room--;
-      }
+      room -= this.issuePrefetches(m, hints, room, PRIORITY_PREFETCH);
     }
+  }
+
+  /**
+   * Offers hints for the next visit of layer m to the policy, one at a time, each pinned
+   * until that visit: a later prefetch for the same visit must not take the slot of an
+   * earlier one (an unused prefetch is every recency policy's first victim). Returns the
+   * prefetches issued (at most `room`).
+   */
+  private issuePrefetches(m: number, hints: PrefetchHint[], room: number, priority: number): number {
+    const e = this.engine;
+    const E = this.E;
+    let n = 0;
+    let h = 0;
+    const f = this.policy as unknown as NextVisitForecaster;
+    const byScore = priority === PRIORITY_NEXT_STEP && this.nextStepByScore && typeof f.prefetchNextVisit === 'function';
+    while (n < room && h < hints.length) {
+      const issued = byScore ? f.prefetchNextVisit!(m, hints.slice(h), 1) : this.policy.prefetch(m, hints.slice(h), 1);
+      if (issued.length === 0) break;
+      const p = issued[0];
+      while (h < hints.length && hints[h].expert !== p.expert) h++;
+      h++;
+      if (p.evicted >= 0) {
+        this.noteEvicted(m, p.evicted);
+        e.evictSlot(m, p.slot);
+        this.setSlot(m, p.slot, -1);
+      }
+      e.loadExpert(m, p.expert, p.slot, priority);
+      this.setSlot(m, p.slot, p.expert);
+      this.unusedPrefetch[m * E + p.expert] = 1;
+      this.outstanding[m].add(p.expert);
+      if (priority === PRIORITY_NEXT_STEP) this.forecastIssued[m].add(p.expert);
+      if (this.policy.pin(m, p.expert)) this.prefetchPins[m].add(p.expert);
+      this.layerStats[m].prefetchIssued++;
+      n++;
+    }
+    return n;
+  }
+
+  /** After layer l's visit: prefetches for its next visit (the next step) from the policy's own forecast. */
+  private prefetchNextVisit(l: number): void {
+    const f = this.policy as unknown as NextVisitForecaster;
+    if (typeof f.nextVisitHints !== 'function') return;
+    const room = this.maxQueued - this.queuedPrefetches();
+    if (room <= 0) return;
+    const hints = f.nextVisitHints(l, this.nextStepMin);
+    if (hints.length > 0) this.issuePrefetches(l, hints, room, PRIORITY_NEXT_STEP);
   }
 
   /** Cancels queued prefetches for layer m whose calibrated probability at distance d fell below half the threshold; returns how many. */
@@ -496,7 +566,7 @@ export class OffloadRunner implements ModelRunner {
     const E = this.E;
     let n = 0;
     for (const x of this.outstanding[m]) {
-      if (!this.unusedPrefetch[m * E + x]) continue;
+      if (!this.unusedPrefetch[m * E + x] || this.forecastIssued[m].has(x)) continue;
       if (this.calibration.calibrate(d, pAny[x]) >= this.minProb / 2) continue;
       if (this.engine.expertState(m, x) !== STATE_QUEUED || !this.engine.cancelLoad(m, x)) continue;
       if (this.prefetchPins[m].delete(x) && !this.pinned[m].has(x)) this.policy.unpin(m, x);

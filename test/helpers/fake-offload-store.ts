@@ -32,6 +32,8 @@ export class FakeOffloadStore implements OffloadEngine {
   private ran = new Set<number>();
   /** Visits streamed through expertsPart. */
   parts = 0;
+  /** The priority of every loadExpert call, in order. */
+  readonly priorities: number[] = [];
   /** Makes the next read of this (layer, expert) fail: the slot is emptied and the call that needs it throws. */
   failNext: { layer: number; expert: number } | null = null;
 
@@ -112,7 +114,8 @@ export class FakeOffloadStore implements OffloadEngine {
     return out;
   }
 
-  loadExpert(layer: number, expert: number, slot: number): void {
+  loadExpert(layer: number, expert: number, slot: number, priority = 0): void {
+    this.priorities.push(priority);
     this.calls.loadExpert++;
     if (slot < 0 || slot >= this.slots) throw new Error(`fake store: slot ${slot} out of range`);
     const i = layer * this.E + expert;
