@@ -33,10 +33,23 @@
 // online against what the visits needed (per distance, in probability bins); hints at
 // or above `prefetchMinProbability` are offered best first. A queued prefetch that a
 // closer prediction (a later layer's pre-gating) puts below half that threshold is
-// withdrawn before its read starts, like one its visit shows unneeded. Prefetch reads
-// are kept few (`maxQueuedPrefetches` queued at once) so that demand reads never wait
-// behind a long prefetch queue. Each prefetch is pinned until its visit, so that later
-// prefetches for the same visit cannot take its slot.
+// withdrawn before its read starts, like one its visit shows unneeded. Each prefetch is
+// pinned until its visit, so that later prefetches for the same visit cannot take its slot.
+//
+// Read priorities. The store starts queued reads by priority: demand loads (0) first,
+// then prefetches for this step's later layers (1), then prefetches for the next step (2);
+// a read in flight is not interrupted, and prefetches occupy at most all I/O threads but
+// one, so a demand read starts at once. At most `maxQueuedPrefetches` prefetches wait.
+//
+// Next-step prefetch. After each visit of layer l, a policy that forecasts its own next
+// visit (forecast: nextVisitHints) names the experts not resident that it expects at l
+// for the next token; they are prefetched (priority 2, a whole step ahead) when the
+// policy values them above the resident they would displace (its eviction score), never
+// displacing the visit's own experts.
+//
+// Resident first. When a visit has to wait for reads, its resident experts run first
+// (expertsPart) while the rest load, then experts() runs the others: the engine combines
+// the parts exactly as one call, so the logits stay bitwise equal.
 
 import { randomBytes } from 'node:crypto';
 import { accessSync, constants, statSync } from 'node:fs';
@@ -93,7 +106,7 @@ export interface OffloadSettings {
   lookahead?: number;
   /** Smallest estimated probability of use for a prefetch (default 0.3). */
   prefetchMinProbability?: number;
-  /** Prefetch reads queued (not started) at most, over all layers (default DEFAULT_MAX_QUEUED_PREFETCHES; demand reads start first either way). */
+  /** Prefetch reads queued (not started) at most, over all layers (default 16; demand reads start first either way). */
   maxQueuedPrefetches?: number;
   /**
    * After each layer's visit, prefetch for the layer's next visit (the next step) what
@@ -495,7 +508,6 @@ export class OffloadRunner implements ModelRunner {
 
   /** Pre-gating after layer l's attention (`pred`: logits of layers l+1 .. to): predictions, and prefetches from them. */
   private prefetchAfter(l: number, to: number, pred: Float32Array, T: number, predicted: Predicted[][], firstOfSeq: Map<number, number>): void {
-    const e = this.engine;
     const E = this.E;
     const K = this.k;
     if (pred.length !== (to - l) * T * E) throw new Error(`predictRouter(${l}, ${to}) returned ${pred.length} logits, expected ${(to - l) * T * E}`);
