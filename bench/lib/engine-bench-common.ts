@@ -4,6 +4,7 @@
 import { readFileSync } from 'node:fs';
 import { loadNative } from '../../src/engine/native.js';
 import type { ModelSpec } from '../../src/model/spec.js';
+import { rowBytes as engineRowBytes } from '../../src/offload/capacity.js';
 
 // ---------------------------------------------------------------------------------
 // Workload
@@ -141,10 +142,10 @@ export interface ReadBytes {
   total: number;
 }
 
-/** Bytes per row of `cols` weights in a ggml-style format. */
+/** Bytes per row of `cols` weights in a ggml-style format (the engine's own row size). */
 export function rowBytes(format: 'q8_0' | 'q4_0', cols: number): number {
   if (cols % 32 !== 0) throw new Error(`${format}: rows of ${cols} are not whole 32-value blocks`);
-  return (cols / 32) * (format === 'q8_0' ? 34 : 18);
+  return engineRowBytes(format, cols);
 }
 
 /**

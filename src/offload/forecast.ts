@@ -47,6 +47,7 @@ import { RoutingPredictor } from '../router/predictor.js';
 import type { VisitObserver } from './simulator.js';
 import type { StepToken } from './schedule.js';
 import { NO_EXPERT } from './trace.js';
+import { nextLayerPrefetchHints } from './predictive.js';
 
 /** Horizons (visits of the layer) of the reuse forecasts summed by the eviction score. */
 const HORIZONS = [1, 2, 4, 8];
@@ -361,18 +362,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
 
   prefetchHints(layer: number, tokens: readonly StepToken[]): PrefetchHint[] {
     if (!this.prefetchOn) return [];
-    const E = this.experts;
-    const pAny = new Float64Array(E);
-    const seen = new Set<number>();
-    for (const t of tokens) {
-      if (seen.has(t.request)) continue;
-      seen.add(t.request);
-      const p = this.predictor.nextLayer(t.request, layer, this.scratch);
-      for (let e = 0; e < E; e++) pAny[e] = 1 - (1 - pAny[e]) * (1 - p[e]);
-    }
-    const hints: PrefetchHint[] = [];
-    for (let e = 0; e < E; e++) if (pAny[e] >= this.prefetchMin) hints.push({ expert: e, priority: pAny[e] });
-    return hints.sort((a, b) => b.priority - a.priority);
+    return nextLayerPrefetchHints(this.predictor, layer, tokens, this.prefetchMin, this.scratch);
   }
 
   /**

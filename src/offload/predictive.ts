@@ -37,6 +37,26 @@ export interface PredictiveOptions {
   predictor?: RoutingPredictor;
 }
 
+/**
+ * Prefetch hints for the layer after `layer`: per expert, the probability that any of the
+ * step's sequences needs it there (the predictor's cross-layer estimate, sequences taken
+ * as independent), those at or above `minProbability`, most likely first.
+ */
+export function nextLayerPrefetchHints(predictor: RoutingPredictor, layer: number, tokens: readonly StepToken[], minProbability: number, scratch: Float64Array): PrefetchHint[] {
+  const E = predictor.experts;
+  const pAny = new Float64Array(E);
+  const seen = new Set<number>();
+  for (const t of tokens) {
+    if (seen.has(t.request)) continue;
+    seen.add(t.request);
+    const p = predictor.nextLayer(t.request, layer, scratch);
+    for (let e = 0; e < E; e++) pAny[e] = 1 - (1 - pAny[e]) * (1 - p[e]);
+  }
+  const hints: PrefetchHint[] = [];
+  for (let e = 0; e < E; e++) if (pAny[e] >= minProbability) hints.push({ expert: e, priority: pAny[e] });
+  return hints.sort((a, b) => b.priority - a.priority);
+}
+
 export class PredictivePolicy extends SlotCache implements VisitObserver {
   readonly name = 'predictive';
   readonly predictor: RoutingPredictor;
@@ -91,18 +111,7 @@ export class PredictivePolicy extends SlotCache implements VisitObserver {
 
   prefetchHints(layer: number, tokens: readonly StepToken[]): PrefetchHint[] {
     if (!this.prefetchOn) return [];
-    const E = this.experts;
-    const pAny = new Float64Array(E);
-    const seen = new Set<number>();
-    for (const t of tokens) {
-      if (seen.has(t.request)) continue;
-      seen.add(t.request);
-      const p = this.predictor.nextLayer(t.request, layer, this.scratch);
-      for (let e = 0; e < E; e++) pAny[e] = 1 - (1 - pAny[e]) * (1 - p[e]);
-    }
-    const hints: PrefetchHint[] = [];
-    for (let e = 0; e < E; e++) if (pAny[e] >= this.prefetchMin) hints.push({ expert: e, priority: pAny[e] });
-    return hints.sort((a, b) => b.priority - a.priority);
+    return nextLayerPrefetchHints(this.predictor, layer, tokens, this.prefetchMin, this.scratch);
   }
 
   protected override prefetchFloor(_layer: number, hint: PrefetchHint): number {

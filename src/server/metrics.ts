@@ -20,6 +20,28 @@ interface HistogramSnapshot {
   count: number;
 }
 
+/**
+ * A counter labelled by policy that mirrors a cumulative value kept elsewhere (the engine
+ * worker): at scrape time it is incremented by what the value grew since the last scrape.
+ * Without a source (the feature is off) it exposes no samples at all, not zeros.
+ */
+function mirroredPolicyCounter<S extends { policy: string }>(r: Registry[], name: string, help: string, source: () => S | null, pick: (s: S) => number): void {
+  let seen = 0;
+  new Counter({
+    name,
+    help,
+    labelNames: ['policy'],
+    registers: r,
+    collect() {
+      const s = source();
+      if (!s) return;
+      const v = pick(s);
+      this.inc({ policy: s.policy }, v > seen ? v - seen : 0);
+      if (v > seen) seen = v;
+    },
+  });
+}
+
 function snapshotHistogram(name: string, help: string, read: () => HistogramSnapshot | null): Metric {
   const metric = {
     name,
@@ -154,22 +176,7 @@ export class ServerMetrics {
     perLayer('moe_expert_streamed_visits_total', 'Layer visits that needed more experts than the layer has slots and streamed them through the slots, by layer.', (l) => l.streamedVisits);
     // Metrics without a layer or distance carry the policy as a label, so that a server
     // without offloading exposes no offload samples at all (not zeros).
-    const total = (name: string, help: string, pick: (o: OffloadStats) => number) => {
-      let seen = 0;
-      new Counter({
-        name,
-        help,
-        labelNames: ['policy'],
-        registers: r,
-        collect() {
-          const o = offload();
-          if (!o) return;
-          const v = pick(o);
-          this.inc({ policy: o.policy }, v > seen ? v - seen : 0);
-          if (v > seen) seen = v;
-        },
-      });
-    };
+    const total = (name: string, help: string, pick: (o: OffloadStats) => number) => mirroredPolicyCounter(r, name, help, offload, pick);
     total('moe_expert_loads_total', 'Expert reads completed by the expert store.', (o) => o.loads);
     total('moe_expert_loaded_bytes_total', 'Bytes of expert reads completed by the expert store.', (o) => o.bytesLoaded);
     total('moe_expert_cache_resets_total', 'Times a failed engine step made the expert cache start over empty.', (o) => o.cacheResets);
@@ -226,22 +233,7 @@ export class ServerMetrics {
         },
       ),
     );
-    const total = (name: string, help: string, pick: (b: BatchingStats) => number) => {
-      let seen = 0;
-      new Counter({
-        name,
-        help,
-        labelNames: ['policy'],
-        registers: r,
-        collect() {
-          const b = batching();
-          if (!b) return;
-          const v = pick(b);
-          this.inc({ policy: b.policy }, v > seen ? v - seen : 0);
-          if (v > seen) seen = v;
-        },
-      });
-    };
+    const total = (name: string, help: string, pick: (b: BatchingStats) => number) => mirroredPolicyCounter(r, name, help, batching, pick);
     total('moe_batch_regrouped_picks_total', 'Sequences the batch policy put in a step that FCFS would not have (regrouping decisions).', (b) => b.regroupedPicks);
     total('moe_batch_due_picks_total', 'Sequences picked first because they reached the policy\'s extra-wait bound.', (b) => b.duePicks);
     total('moe_batch_policy_pick_seconds_total', "Time spent in the batch policy's pick (policies that measure it: expert-aware).", (b) => b.pickSeconds);
