@@ -480,7 +480,7 @@ function routerMargins(ref: ReferenceModel, tokens: number[]): number[] {
  */
 async function reference(
   dir: string,
-  roundTrip?: (x: Float32Array) => Float32Array,
+  roundTrip?: (x: Float32Array, expert: boolean) => Float32Array,
 ): Promise<{ spec: ModelSpec; logits: Float32Array; margins: number[] }> {
   const m = await openModel(dir);
   try {
@@ -489,7 +489,7 @@ async function reference(
     const ref = ReferenceModel.fromSource(m.spec, (name) => {
       const x = Float32Array.from(m.weights.float32(name));
       if (!roundTrip || kept.has(roles.get(name)!) || name.endsWith('shared_expert_gate.weight')) return x;
-      return roundTrip(x);
+      return roundTrip(x, roles.get(name) === 'expert' || name.includes('.shared_expert.'));
     });
     return { spec: m.spec, logits: ref.forward(TOKENS, ref.newCache()), margins: routerMargins(ref, TOKENS) };
   } finally {
@@ -497,12 +497,14 @@ async function reference(
   }
 }
 
-function dequant(type: 'q8_0' | 'q4_0'): (x: Float32Array) => Float32Array {
+/** The export's rounding: q4_0 holds the experts in Q4_0 and the other matrices in Q8_0. */
+function dequant(type: 'q8_0' | 'q4_0'): (x: Float32Array, expert: boolean) => Float32Array {
   // Through a GGUF file would be circular with the writer; decode with this file's reader layout instead.
-  return (x) => {
-    const bytes = type === 'q8_0' ? quantizeQ8_0(x) : quantizeQ4_0(x);
+  return (x, expert) => {
+    const q4 = type === 'q4_0' && expert;
+    const bytes = q4 ? quantizeQ4_0(x) : quantizeQ8_0(x);
     const g = { buf: Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), dataOffset: 0 } as ReadGguf;
-    return tensorValues(g, { name: '', ne: [x.length], type: type === 'q8_0' ? 8 : 2, offset: 0 });
+    return tensorValues(g, { name: '', ne: [x.length], type: q4 ? 2 : 8, offset: 0 });
   };
 }
 

@@ -6,7 +6,7 @@ import t from 'tap';
 import { openModel } from '../src/model/checkpoint.js';
 import { ReferenceModel, type KvCache } from '../src/model/reference.js';
 import { argmax } from '../src/engine/sampling.js';
-import { NativeRunner, WEIGHT_FORMATS, type WeightFormat } from '../src/engine/native-runner.js';
+import { denseFormat, NativeRunner, WEIGHT_FORMATS, type WeightFormat } from '../src/engine/native-runner.js';
 import { loadNative, type WeightType } from '../src/engine/native.js';
 import { checkpointTensors } from '../src/model/tensor-names.js';
 import type { StepSequence } from '../src/engine/runner.js';
@@ -41,13 +41,15 @@ function randomTokens(rng: Rng, n: number, vocab: number): number[] {
  */
 function roundedSource(m: Awaited<ReturnType<typeof openModel>>, weights: WeightFormat): (name: string) => Float32Array {
   const native = loadNative();
-  const type = WEIGHT_FORMATS[weights] as WeightType;
   const roles = new Map(checkpointTensors(m.spec).map((x) => [x.name, x]));
   return (name) => {
     const w = Float32Array.from(m.weights.float32(name));
     const info = roles.get(name)!;
     const isMatrix = info.shape.length === 2 && info.shape[0] > 1 && info.role !== 'router';
     if (!isMatrix || weights === 'f32') return w;
+    // Routed and shared experts in the format, the other matrices in its dense format.
+    const isExpert = info.role === 'expert' || name.includes('.shared_expert.');
+    const type = WEIGHT_FORMATS[isExpert ? weights : denseFormat(weights)] as WeightType;
     const [rows, cols] = info.shape;
     const packed = native.quantizeRows(type, w, rows, cols);
     const rb = packed.length / rows;
@@ -156,11 +158,12 @@ async function agreement(t: { teardown(fn: () => void): void }, arch: (typeof AR
 }
 
 // Against the exact (f32) reference: the cost of the format itself. q8 and bf16 keep the
-// greedy path (>= 95%). q4_0 does not on these random weights: its rounding noise (about
-// 6% of each weight's magnitude) flips near-ties of the next-token choice in about one step
-// of five, with a mean KL near 0.1, in line with what Q4_0 costs real models; its bound
-// below is what it reaches, not the 95% target.
-const EXACT_AGREEMENT: Record<string, number> = { q8: 0.95, bf16: 0.95, q4: 0.7 };
+// greedy path (>= 95%). q4 holds the experts in q4_0 and the dense matrices in q8_0; its
+// rounding noise (about 6% of each expert weight's magnitude) flips near-ties of the
+// next-token choice on these random weights in one step of 8 to 40 (87.5-97.7% over the
+// four architectures, mean KL 2e-3 to 5e-2); its bound below is what it reaches, not the
+// issue's 95% target.
+const EXACT_AGREEMENT: Record<string, number> = { q8: 0.95, bf16: 0.95, q4: 0.85 };
 
 for (const weights of ['q8', 'q4', 'bf16'] as const) {
   for (const arch of ARCHITECTURES) {

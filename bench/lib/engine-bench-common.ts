@@ -151,15 +151,17 @@ export function rowBytes(format: 'q8_0' | 'q4_0', cols: number): number {
 /**
  * Weight bytes one decoded token reads (a single sequence): every non-expert matrix once
  * (attention, router, norms, LM head), one embedding row, and top-k experts per layer.
- * Matrices in the quantized format; routers, norms and biases float32 (as both our engine
- * and the GGUF export store them).
+ * Experts in the quantized format, the other matrices in its dense format (q8_0 for q4_0);
+ * routers, norms and biases float32 (as both our engine and the GGUF export store them).
  */
 export function bytesPerToken(s: ModelSpec, format: 'q8_0' | 'q4_0'): ReadBytes {
+  const expertFormat = format;
+  const denseFormat = 'q8_0';
   const h = s.hiddenSize;
   const q = s.numHeads * s.headDim;
   const kv = s.numKvHeads * s.headDim;
   const L = s.numLayers;
-  let attention = q * rowBytes(format, h) + 2 * kv * rowBytes(format, h) + h * rowBytes(format, q);
+  let attention = q * rowBytes(denseFormat, h) + 2 * kv * rowBytes(denseFormat, h) + h * rowBytes(denseFormat, q);
   if (s.qkvBias) attention += (q + 2 * kv) * 4;
   if (s.qkNorm === 'per_head') attention += 2 * s.headDim * 4;
   if (s.qkNorm === 'full') attention += (q + kv) * 4;
@@ -167,11 +169,11 @@ export function bytesPerToken(s: ModelSpec, format: 'q8_0' | 'q4_0'): ReadBytes 
   const router = L * s.numExperts * h * 4;
   const norms = (2 * L + 1) * h * 4;
   const sw = s.sharedExpertIntermediateSize;
-  const shared = sw > 0 ? L * (2 * sw * rowBytes(format, h) + h * rowBytes(format, sw) + h * 4) : 0;
-  const lmHead = s.vocabSize * rowBytes(format, h);
-  const embedRow = rowBytes(format, h);
+  const shared = sw > 0 ? L * (2 * sw * rowBytes(expertFormat, h) + h * rowBytes(expertFormat, sw) + h * 4) : 0;
+  const lmHead = s.vocabSize * rowBytes(denseFormat, h);
+  const embedRow = rowBytes(denseFormat, h);
   const nonExpert = attention + router + norms + shared + lmHead + embedRow;
-  const perExpert = 2 * s.expertIntermediateSize * rowBytes(format, h) + h * rowBytes(format, s.expertIntermediateSize);
+  const perExpert = 2 * s.expertIntermediateSize * rowBytes(expertFormat, h) + h * rowBytes(expertFormat, s.expertIntermediateSize);
   const experts = s.topK * perExpert * L;
   return { attention, router, norms, shared, lmHead, embedRow, nonExpert, perExpert, experts, total: nonExpert + experts };
 }

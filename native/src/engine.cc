@@ -187,14 +187,14 @@ void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, 
   ready_ = false;
   if (role == "embed") {
     expect(c.vocab, H);
-    embed_.alloc(c.wtype, c.vocab, H);
-    pack_rows(*pool_, c.wtype, src, st, rows, cols, embed_.bytes.data());
+    embed_.alloc(dense_wtype(), c.vocab, H);
+    pack_rows(*pool_, dense_wtype(), src, st, rows, cols, embed_.bytes.data());
     return;
   }
   if (role == "lm_head") {
     expect(c.vocab, H);
-    lm_head_.alloc(c.wtype, c.vocab, H);
-    pack_rows(*pool_, c.wtype, src, st, rows, cols, lm_head_.bytes.data());
+    lm_head_.alloc(dense_wtype(), c.vocab, H);
+    pack_rows(*pool_, dense_wtype(), src, st, rows, cols, lm_head_.bytes.data());
     return;
   }
   if (role == "final_norm") return vec(final_norm_, H);
@@ -206,8 +206,8 @@ void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, 
   if (role == "q" || role == "k" || role == "v") {
     const int64_t off = role == "q" ? 0 : role == "k" ? q_dim : q_dim + kv_dim;
     expect(role == "q" ? q_dim : kv_dim, H);
-    if (L.qkv.m.rows != qkv_rows) L.qkv.alloc(c.wtype, qkv_rows, H);
-    pack_rows(*pool_, c.wtype, src, st, rows, cols, L.qkv.bytes.data() + row_bytes(c.wtype, H) * static_cast<size_t>(off));
+    if (L.qkv.m.rows != qkv_rows) L.qkv.alloc(dense_wtype(), qkv_rows, H);
+    pack_rows(*pool_, dense_wtype(), src, st, rows, cols, L.qkv.bytes.data() + row_bytes(dense_wtype(), H) * static_cast<size_t>(off));
     return;
   }
   if (role == "q_bias" || role == "k_bias" || role == "v_bias") {
@@ -220,8 +220,8 @@ void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, 
   }
   if (role == "o") {
     expect(H, q_dim);
-    L.o.alloc(c.wtype, H, q_dim);
-    pack_rows(*pool_, c.wtype, src, st, rows, cols, L.o.bytes.data());
+    L.o.alloc(dense_wtype(), H, q_dim);
+    pack_rows(*pool_, dense_wtype(), src, st, rows, cols, L.o.bytes.data());
     return;
   }
   if (role == "q_norm") return vec(L.q_norm, c.qk_norm == QkNorm::PerHead ? c.head_dim : q_dim);
@@ -363,9 +363,9 @@ void Engine::embed(const std::vector<int32_t>& tokens) {
   const int64_t T = static_cast<int64_t>(tokens.size());
   const int64_t H = cfg_.hidden;
   x_.assign(static_cast<size_t>(T * H), 0.f);
-  const size_t rb = row_bytes(cfg_.wtype, H);
+  const size_t rb = row_bytes(dense_wtype(), H);
   pool_->parallel_for(T, 16, [&](int64_t t, int) {
-    dequantize_row(cfg_.wtype, embed_.m.data + rb * static_cast<size_t>(tokens[static_cast<size_t>(t)]), H, x_.data() + t * H);
+    dequantize_row(dense_wtype(), embed_.m.data + rb * static_cast<size_t>(tokens[static_cast<size_t>(t)]), H, x_.data() + t * H);
   });
 }
 
@@ -391,7 +391,7 @@ void Engine::attention_block(int64_t layer) {
 
   xn_.resize(static_cast<size_t>(T * H));
   pool_->parallel_for(T, 8, [&](int64_t t, int) { rms_norm_row(x_.data() + t * H, L.input_norm.data(), H, c.rms_eps, xn_.data() + t * H); });
-  prepare_acts(c.wtype, xn_.data(), T, H, H, acts_);
+  prepare_acts(dense_wtype(), xn_.data(), T, H, H, acts_);
   qkv_.resize(static_cast<size_t>(T * qkv_dim));
   matmul_parallel(*pool_, L.qkv.m, acts_, qkv_.data(), qkv_dim);
   mark(kQkv);
@@ -478,7 +478,7 @@ void Engine::attention_block(int64_t layer) {
   });
 
   mark(kAttn);
-  prepare_acts(c.wtype, attn_.data(), T, q_dim, q_dim, acts_);
+  prepare_acts(dense_wtype(), attn_.data(), T, q_dim, q_dim, acts_);
   proj_.resize(static_cast<size_t>(T * H));
   matmul_parallel(*pool_, L.o.m, acts_, proj_.data(), H);
   for (size_t i = 0; i < x_.size(); i++) x_[i] += proj_[i];
@@ -784,7 +784,7 @@ void Engine::end_step(std::vector<float>& logits) {
   const int64_t R = static_cast<int64_t>(rows.size());
   std::vector<float> hn(static_cast<size_t>(R * H));
   for (int64_t r = 0; r < R; r++) rms_norm_row(x_.data() + rows[static_cast<size_t>(r)] * H, final_norm_.data(), H, cfg_.rms_eps, hn.data() + r * H);
-  prepare_acts(cfg_.wtype, hn.data(), R, H, H, acts_);
+  prepare_acts(dense_wtype(), hn.data(), R, H, H, acts_);
   matmul_parallel(*pool_, cfg_.tie_embeddings ? embed_.m : lm_head_.m, acts_, logits.data(), V);
   mark(kLmHead);
 }

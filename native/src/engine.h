@@ -98,6 +98,10 @@ class Engine {
   ~Engine();
 
   const EngineConfig& config() const { return cfg_; }
+  // Format of the dense matrices (embeddings, attention, lm_head): q4_0 applies to the
+  // experts (routed and shared) only and the rest stays q8_0, a few percent of an MoE
+  // model's bytes that carry most of 4-bit's error on the next-token choice.
+  WType dense_wtype() const { return cfg_.wtype == WType::Q4_0 ? WType::Q8_0 : cfg_.wtype; }
 
   // Loading: each tensor once, stored as `st` (F32, F16 or BF16), by role.
   // Roles: embed, lm_head, final_norm; per layer: input_norm, post_norm, q, k, v, o,

@@ -37,13 +37,38 @@ export class ModelTooLargeError extends Error {
   }
 }
 
-/** Bytes the engine will hold for a model: weights in the chosen format plus the KV cache. */
-export function estimateEngineBytes(spec: ModelSpec, o: NativeRunnerOptions): { weights: number; kv: number } {
+/**
+ * Format of the dense matrices (embeddings, attention, lm_head) for a weight format: q4
+ * applies to the experts only and the rest stays at q8, as llama.cpp's 4-bit mixes keep
+ * their most sensitive tensors at higher precision; these are a few percent of an MoE
+ * model's bytes and most of q4's error on the next-token choice.
+ */
+export function denseFormat(weights: WeightFormat): WeightFormat {
+  return weights === 'q4' ? 'q8' : weights;
+}
+
+/**
+ * Bytes of the weights the engine holds: norms, biases and routers in float32, routed and
+ * shared experts in the chosen format, the other matrices in its dense format. With
+ * `routedExperts: false`, the routed experts are left out (offloading holds them in slots).
+ */
+export function weightBytes(spec: ModelSpec, weights: WeightFormat, routedExperts = true): number {
   const c = paramCounts(spec);
   const h = spec.hiddenSize;
-  // Norms, biases and routers stay float32; everything else is in the chosen format.
   const f32Params = spec.numLayers * (2 * h + spec.numExperts * h + (spec.sharedExpertIntermediateSize > 0 ? h : 0)) + h;
-  const weights = (c.expertParams + c.nonExpertParams - f32Params) * BYTES_PER_WEIGHT[o.weights] + f32Params * 4;
+  const sharedParams = spec.numLayers * 3 * h * spec.sharedExpertIntermediateSize;
+  const denseParams = c.nonExpertParams - f32Params - sharedParams;
+  return (
+    (routedExperts ? c.expertParams : 0) * BYTES_PER_WEIGHT[weights] +
+    sharedParams * BYTES_PER_WEIGHT[weights] +
+    denseParams * BYTES_PER_WEIGHT[denseFormat(weights)] +
+    f32Params * 4
+  );
+}
+
+/** Bytes the engine will hold for a model: weights in the chosen format plus the KV cache. */
+export function estimateEngineBytes(spec: ModelSpec, o: NativeRunnerOptions): { weights: number; kv: number } {
+  const weights = weightBytes(spec, o.weights);
   const kv = 2 * spec.numLayers * o.kvBlocks * o.kvBlockSize * spec.numKvHeads * spec.headDim * 4;
   return { weights, kv };
 }

@@ -233,8 +233,12 @@ export async function exportGguf(modelDir: string, outFile: string, type: GgufEx
     const main = MAIN_TYPE[type];
     const f32 = (name: string) => () => m.weights.float32(name);
     /** The stored type of a matrix: `main`, or F16 when its rows do not fill quantization blocks. */
-    const matType = (rowLen: number): GgmlType => (main === GgmlType.Q8_0 || main === GgmlType.Q4_0) && rowLen % 32 !== 0 ? GgmlType.F16 : main;
-    const matrix = (gg: string, shape: number[], src: () => Float32Array) => w.addTensor(gg, shape, matType(shape[shape.length - 1]), src);
+    // 4-bit applies to the experts (routed and shared) only; the dense matrices (embeddings,
+    // attention, output) are Q8_0, as the engine holds them (see denseFormat).
+    const dense = main === GgmlType.Q4_0 ? GgmlType.Q8_0 : main;
+    const matType = (rowLen: number, t: GgmlType): GgmlType => (t === GgmlType.Q8_0 || t === GgmlType.Q4_0) && rowLen % 32 !== 0 ? GgmlType.F16 : t;
+    const matrix = (gg: string, shape: number[], src: () => Float32Array) => w.addTensor(gg, shape, matType(shape[shape.length - 1], dense), src);
+    const expertMatrix = (gg: string, shape: number[], src: () => Float32Array) => w.addTensor(gg, shape, matType(shape[shape.length - 1], main), src);
     const vector = (gg: string, shape: number[], src: () => Float32Array) => w.addTensor(gg, shape, GgmlType.F32, src);
 
     const h = s.hiddenSize;
@@ -275,15 +279,15 @@ export async function exportGguf(modelDir: string, outFile: string, type: GgufEx
       const E = s.numExperts;
       const width = s.expertIntermediateSize;
       const experts = Array.from({ length: E }, (_, j) => n.expert(j));
-      matrix(`${b}.ffn_gate_exps.weight`, [E, width, h], stack(experts.map((e) => e.gate), width, h));
-      matrix(`${b}.ffn_up_exps.weight`, [E, width, h], stack(experts.map((e) => e.up), width, h));
-      matrix(`${b}.ffn_down_exps.weight`, [E, h, width], stack(experts.map((e) => e.down), h, width));
+      expertMatrix(`${b}.ffn_gate_exps.weight`, [E, width, h], stack(experts.map((e) => e.gate), width, h));
+      expertMatrix(`${b}.ffn_up_exps.weight`, [E, width, h], stack(experts.map((e) => e.up), width, h));
+      expertMatrix(`${b}.ffn_down_exps.weight`, [E, h, width], stack(experts.map((e) => e.down), h, width));
       if (n.shared) {
         const sw = s.sharedExpertIntermediateSize;
         w.addTensor(`${b}.ffn_gate_inp_shexp.weight`, [h], GgmlType.F32, f32(n.shared.gateScalar));
-        matrix(`${b}.ffn_gate_shexp.weight`, [sw, h], f32(n.shared.gate));
-        matrix(`${b}.ffn_up_shexp.weight`, [sw, h], f32(n.shared.up));
-        matrix(`${b}.ffn_down_shexp.weight`, [h, sw], f32(n.shared.down));
+        expertMatrix(`${b}.ffn_gate_shexp.weight`, [sw, h], f32(n.shared.gate));
+        expertMatrix(`${b}.ffn_up_shexp.weight`, [sw, h], f32(n.shared.up));
+        expertMatrix(`${b}.ffn_down_shexp.weight`, [h, sw], f32(n.shared.down));
       }
     }
     vector('output_norm.weight', [h], f32(FINAL_NORM));

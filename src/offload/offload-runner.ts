@@ -56,11 +56,11 @@ import { accessSync, constants, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { SafetensorsCheckpoint } from '../model/safetensors.js';
-import { paramCounts, type ModelSpec } from '../model/spec.js';
+import type { ModelSpec } from '../model/spec.js';
 import { loadNative, type NativeEngine } from '../engine/native.js';
 import {
   availableBytes,
-  BYTES_PER_WEIGHT,
+  weightBytes,
   engineOptions,
   loadTensors,
   ModelTooLargeError,
@@ -306,10 +306,7 @@ export class OffloadRunner implements ModelRunner {
       throw new Error(`offload directory ${JSON.stringify(dir)} is not a writable directory (${(e as Error).message}); set offloadDir`);
     }
     // Resident bytes: everything but the routed experts, the slots, and the KV cache.
-    const c = paramCounts(spec);
-    const h = spec.hiddenSize;
-    const f32Params = spec.numLayers * (2 * h + spec.numExperts * h + (spec.sharedExpertIntermediateSize > 0 ? h : 0)) + h;
-    const resident = (c.nonExpertParams - f32Params) * BYTES_PER_WEIGHT[o.weights] + f32Params * 4 + slots * spec.numLayers * slotBytes;
+    const resident = weightBytes(spec, o.weights, false) + slots * spec.numLayers * slotBytes;
     const kvBytes = 2 * spec.numLayers * o.kvBlocks * o.kvBlockSize * spec.numKvHeads * spec.headDim * 4;
     const avail = availableBytes();
     if (resident + kvBytes > avail) {
