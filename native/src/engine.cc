@@ -13,7 +13,7 @@ namespace moe {
 namespace {
 
 // Rows per work item of an expert's matrix product: about 1 MiB of weights, a multiple of
-// the kernels' 4-row blocking. Each item is one kernel call that ramps its prefetch up from
+// the kernels' 8-row blocking. Each item is one kernel call that ramps its prefetch up from
 // a cold start, so items of 64 KiB (the earlier size) spent a good part of a decode step
 // in those ramps; at 1 MiB a decode layer of top-8 Qwen3-30B-A3B experts still makes ~40
 // items for the threads to share (A/B on decode, same process pairs: 1 MiB 25-53 tok/s
@@ -21,7 +21,7 @@ namespace {
 int64_t rows_per_item(const WMat& w) {
   constexpr int64_t kItemBytes = int64_t{1} << 20;
   const int64_t rb = static_cast<int64_t>(row_bytes(w.type, w.cols));
-  return std::max<int64_t>(4, (kItemBytes / std::max<int64_t>(rb, 1)) / 4 * 4);
+  return std::max<int64_t>(8, (kItemBytes / std::max<int64_t>(rb, 1)) / 8 * 8);
 }
 
 std::string fmt(const char* what, int64_t a, int64_t b) {

@@ -535,14 +535,14 @@ void matmul(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int6
 }
 
 void matmul_parallel(ThreadPool& pool, const WMat& w, const Acts& x, float* y, int64_t ldy) {
-  // Chunks of a multiple of 4 rows (the kernels' row blocking), about 8 per thread so the
+  // Chunks of a multiple of 8 rows (the kernels' row blocking), about 8 per thread so the
   // atomic work counter evens out uneven progress, but >= ~64 KB of weights per chunk so
   // the hand-out cost stays negligible.
   const int64_t threads = pool.size();
   const int64_t rb = static_cast<int64_t>(std::max<size_t>(row_bytes(w.type, w.cols), 1));
   int64_t chunk = (w.rows + threads * 8 - 1) / (threads * 8);
   chunk = std::max(chunk, (int64_t{65536} + rb - 1) / rb);
-  chunk = (chunk + 3) / 4 * 4;
+  chunk = (chunk + 7) / 8 * 8;
   const int64_t chunks = (w.rows + chunk - 1) / chunk;
   pool.parallel_for(chunks, 1, [&](int64_t i, int) {
     const int64_t a = i * chunk;
