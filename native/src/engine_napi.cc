@@ -303,6 +303,8 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     Napi::Object o = Napi::Object::New(env);
     o.Set("loads", static_cast<double>(s.loads));
     o.Set("bytesRead", static_cast<double>(s.bytes_read));
+    o.Set("busySeconds", s.busy_seconds);
+    o.Set("readSeconds", s.read_seconds);
     auto stall = Napi::Float64Array::New(env, s.stall_seconds.size());
     std::copy(s.stall_seconds.begin(), s.stall_seconds.end(), stall.Data());
     o.Set("stallSeconds", stall);

@@ -449,9 +449,14 @@ void ExpertStore::io_main() {
     const bool background = job.priority > 0;
     if (background) background_reads_++;
     uint8_t* dst = arenas_[static_cast<size_t>(job.layer)].data() + static_cast<size_t>(job.slot) * slot_bytes_;
+    const auto t0 = std::chrono::steady_clock::now();
+    if (reads_in_flight_++ == 0) busy_since_ = t0;
     lock.unlock();
     const std::string err = read_record(job.layer * cfg_.experts + job.expert, dst);
     lock.lock();
+    const auto t1 = std::chrono::steady_clock::now();
+    stats_.read_seconds += std::chrono::duration<double>(t1 - t0).count();
+    if (--reads_in_flight_ == 0) stats_.busy_seconds += std::chrono::duration<double>(t1 - busy_since_).count();
     s.busy = false;
     if (background) background_reads_--;
     if (err.empty()) {

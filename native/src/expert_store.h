@@ -14,6 +14,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -45,6 +46,10 @@ struct StoreStats {
   uint64_t discarded = 0;  // reads that completed after their slot was emptied or reassigned
   uint64_t failed = 0;     // reads that failed (the error goes to the next wait for that expert)
   std::vector<double> stall_seconds;  // per layer
+  // Wall time with at least one read in flight, and the sum of the reads' own durations:
+  // bytes_read / busy_seconds is the bandwidth the slow tier delivered as it was used.
+  double busy_seconds = 0;
+  double read_seconds = 0;
   bool direct = false;
 };
 
@@ -155,6 +160,8 @@ class ExpertStore {
   std::deque<Job> queue_;
   uint64_t next_seq_ = 0;
   int64_t gate_ = -1;
+  int reads_in_flight_ = 0;
+  std::chrono::steady_clock::time_point busy_since_{};
   int background_reads_ = 0;  // reads of priority > 0 in flight  // reads that may still start (< 0: any number)
   StoreStats stats_;
   bool stop_ = false;

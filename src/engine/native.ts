@@ -145,6 +145,13 @@ export interface NativeStoreStats {
   /** Expert reads completed (discarded ones included), and their bytes (slotBytes each). */
   loads: number;
   bytesRead: number;
+  /**
+   * Wall seconds with at least one read in flight (failed and discarded reads included),
+   * and the sum of the reads' own durations: bytesRead / busySeconds is the bandwidth the
+   * slow tier delivered as it was used. Always set by the addon.
+   */
+  busySeconds?: number;
+  readSeconds?: number;
   /** Seconds the engine waited in experts(l, ...) for loads to finish, per layer (waitExpert's waits are not counted here; it returns them). */
   stallSeconds: Float64Array;
   /** Queued loads withdrawn before they started: cancelLoad, evictSlot, or loadExpert reassigning the slot. */

@@ -79,6 +79,12 @@ export interface ExpertCachePolicy {
   /** Slot of a resident expert, or -1. */
   slotOf(layer: number, expert: number): number;
   stats(): CacheStats;
+  /**
+   * Optional: bookkeeping the policy deferred (learning) done now. The offload runner
+   * calls it while the engine would otherwise only wait for a read; a policy that defers
+   * work also does it at its next request(), so decisions never depend on the call.
+   */
+  idle?(): void;
 }
 
 export interface PolicyShape {

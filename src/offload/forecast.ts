@@ -157,6 +157,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   private readonly w: Float64Array; // horizon x N_FEAT
   private readonly g2: Float64Array;
   private readonly pending: Pending[][]; // per layer, oldest first
+  private readonly toTrain: Pending[] = []; // labelled, not learned from yet (idle())
   private readonly x = new Float64Array(N_FEAT);
   private readonly scoreAt: Float64Array; // (layer, expert): visit time of the cached score
   private readonly score: Float64Array;
@@ -424,6 +425,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   // ---- visits ----------------------------------------------------------------------
 
   override request(layer: number, experts: ArrayLike<number>) {
+    this.idle();
     const d = super.request(layer, experts);
     this.record(layer, this.visits[layer] - 1);
     return d;
@@ -563,7 +565,18 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
       for (let k = 0; k < p.experts.length; k++) if (p.firstUse[k] < 0 && need[p.experts[k]]) p.firstUse[k] = now - p.at;
     }
     const hMax = HORIZONS[HORIZONS.length - 1];
-    while (q.length && now - q[0].at >= hMax) this.train(q.shift()!);
+    // Fully labelled examples are learned from at idle() or at the next request(),
+    // whichever comes first: the training, most of the policy's cost, runs while the
+    // engine waits for a read when there is such a wait, and the model the decisions
+    // use lags by one visit either way.
+    while (q.length && now - q[0].at >= hMax) this.toTrain.push(q.shift()!);
+  }
+
+  /** Learns from the examples labelled since the last call (see learnFrom). */
+  idle(): void {
+    const q = this.toTrain;
+    for (let i = 0; i < q.length; i++) this.train(q[i]);
+    q.length = 0;
   }
 
   private train(p: Pending): void {

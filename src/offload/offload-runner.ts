@@ -402,7 +402,11 @@ export class OffloadRunner implements ModelRunner {
           left -= ready.length;
         }
       }
-      if (left > 0) e.experts(l, ids, w, K);
+      if (left > 0) {
+        // The policy's deferred learning runs while the reads are still in flight.
+        if (stalled) this.policy.idle?.();
+        e.experts(l, ids, w, K);
+      }
     }
     const logits = e.endStep();
     this.commit(meta, T, routings, weightsOf, predicted, firstOfSeq, lastOfSeq);
