@@ -256,7 +256,8 @@ async function main(): Promise<void> {
       const busy = (after.busySeconds ?? 0) - (before.busySeconds ?? 0);
       log(
         `${name}: ${r.tokensPerSecond.toFixed(2)} tok/s, hit rate ${c.hitRate.toFixed(3)}, stall-free ${c.stallFree.toFixed(3)}, ` +
-          `reads ${(bytes / 1e6).toFixed(0)} MB in ${busy.toFixed(2)} s busy (${busy > 0 ? (bytes / busy / 1e9).toFixed(3) : '-'} GB/s)`,
+          `reads ${(bytes / 1e6).toFixed(0)} MB in ${busy.toFixed(2)} s busy (${busy > 0 ? (bytes / busy / 1e9).toFixed(3) : '-'} GB/s), ` +
+          `${r.seconds.toFixed(2)} s decoding of which ${st.layers.reduce((a, x) => a + x.stallSeconds, 0).toFixed(2)} s waiting for reads`,
       );
       return { run: r, stats: st, bytes, busy, ...c };
     };
@@ -311,7 +312,11 @@ async function main(): Promise<void> {
     figure('offload_limit_in_runs', limitInRunTps, 'tok/s', 'belady loads at slow_tier_bandwidth_in_runs, overlapped with resident compute');
     figure('belady_loads_per_token', beladyPerToken, 'experts');
     for (const p of ours.stats.prediction) {
-      log(`our prefetch predictions under replay, ${p.distance} layer(s) ahead: recall ${p.recall.toFixed(3)}, precision ${p.precision.toFixed(3)}`);
+      log(`pre-gating under replay (the weights' routers against the trace's routing), ${p.distance} layer(s) ahead: recall ${p.recall.toFixed(3)}, precision ${p.precision.toFixed(3)}`);
+    }
+    for (const p of ours.stats.coPrediction ?? []) {
+      log(`co-occurrence forecast under replay (learned online), ${p.distance} layer(s) ahead: recall ${p.recall.toFixed(3)}, precision ${p.precision.toFixed(3)}`);
+      figure(`cooccurrence_recall_d${p.distance}`, p.recall, 'fraction', `chance ${replay.k}/${E}`);
     }
     for (const p of pregating) {
       log(`pre-gating, model's own routing, ${p.distance} layer(s) ahead: recall ${p.recall.toFixed(3)}, precision ${p.precision.toFixed(3)} (top-${spec.topK} of ${E}; chance ${(spec.topK / E).toFixed(3)})`);

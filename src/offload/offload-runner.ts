@@ -27,8 +27,11 @@
 //
 // Prefetch probabilities. For a target layer m = l + d and each token, the expert ids in
 // the token's pre-gating top-k at m are used with probability precision(d) (measured
-// online: hits / predicted at that distance), and each sequence's experts at m for its
-// previous token are reused with probability reuse(m) (measured online). A batch needs
+// online: hits / predicted at that distance); each sequence's experts at m for its
+// previous token are reused with probability reuse(m) (measured online); and the token's
+// experts at l vote for its experts at m through same-token co-occurrence counts learned
+// online ("i at layer m - d, j at layer m": real routers correlate across layers, and
+// under routing replay this is the one layer-ahead signal left). A batch needs
 // e with P = 1 - Π (1 - p_token(e)). Tokens are not independent, so P is then calibrated
 // online against what the visits needed (per distance, in probability bins); hints at
 // or above `prefetchMinProbability` are offered best first. A queued prefetch that a
@@ -120,6 +123,8 @@ export interface OffloadSettings {
   nextStepByScore?: boolean;
   /** When a visit waits for reads, run its resident experts first, while the others load (default true; bitwise the same result). */
   residentFirst?: boolean;
+  /** Prefetch also from same-token co-occurrence across layers, learned online (default true). */
+  coOccurrence?: boolean;
   /** Routing replay (the trace's experts instead of the router's). */
   replay?: RoutingReplay;
   /** Called with every layer's routing of the steps that completed. */
@@ -141,8 +146,13 @@ export interface OffloadRunnerOptions extends NativeRunnerOptions, OffloadSettin
 interface Predicted {
   distance: number;
   ids: Int32Array;
+  /** Top-k of each token's co-occurrence forecast (empty before any counts). */
+  coIds: Int32Array;
   pAny: Float64Array;
 }
+
+/** Pseudo-observations shrinking a co-occurrence forecast while its evidence is thin. */
+const CO_PRIOR = 2;
 
 /** Policies that keep per-sequence history (forecast) and are told when a sequence ends. */
 interface SequenceAware {
@@ -191,6 +201,13 @@ export class OffloadRunner implements ModelRunner {
   private readonly forecastIssued: Set<number>[];
   private readonly layerStats: OffloadLayerStats[];
   private readonly prediction: PredictionCounters;
+  /** Quality of the co-occurrence forecasts (top-k per token), per distance. */
+  private readonly coPrediction: PredictionCounters;
+  /** Same-token co-occurrence per distance d: ((m * D + d - 1) * E + i) * E + j counts i at m - d with j at m; coN the tokens with i at m - d. */
+  private readonly coCounts: Float32Array;
+  private readonly coN: Float32Array;
+  private readonly coScratch: Float64Array;
+  private readonly coOccurrence: boolean;
   /** (layer, expert): prefetched and not used yet (mirrors the policy's own flag). */
   private readonly unusedPrefetch: Uint8Array;
   /** Per layer: prefetches issued for its next visit. */
@@ -244,6 +261,12 @@ export class OffloadRunner implements ModelRunner {
     this.policy = this.newPolicy();
     this.layerStats = Array.from({ length: this.L }, emptyLayerStats);
     this.prediction = new PredictionCounters(Math.max(1, this.lookahead));
+    this.coPrediction = new PredictionCounters(Math.max(1, this.lookahead));
+    const D = Math.max(1, this.lookahead);
+    this.coOccurrence = this.lookahead > 0 && (o.coOccurrence ?? true);
+    this.coCounts = new Float32Array(this.coOccurrence ? this.L * D * this.E * this.E : 0);
+    this.coN = new Float32Array(this.coOccurrence ? this.L * D * this.E : 0);
+    this.coScratch = new Float64Array(this.E);
     this.unusedPrefetch = new Uint8Array(this.L * this.E);
     this.outstanding = Array.from({ length: this.L }, () => new Set<number>());
     this.prefetchPins = Array.from({ length: this.L }, () => new Set<number>());
@@ -379,7 +402,7 @@ export class OffloadRunner implements ModelRunner {
       const to = Math.min(L - 1, l + this.lookahead);
       const pred = to > l ? e.predictRouter(l, to) : null;
       const { ran, stalled: streamStalled } = this.serveLayer(l, distinct, meta, ids, w);
-      if (pred) this.prefetchAfter(l, to, pred, T, predicted, firstOfSeq);
+      if (pred) this.prefetchAfter(l, to, pred, ids, T, predicted, firstOfSeq);
       if (this.nextStep) this.prefetchNextVisit(l);
       const st = this.layerStats[l];
       st.visits++;
@@ -508,7 +531,7 @@ export class OffloadRunner implements ModelRunner {
   }
 
   /** Pre-gating after layer l's attention (`pred`: logits of layers l+1 .. to): predictions, and prefetches from them. */
-  private prefetchAfter(l: number, to: number, pred: Float32Array, T: number, predicted: Predicted[][], firstOfSeq: Map<number, number>): void {
+  private prefetchAfter(l: number, to: number, pred: Float32Array, cur: Int32Array, T: number, predicted: Predicted[][], firstOfSeq: Map<number, number>): void {
     const E = this.E;
     const K = this.k;
     if (pred.length !== (to - l) * T * E) throw new Error(`predictRouter(${l}, ${to}) returned ${pred.length} logits, expected ${(to - l) * T * E}`);
@@ -516,8 +539,9 @@ export class OffloadRunner implements ModelRunner {
     for (let d = 1; d <= to - l; d++) {
       const m = l + d;
       const ids = topKIds(pred.subarray((d - 1) * T * E, d * T * E), T, E, K);
-      const pAny = this.needProbability(m, d, ids, T, firstOfSeq);
-      predicted[m].push({ distance: d, ids, pAny });
+      const co = this.coForecast(m, d, cur, T);
+      const pAny = this.needProbability(m, d, ids, co, T, firstOfSeq);
+      predicted[m].push({ distance: d, ids, coIds: co ? topKIds(co, T, E, K) : new Int32Array(0), pAny });
       // Earlier prefetches for m (from further away) that this closer prediction no longer
       // supports and whose reads have not started are withdrawn, freeing their I/O.
       if (d < this.lookahead) room += this.withdrawUnsupported(m, d, pAny);
@@ -604,19 +628,80 @@ export class OffloadRunner implements ModelRunner {
    * Model probability (before calibration) that the visit of layer m needs each expert,
    * from pre-gating at distance d and each sequence's previous experts at m.
    */
-  private needProbability(m: number, d: number, predIds: Int32Array, T: number, firstOfSeq: Map<number, number>): Float64Array {
+  private needProbability(m: number, d: number, predIds: Int32Array, co: Float32Array | null, T: number, firstOfSeq: Map<number, number>): Float64Array {
     const E = this.E;
     const K = this.k;
     const a = this.prediction.precision(d);
     const rho = (this.reuseHits[m] + 1) / (this.reusePrev[m] + 2);
     const pNot = new Float64Array(E).fill(1);
     for (let t = 0; t < T; t++) for (let i = 0; i < K; i++) pNot[predIds[t * K + i]] *= 1 - a;
+    if (co) for (let t = 0; t < T; t++) for (let x = 0; x < E; x++) pNot[x] *= 1 - co[t * E + x];
     for (const seq of firstOfSeq.keys()) {
       const prev = this.lastRouting.get(seq)?.[m];
       if (prev) for (const x of prev) pNot[x] *= 1 - rho;
     }
     for (let x = 0; x < E; x++) pNot[x] = 1 - pNot[x];
     return pNot;
+  }
+
+  /**
+   * Each token's co-occurrence forecast for layer m from its experts at m - d (`cur`,
+   * T × k): (T, E) probabilities, the mean over its experts i of count(i, j) / (n(i) +
+   * CO_PRIOR); null before any counts for these layers.
+   */
+  private coForecast(m: number, d: number, cur: Int32Array, T: number): Float32Array | null {
+    if (!this.coOccurrence) return null;
+    const E = this.E;
+    const K = this.k;
+    const D = this.lookahead;
+    const base = (m * D + d - 1) * E;
+    let out: Float32Array | null = null;
+    const acc = this.coScratch;
+    for (let t = 0; t < T; t++) {
+      acc.fill(0);
+      let used = 0;
+      for (let k = 0; k < K; k++) {
+        const i = cur[t * K + k];
+        if (i < 0) continue;
+        const n = this.coN[base + i];
+        if (n === 0) continue;
+        used++;
+        const row = (base + i) * E;
+        const div = n + CO_PRIOR;
+        for (let x = 0; x < E; x++) acc[x] += this.coCounts[row + x] / div;
+      }
+      if (used === 0) continue;
+      out ??= new Float32Array(T * E);
+      for (let x = 0; x < E; x++) out[t * E + x] = acc[x] / used;
+    }
+    return out;
+  }
+
+  /** Learns the step's same-token co-occurrences (distances 1..lookahead). */
+  private learnCoOccurrence(routings: Int32Array[], T: number): void {
+    const D = this.lookahead;
+    if (!this.coOccurrence) return;
+    const E = this.E;
+    const K = this.k;
+    for (let m = 1; m < this.L; m++) {
+      const to = routings[m];
+      for (let d = 1; d <= Math.min(D, m); d++) {
+        const from = routings[m - d];
+        const base = (m * D + d - 1) * E;
+        for (let t = 0; t < T; t++) {
+          for (let a = 0; a < K; a++) {
+            const i = from[t * K + a];
+            if (i < 0) continue;
+            this.coN[base + i]++;
+            const row = (base + i) * E;
+            for (let b = 0; b < K; b++) {
+              const j = to[t * K + b];
+              if (j >= 0) this.coCounts[row + j]++;
+            }
+          }
+        }
+      }
+    }
   }
 
   /**
@@ -651,6 +736,7 @@ export class OffloadRunner implements ModelRunner {
       let need: Uint8Array | null = null;
       for (const p of predicted[m]) {
         this.prediction.add(p.distance, p.ids, K, used, K, T);
+        if (p.coIds.length > 0) this.coPrediction.add(p.distance, p.coIds, K, used, K, T);
         if (!need) {
           need = new Uint8Array(this.E);
           for (let i = 0; i < used.length; i++) need[used[i]] = 1;
@@ -672,6 +758,7 @@ export class OffloadRunner implements ModelRunner {
       if (!hist) this.lastRouting.set(seq, (hist = new Array(this.L).fill(null)));
       for (let m = 0; m < this.L; m++) hist[m] = routings[m].slice(t * K, (t + 1) * K);
     }
+    this.learnCoOccurrence(routings, T);
     if (this.onRouting) for (let m = 0; m < this.L; m++) this.onRouting({ layer: m, ids: routings[m], weights: weights[m], k: K, seq: meta.seq, pos: meta.pos });
   }
 
@@ -750,6 +837,7 @@ export class OffloadRunner implements ModelRunner {
       cacheResets: this.cacheResets,
       layers: this.layerStats.map((x, l) => ({ ...x, stallSeconds: s.stallSeconds[l] ?? 0 })),
       prediction: this.lookahead > 0 ? this.prediction.snapshot() : [],
+      coPrediction: this.coOccurrence ? this.coPrediction.snapshot() : [],
     };
   }
 
