@@ -236,6 +236,7 @@ async function main(): Promise<void> {
     const diskBw0 = slowTierBandwidth(engine, spec, slots, 0);
     log(`slow tier (cold fill): ${(diskBw0 / 1e9).toFixed(3)} GB/s (direct ${engine.storeStats().direct}); memory: ${memBw0.toFixed(1)} GB/s`);
 
+    const stallOf = (x: ReturnType<NativeEngine['storeStats']>) => x.stallSeconds.reduce((a, v) => a + v, 0);
     const runPolicy = (name: string, policy: string, lookahead: number) => {
       const visits = new VisitLog(L);
       const runner = new OffloadRunner(spec, first.kv, first.engine, slots, { policy, lookahead, replay, onRouting: visits.onRouting });
@@ -257,7 +258,7 @@ async function main(): Promise<void> {
       log(
         `${name}: ${r.tokensPerSecond.toFixed(2)} tok/s, hit rate ${c.hitRate.toFixed(3)}, stall-free ${c.stallFree.toFixed(3)}, ` +
           `reads ${(bytes / 1e6).toFixed(0)} MB in ${busy.toFixed(2)} s busy (${busy > 0 ? (bytes / busy / 1e9).toFixed(3) : '-'} GB/s), ` +
-          `${r.seconds.toFixed(2)} s decoding of which ${st.layers.reduce((a, x) => a + x.stallSeconds, 0).toFixed(2)} s waiting for reads`,
+          `${r.seconds.toFixed(2)} s decoding of which ${(stallOf(after) - stallOf(before)).toFixed(2)} s waiting for reads`,
       );
       return { run: r, stats: st, bytes, busy, ...c };
     };
