@@ -270,6 +270,8 @@ for (const { arch, weights, slots } of TWIN_CASES) {
     t.equal(st.cancelled, 0);
     t.equal(st.failed, 0);
     t.equal(st.stallSeconds.length, spec.numLayers);
+    // Busy time is the union of the reads' intervals: positive, and at most their sum.
+    t.ok(st.busySeconds! > 0 && st.busySeconds! <= st.readSeconds! * (1 + 1e-9), `read busy ${st.busySeconds} s, sum of reads ${st.readSeconds} s`);
     t.comment(`${arch} ${weights}: ${st.loads} loads, direct=${st.direct}, stall per layer ${Array.from(st.stallSeconds, (s) => s.toExponential(1)).join(' ')}`);
   });
 }
