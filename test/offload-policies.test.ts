@@ -10,7 +10,7 @@ import { ForecastPolicy } from '../src/offload/forecast.js';
 import { LfuPolicy } from '../src/offload/lfu.js';
 import { LruPolicy } from '../src/offload/lru.js';
 import { buildSchedule } from '../src/offload/schedule.js';
-import { createCachePolicy, DEFAULT_POLICY, simulate, type PolicyName } from '../src/offload/simulator.js';
+import { createCachePolicy, DEFAULT_POLICY, DEFAULT_TIMING, simulate, type PolicyName } from '../src/offload/simulator.js';
 import { loadTrace } from '../src/offload/trace.js';
 import { main } from '../src/cli/main.js';
 import { Rng } from '../src/model/prng.js';
@@ -232,6 +232,23 @@ t.test('forecast: prefetches are counted as loads, wasted ones included', async 
   t.equal(r.prefetch.issued, r.prefetch.used + r.prefetch.wasted, 'every started prefetch is used or wasted');
   const b = simulate(sched, createCachePolicy('belady', sched, 12)).loads;
   t.ok(r.loads >= b, `with prefetch ${r.loads} >= belady ${b}`);
+});
+
+t.test("oracle prefetch: told each next layer's experts, stall-free bounds what one-layer-ahead prefetching can reach", async (t) => {
+  const { header, requests } = await loadTrace(TRACES[0]);
+  const sched = await buildSchedule(header, requests.map((r) => ({ ...r, tokens: r.tokens.slice(0, 60) })), { concurrency: 1 });
+  const cap = 4 * header.topK;
+  const timing = { ...DEFAULT_TIMING, loadBandwidth: 2.4e9 };
+  const demand = simulate(sched, createCachePolicy('belady', sched, cap), timing);
+  const oracle = simulate(sched, createCachePolicy('belady', sched, cap), timing, { oraclePrefetch: true });
+  t.equal(oracle.prefetch.wasted, 0, 'an oracle prefetch is never wasted');
+  t.ok(oracle.prefetch.issued > 0, `prefetches issued (${oracle.prefetch.issued})`);
+  t.ok(oracle.stallFreeFraction > demand.stallFreeFraction, `stall-free ${oracle.stallFreeFraction.toFixed(3)} > demand-only ${demand.stallFreeFraction.toFixed(3)}`);
+  t.ok(oracle.stallFreeFraction < 1, 'loads slower than a layer of compute still stall');
+  // With loads far faster than compute, every visit after layer 0 can be served ahead.
+  const fast = simulate(sched, createCachePolicy('belady', sched, cap), { ...timing, loadBandwidth: 1e15 }, { oraclePrefetch: true });
+  const layer0 = 1 / header.layers;
+  t.ok(fast.stallFreeFraction >= 1 - layer0 - 1e-9, `instant loads: stall-free ${fast.stallFreeFraction.toFixed(3)} (layer 0 is never prefetched)`);
 });
 
 t.test('forecast on the real traces: loads vs belady at 2x the active experts (issue 5 target 1.25)', async (t) => {

@@ -36,7 +36,9 @@ Semantics:
   - hit rate = needed (visit, expert) pairs already resident / all needed pairs.
     loads = demand loads + started prefetches (wasted ones included); Belady evicts
     the expert whose next use is furthest away (optimal demand loading).
-  - stall-free fraction: visits whose experts were all resident or prefetched in time.
+  - stall-free fraction: visits whose experts were all resident or prefetched in time;
+    (oracle): the same for Belady's evictions with a prefetcher told each next layer's
+    true experts, the best one-layer-ahead prefetching can do at this timing.
     One I/O channel loads an expert in expert-bytes / load-gbps; a visit computes for
     layer-ms + distinct experts x expert-bytes / compute-gbps. Demand loads go before
     queued prefetches; prefetches for l+1 are issued at l's visit while at most
@@ -159,10 +161,11 @@ export const simCommand = {
     const runs = capacities.map((cap) => {
       const ours = simulate(sched, createCachePolicy(policyName, sched, cap, { prefetch: !v['no-prefetch'] }), timing);
       const opt = policyName === 'belady' ? ours : simulate(sched, createCachePolicy('belady', sched, cap), timing);
-      return { cap, ours, opt };
+      const oracle = simulate(sched, createCachePolicy('belady', sched, cap), timing, { oraclePrefetch: true });
+      return { cap, ours, opt, oracle };
     });
 
-    const row = (r: { cap: number; ours: SimResult; opt: SimResult }) => ({
+    const row = (r: { cap: number; ours: SimResult; opt: SimResult; oracle: SimResult }) => ({
       capacity_per_layer: r.cap,
       capacity_vs_active: r.cap / h.topK,
       hit_rate: r.ours.hitRate,
@@ -173,6 +176,7 @@ export const simCommand = {
       belady_loads: r.opt.loads,
       loads_vs_belady: r.opt.loads ? r.ours.loads / r.opt.loads : 1,
       stall_free_fraction: r.ours.stallFreeFraction,
+      oracle_prefetch_stall_free_fraction: r.oracle.stallFreeFraction,
       prefetch: r.ours.prefetch,
       simulated_seconds: r.ours.seconds,
     });
@@ -201,7 +205,7 @@ export const simCommand = {
       `replay       ${requests} request(s), ${sched.numSteps} steps, concurrency ${concurrency}, prefill ${v['no-prefill'] ? 'skipped' : 'replayed'}`,
       `policy       ${policyName} vs belady; expert ${(timing.bytesPerExpert / 2 ** 20).toFixed(2)} MiB`,
       '',
-      'slots/layer  hit rate  belady   loads     GiB      vs belady  stall-free  prefetch issued/used/wasted',
+      'slots/layer  hit rate  belady   loads     GiB      vs belady  stall-free  (oracle)  prefetch issued/used/wasted',
     ];
     for (const r of rows) {
       lines.push(
@@ -213,6 +217,7 @@ export const simCommand = {
           (r.load_bytes / 2 ** 30).toFixed(2).padStart(8),
           `${r.loads_vs_belady.toFixed(3)}x`.padStart(10),
           r.stall_free_fraction.toFixed(3).padStart(11),
+          r.oracle_prefetch_stall_free_fraction.toFixed(3).padStart(9),
           `  ${r.prefetch.issued}/${r.prefetch.used}/${r.prefetch.wasted}`,
         ].join(' '),
       );

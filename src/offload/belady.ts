@@ -5,7 +5,7 @@
 // With set requests (a visit needs all its experts at once, |set| <= capacity) the
 // furthest-next-use rule stays optimal; test/offload-policies checks it against brute force.
 
-import { SlotCache, type PolicyShape } from './cache-policy.js';
+import { SlotCache, type PolicyShape, type PrefetchHint, type PrefetchIssue } from './cache-policy.js';
 
 /** The future: `set(layer, t)` = experts needed by the t-th visit of `layer` (its t-th request()). */
 export interface FutureAccesses {
@@ -54,7 +54,23 @@ export class BeladyPolicy extends SlotCache {
 
   protected touch(): void {}
 
+  private inPrefetch = false;
+
+  /**
+   * Prefetches are for the layer's coming visit, time `visits[layer]` (request() has not
+   * counted it yet): the ranking then counts that visit as a use, so an expert it needs,
+   * prefetched or resident, is the last a prefetch would displace.
+   */
+  override prefetch(layer: number, hints: readonly PrefetchHint[], max: number): PrefetchIssue[] {
+    this.inPrefetch = true;
+    try {
+      return super.prefetch(layer, hints, max);
+    } finally {
+      this.inPrefetch = false;
+    }
+  }
+
   protected keepScore(layer: number, expert: number, now: number): number {
-    return -this.nextUse(layer, expert, now);
+    return -this.nextUse(layer, expert, this.inPrefetch ? now - 1 : now);
   }
 }

@@ -24,6 +24,9 @@
 //   outstanding (the per-layer load budget). When the target visit comes, a prefetch
 //   that has not started is cancelled if its expert is not needed (stale) or turned into
 //   a demand load if it is.
+// - oraclePrefetch (a yardstick, like Belady for loads): the hints for layer l+1 are the
+//   experts its visit will really need, so the stall-free fraction it reaches with
+//   Belady's evictions is the best any prefetcher one layer ahead can do at this timing.
 
 import { BeladyPolicy } from './belady.js';
 import type { CacheStats, ExpertCachePolicy, PrefetchHint } from './cache-policy.js';
@@ -86,11 +89,22 @@ function isObserver(p: unknown): p is VisitObserver {
 }
 
 /** Replays the schedule through `policy`; `finish()` is called on policies that have it. */
-export function simulate(sched: AccessSchedule, policy: ExpertCachePolicy, timing: TimingModel = DEFAULT_TIMING, opts: { prefetch?: boolean } = {}): SimResult {
+export function simulate(
+  sched: AccessSchedule,
+  policy: ExpertCachePolicy,
+  timing: TimingModel = DEFAULT_TIMING,
+  opts: { prefetch?: boolean; oraclePrefetch?: boolean } = {},
+): SimResult {
   const L = sched.layers;
   const E = sched.experts;
   const observer = isObserver(policy) ? policy : null;
-  const doPrefetch = (opts.prefetch ?? true) && observer !== null;
+  const oracle = opts.oraclePrefetch === true;
+  const doPrefetch = oracle || ((opts.prefetch ?? true) && observer !== null);
+  const hintsFor = (layer: number, s: number, tokens: readonly StepToken[]): PrefetchHint[] => {
+    if (!oracle) return observer!.prefetchHints(layer, tokens);
+    const next = sched.set(layer, s);
+    return Array.from(next, (expert) => ({ expert, priority: 1 }));
+  };
   const tLoad = timing.bytesPerExpert / timing.loadBandwidth;
   const tExpert = timing.bytesPerExpert / timing.computeBandwidth;
   const readyAt = new Float64Array(L * E); // arrival time of each resident expert's load
@@ -150,7 +164,7 @@ export function simulate(sched: AccessSchedule, policy: ExpertCachePolicy, timin
         const budget = Math.max(1, Math.ceil(compute / tLoad));
         const room = budget - queue.length - (ioFree > now ? Math.ceil((ioFree - now) / tLoad) : 0);
         if (room > 0) {
-          const issued = policy.prefetch(l + 1, observer!.prefetchHints(l + 1, tokens), room);
+          const issued = policy.prefetch(l + 1, hintsFor(l + 1, s, tokens), room);
           for (const p of issued) {
             readyAt[(l + 1) * E + p.expert] = Infinity;
             queue.push({ layer: l + 1, expert: p.expert, issued: now });
