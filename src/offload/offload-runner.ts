@@ -153,6 +153,12 @@ interface Predicted {
 
 /** Pseudo-observations shrinking a co-occurrence forecast while its evidence is thin. */
 const CO_PRIOR = 2;
+/**
+ * Tokens of a step whose co-occurrence forecasts are computed (T × k × experts each):
+ * beyond this (prompt chunks), an even sample of them; a long chunk needs most of a
+ * layer's experts anyway.
+ */
+const CO_MAX_TOKENS = 32;
 
 /** Policies that keep per-sequence history (forecast) and are told when a sequence ends. */
 interface SequenceAware {
@@ -541,7 +547,8 @@ export class OffloadRunner implements ModelRunner {
       const ids = topKIds(pred.subarray((d - 1) * T * E, d * T * E), T, E, K);
       const co = this.coForecast(m, d, cur, T);
       const pAny = this.needProbability(m, d, ids, co, T, firstOfSeq);
-      predicted[m].push({ distance: d, ids, coIds: co ? topKIds(co, T, E, K) : new Int32Array(0), pAny });
+      // Co-occurrence quality is counted on steps where every token has a forecast.
+      predicted[m].push({ distance: d, ids, coIds: co && T <= CO_MAX_TOKENS ? topKIds(co, T, E, K) : new Int32Array(0), pAny });
       // Earlier prefetches for m (from further away) that this closer prediction no longer
       // supports and whose reads have not started are withdrawn, freeing their I/O.
       if (d < this.lookahead) room += this.withdrawUnsupported(m, d, pAny);
@@ -647,7 +654,8 @@ export class OffloadRunner implements ModelRunner {
   /**
    * Each token's co-occurrence forecast for layer m from its experts at m - d (`cur`,
    * T × k): (T, E) probabilities, the mean over its experts i of count(i, j) / (n(i) +
-   * CO_PRIOR); null before any counts for these layers.
+   * CO_PRIOR); null before any counts for these layers. Past CO_MAX_TOKENS tokens only
+   * an even sample of them gets a forecast (the others' rows stay 0).
    */
   private coForecast(m: number, d: number, cur: Int32Array, T: number): Float32Array | null {
     if (!this.coOccurrence) return null;
@@ -657,7 +665,8 @@ export class OffloadRunner implements ModelRunner {
     const base = (m * D + d - 1) * E;
     let out: Float32Array | null = null;
     const acc = this.coScratch;
-    for (let t = 0; t < T; t++) {
+    const stride = Math.ceil(T / CO_MAX_TOKENS);
+    for (let t = 0; t < T; t += stride) {
       acc.fill(0);
       let used = 0;
       for (let k = 0; k < K; k++) {
