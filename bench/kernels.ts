@@ -1,4 +1,4 @@
-// Matrix-kernel benchmark: `npx tsx bench/kernels.ts` (about a minute on 2 cores).
+// Matrix-kernel benchmark: `npx tsx bench/kernels.ts` (about two minutes on 2 cores).
 //
 // Decode (n <= 8) is memory-bound: its figure is the effective bandwidth of weight
 // traffic (weight bytes / time per call) against a streaming-read probe measured in the
@@ -44,7 +44,8 @@ const shapes: [number, number][] = [
   [2048, 768],
   [4096, 2048],
 ];
-const ns = [1, 8, 32, 512];
+// 2 and 4: the tokens per expert of batched decode (32 sequences, top-8 of 128 experts: ~2).
+const ns = [1, 2, 4, 8, 32, 512];
 
 function run(type: WeightType, rows: number, cols: number, n: number): void {
   // Decode cycles over >= 256 MB of copies; prefill is compute-bound, 64 MB is plenty.

@@ -356,7 +356,7 @@ void q_tile_g8(const uint8_t* w0, size_t rb, int64_t nb, const uint8_t* grp, int
   }
 }
 
-// Rows in lanes (Q8_0, VNNI), for a few tokens (batched decode: 2..8 tokens per expert).
+// Rows in lanes (Q8_0, VNNI), for a few tokens (batched decode: 2..7 tokens per expert).
 // In q_tile every vpdpbusd yields 8 int32 lanes per (row, token, block), each needing its
 // own int -> float conversion and scaling, so with 1..4 tokens those three float ops per
 // vpdpbusd (plus the per-row and per-token setup) bound the speed, well below the memory
