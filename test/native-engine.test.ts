@@ -186,8 +186,8 @@ for (const weights of ['q8', 'q4', 'bf16'] as const) {
   }
 }
 
-t.test('batch invariance: a sequence alone and inside a batch of 16 others', async (t) => {
-  const { spec, runner, ref, vocabLimit } = await setup(t, 'qwen3_moe', 'q8', 20);
+for (const weights of ['q8', 'q4'] as const) t.test(`batch invariance (${weights}): a sequence alone and inside a batch of 16 others`, async (t) => {
+  const { spec, runner, ref, vocabLimit } = await setup(t, 'qwen3_moe', weights, 20);
   const V = spec.vocabSize;
   const rng = new Rng(21);
   const prompts = Array.from({ length: 17 }, (_, i) => randomTokens(rng, 3 + i, vocabLimit));
