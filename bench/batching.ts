@@ -45,13 +45,7 @@ import { MoeTokenizer } from '../src/model/tokenizer.js';
 import { synthesizeTrace } from '../src/offload/synth-trace.js';
 import { buildApp } from '../src/server/app.js';
 import { BENCH_MODELS, ensureCheckpoint } from './lib/bench-models.js';
-
-interface Figure {
-  name: string;
-  value: number;
-  unit: string;
-  compared_to: string | null;
-}
+import type { Figure } from './lib/figures.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const env = process.env;

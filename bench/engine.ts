@@ -37,13 +37,7 @@ import { BENCH_MODELS, benchModelsDir, ensureCheckpoint, ensureGguf, type BenchM
 import { bytesPerToken, GB, makeWorkload, MB, PROBE_BYTES, type EngineResult, type ReadBytes } from './lib/engine-bench-common.js';
 import { disposeLlamaCpp, getLlamaCpp, measureLlamaCpp, type LlamaCppResult } from './lib/engine-bench-llamacpp.js';
 import { measureOursInChild, type OursResult } from './lib/engine-bench-ours.js';
-
-interface Figure {
-  name: string;
-  value: number;
-  unit: string;
-  compared_to: string | null;
-}
+import type { Figure } from './lib/figures.js';
 
 interface BenchCase {
   id: string;

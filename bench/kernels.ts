@@ -9,13 +9,7 @@
 // Options (environment): BENCH_THREADS (default 2), BENCH_SECONDS per figure (default 0.4).
 // The last line is JSON: [{name, value, unit, compared_to}].
 import { loadNative, type WeightType } from '../src/engine/native.js';
-
-interface Figure {
-  name: string;
-  value: number;
-  unit: string;
-  compared_to: string | null;
-}
+import type { Figure } from './lib/figures.js';
 
 const MB = 1 << 20;
 const threads = Number(process.env.BENCH_THREADS ?? 2);

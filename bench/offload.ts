@@ -43,13 +43,7 @@ import { measurePregating, type PredictionStats } from '../src/offload/predictio
 import { RoutingReplay } from '../src/offload/replay.js';
 import { BENCH_MODELS, ensureCheckpoint } from './lib/bench-models.js';
 import { probeBandwidth, tokenIds } from './lib/engine-bench-common.js';
-
-interface Figure {
-  name: string;
-  value: number;
-  unit: string;
-  compared_to: string | null;
-}
+import type { Figure } from './lib/figures.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const THREADS = Number(process.env.BENCH_THREADS ?? 2);

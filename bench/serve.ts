@@ -24,13 +24,7 @@ import { MoeTokenizer } from '../src/model/tokenizer.js';
 import { buildApp } from '../src/server/app.js';
 import { DEMO_MODEL_ID } from '../src/server/server.js';
 import { BENCH_MODELS, ensureCheckpoint } from './lib/bench-models.js';
-
-interface Figure {
-  name: string;
-  value: number;
-  unit: string;
-  compared_to: string | null;
-}
+import type { Figure } from './lib/figures.js';
 
 interface Sample {
   ttftMs: number;
