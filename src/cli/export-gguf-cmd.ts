@@ -6,7 +6,8 @@ const HELP = `usage: moe-serve export-gguf --model DIR --out FILE [--type ${GGUF
 Converts a checkpoint directory to a GGUF file that llama.cpp loads as the same
 model: llama.cpp's architecture and hyperparameter keys, the tokenizer, and the
 tensors under llama.cpp's names (routed experts stacked per layer). Norms, biases
-and routers stay F32; the other matrices take --type.
+and routers stay F32; the other matrices take --type, except that q4_0 applies to
+the experts only and the other matrices are Q8_0 (as the engine's --weights q4).
 
 options:
   --model DIR      checkpoint directory
