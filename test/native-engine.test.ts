@@ -6,7 +6,7 @@ import t from 'tap';
 import { openModel } from '../src/model/checkpoint.js';
 import { ReferenceModel, type KvCache } from '../src/model/reference.js';
 import { argmax } from '../src/engine/sampling.js';
-import { denseFormat, NativeRunner, WEIGHT_FORMATS, type WeightFormat } from '../src/engine/native-runner.js';
+import { denseFormat, estimateEngineBytes, NativeRunner, WEIGHT_FORMATS, type WeightFormat } from '../src/engine/native-runner.js';
 import { loadNative, type WeightType } from '../src/engine/native.js';
 import { checkpointTensors } from '../src/model/tensor-names.js';
 import type { StepSequence } from '../src/engine/runner.js';
@@ -208,6 +208,21 @@ for (const weights of ['q8', 'q4'] as const) t.test(`batch invariance (${weights
   const alone = decode([0], 24);
   const batched = decode(Array.from({ length: 17 }, (_, i) => i), 24);
   t.same(batched, alone);
+});
+
+t.test("the memory estimate is the engine's own weight bytes, per format and architecture", async (t) => {
+  for (const arch of ARCHITECTURES) {
+    const dir = writeModel(t, { arch, seed: 11 });
+    const m = await openModel(dir);
+    for (const weights of ['f32', 'bf16', 'q8', 'q4'] as const) {
+      const o = { weights, threads: 1, kvBlockSize: BLOCK, kvBlocks: 4 };
+      const runner = NativeRunner.fromCheckpoint(m.spec, m.weights, o);
+      const held = runner.engine.info().weightBytes;
+      runner.close();
+      t.equal(estimateEngineBytes(m.spec, o).weights, held, `${arch} ${weights}: ${held} bytes`);
+    }
+    m.close();
+  }
 });
 
 t.test('the per-layer calls equal the fused step', async (t) => {

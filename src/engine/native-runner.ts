@@ -48,14 +48,21 @@ export function denseFormat(weights: WeightFormat): WeightFormat {
 }
 
 /**
- * Bytes of the weights the engine holds: norms, biases and routers in float32, routed and
- * shared experts in the chosen format, the other matrices in its dense format. With
- * `routedExperts: false`, the routed experts are left out (offloading holds them in slots).
+ * Bytes of the weights the engine holds (its own count, info().weightBytes, exactly):
+ * norms, biases and routers in float32, routed and shared experts in the chosen format,
+ * the other matrices in its dense format. With `routedExperts: false`, the routed
+ * experts are left out (offloading holds them in slots).
  */
 export function weightBytes(spec: ModelSpec, weights: WeightFormat, routedExperts = true): number {
   const c = paramCounts(spec);
   const h = spec.hiddenSize;
-  const f32Params = spec.numLayers * (2 * h + spec.numExperts * h + (spec.sharedExpertIntermediateSize > 0 ? h : 0)) + h;
+  const q = spec.numHeads * spec.headDim;
+  const kv = spec.numKvHeads * spec.headDim;
+  // Per layer in float32: the two norms, the router, the shared expert's gate, the q/k/v
+  // biases and the q/k norms (per head or full width).
+  const qkvBias = spec.qkvBias ? q + 2 * kv : 0;
+  const qkNorm = spec.qkNorm === 'per_head' ? 2 * spec.headDim : spec.qkNorm === 'full' ? q + kv : 0;
+  const f32Params = spec.numLayers * (2 * h + spec.numExperts * h + (spec.sharedExpertIntermediateSize > 0 ? h : 0) + qkvBias + qkNorm) + h;
   const sharedParams = spec.numLayers * 3 * h * spec.sharedExpertIntermediateSize;
   const denseParams = c.nonExpertParams - f32Params - sharedParams;
   return (
