@@ -159,6 +159,8 @@ const CO_PRIOR = 2;
  * layer's experts anyway.
  */
 const CO_MAX_TOKENS = 32;
+/** Distances the co-occurrence forecast covers (its counts take layers × this × experts² floats). */
+const CO_MAX_DISTANCE = 4;
 
 /** Policies that keep per-sequence history (forecast) and are told when a sequence ends. */
 interface SequenceAware {
@@ -214,6 +216,8 @@ export class OffloadRunner implements ModelRunner {
   private readonly coN: Float32Array;
   private readonly coScratch: Float64Array;
   private readonly coOccurrence: boolean;
+  /** Distances with co-occurrence counts: min(lookahead, CO_MAX_DISTANCE). */
+  private readonly coDistance: number;
   /** (layer, expert): prefetched and not used yet (mirrors the policy's own flag). */
   private readonly unusedPrefetch: Uint8Array;
   /** Per layer: prefetches issued for its next visit. */
@@ -268,7 +272,8 @@ export class OffloadRunner implements ModelRunner {
     this.layerStats = Array.from({ length: this.L }, emptyLayerStats);
     this.prediction = new PredictionCounters(Math.max(1, this.lookahead));
     this.coPrediction = new PredictionCounters(Math.max(1, this.lookahead));
-    const D = Math.max(1, this.lookahead);
+    this.coDistance = Math.min(this.lookahead, CO_MAX_DISTANCE);
+    const D = Math.max(1, this.coDistance);
     this.coOccurrence = this.lookahead > 0 && (o.coOccurrence ?? true);
     this.coCounts = new Float32Array(this.coOccurrence ? this.L * D * this.E * this.E : 0);
     this.coN = new Float32Array(this.coOccurrence ? this.L * D * this.E : 0);
@@ -658,10 +663,10 @@ export class OffloadRunner implements ModelRunner {
    * an even sample of them gets a forecast (the others' rows stay 0).
    */
   private coForecast(m: number, d: number, cur: Int32Array, T: number): Float32Array | null {
-    if (!this.coOccurrence) return null;
+    if (!this.coOccurrence || d > this.coDistance) return null;
     const E = this.E;
     const K = this.k;
-    const D = this.lookahead;
+    const D = this.coDistance;
     const base = (m * D + d - 1) * E;
     let out: Float32Array | null = null;
     const acc = this.coScratch;
@@ -686,9 +691,9 @@ export class OffloadRunner implements ModelRunner {
     return out;
   }
 
-  /** Learns the step's same-token co-occurrences (distances 1..lookahead). */
+  /** Learns the step's same-token co-occurrences (distances 1..coDistance). */
   private learnCoOccurrence(routings: Int32Array[], T: number): void {
-    const D = this.lookahead;
+    const D = this.coDistance;
     if (!this.coOccurrence) return;
     const E = this.E;
     const K = this.k;
