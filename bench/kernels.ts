@@ -6,7 +6,9 @@
 // copies of the matrix (>= 256 MB together, like the experts of a layer) so that the
 // caches do not help. Prefill (n >= 32) is compute-bound: its figure is GMAC/s.
 //
-// Options (environment): BENCH_THREADS (default 2), BENCH_SECONDS per figure (default 0.4).
+// Options (environment): BENCH_THREADS (default 2), BENCH_SECONDS per figure (default 0.4),
+// BENCH_CASES: only these cases, e.g. `q8_0:151936x2048:32,q8_0:4096x2048:16` (A/B runs of
+// one kernel without the two minutes of the full table).
 // The last line is JSON: [{name, value, unit, compared_to}].
 import { loadNative, type WeightType } from '../src/engine/native.js';
 import type { Figure } from './lib/figures.js';
@@ -71,9 +73,24 @@ function run(type: WeightType, rows: number, cols: number, n: number): void {
   }
 }
 
-for (const type of types) {
-  for (const [rows, cols] of shapes) for (const n of ns) run(type, rows, cols, n);
-  run(type, 151936, 2048, 1);
+const only = (process.env.BENCH_CASES ?? '').split(',').filter((c) => c.length > 0);
+if (only.length > 0) {
+  for (const c of only) {
+    const [type, shape, n] = c.split(':');
+    const [rows, cols] = shape.split('x').map(Number);
+    run(type as WeightType, rows, cols, Number(n));
+  }
+} else {
+  for (const type of types) {
+    for (const [rows, cols] of shapes) for (const n of ns) run(type, rows, cols, n);
+    run(type, 151936, 2048, 1);
+  }
+  // Batched decode's compute-bound matmuls: the LM head and the attention projections
+  // with 16 and 32 tokens (one token per sequence).
+  for (const n of [16, 32]) {
+    run('q8_0', 151936, 2048, n);
+    run('q8_0', 4096, 2048, n);
+  }
 }
 
 console.log(JSON.stringify(figures));

@@ -456,6 +456,46 @@ t.test('matmul q8_0, 1..9 tokens over 8-row tiles: every ISA vs scalar', async (
   t.ok(worst <= 1e-5, `vs scalar: worst |diff| / sum|terms| = ${worst.toExponential(2)} (${checked} runs)`);
 });
 
+// Q8_0 with 32 tokens and more takes pairs of 16-token groups through its own AVX-512 VNNI
+// kernel (one lane per token), the rest through the 8-token groups and per-token tiles:
+// token counts at and around the pair boundaries, row counts around its 4-row tiles, odd
+// block counts, against the scalar kernel.
+t.test('matmul q8_0, 31..70 tokens over 16-token groups: every ISA vs scalar', async (t) => {
+  let seed = 1900;
+  let worst = 0;
+  let checked = 0;
+  for (const rows of [1, 3, 4, 5, 9, 17]) {
+    for (const cols of [32, 96, 2048]) {
+      for (const n of [31, 32, 33, 37, 45, 48, 64, 70]) {
+        if (cols === 2048 && rows > 5 && n !== 37 && n !== 64) continue; // keep the suite fast
+        const w = randomMatrix(seed++, rows * cols, 0.05);
+        const x = randomMatrix(seed++, n * cols, 1);
+        const bytes = addon.quantizeRows('q8_0', w, rows, cols);
+        const wd = dequantizeAll('q8_0', bytes, rows, cols);
+        addon.setIsa('scalar');
+        const xd = addon.actsDequantize('q8_0', x, n, cols);
+        const scalar = addon.matmulTest('q8_0', bytes, rows, cols, x, n, 1);
+        for (const isa of ISAS) {
+          if (isa === 'scalar') continue;
+          addon.setIsa(isa);
+          const y = addon.matmulTest('q8_0', bytes, rows, cols, x, n, 2);
+          for (let tk = 0; tk < n; tk++) {
+            for (let r = 0; r < rows; r++) {
+              let m = 1e-30;
+              for (let k = 0; k < cols; k++) m += Math.abs(wd[r * cols + k] * xd[tk * cols + k]);
+              const i = tk * rows + r;
+              worst = Math.max(worst, Math.abs(y[i] - scalar[i]) / m);
+            }
+          }
+          checked++;
+        }
+      }
+    }
+  }
+  addon.setIsa(initialIsa);
+  t.ok(worst <= 1e-5, `vs scalar: worst |diff| / sum|terms| = ${worst.toExponential(2)} (${checked} runs)`);
+});
+
 t.test('matmul: threads 1 and 2 give identical results, and n = 0 / ldy handling', async (t) => {
   const rows = 1001;
   const cols = 512;

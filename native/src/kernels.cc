@@ -243,8 +243,10 @@ size_t acts_bytes(WType t, int64_t n, int64_t cols) {
     case WType::Q8_0:
     case WType::Q4_0: {
       const size_t groups = static_cast<size_t>((n + 7) / 8);
+      const size_t groups16 = static_cast<size_t>(n / 32 * 2);
       return e + static_cast<size_t>(n) * static_cast<size_t>(cols / 32) * 8 +
-             groups * static_cast<size_t>(cols / 32) * kGroupBlockBytes;
+             groups * static_cast<size_t>(cols / 32) * kGroupBlockBytes +
+             groups16 * static_cast<size_t>(cols / 32) * kGroup16BlockBytes;
     }
   }
   return 0;
@@ -254,8 +256,9 @@ QActs qacts(const Acts& a) {
   const size_t e = static_cast<size_t>(a.n) * static_cast<size_t>(a.cols);
   const size_t nb = static_cast<size_t>(a.n) * static_cast<size_t>(a.cols / 32);
   const uint8_t* base = a.buf.data();
+  const size_t g8 = static_cast<size_t>((a.n + 7) / 8) * static_cast<size_t>(a.cols / 32) * kGroupBlockBytes;
   return QActs{reinterpret_cast<const int8_t*>(base), reinterpret_cast<const float*>(base + e),
-               reinterpret_cast<const int32_t*>(base + e + nb * 4), base + e + nb * 8};
+               reinterpret_cast<const int32_t*>(base + e + nb * 4), base + e + nb * 8, base + e + nb * 8 + g8};
 }
 
 void build_groups(Acts& a) {
@@ -279,6 +282,21 @@ void build_groups(Acts& a) {
         d8[2 * t] = d8[2 * t + 1] = real ? v.d[tok * nb + b] : 0.0f;
         c8[2 * t] = real ? v.corr[tok * nb + b] : 0;
         c8[2 * t + 1] = 0;
+      }
+    }
+  }
+  const int64_t groups16 = a.n / 32 * 2;
+  uint8_t* out16 = const_cast<uint8_t*>(v.groups16);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t g = 0; g < groups16; ++g) {
+      uint8_t* o = out16 + (b * groups16 + g) * kGroup16BlockBytes;
+      float* d16 = reinterpret_cast<float*>(o + 512);
+      int32_t* c16 = reinterpret_cast<int32_t*>(o + 576);
+      for (int t = 0; t < 16; ++t) {
+        const int64_t tok = g * 16 + t;
+        for (int k = 0; k < 8; ++k) std::memcpy(o + k * 64 + t * 4, v.q + tok * a.cols + 32 * b + 4 * k, 4);
+        d16[t] = v.d[tok * nb + b];
+        c16[t] = v.corr[tok * nb + b];
       }
     }
   }

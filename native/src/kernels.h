@@ -101,18 +101,28 @@ namespace kdetail {
 //                int8  q8[4][8 tokens][8]      q8[k][t] = bytes 8k..8k+7 of token 8g+t's block
 //                float d8[8 tokens][2]         its d, twice
 //                int32 c8[8 tokens][2]         {its corr, 0}
+//              then, only when n >= 32, for groups of 16 tokens (G16 = 2 * floor(n / 32):
+//              the kernel takes them in pairs; the others are served by the 8-groups), per
+//              block b and group g, 640 bytes at (b * G16 + g) * 640 (block-major: a pass
+//              over the groups reads one stream): tokens in lanes, one lane per token
+//                int8  q16[8][16 tokens][4]    q16[k][t] = bytes 4k..4k+3 of token 16g+t's block
+//                float d16[16 tokens]          its d
+//                int32 c16[16 tokens]          its corr
 struct QActs {
   const int8_t* q;
   const float* d;
   const int32_t* corr;
-  const uint8_t* groups;  // G * (cols / 32) * 384 bytes, group-major
+  const uint8_t* groups;    // G * (cols / 32) * 384 bytes, group-major
+  const uint8_t* groups16;  // G16 * (cols / 32) * 640 bytes, block-major
 };
 constexpr size_t kGroupBlockBytes = 384;
+constexpr size_t kGroup16BlockBytes = 640;
 size_t acts_bytes(WType t, int64_t n, int64_t cols);
 QActs qacts(const Acts& a);
 // Quantizes one 32-block of activations (the scalar definition every ISA reproduces exactly).
 void quantize_act_block(const float* x, int8_t* q, float* d, int32_t* corr, int32_t corr_mul);
-// Fills the token-interleaved groups from q, d, corr (done after every variant's prepare).
+// Fills the token-interleaved groups (8 and 16 tokens) from q, d, corr (done after every
+// variant's prepare).
 void build_groups(Acts& a);
 
 using MatmulFn = void (*)(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);

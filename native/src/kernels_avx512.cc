@@ -26,6 +26,9 @@
 //   Zen 4 with one thread streaming from memory: 2-row tiles with this linear prefetch
 //   read ~2x faster than 4-row tiles prefetching each row's next-tile line, whose
 //   interleaved streams the hardware prefetchers follow poorly.
+// - Q8_0 with VNNI and 32 tokens or more (batched decode's LM head and attention
+//   projections, prefill) takes pairs of 16-token groups through q8_tile_g16 (one lane per
+//   token, see there), the rest through q_tile_g8.
 // - Q8_0 with VNNI and 2..7 tokens (batched decode: a few tokens per expert) uses
 //   q8_rows8 instead: 8 rows in lanes, see there.
 // - Decode with one token (q_n1) is its own kernel: 2 rows per tile, and each pair of
@@ -356,6 +359,60 @@ void q_tile_g8(const uint8_t* w0, size_t rb, int64_t nb, const uint8_t* grp, int
   }
 }
 
+// Tokens in lanes, one lane per token (Q8_0, VNNI), for groups of 16 tokens: as q_tile_g8,
+// but each 4-byte piece k (k = 0..7) of a weight block is broadcast and multiplied with
+// the same piece of 16 tokens' blocks. q_tile_g8 gives each token two lanes (8-byte
+// pieces), so its int -> float scaling (vcvtdq2ps, vmulps, vfmadd) follows every 4
+// vpdpbusd; here every 8. On Zen 4 vpdpbusd, vmulps and vfmadd share the two FMA pipes,
+// and with 32 tokens a row's block costs 16 vpdpbusd + 4 float ops instead of 16 + 8 (and
+// 20 instead of 24 zmm activation loads).
+template <int R, int G>
+void q8_tile_g16(const uint8_t* w0, size_t rb, int64_t nb, const uint8_t* grp, size_t bstride, int64_t t0, float* y,
+                 int64_t ldy, int64_t r, Prefetch pf) {
+  constexpr size_t BB = QBlk<WType::Q8_0>::kBytes;
+  __m512 acc[R][G];
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g) acc[i][g] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < nb; ++b) {
+    pf.upto<Hint::T1>(static_cast<size_t>(b + 1) * (R * BB));
+    const uint8_t* gb = grp + b * bstride;
+    for (int i = 0; i < R; ++i) {
+      const uint8_t* p = w0 + i * rb + b * BB;
+      __m512i wv[8];
+      for (int k = 0; k < 8; ++k) {
+        int32_t q;
+        std::memcpy(&q, p + 2 + 4 * k, 4);
+        wv[k] = _mm512_xor_si512(_mm512_set1_epi32(q), flip);  // q + 128, unsigned
+      }
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      const __m512 dw = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(h)));
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* gg = gb + g * kGroup16BlockBytes;
+        // Two chains of 4, summed: one chain of 8 left the speed bound by vpdpbusd's
+        // latency, not its throughput (one thread, 151936 x 2048 with 32 tokens: 131 -> 160
+        // GMAC/s; four chains of 2 were slower again, their extra additions cost more).
+        __m512i s = _mm512_loadu_si512(gg + 576), s1 = _mm512_setzero_si512();
+        for (int k = 0; k < 8; k += 2) {
+          s = _mm512_dpbusd_epi32(s, wv[k], _mm512_loadu_si512(gg + 64 * k));
+          s1 = _mm512_dpbusd_epi32(s1, wv[k + 1], _mm512_loadu_si512(gg + 64 * k + 64));
+        }
+        s = _mm512_add_epi32(s, s1);
+        const __m512 dx = _mm512_loadu_ps(reinterpret_cast<const float*>(gg + 512));
+        acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dx), acc[i][g]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int i = 0; i < R; ++i) {
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, acc[i][g]);
+      for (int t = 0; t < 16; ++t) y[(t0 + 16 * g + t) * ldy + r + i] = lanes[t];
+    }
+  }
+}
+
 // Rows in lanes (Q8_0, VNNI), for a few tokens (batched decode: 2..7 tokens per expert).
 // In q_tile every vpdpbusd yields 8 int32 lanes per (row, token, block), each needing its
 // own int -> float conversion and scaling, so with 1..4 tokens those three float ops per
@@ -638,36 +695,69 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
     if (r < r1) q_n1<WT, 1>(w.data + r * rb, rb, nb, a, y + r, Prefetch(w.data + r * rb, rb, ahead, end));
     return;
   }
-  int64_t grouped = 0;  // tokens [0, grouped) go through q_tile_g8
+  int64_t grouped = 0;  // tokens [0, grouped) go through q8_tile_g16 / q_tile_g8
   if constexpr (M == QMode::Vnni) {
-    // Groups of 8 tokens; a last partial group of >= 5 tokens too (padding lanes are
+    // Q8_0: pairs of groups of 16 tokens first (q8_tile_g16). One group of 16 alone was
+    // slower than 2 groups of 8 in q_tile_g8 (its 8 weight broadcasts and flips per row
+    // and block then serve only 8 vpdpbusd), so 16..31 tokens stay with q_tile_g8.
+    const int64_t done16 = WT == WType::Q8_0 ? x.n / 32 * 32 : 0;
+    const size_t bstride16 = static_cast<size_t>(x.n / 32 * 2) * kGroup16BlockBytes;
+    // Then groups of 8 tokens; a last partial group of >= 5 tokens too (padding lanes are
     // cheaper than per-token epilogues), fewer go to the per-token tiles.
-    grouped = x.n % 8 >= 5 ? (x.n + 7) / 8 * 8 : x.n / 8 * 8;
+    const int64_t rest = x.n - done16;
+    grouped = done16 + (rest % 8 >= 5 ? (rest + 7) / 8 * 8 : rest / 8 * 8);
     constexpr int GR = 4;
     const size_t ahead = ahead_for(GR * rb, 8192);
     if (grouped > 0) prefetch_start(w.data + r0 * rb, ahead, end);
-    for (int64_t r = r0; r < r1; r += GR) {
-      const int R = static_cast<int>(r1 - r < GR ? r1 - r : GR);
-      for (int64_t t0 = 0; t0 < grouped; t0 += 16) {
-        const uint8_t* grp = a.groups + (t0 / 8) * nb * kGroupBlockBytes;
-        const uint8_t* w0 = w.data + r * rb;
-        // Only the first pass streams the rows from memory; the others find them cached.
-        // Passes take 2 groups while 2 remain.
-        const Prefetch pf(w0, R * rb, t0 == 0 ? ahead : 0, end);
-        const int64_t n = std::min(grouped, x.n);
-        if (grouped - t0 >= 16) {
+    // q8_tile_g16 writes into a buffer of 16 rows x 32 tokens, copied out a token's 16 rows
+    // at a time: its own scattered 4-row writes, 32 tokens ldy floats apart (a multiple of
+    // 4 KB: one L1 set), evicted each other's lines between tiles (one thread, 2048 x 768
+    // with 32 tokens: 81 GMAC/s with them, 137 without any).
+    constexpr int RS = 16;
+    for (int64_t rs = r0; rs < r1; rs += RS) {
+      const int64_t re = std::min<int64_t>(r1, rs + RS);
+      for (int64_t t0 = 0; t0 < done16; t0 += 32) {
+        alignas(64) float buf[32 * RS];
+        const uint8_t* grp = a.groups16 + (t0 / 16) * kGroup16BlockBytes;
+        for (int64_t r = rs; r < re; r += GR) {
+          const int R = static_cast<int>(re - r < GR ? re - r : GR);
+          const uint8_t* w0 = w.data + r * rb;
+          // Only the first pass streams the rows from memory; the others find them cached.
+          const Prefetch pf(w0, R * rb, t0 == 0 ? ahead : 0, end);
+          const int64_t rr = r - rs;
           switch (R) {
-            case 1: q_tile_g8<WT, 1, 2>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
-            case 2: q_tile_g8<WT, 2, 2>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
-            case 3: q_tile_g8<WT, 3, 2>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
-            default: q_tile_g8<WT, GR, 2>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
+            case 1: q8_tile_g16<1, 2>(w0, rb, nb, grp, bstride16, 0, buf, RS, rr, pf); break;
+            case 2: q8_tile_g16<2, 2>(w0, rb, nb, grp, bstride16, 0, buf, RS, rr, pf); break;
+            case 3: q8_tile_g16<3, 2>(w0, rb, nb, grp, bstride16, 0, buf, RS, rr, pf); break;
+            default: q8_tile_g16<GR, 2>(w0, rb, nb, grp, bstride16, 0, buf, RS, rr, pf); break;
           }
-        } else {
-          switch (R) {
-            case 1: q_tile_g8<WT, 1, 1>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
-            case 2: q_tile_g8<WT, 2, 1>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
-            case 3: q_tile_g8<WT, 3, 1>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
-            default: q_tile_g8<WT, GR, 1>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
+        }
+        const __mmask16 keep = static_cast<__mmask16>((1u << (re - rs)) - 1);
+        for (int t = 0; t < 32; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + rs, keep, _mm512_load_ps(buf + t * RS));
+      }
+      for (int64_t r = rs; r < re; r += GR) {
+        const int R = static_cast<int>(re - r < GR ? re - r : GR);
+        for (int64_t t0 = done16; t0 < grouped; t0 += 16) {
+          const uint8_t* grp = a.groups + (t0 / 8) * nb * kGroupBlockBytes;
+          const uint8_t* w0 = w.data + r * rb;
+          // Only the first pass streams the rows from memory; the others find them cached.
+          // Passes take 2 groups while 2 remain.
+          const Prefetch pf(w0, R * rb, t0 == 0 ? ahead : 0, end);
+          const int64_t n = std::min(grouped, x.n);
+          if (grouped - t0 >= 16) {
+            switch (R) {
+              case 1: q_tile_g8<WT, 1, 2>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
+              case 2: q_tile_g8<WT, 2, 2>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
+              case 3: q_tile_g8<WT, 3, 2>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
+              default: q_tile_g8<WT, GR, 2>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
+            }
+          } else {
+            switch (R) {
+              case 1: q_tile_g8<WT, 1, 1>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
+              case 2: q_tile_g8<WT, 2, 1>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
+              case 3: q_tile_g8<WT, 3, 1>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
+              default: q_tile_g8<WT, GR, 1>(w0, rb, nb, grp, t0, n, y, ldy, r, pf); break;
+            }
           }
         }
       }
@@ -675,7 +765,7 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
   }
   if (grouped >= x.n) return;
   const int64_t rest = x.n - grouped;
-  const QActs shifted{a.q + grouped * w.cols, a.d + grouped * nb, a.corr + grouped * nb, nullptr};
+  const QActs shifted{a.q + grouped * w.cols, a.d + grouped * nb, a.corr + grouped * nb, nullptr, nullptr};
   float* ys = y + grouped * ldy;
   const Tiling tl = q_tiling_for<WT>(rest);
   const size_t ahead = ahead_for(static_cast<size_t>(tl.rows) * rb, tile_ahead_target(tl.tokens));
