@@ -417,17 +417,18 @@ for (const type of TYPES) {
   });
 }
 
-// Q8_0 with 2..7 tokens has its own AVX-512 VNNI kernel (8 rows per tile, rows in lanes):
-// row counts around and below its tile (tails repeat the last row), odd block counts, and
-// every token count it serves plus its neighbours, against the scalar kernel.
-t.test('matmul q8_0, 1..9 tokens over 8-row tiles: every ISA vs scalar', async (t) => {
-  let seed = 900;
+/**
+ * Q8_0 matmuls of every ISA against the scalar kernel over rows × {32, 96, 2048} columns ×
+ * token counts (`skip` leaves out large cases to keep the suite fast): the worst
+ * |difference| relative to the sum of the absolute products of each output.
+ */
+function q8AgainstScalar(seed: number, rowCounts: number[], tokenCounts: number[], skip: (rows: number, cols: number, n: number) => boolean) {
   let worst = 0;
   let checked = 0;
-  for (const rows of [1, 7, 8, 9, 16, 23, 41]) {
+  for (const rows of rowCounts) {
     for (const cols of [32, 96, 2048]) {
-      for (const n of [1, 2, 3, 4, 5, 6, 7, 8, 9]) {
-        if (cols === 2048 && n % 3 !== 0 && rows > 9) continue; // keep the suite fast
+      for (const n of tokenCounts) {
+        if (skip(rows, cols, n)) continue;
         const w = randomMatrix(seed++, rows * cols, 0.05);
         const x = randomMatrix(seed++, n * cols, 1);
         const bytes = addon.quantizeRows('q8_0', w, rows, cols);
@@ -453,6 +454,14 @@ t.test('matmul q8_0, 1..9 tokens over 8-row tiles: every ISA vs scalar', async (
     }
   }
   addon.setIsa(initialIsa);
+  return { worst, checked };
+}
+
+// Q8_0 with 2..7 tokens has its own AVX-512 VNNI kernel (8 rows per tile, rows in lanes):
+// row counts around and below its tile (tails repeat the last row), odd block counts, and
+// every token count it serves plus its neighbours, against the scalar kernel.
+t.test('matmul q8_0, 1..9 tokens over 8-row tiles: every ISA vs scalar', async (t) => {
+  const { worst, checked } = q8AgainstScalar(900, [1, 7, 8, 9, 16, 23, 41], [1, 2, 3, 4, 5, 6, 7, 8, 9], (rows, cols, n) => cols === 2048 && n % 3 !== 0 && rows > 9);
   t.ok(worst <= 1e-5, `vs scalar: worst |diff| / sum|terms| = ${worst.toExponential(2)} (${checked} runs)`);
 });
 
@@ -461,38 +470,7 @@ t.test('matmul q8_0, 1..9 tokens over 8-row tiles: every ISA vs scalar', async (
 // token counts at and around the pair boundaries, row counts around its 4-row tiles, odd
 // block counts, against the scalar kernel.
 t.test('matmul q8_0, 31..70 tokens over 16-token groups: every ISA vs scalar', async (t) => {
-  let seed = 1900;
-  let worst = 0;
-  let checked = 0;
-  for (const rows of [1, 3, 4, 5, 9, 17]) {
-    for (const cols of [32, 96, 2048]) {
-      for (const n of [31, 32, 33, 37, 45, 48, 64, 70]) {
-        if (cols === 2048 && rows > 5 && n !== 37 && n !== 64) continue; // keep the suite fast
-        const w = randomMatrix(seed++, rows * cols, 0.05);
-        const x = randomMatrix(seed++, n * cols, 1);
-        const bytes = addon.quantizeRows('q8_0', w, rows, cols);
-        const wd = dequantizeAll('q8_0', bytes, rows, cols);
-        addon.setIsa('scalar');
-        const xd = addon.actsDequantize('q8_0', x, n, cols);
-        const scalar = addon.matmulTest('q8_0', bytes, rows, cols, x, n, 1);
-        for (const isa of ISAS) {
-          if (isa === 'scalar') continue;
-          addon.setIsa(isa);
-          const y = addon.matmulTest('q8_0', bytes, rows, cols, x, n, 2);
-          for (let tk = 0; tk < n; tk++) {
-            for (let r = 0; r < rows; r++) {
-              let m = 1e-30;
-              for (let k = 0; k < cols; k++) m += Math.abs(wd[r * cols + k] * xd[tk * cols + k]);
-              const i = tk * rows + r;
-              worst = Math.max(worst, Math.abs(y[i] - scalar[i]) / m);
-            }
-          }
-          checked++;
-        }
-      }
-    }
-  }
-  addon.setIsa(initialIsa);
+  const { worst, checked } = q8AgainstScalar(1900, [1, 3, 4, 5, 9, 17], [31, 32, 33, 37, 45, 48, 64, 70], (rows, cols, n) => cols === 2048 && rows > 5 && n !== 37 && n !== 64);
   t.ok(worst <= 1e-5, `vs scalar: worst |diff| / sum|terms| = ${worst.toExponential(2)} (${checked} runs)`);
 });
 
