@@ -11,7 +11,6 @@ import { join } from 'node:path';
 import t from 'tap';
 import { openModel } from '../src/model/checkpoint.js';
 import { NativeRunner, packBatch } from '../src/engine/native-runner.js';
-import { loadNative } from '../src/engine/native.js';
 import type { ModelRunner, RoutingEvent, StepSequence } from '../src/engine/runner.js';
 import { argmax } from '../src/engine/sampling.js';
 import { Rng } from '../src/model/prng.js';
@@ -23,19 +22,10 @@ import { measurePregating, NeedCalibration, PredictionCounters, scoreTopK, topKI
 import { RoutingReplay } from '../src/offload/replay.js';
 import { FakeOffloadStore } from './helpers/fake-offload-store.js';
 import { tempDir, writeModel } from './helpers/models.js';
+import { NO_OFFLOAD_SKIP } from './helpers/offload.js';
 
 const BLOCK = 16;
 const BLOCKS_PER_SEQ = 8;
-
-/** Whether this build of the addon has the expert store and pre-gating. */
-function nativeOffload(): boolean {
-  try {
-    const proto = loadNative().NativeEngine.prototype as unknown as Record<string, unknown>;
-    return typeof proto.predictRouter === 'function' && typeof proto.loadExpert === 'function';
-  } catch {
-    return false;
-  }
-}
 
 async function model(t: Parameters<typeof writeModel>[0], arch: Architecture, layers: number) {
   const dir = writeModel(t, { arch, seed: 5, overrides: { numLayers: layers } });
@@ -525,7 +515,7 @@ t.test('routing replay takes the trace ids with the stated mapping, resident and
 
 // ---- The addon's own expert store ----
 
-t.test('native expert store: bitwise equal to resident, prefetch and pre-gating measured', { skip: nativeOffload() ? false : 'this build of the addon has no expert store yet' }, async (t) => {
+t.test('native expert store: bitwise equal to resident, prefetch and pre-gating measured', { skip: NO_OFFLOAD_SKIP }, async (t) => {
   const x = await model(t, 'qwen3_moe', 4);
   const nSeq = 5;
   const ref = resident(x, nSeq);
@@ -572,7 +562,7 @@ t.test('native expert store: bitwise equal to resident, prefetch and pre-gating 
   t.ok(q[0].actual === 5 * 8 * 3 && q[0].recall > 0.25, `distance 1 recall ${q[0].recall}`);
 });
 
-t.test('moe-serve generate: --offload-* flags give the same greedy text as the resident engine', { skip: nativeOffload() ? false : 'this build of the addon has no expert store yet' }, async (t) => {
+t.test('moe-serve generate: --offload-* flags give the same greedy text as the resident engine', { skip: NO_OFFLOAD_SKIP }, async (t) => {
   const { runGenerate } = await import('../src/cli/generate-cmd.js');
   const x = await model(t, 'qwen3_moe', 4);
   const run = async (extra: object) => {

@@ -4,25 +4,13 @@
 
 import t from 'tap';
 import { request } from 'undici';
-import { MODEL_ID, startTestServer, tinyModelDir, waitFor } from './helpers/server-harness.js';
+import { MODEL_ID, startTestServer, tinyModelDir, waitFor, parseMetrics } from './helpers/server-harness.js';
 
 const dir = tinyModelDir(t);
 
 // ignore_eos: the request runs its full length, whatever the random model samples.
 const long = { model: MODEL_ID, prompt: 'Tell me a long story about experts', max_tokens: 400, temperature: 0.8, seed: 1, ignore_eos: true };
 const headers = { 'content-type': 'application/json' };
-
-/** name{labels} → value from the Prometheus text exposition format. */
-function parseMetrics(text: string): Map<string, number> {
-  const out = new Map<string, number>();
-  for (const line of text.split('\n')) {
-    if (line === '' || line.startsWith('#')) continue;
-    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$/.exec(line);
-    if (!m) throw new Error(`not exposition format: ${line}`);
-    out.set(m[1], Number(m[2]));
-  }
-  return out;
-}
 
 t.test('a streaming client that disconnects cancels its engine request at once', async (t) => {
   const s = await startTestServer(t, dir);

@@ -9,34 +9,15 @@ import t from 'tap';
 import { request } from 'undici';
 import { ConfigError, loadSettings } from '../src/config.js';
 import { startEngine } from '../src/engine/engine-client.js';
-import { loadNative } from '../src/engine/native.js';
 import type { ExpertCacheState } from '../src/engine/protocol.js';
 import { engineOptions } from '../src/server/server.js';
 import { tempDir, writeModel } from './helpers/models.js';
-import { MODEL_ID, startTestServer, tinyModelDir } from './helpers/server-harness.js';
+import { MODEL_ID, startTestServer, tinyModelDir, parseMetrics } from './helpers/server-harness.js';
+import { NO_OFFLOAD_SKIP } from './helpers/offload.js';
 
-function nativeOffload(): boolean {
-  try {
-    const proto = loadNative().NativeEngine.prototype as unknown as Record<string, unknown>;
-    return typeof proto.predictRouter === 'function' && typeof proto.loadExpert === 'function';
-  } catch {
-    return false;
-  }
-}
-const skip = nativeOffload() ? false : 'this build of the addon has no expert store yet';
+const skip = NO_OFFLOAD_SKIP;
 
 const headers = { 'content-type': 'application/json' };
-
-function parseMetrics(text: string): Map<string, number> {
-  const out = new Map<string, number>();
-  for (const line of text.split('\n')) {
-    if (line === '' || line.startsWith('#')) continue;
-    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$/.exec(line);
-    if (!m) throw new Error(`not exposition format: ${line}`);
-    out.set(m[1], Number(m[2]));
-  }
-  return out;
-}
 
 /** Sum of a metric over its label sets. */
 function sum(m: Map<string, number>, name: string): number {

@@ -41,6 +41,7 @@ import { LfuPolicy } from './lfu.js';
 import { LruPolicy } from './lru.js';
 import { DEFAULT_TIMING, type TimingModel } from './simulator.js';
 import { NO_EXPERT, readTrace, type TraceHeader, type TraceRequest, type TraceToken } from './trace.js';
+import { requestStream } from './schedule.js';
 
 export const BATCH_SCHEDULERS = ['fcfs', 'oracle', 'expert-aware'] as const;
 export type BatchSchedulerName = (typeof BATCH_SCHEDULERS)[number];
@@ -140,27 +141,16 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
 
   let header: TraceHeader | null = typeof src === 'string' ? null : src.header;
   const iterable = typeof src === 'string' ? readTrace(src, (h) => (header = h)) : src.requests;
-  const it = (Symbol.asyncIterator in iterable ? (iterable as AsyncIterable<TraceRequest>)[Symbol.asyncIterator]() : (iterable as Iterable<TraceRequest>)[Symbol.iterator]()) as
-    | AsyncIterator<TraceRequest>
-    | Iterator<TraceRequest>;
-  let exhausted = false;
+  const stream = requestStream(iterable, withPrefill);
   let requests = 0;
   let tokenBase = 0;
   const pull = async (): Promise<{ req: TraceRequest; tokens: TraceToken[]; base: number } | null> => {
-    while (!exhausted) {
-      const r = await it.next();
-      if (r.done) {
-        exhausted = true;
-        return null;
-      }
-      const tokens = withPrefill ? r.value.tokens : r.value.tokens.slice(r.value.prefillTokens);
-      if (tokens.length === 0) continue;
-      requests++;
-      const base = tokenBase;
-      tokenBase += tokens.length;
-      return { req: r.value, tokens, base };
-    }
-    return null;
+    const req = await stream.next();
+    if (!req) return null;
+    requests++;
+    const base = tokenBase;
+    tokenBase += req.tokens.length;
+    return { req, tokens: req.tokens, base };
   };
 
   // The header comes with the first row of a file.
@@ -373,7 +363,7 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
       distinctFull += distinctSum / L;
     }
     // Steady state: every lane busy and requests still waiting to join.
-    const isSteady = !exhausted && live.length === M;
+    const isSteady = !stream.ended() && live.length === M;
     for (const lane of ran) {
       const w = step - lane.readyAt;
       setWait(lane.base + lane.next, w, isSteady);

@@ -92,22 +92,20 @@ export class AccessSchedule {
   }
 }
 
-/** Builds the schedule from requests in file order (an array or a streaming reader). */
-export async function buildSchedule(
-  header: TraceHeader,
+/**
+ * The requests of a trace one at a time, each with the tokens it replays (its prefill
+ * rows only when `withPrefill`); requests left with no token are skipped. next() gives
+ * null at the end, and ended() is true from then on.
+ */
+export function requestStream(
   requests: Iterable<TraceRequest> | AsyncIterable<TraceRequest>,
-  opts: ScheduleOptions,
-): Promise<AccessSchedule> {
-  const M = opts.concurrency;
-  if (!Number.isInteger(M) || M < 1) throw new Error(`concurrency must be an integer >= 1, got ${M}`);
-  const withPrefill = opts.prefill ?? true;
-  const sched = new AccessSchedule(header);
-  const lanes: ({ req: TraceRequest; tokens: TraceToken[]; next: number } | null)[] = new Array(M).fill(null);
+  withPrefill: boolean,
+): { next(): Promise<TraceRequest | null>; ended(): boolean } {
   const it = (Symbol.asyncIterator in requests ? requests[Symbol.asyncIterator]() : (requests as Iterable<TraceRequest>)[Symbol.iterator]()) as
     | AsyncIterator<TraceRequest>
     | Iterator<TraceRequest>;
   let exhausted = false;
-  const pull = async (): Promise<TraceRequest | null> => {
+  const next = async (): Promise<TraceRequest | null> => {
     while (!exhausted) {
       const r = await it.next();
       if (r.done) {
@@ -119,10 +117,25 @@ export async function buildSchedule(
     }
     return null;
   };
+  return { next, ended: () => exhausted };
+}
+
+/** Builds the schedule from requests in file order (an array or a streaming reader). */
+export async function buildSchedule(
+  header: TraceHeader,
+  requests: Iterable<TraceRequest> | AsyncIterable<TraceRequest>,
+  opts: ScheduleOptions,
+): Promise<AccessSchedule> {
+  const M = opts.concurrency;
+  if (!Number.isInteger(M) || M < 1) throw new Error(`concurrency must be an integer >= 1, got ${M}`);
+  const withPrefill = opts.prefill ?? true;
+  const sched = new AccessSchedule(header);
+  const lanes: ({ req: TraceRequest; tokens: TraceToken[]; next: number } | null)[] = new Array(M).fill(null);
+  const stream = requestStream(requests, withPrefill);
   for (;;) {
     for (let i = 0; i < M; i++) {
-      if (lanes[i] === null && !exhausted) {
-        const r = await pull();
+      if (lanes[i] === null && !stream.ended()) {
+        const r = await stream.next();
         if (r) lanes[i] = { req: r, tokens: r.tokens, next: 0 };
       }
     }

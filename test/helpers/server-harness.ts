@@ -89,3 +89,15 @@ export async function waitFor(fn: () => boolean | Promise<boolean>, ms = 10_000,
   }
   return fn();
 }
+
+/** name{labels} → value from the Prometheus text exposition format. */
+export function parseMetrics(text: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const line of text.split('\n')) {
+    if (line === '' || line.startsWith('#')) continue;
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$/.exec(line);
+    if (!m) throw new Error(`not exposition format: ${line}`);
+    out.set(m[1], Number(m[2]));
+  }
+  return out;
+}
