@@ -46,6 +46,7 @@ import { synthesizeTrace } from '../src/offload/synth-trace.js';
 import { buildApp } from '../src/server/app.js';
 import { BENCH_MODELS, ensureCheckpoint } from './lib/bench-models.js';
 import type { Figure } from './lib/figures.js';
+import { sseObjects } from './lib/sse.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const env = process.env;
@@ -144,23 +145,14 @@ async function runPolicy(policy: PolicyName, modelDir: string, tokenizer: MoeTok
         });
         if (r.statusCode !== 200) throw new Error(`HTTP ${r.statusCode}: ${await r.body.text()}`);
         let last = 0;
-        let buf = '';
-        for await (const chunk of r.body) {
-          buf += chunk.toString();
-          let k: number;
-          while ((k = buf.indexOf('\n\n')) >= 0) {
-            const frame = buf.slice(0, k);
-            buf = buf.slice(k + 2);
-            if (!frame.startsWith('data: ') || frame === 'data: [DONE]') continue;
-            const obj = JSON.parse(frame.slice(6));
-            if (obj.usage) tokens += obj.usage.completion_tokens;
-            if (!obj.choices?.[0]?.text) continue;
-            const now = performance.now();
-            if (last === 0) ttft.push(now - sent);
-            else itl.push(now - last);
-            last = now;
-            if (now > end) end = now;
-          }
+        for await (const obj of sseObjects(r.body)) {
+          if (obj.usage) tokens += obj.usage.completion_tokens;
+          if (!obj.choices?.[0]?.text) continue;
+          const now = performance.now();
+          if (last === 0) ttft.push(now - sent);
+          else itl.push(now - last);
+          last = now;
+          if (now > end) end = now;
         }
       }),
     );
@@ -269,7 +261,7 @@ async function main(): Promise<void> {
     fig('p99_itl_vs_fcfs', p99Vs, 'ratio', 'fcfs_itl_p99');
     fig('loads_per_token_vs_fcfs', loadsVs, 'ratio', 'fcfs_loads_per_token');
     log(
-      `  expert-aware vs FCFS: distinct experts/step -${(distinctReduction * 100).toFixed(1)}%, loads/token x${loadsVs.toFixed(3)}, throughput x${throughputVs.toFixed(3)} (target >= 1.15), ` +
+      `  expert-aware vs FCFS: distinct experts/step ${distinctReduction >= 0 ? '-' : '+'}${Math.abs(distinctReduction * 100).toFixed(1)}%, loads/token x${loadsVs.toFixed(3)}, throughput x${throughputVs.toFixed(3)} (target >= 1.15), ` +
         `p99 ITL x${p99Vs.toFixed(3)} (target <= 1.2); total ${((performance.now() - t0) / 1000).toFixed(0)} s`,
     );
     console.log(

@@ -25,6 +25,7 @@ import { buildApp } from '../src/server/app.js';
 import { DEMO_MODEL_ID } from '../src/server/server.js';
 import { BENCH_MODELS, ensureCheckpoint } from './lib/bench-models.js';
 import type { Figure } from './lib/figures.js';
+import { sseObjects } from './lib/sse.js';
 
 interface Sample {
   ttftMs: number;
@@ -92,22 +93,13 @@ async function viaServer(pool: Pool, level: number): Promise<LevelResult> {
     let last = 0;
     const itl: number[] = [];
     let tokens = 0;
-    let buf = '';
-    for await (const chunk of r.body) {
-      buf += chunk.toString();
-      let k: number;
-      while ((k = buf.indexOf('\n\n')) >= 0) {
-        const frame = buf.slice(0, k);
-        buf = buf.slice(k + 2);
-        if (frame === 'data: [DONE]') continue;
-        const obj = JSON.parse(frame.slice(6));
-        if (obj.usage) tokens = obj.usage.completion_tokens;
-        if (!obj.choices?.[0]?.text) continue;
-        const now = performance.now();
-        if (first === 0) first = now;
-        else itl.push(now - last);
-        last = now;
-      }
+    for await (const obj of sseObjects(r.body)) {
+      if (obj.usage) tokens = obj.usage.completion_tokens;
+      if (!obj.choices?.[0]?.text) continue;
+      const now = performance.now();
+      if (first === 0) first = now;
+      else itl.push(now - last);
+      last = now;
     }
     samples.push({ ttftMs: first - t0, itlMs: itl, tokens });
   });
