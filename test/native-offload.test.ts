@@ -134,13 +134,16 @@ function distinct(ids: Int32Array): number[] {
  */
 class SlotMirror {
   readonly occ: Int32Array[];
+  /** Slots of each layer. */
+  readonly slots: readonly number[];
   loadsIssued = 0;
   constructor(
     readonly e: NativeEngine,
     layers: number,
-    readonly slots: number,
+    slots: number | readonly number[],
   ) {
-    this.occ = Array.from({ length: layers }, () => new Int32Array(slots).fill(-1));
+    this.slots = typeof slots === 'number' ? new Array<number>(layers).fill(slots) : [...slots];
+    this.occ = this.slots.map((n) => new Int32Array(n).fill(-1));
   }
   slotOf(l: number, expert: number): number {
     return this.occ[l].indexOf(expert);
@@ -159,7 +162,7 @@ class SlotMirror {
     if (ok) this.occ[l][this.slotOf(l, expert)] = -1;
     return ok;
   }
-  /** Loads every expert of `want` (at most `slots` of them) not already in a slot, into slots holding none of them. */
+  /** Loads every expert of `want` (at most the layer's slots of them) not already in a slot, into slots holding none of them. */
   ensure(l: number, want: number[]): void {
     for (const x of want) {
       if (this.slotOf(l, x) >= 0) continue;
@@ -197,15 +200,16 @@ function twinStep(
     const r = res.route(ra, T);
     res.experts(l, r.ids, r.weights, spec.topK);
     const need = distinct(r.ids);
-    if (need.length <= mirror.slots) {
+    const C = mirror.slots[l];
+    if (need.length <= C) {
       mirror.ensure(l, need);
       off.experts(l, r.ids, r.weights, spec.topK);
     } else {
       streamed++;
-      for (let i = 0; i < need.length; i += mirror.slots) {
-        const chunk = need.slice(i, i + mirror.slots);
+      for (let i = 0; i < need.length; i += C) {
+        const chunk = need.slice(i, i + C);
         mirror.ensure(l, chunk);
-        const expect = need.length - Math.min(need.length, i + mirror.slots);
+        const expect = need.length - Math.min(need.length, i + C);
         if (expect === 0 && l % 2 === 0) {
           off.experts(l, r.ids, r.weights, spec.topK); // the rest, without naming them
         } else {
@@ -214,20 +218,24 @@ function twinStep(
         }
       }
     }
-    if (evictAfter) for (let s = 0; s < mirror.slots; s++) mirror.evict(l, s);
+    if (evictAfter) for (let s = 0; s < C; s++) mirror.evict(l, s);
   }
   return { a: res.endStep(), b: off.endStep(), streamed };
 }
 
-const TWIN_CASES: { arch: Architecture; weights: Weights; slots: number }[] = [
+const TWIN_CASES: { arch: Architecture; weights: Weights; slots: number | number[] }[] = [
   { arch: 'qwen2_moe', weights: 'q8_0', slots: 3 }, // shared expert; every step streams (k = 4 > 3 slots)
   { arch: 'qwen2_moe', weights: 'f32', slots: 5 },
   { arch: 'mixtral', weights: 'q8_0', slots: 4 }, // decode of one sequence fits (k = 2)
   { arch: 'mixtral', weights: 'f32', slots: 2 },
+  // Unequal splits: layer 0 streams every step while layer 1 mostly fits, and the reverse.
+  { arch: 'qwen2_moe', weights: 'q8_0', slots: [2, 11] },
+  { arch: 'mixtral', weights: 'f32', slots: [6, 1] },
 ];
 
 for (const { arch, weights, slots } of TWIN_CASES) {
-  t.test(`${arch} ${weights}, ${slots} slots per layer: offloaded logits equal the resident engine bit for bit`, async (t) => {
+  const label = typeof slots === 'number' ? `${slots} slots per layer` : `slots ${slots.join(', ')} by layer`;
+  t.test(`${arch} ${weights}, ${label}: offloaded logits equal the resident engine bit for bit`, async (t) => {
     const fx = await fixture(t, arch);
     const spec = fx.spec;
     const { engine: res } = fx.make(weights);
@@ -239,7 +247,8 @@ for (const { arch, weights, slots } of TWIN_CASES) {
     t.ok(st0.slotBytes >= off.info().expertBytes && st0.slotBytes - off.info().expertBytes < 4096);
     // Routed experts are not resident: the slot arena is counted instead.
     const expertsTotal = spec.numLayers * spec.numExperts * res.info().expertBytes;
-    t.equal(off.info().weightBytes, res.info().weightBytes - expertsTotal + spec.numLayers * slots * st0.slotBytes);
+    const totalSlots = typeof slots === 'number' ? spec.numLayers * slots : slots.reduce((a, n) => a + n, 0);
+    t.equal(off.info().weightBytes, res.info().weightBytes - expertsTotal + totalSlots * st0.slotBytes, 'each layer\'s arena holds its own slots');
 
     const rng = new Rng(17);
     const seqTokens = [7, 19, 4].map((n) => Array.from({ length: n }, () => rng.u32() % fx.vocabLimit));
@@ -599,9 +608,57 @@ t.test('errors, not crashes', async (t) => {
   // Bad offload options.
   t.throws(() => fx.make('f32', { slotsPerLayer: 0 }), /slotsPerLayer must be positive/);
   t.throws(() => fx.make('f32', { slotsPerLayer: spec.numExperts + 1 }), /slotsPerLayer must be in 1\.\.8/);
+  t.throws(() => fx.make('f32', { slotsPerLayer: 1.5 }), /slotsPerLayer must hold integers/);
+  t.throws(() => fx.make('f32', { slotsPerLayer: [2] }), /slotsPerLayer must have one entry per layer \(2\), got 1/);
+  t.throws(() => fx.make('f32', { slotsPerLayer: [2, 2, 2] }), /one entry per layer \(2\), got 3/);
+  t.throws(() => fx.make('f32', { slotsPerLayer: [2, 0] }), /slotsPerLayer must be positive \(layer 1\), got 0/);
+  t.throws(() => fx.make('f32', { slotsPerLayer: [9, 2] }), /slotsPerLayer must be in 1\.\.8 \(layer 0\), got 9/);
+  t.throws(() => fx.make('f32', { slotsPerLayer: [2, 1.5] }), /slotsPerLayer must hold integers \(layer 1\)/);
+  t.throws(() => fx.make('f32', { slotsPerLayer: [2, '3'] as unknown as number[] }), /slotsPerLayer must hold numbers \(layer 1\)/);
+  t.throws(() => fx.make('f32', { slotsPerLayer: '2' as unknown as number }), /slotsPerLayer must be a number or an array of one number per layer/);
+  t.throws(() => fx.make('f32', {} as { slotsPerLayer: number }), /slotsPerLayer is required/);
   t.throws(() => fx.make('f32', { slotsPerLayer: 2, ioThreads: 0 }), /ioThreads must be in 1\.\.64/);
   t.throws(() => fx.make('f32', { slotsPerLayer: 2, file: path.join(fx.dir, 'no-such-dir', 'x.bin') }), /cannot create the expert file/);
   t.throws(() => fx.make('f32', { slotsPerLayer: 2, file: '' }), /must not be empty/);
+});
+
+t.test('unequal slots per layer: each layer its own arena, every bound by its own count', async (t) => {
+  const fx = await fixture(t, 'mixtral'); // 2 layers of 8 experts
+  const { engine: res } = fx.make('f32');
+  const { engine: off } = fx.make('f32', { slotsPerLayer: [2, 5], ioThreads: 1 });
+  const st0 = off.storeStats();
+  const expertsTotal = 2 * 8 * res.info().expertBytes;
+  t.equal(off.info().weightBytes, res.info().weightBytes - expertsTotal + 7 * st0.slotBytes, 'arenas of 2 and 5 slots');
+  // The last slot of the small layer works, the next one is out of its range.
+  off.loadExpert(0, 3, 1);
+  t.ok(off.waitExpert(0, 3) >= 0);
+  t.equal(off.expertState(0, 3), 3, 'loaded into slot 1 of layer 0');
+  t.throws(() => off.loadExpert(0, 4, 2), /slot 2 out of range \(0\.\.1 in layer 0\)/);
+  t.throws(() => off.evictSlot(0, 2), /slot 2 out of range \(0\.\.1 in layer 0\)/);
+  t.throws(() => off.loadExpert(0, 4, 4), /slot 4 out of range/, 'a slot that exists in layer 1 does not in layer 0');
+  t.equal(off.expertState(0, 4), 0, 'a rejected load changes nothing');
+  // The large layer takes all its slots, and no more.
+  for (let s = 0; s < 5; s++) off.loadExpert(1, 7 - s, s);
+  for (let s = 0; s < 5; s++) off.waitExpert(1, 7 - s);
+  t.same(Array.from({ length: 8 }, (_, x) => off.expertState(1, x)), [0, 0, 0, 3, 3, 3, 3, 3], 'five experts resident in layer 1');
+  t.throws(() => off.loadExpert(1, 0, 5), /slot 5 out of range \(0\.\.4 in layer 1\)/);
+  t.throws(() => off.loadExpert(1, 0, -1), /slot -1 out of range/);
+  // Each slot keeps its own expert's bytes: a step over both layers is the resident engine's.
+  const mirror = new SlotMirror(off, 2, [2, 5]);
+  mirror.occ[0][1] = 3;
+  for (let s = 0; s < 5; s++) mirror.occ[1][s] = 7 - s;
+  const parts = [{ tokens: [5, 17, 42, 8, 99, 3], start: 0, blocks: [0] }];
+  const out = twinStep(t, fx.spec, res, off, mirror, parts, false);
+  t.ok(sameBits(out.a, out.b), 'logits bitwise equal');
+  t.equal(off.storeStats().failed, 0);
+  // Evicting the last slot of each layer empties exactly that slot (every slot is full here).
+  const [last0, last1, before1] = [mirror.occ[0][1], mirror.occ[1][4], mirror.occ[1][3]];
+  t.ok(last0 >= 0 && last1 >= 0 && before1 >= 0);
+  off.evictSlot(0, 1);
+  off.evictSlot(1, 4);
+  t.equal(off.expertState(0, last0), 0);
+  t.equal(off.expertState(1, last1), 0);
+  t.equal(off.expertState(1, before1), 3, 'the slot before it is untouched');
 });
 
 t.test('a failed read is reported by the next wait for that expert', async (t) => {

@@ -84,7 +84,7 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
   for (auto& l : layers_) {
     l.experts.resize(static_cast<size_t>(cfg.experts));
   }
-  if (cfg.offload_slots > 0) {
+  if (!cfg.offload_slots.empty()) {
     StoreConfig sc;
     sc.file = cfg.offload_file;
     sc.layers = cfg.layers;
@@ -93,13 +93,15 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     sc.expert_bytes = expert_bytes();
     sc.io_threads = cfg.offload_io_threads;
     sc.direct = cfg.offload_direct;
+    // The store checks the slots (one count per layer, each in 1..experts) before any is used.
     store_ = std::make_unique<ExpertStore>(sc);
     // Each slot seen as an expert: the same layout as a resident expert's buffer.
     const size_t gu = row_bytes(cfg.wtype, cfg.hidden) * static_cast<size_t>(2 * cfg.expert_width);
     for (int64_t l = 0; l < cfg.layers; l++) {
       LayerWeights& L = layers_[static_cast<size_t>(l)];
-      L.slot_views.resize(static_cast<size_t>(cfg.offload_slots));
-      for (int64_t s = 0; s < cfg.offload_slots; s++) {
+      const int64_t n = store_->slots(l);
+      L.slot_views.resize(static_cast<size_t>(n));
+      for (int64_t s = 0; s < n; s++) {
         const uint8_t* p = store_->slot_data(l, s);
         L.slot_views[static_cast<size_t>(s)].gate_up = WMat{cfg.wtype, 2 * cfg.expert_width, cfg.hidden, p};
         L.slot_views[static_cast<size_t>(s)].down = WMat{cfg.wtype, cfg.hidden, cfg.expert_width, p + gu};
@@ -580,7 +582,13 @@ int64_t Engine::experts(int64_t layer, const int32_t* ids, const float* weights,
       store_->acquire(layer, routed.data(), static_cast<int64_t>(routed.size()), slot_of.data());
       size_t r = 0;
       for (int32_t j : run) {
-        if (j != shared_job_) jobs_[static_cast<size_t>(j)].e = &L.slot_views[static_cast<size_t>(slot_of[r++])];
+        if (j == shared_job_) continue;
+        const int32_t slot = slot_of[r++];
+        if (slot < 0 || static_cast<size_t>(slot) >= L.slot_views.size()) {
+          throw std::logic_error("expert store returned slot " + std::to_string(slot) + " outside layer " + std::to_string(layer) + "'s " +
+                                 std::to_string(L.slot_views.size()) + " slots");
+        }
+        jobs_[static_cast<size_t>(j)].e = &L.slot_views[static_cast<size_t>(slot)];
       }
     }
     run_jobs(run);

@@ -44,10 +44,11 @@ struct EngineConfig {
   int threads = 1;
   int64_t kv_block_size = 16;
   int64_t kv_blocks = 0;
-  // Expert offloading (expert_store.h), on when offload_slots > 0: routed experts live in
-  // `offload_file` and in `offload_slots` slots per layer; only the step in pieces runs.
+  // Expert offloading (expert_store.h), on when offload_slots is not empty: routed experts
+  // live in `offload_file` and layer l has offload_slots[l] slots (one entry per layer,
+  // each in 1..experts; the budget may be split unequally); only the step in pieces runs.
   std::string offload_file;
-  int64_t offload_slots = 0;
+  std::vector<int64_t> offload_slots;
   int offload_io_threads = 2;
   bool offload_direct = true;
 };

@@ -40,6 +40,36 @@ bool get_bool(const Napi::Object& o, const char* key) {
   return v.IsBoolean() && v.As<Napi::Boolean>().Value();
 }
 
+// offload.slotsPerLayer: a number (every layer the same) or an array of one count per
+// layer (the cache budget split unequally). Each count must be a positive integer, at
+// most `experts`; the store checks the counts again.
+std::vector<int64_t> get_slots(const Napi::Object& oo, int64_t layers, int64_t experts) {
+  const Napi::Value v = oo.Get("slotsPerLayer");
+  const std::string what = "engine option offload.slotsPerLayer";
+  const auto check = [&](const Napi::Value& x, const std::string& where) -> int64_t {
+    if (!x.IsNumber()) throw std::invalid_argument(what + " must hold numbers" + where);
+    const double d = x.As<Napi::Number>().DoubleValue();
+    if (!(d >= -9007199254740992.0 && d <= 9007199254740992.0) || d != static_cast<double>(static_cast<int64_t>(d))) {
+      throw std::invalid_argument(what + " must hold integers" + where + ", got " + std::to_string(d));
+    }
+    const int64_t n = static_cast<int64_t>(d);
+    if (n <= 0) throw std::invalid_argument(what + " must be positive" + where + ", got " + std::to_string(n));
+    if (n > experts) throw std::invalid_argument(what + " must be in 1.." + std::to_string(experts) + where + ", got " + std::to_string(n));
+    return n;
+  };
+  if (v.IsUndefined() || v.IsNull()) throw std::invalid_argument(what + " is required");
+  if (layers <= 0) throw std::invalid_argument("engine option layers must be positive, got " + std::to_string(layers));
+  if (v.IsNumber()) return std::vector<int64_t>(static_cast<size_t>(layers), check(v, ""));
+  if (!v.IsArray()) throw std::invalid_argument(what + " must be a number or an array of one number per layer");
+  const Napi::Array a = v.As<Napi::Array>();
+  if (static_cast<int64_t>(a.Length()) != layers) {
+    throw std::invalid_argument(what + " must have one entry per layer (" + std::to_string(layers) + "), got " + std::to_string(a.Length()));
+  }
+  std::vector<int64_t> out(static_cast<size_t>(layers));
+  for (uint32_t l = 0; l < a.Length(); l++) out[l] = check(a.Get(l), " (layer " + std::to_string(l) + ")");
+  return out;
+}
+
 // An integer argument (a JS number with no fraction, within +-2^53).
 int64_t arg_int(const Napi::CallbackInfo& info, size_t i, const char* what) {
   if (info.Length() <= i || !info[i].IsNumber()) throw std::invalid_argument(std::string(what) + " must be an integer");
@@ -141,13 +171,12 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     c.kv_blocks = get_int(o, "kvBlocks", 0, true);
     const Napi::Value off = o.Get("offload");
     if (!off.IsUndefined() && !off.IsNull()) {
-      if (!off.IsObject()) throw std::invalid_argument("engine option offload must be an object {file, slotsPerLayer, ioThreads?, direct?}");
+      if (!off.IsObject()) throw std::invalid_argument("engine option offload must be an object {file, slotsPerLayer (number or one per layer), ioThreads?, direct?}");
       const Napi::Object oo = off.As<Napi::Object>();
       if (!oo.Get("file").IsString()) throw std::invalid_argument("engine option offload.file must be a string");
       c.offload_file = oo.Get("file").As<Napi::String>().Utf8Value();
       if (c.offload_file.empty()) throw std::invalid_argument("engine option offload.file must not be empty");
-      c.offload_slots = get_int(oo, "slotsPerLayer", 0, true);
-      if (c.offload_slots <= 0) throw std::invalid_argument("engine option offload.slotsPerLayer must be positive, got " + std::to_string(c.offload_slots));
+      c.offload_slots = get_slots(oo, c.layers, c.experts);
       const int64_t io = get_int(oo, "ioThreads", 2, false);
       if (io < 1 || io > 64) throw std::invalid_argument("engine option offload.ioThreads must be in 1..64, got " + std::to_string(io));
       c.offload_io_threads = static_cast<int>(io);

@@ -28,8 +28,15 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 ExpertStore::ExpertStore(const StoreConfig& cfg) : cfg_(cfg) {
   if (cfg.file.empty()) throw std::invalid_argument("offload.file must name the expert file");
   if (cfg.layers <= 0 || cfg.experts <= 0 || cfg.expert_bytes == 0) throw std::invalid_argument("expert store: empty model shape");
-  if (cfg.slots < 1 || cfg.slots > cfg.experts) {
-    throw std::invalid_argument("offload.slotsPerLayer must be in 1.." + std::to_string(cfg.experts) + ", got " + std::to_string(cfg.slots));
+  if (cfg.slots.size() != static_cast<size_t>(cfg.layers)) {
+    throw std::invalid_argument("offload.slotsPerLayer must give the slots of each of the " + std::to_string(cfg.layers) + " layers, got " +
+                                std::to_string(cfg.slots.size()));
+  }
+  for (size_t l = 0; l < cfg.slots.size(); l++) {
+    if (cfg.slots[l] < 1 || cfg.slots[l] > cfg.experts) {
+      throw std::invalid_argument("offload.slotsPerLayer must be in 1.." + std::to_string(cfg.experts) + ", got " + std::to_string(cfg.slots[l]) +
+                                  " for layer " + std::to_string(l));
+    }
   }
   if (cfg.io_threads < 1 || cfg.io_threads > 64) {
     throw std::invalid_argument("offload.ioThreads must be in 1..64, got " + std::to_string(cfg.io_threads));
@@ -79,10 +86,15 @@ ExpertStore::ExpertStore(const StoreConfig& cfg) : cfg_(cfg) {
   // Everything below may throw (allocation): release the descriptors then.
   try {
     arenas_.reserve(static_cast<size_t>(cfg.layers));
-    for (int64_t l = 0; l < cfg.layers; l++) arenas_.emplace_back(slot_bytes_ * static_cast<size_t>(cfg.slots));
+    slot_base_.assign(static_cast<size_t>(cfg.layers) + 1, 0);
+    for (int64_t l = 0; l < cfg.layers; l++) {
+      const size_t n = static_cast<size_t>(cfg.slots[static_cast<size_t>(l)]);
+      arenas_.emplace_back(slot_bytes_ * n);
+      slot_base_[static_cast<size_t>(l) + 1] = slot_base_[static_cast<size_t>(l)] + n;
+    }
     written_.assign(static_cast<size_t>(records), 0);
     experts_.resize(static_cast<size_t>(records));
-    slots_.resize(static_cast<size_t>(cfg.layers * cfg.slots));
+    slots_.resize(slot_base_.back());
     stats_.stall_seconds.assign(static_cast<size_t>(cfg.layers), 0.0);
     for (int i = 0; i < cfg.io_threads; i++) threads_.emplace_back([this] { io_main(); });
   } catch (...) {
@@ -136,9 +148,15 @@ void ExpertStore::check_expert(int64_t layer, int64_t expert) const {
 
 void ExpertStore::check_slot(int64_t layer, int64_t slot) const {
   check_layer(layer);
-  if (slot < 0 || slot >= cfg_.slots) {
-    throw std::invalid_argument("slot " + std::to_string(slot) + " out of range (0.." + std::to_string(cfg_.slots - 1) + ")");
+  const int64_t n = cfg_.slots[static_cast<size_t>(layer)];
+  if (slot < 0 || slot >= n) {
+    throw std::invalid_argument("slot " + std::to_string(slot) + " out of range (0.." + std::to_string(n - 1) + " in layer " + std::to_string(layer) + ")");
   }
+}
+
+int64_t ExpertStore::slots(int64_t layer) const {
+  check_layer(layer);
+  return cfg_.slots[static_cast<size_t>(layer)];
 }
 
 // ---------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 // The tiered store of routed experts for offloading: the slow tier is one file holding
 // every expert packed in the engine's format (one slot-sized record per (layer, expert)),
-// the fast tier is a fixed arena of expert slots per layer. Loads run on dedicated I/O
-// threads; which expert goes into which slot, and when, is decided by the caller.
+// the fast tier is a fixed arena of expert slots per layer, each layer with its own
+// number of slots (the cache budget may be split unequally across layers). Loads run on
+// dedicated I/O threads; which expert goes into which slot, and when, is decided by the
+// caller.
 //
 // The file is created (it must not exist), opened a second time for reads (O_DIRECT when
 // the file system accepts it) and unlinked at once, so nothing is left on disk after the
@@ -33,7 +35,7 @@ struct StoreConfig {
   std::string file;
   int64_t layers = 0;
   int64_t experts = 0;
-  int64_t slots = 0;        // per layer
+  std::vector<int64_t> slots;  // slots of each layer (layers entries, each in 1..experts)
   size_t expert_bytes = 0;  // bytes of one packed expert
   int io_threads = 2;
   bool direct = true;
@@ -63,7 +65,7 @@ class ExpertStore {
   ExpertStore& operator=(const ExpertStore&) = delete;
 
   size_t slot_bytes() const { return slot_bytes_; }
-  int64_t slots() const { return cfg_.slots; }
+  int64_t slots(int64_t layer) const;  // slots of a layer
   size_t arena_bytes() const;
   bool direct() const { return direct_.load(); }
 
@@ -129,7 +131,7 @@ class ExpertStore {
   void check_expert(int64_t layer, int64_t expert) const;
   void check_slot(int64_t layer, int64_t slot) const;
   Expert& ex(int64_t layer, int64_t expert) { return experts_[static_cast<size_t>(layer * cfg_.experts + expert)]; }
-  Slot& sl(int64_t layer, int64_t slot) { return slots_[static_cast<size_t>(layer * cfg_.slots + slot)]; }
+  Slot& sl(int64_t layer, int64_t slot) { return slots_[slot_base_[static_cast<size_t>(layer)] + static_cast<size_t>(slot)]; }
   std::string name(int64_t layer, int64_t expert) const;
   // Empties a slot (mu_ held): a queued load is withdrawn, a read in flight will be discarded.
   void drop_occupant(int64_t layer, int64_t slot);
@@ -147,7 +149,8 @@ class ExpertStore {
   int wfd_ = -1;  // read-write, buffered: writes while loading, read-back of staged experts
   int rfd_ = -1;  // reads of loads: O_DIRECT when accepted, else the same file buffered
   std::atomic<bool> direct_{false};
-  std::vector<HostBuffer> arenas_;  // per layer, slots * slot_bytes
+  std::vector<HostBuffer> arenas_;  // per layer, its slots * slot_bytes
+  std::vector<size_t> slot_base_;   // per layer: index of its slot 0 in slots_ (layers + 1 entries)
   std::vector<uint8_t> written_;    // per (layer, expert)
   std::unordered_map<int64_t, Staged> staged_;
   size_t unflushed_ = 0;

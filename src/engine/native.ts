@@ -122,7 +122,7 @@ export interface NativeEngineOptions {
    * Expert offloading. When set, routed experts are not held in RAM: set_tensor writes
    * each expert, packed in the engine's format, to `file` (created, then unlinked while
    * open, so nothing is left behind), and the fast tier is `slotsPerLayer` expert slots
-   * per layer. Only the step in pieces runs (step() throws); experts(l, ...) needs each
+   * per layer (one count for every layer, or one per layer). Only the step in pieces runs (step() throws); experts(l, ...) needs each
    * expert it runs to be resident or loading (it waits for loading ones, counting the
    * stall). Shared experts and every non-expert weight stay resident.
    */
@@ -132,8 +132,12 @@ export interface NativeEngineOptions {
 export interface NativeOffloadOptions {
   /** Path of the expert file (the slow tier). It must not exist: the engine creates it and unlinks it at once. */
   file: string;
-  /** Expert slots per layer in the fast tier (RAM budget), 1 .. experts. */
-  slotsPerLayer: number;
+  /**
+   * Expert slots of the fast tier (RAM budget), each 1 .. experts: one number for every
+   * layer, or an array of one per layer (each layer's arena holds its own count, and
+   * slots beyond a layer's count are rejected).
+   */
+  slotsPerLayer: number | readonly number[];
   /** I/O threads that perform loads (default 2). */
   ioThreads?: number;
   /** Read with O_DIRECT (default true); falls back to buffered reads plus dropping the pages when the file system refuses it. */
