@@ -57,8 +57,8 @@ try {
   for (let rep = 0; rep < REPS; rep++) {
     for (const c of rep % 2 ? [...CONFIGS].reverse() : CONFIGS) {
       const [policy, lookahead, minProb, co] = c.split(':');
-      for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < first.slotsPerLayer; s++) engine.evictSlot(l, s);
-      const r = new OffloadRunner(spec, first.kv, first.engine, first.slotsPerLayer, {
+      for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < first.slotsByLayer[l]; s++) engine.evictSlot(l, s);
+      const r = new OffloadRunner(spec, first.kv, first.engine, first.slotsByLayer, {
         policy,
         lookahead: Number(lookahead),
         prefetchMinProbability: Number(minProb),

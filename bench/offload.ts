@@ -82,10 +82,10 @@ class VisitLog {
 }
 
 /**
- * Belady's loads over the recorded visits at `slots` per layer, counted from step
+ * Belady's loads over the recorded visits at `slots[l]` slots of layer l, counted from step
  * `from` on (the steps before it warm the cache the same way for every policy).
  */
-function beladyLoads(v: VisitLog, layers: number, experts: number, slots: number, from: number): number {
+function beladyLoads(v: VisitLog, layers: number, experts: number, slots: readonly number[], from: number): number {
   const policy = new BeladyPolicy({ layers, experts, capacity: slots }, { visits: v.steps.length, set: (l, t) => v.steps[t][l] });
   let loads = 0;
   v.steps.forEach((step, t) => {
@@ -134,17 +134,17 @@ function decode(runner: ModelRunner, visits: VisitLog, prompt: number[], limit: 
 }
 
 /** Fills every slot of every layer from the expert file through the store (cold, direct I/O); bytes/s. */
-function slowTierBandwidth(engine: NativeEngine, spec: ModelSpec, slots: number, round: number): number {
+function slowTierBandwidth(engine: NativeEngine, spec: ModelSpec, slots: readonly number[], round: number): number {
   const bytesBefore = engine.storeStats().bytesRead;
   const t0 = performance.now();
   for (let l = 0; l < spec.numLayers; l++) {
     // A different expert set per round, so that no read repeats one the disk may have cached.
-    for (let s = 0; s < slots; s++) engine.loadExpert(l, (s + round * slots) % spec.numExperts, s);
+    for (let s = 0; s < slots[l]; s++) engine.loadExpert(l, (s + round * slots[l]) % spec.numExperts, s);
   }
-  for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < slots; s++) engine.waitExpert(l, (s + round * slots) % spec.numExperts);
+  for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < slots[l]; s++) engine.waitExpert(l, (s + round * slots[l]) % spec.numExperts);
   const seconds = (performance.now() - t0) / 1000;
   const bytes = engine.storeStats().bytesRead - bytesBefore;
-  for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < slots; s++) engine.evictSlot(l, s);
+  for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < slots[l]; s++) engine.evictSlot(l, s);
   return bytes / seconds;
 }
 
@@ -222,9 +222,9 @@ async function main(): Promise<void> {
   const first = OffloadRunner.fromCheckpoint(spec, m.weights, { ...base, capacity: CAPACITY, policy: 'lru', lookahead: 0, replay, dir: DIR, ioThreads: IO_THREADS });
   m.close();
   const engine = (first.engine as unknown as NativeEngine);
-  const slots = first.slotsPerLayer;
+  const slots = first.slotsByLayer;
   const slotBytes = engine.storeStats().slotBytes;
-  log(`offload engine loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s: ${slots} slots per layer of ${E} experts, ${(slotBytes / 1e6).toFixed(2)} MB per expert, direct I/O ${engine.storeStats().direct}`);
+  log(`offload engine loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s: ${slots[0]} slots per layer of ${E} experts, ${(slotBytes / 1e6).toFixed(2)} MB per expert, direct I/O ${engine.storeStats().direct}`);
 
   try {
     const diskBw0 = slowTierBandwidth(engine, spec, slots, 0);
@@ -245,7 +245,7 @@ async function main(): Promise<void> {
       const after = engine.storeStats();
       const st = runner.offloadStats();
       const c = cacheFigures(name, st, { loads: loadsAfterPrompt });
-      for (let l = 0; l < L; l++) for (let s = 0; s < slots; s++) engine.evictSlot(l, s);
+      for (let l = 0; l < L; l++) for (let s = 0; s < slots[l]; s++) engine.evictSlot(l, s);
       // What the slow tier delivered to this run's reads: bytes over the time reads were in flight.
       const bytes = after.bytesRead - before.bytesRead;
       const busy = (after.busySeconds ?? 0) - (before.busySeconds ?? 0);

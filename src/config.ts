@@ -6,7 +6,7 @@
 import { readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { CapacityError, parseCapacity } from './offload/capacity.js';
+import { CapacityError, parseCapacity, parseSplit, type SplitSpec } from './offload/capacity.js';
 
 export interface EnvSettings {
   /** MOE_SERVE_CACHE_DIR: where generated models (the built-in demo) are kept. */
@@ -36,6 +36,7 @@ export interface ServeSettings {
   weights: 'auto' | 'f32' | 'bf16' | 'f16' | 'q8' | 'q4';
   threads: number;
   offloadCapacity: string;
+  offloadSplit: string;
   offloadPolicy: 'lru' | 'lfu' | 'lfu-decay' | 'predictive' | 'forecast';
   offloadLookahead: number;
   offloadIoThreads: number;
@@ -84,7 +85,7 @@ export class ConfigError extends Error {
 const KEYS: readonly (keyof ServeSettings)[] = [
   'config', 'model', 'demo', 'modelId', 'host', 'port', 'apiKeys', 'bodyLimitBytes', 'drainGraceSeconds',
   'allowSpecialTokensInChat', 'runner', 'weights', 'threads',
-  'offloadCapacity', 'offloadPolicy', 'offloadLookahead', 'offloadIoThreads', 'offloadDir', 'offloadReplayTrace',
+  'offloadCapacity', 'offloadSplit', 'offloadPolicy', 'offloadLookahead', 'offloadIoThreads', 'offloadDir', 'offloadReplayTrace',
   'kvBlockSize', 'kvBlocks', 'maxBatchTokens', 'maxRunning', 'maxWaiting',
   'policy', 'policyMaxExtraWaitSteps', 'policyMaxExtraWaitMs', 'policyMaxGapFactor', 'policyMissPenalty', 'prefillFirst', 'logLevel', 'cacheDir',
 ];
@@ -192,8 +193,22 @@ function readConfigFile(file: string): Record<string, unknown> {
   return parsed as Record<string, unknown>;
 }
 
-/** Checks that go across settings: offloading and replay need the native runner; the capacity must parse. */
+/**
+ * Checks that go across settings: offloading and replay need the native runner; the
+ * capacity and the split must parse (the split's number of weights is checked against
+ * the model's layers when it loads).
+ */
 function checkOffload(s: ServeSettings): void {
+  let split: SplitSpec;
+  try {
+    split = parseSplit(s.offloadSplit);
+  } catch (e) {
+    if (e instanceof CapacityError) throw new ConfigError(`setting offloadSplit: ${e.message}`);
+    throw e;
+  }
+  if (split.kind !== 'equal' && s.offloadCapacity === '') {
+    throw new ConfigError('setting offloadSplit splits the expert cache of offloadCapacity across layers; set offloadCapacity too (or leave offloadSplit equal)');
+  }
   if (s.offloadCapacity !== '') {
     try {
       parseCapacity(s.offloadCapacity);

@@ -13,6 +13,8 @@ import { buildSchedule } from '../src/offload/schedule.js';
 import { createCachePolicy, DEFAULT_POLICY, DEFAULT_TIMING, simulate, type PolicyName } from '../src/offload/simulator.js';
 import { loadTrace } from '../src/offload/trace.js';
 import { main } from '../src/cli/main.js';
+import { simCommand } from '../src/cli/sim-cmd.js';
+import { UsageError } from '../src/cli/args.js';
 import { Rng } from '../src/model/prng.js';
 import { tempDir } from './helpers/models.js';
 
@@ -178,16 +180,19 @@ function driveOnline(t: Test, p: ExpertCachePolicy & { observeRouting?: Forecast
       loads += d.loads.length;
       trace.push(`${l}:${d.loads.map((x) => `${x.expert}@${x.slot}`).join(',')}/${d.evictions.map((x) => x.expert).join(',')}`);
       // Invariants: every needed expert is resident after the request (when it fits), at
-      // most `capacity` residents, slots and experts consistent.
+      // most the layer's capacity of residents, in its slots, slots and experts consistent.
+      const C = p.capacityOf(l);
       const res = (p as unknown as SlotCache).resident(l);
-      if (res.length > p.capacity || new Set(res).size !== res.length) ok = false;
-      for (const e of res) if (p.slotOf(l, e) < 0) ok = false;
-      if (union.length <= p.capacity) for (const e of union) if (p.slotOf(l, e) < 0) ok = false;
+      if (res.length > C || new Set(res).size !== res.length) ok = false;
+      for (const e of res) if (p.slotOf(l, e) < 0 || p.slotOf(l, e) >= C) ok = false;
+      if (union.length <= C) for (const e of union) if (p.slotOf(l, e) < 0) ok = false;
+      for (const x of d.loads) if (x.slot < 0 || x.slot >= C) ok = false;
       if (opts.prefetch && l + 1 < L) {
         const hints = [...new Set(layers[l + 1].flatMap((x) => x.experts))].slice(0, 2).map((e, i) => ({ expert: e, priority: 0.9 - i * 0.1 }));
         const issued = p.prefetch(l + 1, hints, 2);
         loads += issued.length;
-        if ((p as unknown as SlotCache).resident(l + 1).length > p.capacity) ok = false;
+        if ((p as unknown as SlotCache).resident(l + 1).length > p.capacityOf(l + 1)) ok = false;
+        for (const x of issued) if (x.slot < 0 || x.slot >= p.capacityOf(l + 1)) ok = false;
       }
     }
   }
@@ -220,6 +225,85 @@ t.test('forecast: capacity, determinism, loads >= belady, online use without obs
       }
     }
   }
+});
+
+t.test('unequal capacities per layer: every policy keeps each layer within its own slots', async (t) => {
+  const L = 3;
+  const E = 24;
+  const caps = [7, 2, 4];
+  const steps = randomSteps(new Rng(21), 150, L, E, 3, 2);
+  const sets = (l: number, i: number) => [...new Set(steps[i][l].flatMap((x) => x.experts))];
+  const shape = { layers: L, experts: E, capacity: caps };
+  const policies: [string, () => ExpertCachePolicy][] = [
+    ['lru', () => new LruPolicy(shape)],
+    ['lfu', () => new LfuPolicy(shape)],
+    ['lfu-decay', () => new LfuPolicy(shape, { halfLife: 4 })],
+    ['forecast', () => new ForecastPolicy(shape)],
+    ['belady', () => new BeladyPolicy(shape, { visits: steps.length, set: sets })],
+  ];
+  for (const [name, make] of policies) {
+    const p = make();
+    t.same(p.capacities, caps, `${name}: capacities`);
+    t.same(caps.map((_, l) => p.capacityOf(l)), caps);
+    for (const prefetch of [false, true]) driveOnline(t, make(), steps, { observe: true, prefetch });
+    // Each layer fills exactly its own slots.
+    const q = make();
+    for (let i = 0; i < steps.length; i++) for (let l = 0; l < L; l++) q.request(l, sets(l, i));
+    for (let l = 0; l < L; l++) t.equal((q as unknown as SlotCache).resident(l).length, caps[l], `${name}: layer ${l} full at ${caps[l]}`);
+  }
+  // Layers share nothing: with per-layer rules (LRU, LFU, Belady) a layer of the split
+  // cache decides exactly as a one-layer cache of its capacity.
+  for (const [name, make] of policies.filter(([n]) => n !== 'forecast')) {
+    const p = make();
+    const got: string[][] = caps.map(() => []);
+    for (let i = 0; i < steps.length; i++) {
+      for (let l = 0; l < L; l++) {
+        const d = p.request(l, sets(l, i));
+        got[l].push(JSON.stringify([d.hits, d.loads, d.evictions]));
+      }
+    }
+    for (let l = 0; l < L; l++) {
+      const single = { layers: 1, experts: E, capacity: caps[l] };
+      const s1 =
+        name === 'lru' ? new LruPolicy(single) : name === 'lfu' ? new LfuPolicy(single) : name === 'lfu-decay' ? new LfuPolicy(single, { halfLife: 4 }) : new BeladyPolicy(single, { visits: steps.length, set: (_x, i) => sets(l, i) });
+      const want = steps.map((_, i) => {
+        const d = s1.request(0, sets(l, i));
+        return JSON.stringify([d.hits, d.loads, d.evictions]);
+      });
+      t.same(got[l], want, `${name}: layer ${l} (capacity ${caps[l]}) decides as a one-layer cache of ${caps[l]}`);
+    }
+  }
+  t.throws(() => new LruPolicy({ layers: 3, experts: 8, capacity: [2, 2] }), /2 layer capacities for 3 layers/);
+  t.throws(() => new LruPolicy({ layers: 2, experts: 8, capacity: [2, 0] }), /must be an integer >= 1, got 0 for layer 1/);
+  t.throws(() => new LruPolicy({ layers: 2, experts: 8, capacity: [2, 1.5] }), /got 1.5 for layer 1/);
+  t.same(new LruPolicy({ layers: 2, experts: 8, capacity: [3, 20] }).capacities, [3, 8], 'clamped to the experts');
+});
+
+t.test('Belady is the optimum of each layer at its own capacity (brute force)', async (t) => {
+  const rng = new Rng(13);
+  for (let trial = 0; trial < 60; trial++) {
+    const L = 3;
+    const E = 3 + (rng.u32() % 4);
+    const caps = Array.from({ length: L }, () => 1 + (rng.u32() % 3));
+    const len = 6 + (rng.u32() % 6);
+    const seqs = caps.map((C) =>
+      Array.from({ length: len }, () => {
+        const k = 1 + (rng.u32() % Math.min(2, C));
+        const set = new Set<number>();
+        while (set.size < k) set.add(rng.u32() % E);
+        return [...set];
+      }),
+    );
+    const p = new BeladyPolicy({ layers: L, experts: E, capacity: caps }, { visits: len, set: (l, i) => seqs[l][i] });
+    const loads = new Array<number>(L).fill(0);
+    for (let i = 0; i < len; i++) for (let l = 0; l < L; l++) loads[l] += p.request(l, seqs[l][i]).loads.length;
+    const opt = caps.map((C, l) => bruteForce(seqs[l], C));
+    if (loads.some((x, l) => x !== opt[l])) {
+      t.fail(`trial ${trial}: belady ${loads} vs optimum ${opt} at capacities ${caps} on ${JSON.stringify(seqs)}`);
+      return;
+    }
+  }
+  t.pass('60 random three-layer sequences at unequal capacities');
 });
 
 t.test('forecast: prefetches are counted as loads, wasted ones included', async (t) => {
@@ -351,6 +435,55 @@ t.test('sim --json', async (t) => {
   t.ok(c8.mean_distinct_experts_per_visit > 2, 'visits need the union of 8 tokens');
   const help = await runCli(['sim', '--help']);
   t.match(help.out, /continuous batching/);
+});
+
+t.test('sim --split: the same slot budget split by layer weights', async (t) => {
+  const dir = tempDir(t);
+  const f = join(dir, 'split.csv');
+  writeFileSync(f, syntheticTrace(30)); // 4 layers, 32 experts, top-2
+  const sim = async (...args: string[]) => JSON.parse((await runCli(['sim', '--trace', f, '--policy', 'lru', '--json', ...args])).out);
+  const eq = await sim('--capacity', '4');
+  t.equal(eq.split, 'equal');
+  t.same(eq.slots_by_layer, [4, 4, 4, 4]);
+  t.equal(eq.total_slots, 16);
+  t.equal(eq.capacity_per_layer, 4);
+  // Equal weights on a budget that divides evenly: the equal split, the same loads.
+  const ones = await sim('--capacity', '4', '--split', '1,1,1,1');
+  t.equal(ones.split, '1,1,1,1');
+  t.same(ones.slots_by_layer, [4, 4, 4, 4]);
+  t.equal(ones.loads, eq.loads);
+  t.equal(ones.belady_loads, eq.belady_loads);
+  // 16 slots: the zero weights keep one each, 14 go 3:1 (10.5, 3.5 → 11, 3: equal remainders, the lower layer first).
+  const sp = await sim('--capacity', '4', '--split', '3,1,0,0');
+  t.same(sp.slots_by_layer, [11, 3, 1, 1]);
+  t.equal(sp.total_slots, 16, 'the total budget is the capacity x layers');
+  t.equal(sp.capacity_per_layer, 4, 'capacity_per_layer is the mean over layers');
+  t.not(sp.loads, eq.loads, 'a different split, different loads');
+  // The policy and Belady both ran at the split's slots per layer.
+  const { header, requests } = await loadTrace(f);
+  const sched = await buildSchedule(header, requests, { concurrency: 1 });
+  t.equal(sp.loads, simulate(sched, createCachePolicy('lru', sched, [11, 3, 1, 1])).loads, 'lru at 11, 3, 1, 1');
+  t.equal(sp.belady_loads, simulate(sched, createCachePolicy('belady', sched, [11, 3, 1, 1])).loads, 'belady at the same split');
+  t.ok(sp.belady_loads <= sp.loads);
+  // --total-capacity: the whole budget with a split, floor(N / L) per layer without.
+  t.same((await sim('--total-capacity', '18', '--split', '1,1,1,1')).slots_by_layer, [5, 5, 4, 4]);
+  t.same((await sim('--total-capacity', '18')).slots_by_layer, [4, 4, 4, 4]);
+  // Without a capacity: 1x, 2x and 4x top-k, each budget split.
+  const three = await sim('--split', '1,1,0,2');
+  t.same(three.capacities.map((c: { total_slots: number }) => c.total_slots), [8, 16, 32]);
+  t.same(three.capacities[0].slots_by_layer, [2, 2, 1, 3]);
+  // The text report lists the slots of each layer.
+  const text = (await runCli(['sim', '--trace', f, '--policy', 'lru', '--capacity', '4', '--split', '3,1,0,0'])).out;
+  t.match(text, /split +by layer weights 3,1,0,0/);
+  t.match(text, /16 slots: 11 3 1 1/);
+  // Errors name the flag and what was expected.
+  await t.rejects(simCommand.run(['--trace', f, '--split', '1,2']), UsageError);
+  await t.rejects(simCommand.run(['--trace', f, '--split', '1,2']), /--split: expert cache split "1,2": 2 weights, but the trace has 4 layers \(one weight per layer is needed\)/);
+  await t.rejects(simCommand.run(['--trace', f, '--split', '1,-2,1,1']), /--split: expert cache split "1,-2,1,1": weight 2 \("-2"\) is negative/);
+  await t.rejects(simCommand.run(['--trace', f, '--split', '0,0,0,0']), /every weight is 0/);
+  await t.rejects(simCommand.run(['--trace', f, '--total-capacity', '3', '--split', '1,1,1,1']), /--total-capacity must be an integer in \[4, /, 'a layer needs a slot');
+  await t.rejects(simCommand.run(['--trace', f, '--scheduler', 'fcfs', '--split', '1,1,1,1']), /--split is for the cache simulation, not --scheduler/);
+  t.match((await runCli(['sim', '--help'])).out, /--split equal\|W0,W1,\.\.\./);
 });
 
 t.test('forecast: a sequence that sits out a step keeps its history when the caller ends sequences', async (t) => {

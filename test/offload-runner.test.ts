@@ -15,7 +15,7 @@ import type { ModelRunner, RoutingEvent, StepSequence } from '../src/engine/runn
 import { argmax } from '../src/engine/sampling.js';
 import { Rng } from '../src/model/prng.js';
 import type { Architecture } from '../src/model/spec.js';
-import { CapacityError, expertSlotBytes, parseCapacity, slotsPerLayer } from '../src/offload/capacity.js';
+import { CapacityError, expertSlotBytes, parseCapacity, parseSplit, slotsByLayer, slotsPerLayer, splitSlots } from '../src/offload/capacity.js';
 import { OffloadRunner } from '../src/offload/offload-runner.js';
 import { createOnlinePolicy } from '../src/offload/policies.js';
 import { measurePregating, NeedCalibration, PredictionCounters, scoreTopK, topKIds } from '../src/offload/prediction.js';
@@ -40,8 +40,8 @@ function resident(x: Opened, seqs: number, extra: Partial<Parameters<typeof Nati
   return NativeRunner.fromCheckpoint(x.spec, x.m.weights, { weights: 'f32', threads: 2, kvBlockSize: BLOCK, kvBlocks: seqs * BLOCKS_PER_SEQ, ...extra });
 }
 
-/** An offload runner over the TypeScript store double. */
-function faked(x: Opened, seqs: number, slots: number, o: ConstructorParameters<typeof OffloadRunner>[4] = {}, readsPerLayer = 1, noisyPrediction = false) {
+/** An offload runner over the TypeScript store double; `slots`: one count for every layer, or one per layer. */
+function faked(x: Opened, seqs: number, slots: number | readonly number[], o: ConstructorParameters<typeof OffloadRunner>[4] = {}, readsPerLayer = 1, noisyPrediction = false) {
   const inner = resident(x, seqs).engine;
   const store = new FakeOffloadStore(inner, { layers: x.spec.numLayers, experts: x.spec.numExperts }, slots, { readsPerLayer, noisyPrediction });
   const runner = new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: seqs * BLOCKS_PER_SEQ }, store, slots, o);
@@ -120,6 +120,89 @@ t.test('capacity: fractions and byte budgets become slots per layer', async (t) 
   t.equal(s.expertBytes, 3 * 2048 * 768 * 34 / 32);
   t.equal(s.slotBytes % 4096, 0);
   t.ok(s.slotBytes >= s.expertBytes && s.slotBytes - s.expertBytes < 4096);
+});
+
+t.test('split: the slot budget divided across layers by weight', async (t) => {
+  // Equal is the old behaviour exactly, for fractions and byte budgets alike.
+  const shape = { layers: 48, experts: 128, slotBytes: 5 << 20 };
+  for (const cap of ['0.25', '100%', '0.05', '1TiB', String(48 * 32 * (5 << 20) - 1) + 'B', '3GiB']) {
+    t.same(slotsByLayer(cap, 'equal', shape), new Array(48).fill(slotsPerLayer(cap, shape)), `equal ${cap}`);
+    t.same(slotsByLayer(cap, '', shape), slotsByLayer(cap, 'equal', shape), 'empty means equal');
+  }
+  t.throws(() => slotsByLayer('0.005', 'equal', shape), /gives no expert slot per layer/);
+
+  // Proportional shares, rounded by largest remainder (sum exact).
+  t.same(splitSlots(32, [2, 2, 1, 1, 1, 1, 1, 1], 16), [7, 7, 3, 3, 3, 3, 3, 3], '6.4, 6.4, 3.2 x 6: the two .4 remainders win');
+  t.same(splitSlots(10, [3, 2, 1], 8), [5, 3, 2], '5, 3.33, 1.67: the largest remainder (.67) takes the leftover slot');
+  t.same(splitSlots(4, [1, 1, 1], 8), [2, 1, 1], 'equal remainders: the lower layer first');
+  t.same(splitSlots(12, [1, 1, 1, 1], 8), [3, 3, 3, 3], 'equal weights divide evenly');
+  t.same(splitSlots(7, [0.5, 1.5], 8), [2, 5], 'fractional weights: 1.75, 5.25');
+  // Clamping: at most `experts`, the excess shared by the others in proportion to their weights.
+  t.same(splitSlots(20, [100, 1, 1], 8), [8, 6, 6], 'layer 0 capped at 8; 12 left for two equal weights');
+  t.same(splitSlots(21, [100, 2, 1], 8), [8, 8, 5], 'capped twice: 13 over 2:1 is 8.67 > 8, so layer 1 caps too');
+  // ... and at least 1, taken from the others the same way.
+  t.same(splitSlots(12, [5, 1, 1, 1, 1, 1, 1, 1, 1, 1], 4), [3, 1, 1, 1, 1, 1, 1, 1, 1, 1], 'the small layers keep 1 each; layer 0 gets the 3 left, under its cap');
+  t.same(splitSlots(8, [1, 0, 0, 3], 8), [2, 1, 1, 4], 'a zero weight gets one slot; 6 over 1:3 is 1.5, 4.5');
+  t.same(splitSlots(3, [100, 1, 1], 8), [1, 1, 1], 'a budget of one slot per layer');
+  t.same(splitSlots(40, [1, 0, 0], 8), [8, 1, 1], 'a budget beyond what the weights can take is capped');
+  t.same(splitSlots(24, [1, 2, 3], 8), [8, 8, 8], 'a budget of every expert');
+  // Properties over many random cases: the sum, the bounds, and floor/ceil of the exact share.
+  const rng = new Rng(3);
+  let ok = true;
+  for (let i = 0; i < 3000 && ok; i++) {
+    const L = 1 + (rng.u32() % 9);
+    const E = 1 + (rng.u32() % 12);
+    const w = Array.from({ length: L }, () => (rng.u32() % 4 === 0 ? 0 : rng.u32() % 7));
+    if (!w.some((x) => x > 0)) w[0] = 1;
+    const total = L + (rng.u32() % (L * E));
+    const out = splitSlots(total, w, E);
+    const cap = Math.min(total, w.reduce((a, x) => a + (x > 0 ? E : 1), 0));
+    // The exact shares clamp(λw, 1, E) summing to cap, by bisection on λ.
+    const f = (lam: number) => w.reduce((a, x) => a + (x === 0 ? 1 : Math.min(E, Math.max(1, lam * x))), 0);
+    let lo = 0;
+    let hi = 1e6;
+    for (let k = 0; k < 200; k++) {
+      const m = (lo + hi) / 2;
+      if (f(m) < cap) lo = m;
+      else hi = m;
+    }
+    const q = w.map((x) => (x === 0 ? 1 : Math.min(E, Math.max(1, hi * x))));
+    ok = out.reduce((a, b) => a + b, 0) === cap && out.every((v, l) => v >= 1 && v <= E && v >= Math.floor(q[l] + 1e-7) && v <= Math.ceil(q[l] - 1e-7));
+    if (!ok) t.fail(`splitSlots(${total}, [${w}], ${E}) = [${out}], exact shares [${q.map((x) => x.toFixed(3))}]`);
+  }
+  t.ok(ok, '3000 random splits: exact sum, bounds, each layer the floor or ceiling of its share');
+
+  // The budget: floor(fraction x experts) x layers, or floor(bytes / slot bytes).
+  const small = { layers: 4, experts: 16, slotBytes: 1 << 20 };
+  t.same(slotsByLayer('0.25', '2,1,1,0', small), [7, 4, 4, 1], 'fraction: 4 x 4 = 16 slots; zero weight 1, 15 over 2:1:1');
+  t.same(slotsByLayer('0.25', '1,1,1,1', small), [4, 4, 4, 4], 'equal weights at a fraction: as equal');
+  t.same(slotsByLayer('18MiB', '1,1,1,1', small), [5, 5, 4, 4], 'bytes: 18 slots over 4 layers (equal gives 4 each)');
+  t.same(slotsByLayer('18MiB', 'equal', small), [4, 4, 4, 4]);
+  t.same(slotsByLayer('1TiB', '1,1,1,0', small), [16, 16, 16, 1], 'capped at the experts');
+  t.same(slotsByLayer(parseCapacity('0.5'), parseSplit('3,1,0,0'), small), [16, 14, 1, 1], '32 slots: 30 over 3:1 is 22.5 for layer 0, capped at 16; the excess to layer 1');
+
+  // Errors: the split's form when parsed, its length against the model.
+  t.same(parseSplit('equal'), { kind: 'equal' });
+  t.same(parseSplit(' 2, 2 ,1 '), { kind: 'weights', weights: [2, 2, 1], text: '2,2,1' });
+  for (const [bad, why] of [
+    ['2,-1', /weight 2 \("-1"\) is negative/],
+    ['2,x,1', /weight 2 \("x"\) is not a number/],
+    ['1,,2', /weight 2 \(""\) is not a number/],
+    ['1e3', /weight 1 \("1e3"\) is not a number/],
+    ['0,0,0', /every weight is 0/],
+    ['Infinity', /is not a number/],
+  ] as const) {
+    t.throws(() => parseSplit(bad), CapacityError, `rejects ${bad}`);
+    t.throws(() => parseSplit(bad), why);
+    t.throws(() => parseSplit(bad), /give equal, or one non-negative weight per layer/);
+  }
+  t.throws(() => parseSplit('1,2', 3), /expert cache split "1,2": 2 weights, but the model has 3 layers \(one weight per layer is needed\)/);
+  t.throws(() => slotsByLayer('0.25', '1,2,3', small), /expert cache split "1,2,3": 3 weights, but the model has 4 layers \(one weight per layer is needed\); give equal, or 4 non-negative weights, one per layer, comma-separated \(e\.g\. 2,2,1,1\)$/);
+  t.throws(() => slotsByLayer('0.05', '1,1,1,1', small), /0.05 of 16 experts per layer gives 0 expert slots for 4 layers; at least one slot per layer is needed/);
+  t.throws(() => slotsByLayer('3MiB', '1,1,1,1', small), /3145728 bytes of 1048576-byte expert slots gives 3 expert slots for 4 layers/);
+  t.throws(() => splitSlots(2, [1, 1, 1], 8), /2 expert slots for 3 layers; every layer needs at least one slot/);
+  t.throws(() => splitSlots(5, [0, 0], 8), /every weight is 0/);
+  t.throws(() => splitSlots(5, [1, -1], 8), /non-negative/);
 });
 
 t.test('online policies: every simulator policy but Belady', async (t) => {
@@ -247,6 +330,44 @@ t.test('fewer slots than top-k: every visit streams, still bitwise equal (store 
       runner.close();
     }
   }
+});
+
+t.test('an unequal split across layers: each layer its own slots, logits bitwise equal (store double)', async (t) => {
+  const x = await model(t, 'qwen3_moe', 4); // top-8 of 32
+  const ref = resident(x, 4);
+  t.teardown(() => ref.close());
+  // Layer 0 holds most of its experts, layer 3 fewer than top-k (every visit streams).
+  const slots = [20, 10, 3, 1];
+  for (const policy of ['lru', 'forecast']) {
+    const { runner, store } = faked(x, 4, slots, { policy, lookahead: 2 });
+    t.same(compare(ref, runner, x.vocabLimit, 4, 10, 8), [], `${policy}: every step bitwise equal`);
+    t.same(runner.audit(), [], 'policy slots and store agree');
+    t.same(runner.slotsByLayer, slots);
+    t.equal(runner.totalSlots, 34);
+    t.same(runner.policy.capacities, slots, 'the policy has the same slots per layer');
+    const st = runner.offloadStats();
+    t.same(st.slotsByLayer, slots);
+    t.equal(st.totalSlots, 34);
+    t.equal(st.layers[3].streamedVisits, st.layers[3].visits, 'the one-slot layer streams every visit');
+    t.ok(st.layers[0].hits > 2 * st.layers[3].hits, `the large layer hits more (${st.layers[0].hits} vs ${st.layers[3].hits})`);
+    t.ok(store.held(0) > slots[1], `layer 0 uses slots beyond the other layers' count (${store.held(0)})`);
+    const state = runner.expertCacheState();
+    t.same(state.slotsByLayer, slots);
+    state.layers.forEach((l, i) => {
+      t.equal(l.capacity, slots[i], `layer ${i} reports its own slots`);
+      t.equal(l.resident.length + l.loading.length + l.freeSlots, slots[i]);
+      t.ok([...l.resident, ...l.loading].every((r) => r.slot >= 0 && r.slot < slots[i]), `layer ${i}: every slot below ${slots[i]}`);
+      t.ok(store.held(i) <= slots[i]);
+    });
+    runner.close();
+  }
+  const inner = resident(x, 1).engine;
+  t.teardown(() => inner.close());
+  const store = new FakeOffloadStore(inner, { layers: 4, experts: 32 }, slots);
+  const kv = { blockSize: BLOCK, numBlocks: 8 };
+  t.throws(() => new OffloadRunner(x.spec, kv, store, [4, 4, 4]), /3 layer counts for a model of 4 layers/);
+  t.throws(() => new OffloadRunner(x.spec, kv, store, [4, 0, 4, 4]), /slots per layer must be an integer in \[1, 32\], got 0 for layer 1/);
+  t.throws(() => new OffloadRunner(x.spec, kv, store, [4, 4, 33, 4]), /got 33 for layer 2/);
 });
 
 t.test('a failed read fails its step; the cache starts over and later steps are bitwise equal again', async (t) => {
@@ -423,6 +544,11 @@ t.test('bad offload settings give clear errors', async (t) => {
   t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: 'lots' }), /expert cache capacity "lots": not a number/);
   t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.5', dir: '/nonexistent/moe-serve' }), /offload directory "\/nonexistent\/moe-serve" is not a writable directory/);
   t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.5', ioThreads: 0 }), /I\/O threads must be an integer in \[1, 256\]/);
+  // The split's number of weights is known to be wrong only once the model is open.
+  t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.5', split: '1,2,3' }), CapacityError);
+  t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.5', split: '1,2,3' }), /setting offloadSplit: expert cache split "1,2,3": 3 weights, but the model has 2 layers/);
+  t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.5', split: '1,x' }), /setting offloadSplit: expert cache split "1,x": weight 2 \("x"\) is not a number/);
+  t.throws(() => OffloadRunner.fromCheckpoint(x.spec, ckpt, { ...base, capacity: '0.01', split: '1,1' }), /0.01 of 32 experts per layer gives 0 expert slots for 2 layers/);
   const inner = resident(x, 1).engine;
   t.teardown(() => inner.close());
   const store = new FakeOffloadStore(inner, { layers: 2, experts: 32 }, 8);
@@ -539,7 +665,8 @@ t.test('native expert store: bitwise equal to resident, prefetch and pre-gating 
           ioThreads: 2,
           dir,
         });
-        t.equal(off.slotsPerLayer, slots);
+        t.same(off.slotsByLayer, new Array(4).fill(slots));
+        t.equal(off.totalSlots, 4 * slots);
         const bad = compare(ref, off, x.vocabLimit, nSeq, 10, 3);
         t.same(bad, [], `${slots} slots, ${policy}, lookahead ${lookahead}: every step bitwise equal`);
         t.same(off.audit(), [], 'policy slots and store agree');
@@ -550,6 +677,36 @@ t.test('native expert store: bitwise equal to resident, prefetch and pre-gating 
       }
     }
   }
+  // An unequal split of the same budget (10 slots per layer on average, 40 in all): the
+  // layer of weight 0 keeps one slot, the other 39 go 3:1:1 (23.4, 7.8, 7.8 → 23, 8, 8
+  // by largest remainder).
+  const split = OffloadRunner.fromCheckpoint(x.spec, x.m.weights, {
+    weights: 'f32',
+    threads: 2,
+    kvBlockSize: BLOCK,
+    kvBlocks: nSeq * BLOCKS_PER_SEQ,
+    capacity: '0.3125',
+    split: '3,1,1,0',
+    policy: 'forecast',
+    lookahead: 2,
+    ioThreads: 2,
+    dir,
+  });
+  t.teardown(() => split.close());
+  t.same(split.slotsByLayer, [23, 8, 8, 1]);
+  t.same(compare(ref, split, x.vocabLimit, nSeq, 10, 3), [], 'split 3,1,1,0: every step bitwise equal');
+  t.same(split.audit(), [], 'policy slots and store agree');
+  const sst = split.offloadStats();
+  t.same(sst.slotsByLayer, [23, 8, 8, 1]);
+  t.equal(sst.layers[3].streamedVisits, sst.layers[3].visits, 'the one-slot layer streams every visit');
+  // The store's arenas hold the real total: 40 slots, not 4 x the largest.
+  const info = (split.engine as unknown as { info(): { weightBytes: number; expertBytes: number } }).info();
+  const resInfo = ref.engine.info();
+  t.equal(info.weightBytes, resInfo.weightBytes - 4 * 32 * resInfo.expertBytes + 40 * sst.slotBytes, 'arena bytes = 40 slots');
+  const cs = split.expertCacheState();
+  t.same(cs.layers.map((l) => l.capacity), [23, 8, 8, 1]);
+  t.ok(cs.layers[0].resident.some((r) => r.slot >= 8), 'layer 0 fills slots beyond the others\' count');
+
   // Quantized weights: the same bits from the slots, streamed visits included.
   const ref8 = resident(x, nSeq, { weights: 'q8' });
   t.teardown(() => ref8.close());
@@ -575,6 +732,11 @@ t.test('moe-serve generate: --offload-* flags give the same greedy text as the r
   t.ok(plain.length > 1);
   t.equal(offloaded, plain);
   const { generateCommand } = await import('../src/cli/generate-cmd.js');
+  const splitText = await run({ offload: { capacity: '0.25', split: '4,2,1,1', policy: 'lru', lookahead: 2, ioThreads: 1, dir: tempDir(t) } });
+  t.equal(splitText, plain, 'with an unequal split too');
   await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-policy', 'lru']), /--offload-policy needs --offload-capacity/);
+  await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-split', '1,1,1,1']), /--offload-split needs --offload-capacity/);
+  await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-split', '1,-1']), /--offload-split: expert cache split "1,-1": weight 2 \("-1"\) is negative/);
+  await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-split', '1,1']), /setting offloadSplit: expert cache split "1,1": 2 weights, but the model has 4 layers/);
   await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-policy', 'belady']), /--offload-policy must be one of lru, lfu, lfu-decay, predictive/);
 });

@@ -10,7 +10,9 @@ import { request } from 'undici';
 import { ConfigError, loadSettings } from '../src/config.js';
 import { startEngine } from '../src/engine/engine-client.js';
 import type { ExpertCacheState } from '../src/engine/protocol.js';
-import { engineOptions } from '../src/server/server.js';
+import { engineOptions, startServer } from '../src/server/server.js';
+import { settingsFromArgv } from '../src/cli/serve-cmd.js';
+import { UsageError } from '../src/cli/args.js';
 import { tempDir, writeModel } from './helpers/models.js';
 import { MODEL_ID, startTestServer, tinyModelDir, parseMetrics } from './helpers/server-harness.js';
 import { NO_OFFLOAD_SKIP } from './helpers/offload.js';
@@ -64,7 +66,7 @@ t.test('metrics and the expert cache endpoint after requests', { skip }, async (
   t.ok((m.get(`moe_expert_slot_bytes${policy}`) ?? 0) > 0, 'slot bytes');
   t.ok((m.get(`moe_expert_loaded_bytes_total${policy}`) ?? 0) >= (m.get(`moe_expert_loads_total${policy}`) ?? 0) * (m.get(`moe_expert_slot_bytes${policy}`) ?? 0), 'bytes loaded');
   t.ok(sum(m, 'moe_expert_stall_seconds_total') >= 0);
-  t.equal(m.get(`moe_expert_cache_slots_per_layer${policy}`), 10);
+  for (let l = 0; l < 4; l++) t.equal(m.get(`moe_expert_cache_slots{layer="${l}"}`), 10, `layer ${l}: 10 slots`);
   for (const d of [1, 2]) {
     const recall = m.get(`moe_expert_prediction_recall{distance="${d}"}`);
     const precision = m.get(`moe_expert_prediction_precision{distance="${d}"}`);
@@ -81,7 +83,8 @@ t.test('metrics and the expert cache endpoint after requests', { skip }, async (
   const state = (await r.body.json()) as ExpertCacheState & { object: string };
   t.equal(state.object, 'expert_cache');
   t.equal(state.policy, 'predictive');
-  t.equal(state.slotsPerLayer, 10);
+  t.same(state.slotsByLayer, [10, 10, 10, 10]);
+  t.equal(state.totalSlots, 40);
   t.equal(state.layers.length, 4);
   for (const l of state.layers) {
     t.equal(l.capacity, 10);
@@ -95,6 +98,34 @@ t.test('metrics and the expert cache endpoint after requests', { skip }, async (
   t.equal(state.stats.prediction.length, 2);
   // The engine's snapshot carries the same counters.
   t.ok((s.engine.stats().offload?.loads ?? 0) > 0);
+});
+
+t.test('serve --offload-split: each layer its own slots, at the endpoint and in /metrics', { skip }, async (t) => {
+  // As a user starts it: flags → settings → the server.
+  const settings = settingsFromArgv(
+    ['--model', dir4, '--model-id', MODEL_ID, '--port', '0', '--offload-capacity', '0.3125', '--offload-split', '3,1,1,0', '--offload-policy', 'lru', '--offload-dir', tempDir(t), '--log-level', 'silent', '--kv-blocks', '64'],
+    {},
+  )!;
+  t.equal(settings.offloadSplit, '3,1,1,0');
+  const logs: string[] = [];
+  const server = await startServer(settings, (l) => logs.push(l), { handleSignals: false });
+  t.teardown(() => server.shutdown('test over'));
+  t.ok(logs.some((l) => /capacity 0.3125 split across layers by the weights 3,1,1,0/.test(l)), 'the start-up log names the split');
+  t.same(await generate(server.url, 3), [200, 200, 200]);
+  // 10 slots per layer on average (40 in all): the weight-0 layer keeps one, 39 go 3:1:1.
+  const slots = [23, 8, 8, 1];
+  const state = (await (await request(`${server.url}/v1/internal/experts`)).body.json()) as ExpertCacheState;
+  t.same(state.slotsByLayer, slots);
+  t.equal(state.totalSlots, 40);
+  state.layers.forEach((l, i) => {
+    t.equal(l.capacity, slots[i], `layer ${i}: ${slots[i]} slots`);
+    t.equal(l.resident.length + l.loading.length + l.freeSlots, slots[i]);
+    t.ok([...l.resident, ...l.loading].every((x) => x.slot >= 0 && x.slot < slots[i]), `layer ${i}: slots below ${slots[i]}`);
+  });
+  t.ok(state.layers[0].resident.length > 8, `layer 0 holds more than the other layers could (${state.layers[0].resident.length})`);
+  t.equal(state.layers[3].counters.streamedVisits, state.layers[3].counters.visits, 'the one-slot layer streams every visit');
+  const m = parseMetrics(await (await request(`${server.url}/metrics`)).body.text());
+  slots.forEach((n, l) => t.equal(m.get(`moe_expert_cache_slots{layer="${l}"}`), n, `metric: layer ${l} has ${n} slots`));
 });
 
 t.test('without offloading the endpoint answers 404 in the OpenAI error shape', async (t) => {
@@ -143,8 +174,21 @@ t.test('bad offload settings fail clearly', async (t) => {
   t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_POLICY: 'belady' } }), /setting offloadPolicy \(from MOE_SERVE_OFFLOAD_POLICY\) must be one of lru, lfu, lfu-decay, predictive, forecast/);
   t.throws(() => loadSettings({ env: {}, flags: { offloadLookahead: '-1' } }), /offloadLookahead/);
   const s = loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '12GiB', MOE_SERVE_OFFLOAD_LOOKAHEAD: '3', MOE_SERVE_DEMO: '1' } });
+  t.equal(s.offloadSplit, 'equal', 'the split is equal by default');
   const o = engineOptions(s, '/m', 'm');
   t.same(o.offload, { capacity: '12GiB', policy: 'forecast', lookahead: 3, ioThreads: 2 });
+  // The split: from the environment or the flag; its form is checked at start-up.
+  const withSplit = loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5', MOE_SERVE_OFFLOAD_SPLIT: '2,1,1,1' } });
+  t.same(engineOptions(withSplit, '/m', 'm').offload, { capacity: '0.5', split: '2,1,1,1', policy: 'forecast', lookahead: 2, ioThreads: 2 });
+  t.equal(loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5' }, flags: { offloadSplit: '1,2' } }).offloadSplit, '1,2');
+  t.equal(settingsFromArgv(['--demo', '--offload-capacity', '0.5', '--offload-split', '4,1'], {})!.offloadSplit, '4,1');
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5', MOE_SERVE_OFFLOAD_SPLIT: '2,x' } }), ConfigError);
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5', MOE_SERVE_OFFLOAD_SPLIT: '2,x' } }), /setting offloadSplit: expert cache split "2,x": weight 2 \("x"\) is not a number; give equal, or one non-negative weight per layer/);
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5', MOE_SERVE_OFFLOAD_SPLIT: '1,-1' } }), /setting offloadSplit: .*weight 2 \("-1"\) is negative/);
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5', MOE_SERVE_OFFLOAD_SPLIT: '0,0' } }), /setting offloadSplit: .*every weight is 0/);
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_SPLIT: '1,1' } }), /setting offloadSplit splits the expert cache of offloadCapacity across layers; set offloadCapacity too/);
+  t.throws(() => settingsFromArgv(['--demo', '--offload-capacity', '0.5', '--offload-split', 'lots'], {}), UsageError);
+  t.throws(() => settingsFromArgv(['--demo', '--offload-capacity', '0.5', '--offload-split', 'lots'], {}), /setting offloadSplit: expert cache split "lots"/);
   t.equal(o.replayTrace, undefined);
   t.equal(engineOptions(loadSettings({ env: {} }), '/m', 'm').offload, undefined, 'off by default');
 
@@ -153,6 +197,15 @@ t.test('bad offload settings fail clearly', async (t) => {
   const small = startEngine({ ...base, offload: { capacity: '0.01', policy: 'lru', lookahead: 2, ioThreads: 1 } });
   await t.rejects(small.ready, /0.01 of 32 experts per layer gives no expert slot per layer; at least one slot per layer is needed/);
   await small.close();
+  // The split's number of weights against the model's layers (2): a clear start-up error.
+  const badSplit = startEngine({ ...base, offload: { capacity: '0.5', split: '2,1,1,1', policy: 'lru', lookahead: 2, ioThreads: 1, dir: tempDir(t) } });
+  await t.rejects(badSplit.ready, /setting offloadSplit: expert cache split "2,1,1,1": 4 weights, but the model has 2 layers \(one weight per layer is needed\)/);
+  await badSplit.close();
+  // And through the server as a user starts it: the start fails with that message, nothing left listening.
+  const logs: string[] = [];
+  const argv = ['--model', base.modelDir, '--port', '0', '--offload-capacity', '0.5', '--offload-split', '1,1,1', '--offload-dir', tempDir(t), '--log-level', 'silent'];
+  await t.rejects(startServer(settingsFromArgv(argv, {})!, (l) => logs.push(l), { handleSignals: false }), /3 weights, but the model has 2 layers/);
+  t.ok(logs.some((l) => /the model failed to load: .*setting offloadSplit: .*3 weights, but the model has 2 layers .*; give equal, or 2 non-negative weights, one per layer, comma-separated \(e\.g\. 2,1\)/.test(l)), 'logged, with what to give');
   const noTrace = startEngine({ ...base, replayTrace: join(tempDir(t), 'missing.csv') });
   await t.rejects(noTrace.ready, /ENOENT|no such file/);
   await noTrace.close();

@@ -7,6 +7,7 @@ import { openModel, type OpenedModel } from '../model/checkpoint.js';
 import { ReferenceModel } from '../model/reference.js';
 import { IncrementalDecoder } from '../model/tokenizer.js';
 import { choiceOpt, intOpt, numOpt, parse, required, UsageError } from './args.js';
+import { CapacityError, parseSplit } from '../offload/capacity.js';
 import { OffloadRunner } from '../offload/offload-runner.js';
 import { ONLINE_POLICY_NAMES, DEFAULT_ONLINE_POLICY } from '../offload/policies.js';
 import { RoutingReplay } from '../offload/replay.js';
@@ -61,7 +62,9 @@ options:
   --weights W        weights in memory: auto (as stored) | f32 | bf16 | f16 | q8 | q4 [auto]
   --threads N        compute threads [all cores]
   --offload-capacity C     offload experts to a file, caching C of them in RAM: a fraction
-                           (0.25, 25%) or bytes (512MiB), split equally across layers [off]
+                           (0.25, 25%) or bytes (512MiB), split across layers by --offload-split [off]
+  --offload-split S        equal, or one weight per layer (e.g. 2,2,1,1): the budget divided
+                           in proportion to the weights, 1 to all experts per layer [equal]
   --offload-policy P       expert cache policy: ${ONLINE_POLICY_NAMES.join(' | ')} [${DEFAULT_ONLINE_POLICY}]
   --offload-lookahead N    layers ahead to prefetch; 0: no prefetch [2]
   --offload-io-threads N   expert reader threads [2]
@@ -130,13 +133,23 @@ export async function runGenerate(a: GenerateArgs, out: (s: string) => void): Pr
 /** --offload-* flags → offload options (undefined without --offload-capacity). */
 function offloadFlags(v: Record<string, string | boolean | undefined>): OffloadOptions | undefined {
   const cap = v['offload-capacity'];
-  const others = ['offload-policy', 'offload-lookahead', 'offload-io-threads', 'offload-dir'].filter((f) => v[f] !== undefined);
+  const others = ['offload-split', 'offload-policy', 'offload-lookahead', 'offload-io-threads', 'offload-dir'].filter((f) => v[f] !== undefined);
   if (typeof cap !== 'string' || cap === '') {
     if (others.length > 0) throw new UsageError(`--${others[0]} needs --offload-capacity`);
     return undefined;
   }
+  const split = v['offload-split'];
+  if (typeof split === 'string') {
+    try {
+      parseSplit(split);
+    } catch (e) {
+      if (e instanceof CapacityError) throw new UsageError(`--offload-split: ${e.message}`);
+      throw e;
+    }
+  }
   return {
     capacity: cap,
+    ...(typeof split === 'string' && parseSplit(split).kind !== 'equal' ? { split } : {}),
     policy: choiceOpt(v, 'offload-policy', ONLINE_POLICY_NAMES, DEFAULT_ONLINE_POLICY),
     lookahead: intOpt(v, 'offload-lookahead', 2, 0, 64),
     ioThreads: intOpt(v, 'offload-io-threads', 2, 1, 256),
@@ -161,6 +174,7 @@ export const generateCommand = {
       weights: { type: 'string' },
       threads: { type: 'string' },
       'offload-capacity': { type: 'string' },
+      'offload-split': { type: 'string' },
       'offload-policy': { type: 'string' },
       'offload-lookahead': { type: 'string' },
       'offload-io-threads': { type: 'string' },

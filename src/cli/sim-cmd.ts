@@ -13,10 +13,12 @@ import {
   type BatchSimResult,
 } from '../offload/batch-sim.js';
 import { EXPERT_AWARE_DEFAULTS } from '../scheduler/expert-aware-policy.js';
+import { CapacityError, EQUAL_SPLIT, parseSplit, splitSlots, splitText, type SplitSpec } from '../offload/capacity.js';
 import { choiceOpt, intOpt, numOpt, parse, required, UsageError } from './args.js';
 
 const HELP = `usage: moe-serve sim --trace FILE [--policy ${POLICY_NAMES.join('|')}] [--capacity N|F]
-                     [--total-capacity N] [--concurrency M] [--no-prefill] [--no-prefetch]
+                     [--total-capacity N] [--split equal|W0,W1,...] [--concurrency M]
+                     [--no-prefill] [--no-prefetch]
                      [--expert-bytes B] [--load-gbps G] [--compute-gbps G] [--layer-ms T] [--json]
 
 Replays a moe-trace v1 routing trace through an expert cache policy and compares its
@@ -33,6 +35,13 @@ Semantics:
     F x the active experts per layer (--capacity F with F fractional, e.g. 1.5), or
     --total-capacity N / L. "Active experts per layer" = the trace's top_k (what one
     token activates at a layer). Without a capacity: 1x, 2x and 4x top_k.
+  - --split W0,W1,... (one non-negative weight per trace layer) splits the same total
+    budget unequally: N x L slots (--capacity), or N (--total-capacity), divided in
+    proportion to the weights by largest remainder, each layer keeping 1 to all its
+    experts (the excess goes to the other layers by weight), as the server's
+    offloadSplit setting does. Belady runs at the same slots per layer. Run once with
+    and once without --split (--capacity N) to compare a split with the equal one of
+    the same budget.
   - hit rate = needed (visit, expert) pairs already resident / all needed pairs.
     loads = demand loads + started prefetches (wasted ones included); Belady evicts
     the expert whose next use is furthest away (optimal demand loading).
@@ -91,6 +100,7 @@ export const simCommand = {
       policy: { type: 'string' },
       capacity: { type: 'string' },
       'total-capacity': { type: 'string' },
+      split: { type: 'string' },
       concurrency: { type: 'string' },
       'no-prefill': { type: 'boolean' },
       'no-prefetch': { type: 'boolean' },
@@ -147,27 +157,50 @@ export const simCommand = {
     })();
     const sched = await buildSchedule(h, rest, { concurrency, prefill: !v['no-prefill'] });
 
-    let capacities: number[];
+    let split: SplitSpec = EQUAL_SPLIT;
+    if (v.split !== undefined) {
+      try {
+        split = parseSplit(String(v.split), h.layers, 'trace');
+      } catch (e) {
+        if (e instanceof CapacityError) throw new UsageError(`--split: ${e.message}`);
+        throw e;
+      }
+    }
+    // Total slot budgets; the split turns each into slots per layer.
+    let budgets: number[];
     if (v.capacity !== undefined) {
       const c = numOpt(v, 'capacity', 0, 1e-9, h.experts);
-      capacities = [Number.isInteger(c) && String(v.capacity).indexOf('.') < 0 ? c : Math.max(1, Math.round(c * h.topK))];
+      budgets = [(Number.isInteger(c) && String(v.capacity).indexOf('.') < 0 ? c : Math.max(1, Math.round(c * h.topK))) * h.layers];
     } else if (v['total-capacity'] !== undefined) {
       const total = intOpt(v, 'total-capacity', 0, h.layers);
-      capacities = [Math.floor(total / h.layers)];
+      budgets = [split.kind === 'equal' ? Math.floor(total / h.layers) * h.layers : total];
     } else {
-      capacities = [1, 2, 4].map((m) => Math.min(h.experts, m * h.topK));
+      budgets = [1, 2, 4].map((m) => Math.min(h.experts, m * h.topK) * h.layers);
     }
+    const slotsOf = (budget: number): number[] => {
+      if (split.kind === 'equal') return new Array<number>(h.layers).fill(budget / h.layers);
+      try {
+        return splitSlots(budget, split.weights, h.experts);
+      } catch (e) {
+        if (e instanceof CapacityError) throw new UsageError(`--split: ${e.message}`);
+        throw e;
+      }
+    };
 
-    const runs = capacities.map((cap) => {
-      const ours = simulate(sched, createCachePolicy(policyName, sched, cap, { prefetch: !v['no-prefetch'] }), timing);
-      const opt = policyName === 'belady' ? ours : simulate(sched, createCachePolicy('belady', sched, cap), timing);
-      const oracle = simulate(sched, createCachePolicy('belady', sched, cap), timing, { oraclePrefetch: true });
-      return { cap, ours, opt, oracle };
+    const runs = budgets.map((budget) => {
+      const caps = slotsOf(budget);
+      const ours = simulate(sched, createCachePolicy(policyName, sched, caps, { prefetch: !v['no-prefetch'] }), timing);
+      const opt = policyName === 'belady' ? ours : simulate(sched, createCachePolicy('belady', sched, caps), timing);
+      const oracle = simulate(sched, createCachePolicy('belady', sched, caps), timing, { oraclePrefetch: true });
+      return { ours, opt, oracle };
     });
 
-    const row = (r: { cap: number; ours: SimResult; opt: SimResult; oracle: SimResult }) => ({
-      capacity_per_layer: r.cap,
-      capacity_vs_active: r.cap / h.topK,
+    const row = (r: { ours: SimResult; opt: SimResult; oracle: SimResult }) => ({
+      // The mean over layers: the slots of every layer with the equal split.
+      capacity_per_layer: r.ours.totalSlots / h.layers,
+      capacity_vs_active: r.ours.totalSlots / h.layers / h.topK,
+      total_slots: r.ours.totalSlots,
+      slots_by_layer: r.ours.capacities,
       hit_rate: r.ours.hitRate,
       loads: r.ours.loads,
       demand_loads: r.ours.demandLoads,
@@ -192,6 +225,7 @@ export const simCommand = {
         steps: sched.numSteps,
         concurrency,
         policy: policyName,
+        split: splitText(split),
         mean_distinct_experts_per_visit: sched.totalNeeded / (sched.numSteps * h.layers || 1),
         capacities: rows,
       };
@@ -204,6 +238,7 @@ export const simCommand = {
       `trace        ${file} (${h.model || 'unnamed'}: ${h.layers} layers, ${h.experts} experts, top-${h.topK})`,
       `replay       ${requests} request(s), ${sched.numSteps} steps, concurrency ${concurrency}, prefill ${v['no-prefill'] ? 'skipped' : 'replayed'}`,
       `policy       ${policyName} vs belady; expert ${(timing.bytesPerExpert / 2 ** 20).toFixed(2)} MiB`,
+      `split        ${split.kind === 'equal' ? 'equal across layers' : `by layer weights ${splitText(split)} (slots/layer: the mean over layers)`}`,
       '',
       'slots/layer  hit rate  belady   loads     GiB      vs belady  stall-free  (oracle)  prefetch issued/used/wasted',
     ];
@@ -222,6 +257,10 @@ export const simCommand = {
         ].join(' '),
       );
     }
+    if (split.kind !== 'equal') {
+      lines.push('', 'slots by layer');
+      for (const r of rows) lines.push(`  ${String(r.total_slots).padStart(6)} slots: ${r.slots_by_layer.join(' ')}`);
+    }
     process.stdout.write(lines.join('\n') + '\n');
     return 0;
   },
@@ -232,7 +271,7 @@ type Values = Record<string, string | boolean | undefined>;
 async function runBatching(v: Values): Promise<number> {
   const file = required(v, 'trace');
   const scheduler = choiceOpt(v, 'scheduler', BATCH_SCHEDULERS) as BatchSchedulerName;
-  for (const k of ['policy', 'total-capacity', 'no-prefetch']) if (v[k] !== undefined) throw new UsageError(`--${k} is for the cache simulation, not --scheduler`);
+  for (const k of ['policy', 'total-capacity', 'split', 'no-prefetch']) if (v[k] !== undefined) throw new UsageError(`--${k} is for the cache simulation, not --scheduler`);
   const batch = intOpt(v, 'batch', 8, 1, 1 << 16);
   const concurrency = intOpt(v, 'concurrency', 64, 1, 1 << 16);
   const capacity = v.capacity === undefined ? undefined : intOpt(v, 'capacity', 1, 1, 1 << 16);

@@ -134,8 +134,10 @@ export interface OffloadLayerStats {
 
 export interface OffloadStats {
   policy: string;
-  /** Expert slots per layer (the capacity, split equally across layers). */
-  slotsPerLayer: number;
+  /** Expert slots of each layer (the capacity, split across layers by the offloadSplit setting). */
+  slotsByLayer: number[];
+  /** Expert slots over all layers. */
+  totalSlots: number;
   /** Bytes of one expert slot. */
   slotBytes: number;
   /** Layers ahead that are prefetched (0: no prefetch). */
@@ -157,11 +159,14 @@ export interface OffloadStats {
 /** GET /v1/internal/experts: the expert cache as it is now. */
 export interface ExpertCacheState {
   policy: string;
-  slotsPerLayer: number;
+  /** Expert slots of each layer (layers[l].capacity). */
+  slotsByLayer: number[];
+  totalSlots: number;
   slotBytes: number;
   lookahead: number;
   layers: {
     layer: number;
+    /** Expert slots of this layer. */
     capacity: number;
     /** Resident experts (read complete), slot order. */
     resident: { expert: number; slot: number }[];
@@ -179,8 +184,10 @@ export interface ExpertCacheState {
 
 /** Expert offloading of the native runner (EngineOptions.offload). */
 export interface OffloadOptions {
-  /** Fast-tier budget: fraction of all experts ("0.25", "25%") or bytes ("12GiB"); split equally across layers. */
+  /** Fast-tier budget: fraction of all experts ("0.25", "25%") or bytes ("12GiB"). */
   capacity: string;
+  /** How the budget is split across layers: "equal" (default) or one weight per layer ("2,2,1,1"). */
+  split?: string;
   /** Expert cache policy by name (lru, lfu, lfu-decay, predictive). */
   policy: string;
   /** Layers ahead to prefetch from pre-gating and recent routing; 0 turns prefetching off. */

@@ -1,9 +1,12 @@
 // Belady's optimum for demand loading (MIN): on a miss with a full layer, evict the
 // resident expert whose next use is furthest in the future (never used again = furthest).
 // It needs the whole future access sequence, so it only runs offline on a trace; it is
-// the limit every online policy is measured against at the same per-layer capacity.
-// With set requests (a visit needs all its experts at once, |set| <= capacity) the
-// furthest-next-use rule stays optimal; test/offload-policies checks it against brute force.
+// the limit every online policy is measured against at the same slots per layer. Layers
+// never share slots, so the rule applied at each layer with that layer's own capacity
+// (equal or split unequally across layers) is the optimum of each layer, hence of the
+// sum. With set requests (a visit needs all its experts at once, |set| <= the layer's
+// capacity) the furthest-next-use rule stays optimal; test/offload-policies checks it
+// against brute force.
 
 import { SlotCache, type PolicyShape, type PrefetchHint, type PrefetchIssue } from './cache-policy.js';
 

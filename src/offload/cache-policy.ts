@@ -4,9 +4,10 @@
 // the native side performs the loads and evictions it returns (expert slots, direct
 // I/O), and the trace simulator replays it on recorded routing.
 //
-// The cache is split per layer: layer l has `capacity` slots numbered 0..capacity-1,
-// and an expert (l, e) can only live in a slot of layer l. Eviction is therefore a
-// per-layer choice, which is also how Belady's optimum is defined here.
+// The cache is split per layer: layer l has capacityOf(l) slots numbered
+// 0..capacityOf(l)-1 (the same number for every layer with the equal split, or one per
+// layer: capacity.ts), and an expert (l, e) can only live in a slot of layer l. Eviction
+// is therefore a per-layer choice, which is also how Belady's optimum is defined here.
 //
 // Visit rule shared by all policies: the experts a visit needs are served hits first,
 // then misses in the given order; a miss takes a free slot, else evicts the subclass's
@@ -61,8 +62,10 @@ export interface ExpertCachePolicy {
   readonly name: string;
   readonly layers: number;
   readonly experts: number;
-  /** Slots per layer. */
-  readonly capacity: number;
+  /** Slots of each layer (capacities[l] = capacityOf(l)). */
+  readonly capacities: readonly number[];
+  /** Slots of `layer`. */
+  capacityOf(layer: number): number;
   /** Makes `experts` (distinct ids) of `layer` resident for the current visit. */
   request(layer: number, experts: ArrayLike<number>): CacheDecision;
   /**
@@ -90,8 +93,19 @@ export interface ExpertCachePolicy {
 export interface PolicyShape {
   layers: number;
   experts: number;
-  /** Slots per layer (>= 1). */
-  capacity: number;
+  /** Slots per layer (>= 1): one number for every layer, or one per layer. Each is clamped to `experts`. */
+  capacity: number | readonly number[];
+}
+
+/** The slots of each layer for a shape's capacity (a number for all layers, or one per layer); throws on a bad one. */
+export function layerCapacities(shape: PolicyShape): number[] {
+  const { layers, experts, capacity } = shape;
+  const caps = typeof capacity === 'number' ? new Array<number>(layers).fill(capacity) : Array.from(capacity);
+  if (caps.length !== layers) throw new Error(`cache capacity: ${caps.length} layer capacities for ${layers} layers`);
+  caps.forEach((c, l) => {
+    if (!Number.isInteger(c) || c < 1) throw new Error(`cache capacity per layer must be an integer >= 1, got ${c}${typeof capacity === 'number' ? '' : ` for layer ${l}`}`);
+  });
+  return caps.map((c) => Math.min(c, experts));
 }
 
 /**
@@ -102,9 +116,10 @@ export abstract class SlotCache implements ExpertCachePolicy {
   abstract readonly name: string;
   readonly layers: number;
   readonly experts: number;
-  readonly capacity: number;
+  readonly capacities: readonly number[];
   protected readonly slotOfE: Int32Array; // (layer, expert): slot or -1
-  protected readonly slotE: Int32Array; // (layer, slot): expert or -1
+  protected readonly slotE: Int32Array; // slotBase[layer] + slot: expert or -1
+  private readonly slotBase: Int32Array; // per layer: index of its slot 0 in slotE (layers + 1 entries)
   protected readonly used: Int32Array; // slots used per layer
   protected readonly pinned: Uint8Array; // (layer, expert)
   protected readonly pinnedCount: Int32Array;
@@ -115,19 +130,25 @@ export abstract class SlotCache implements ExpertCachePolicy {
   protected readonly s: CacheStats = { hits: 0, misses: 0, prefetchIssued: 0, prefetchUsed: 0, prefetchWasted: 0, prefetchCancelled: 0 };
 
   constructor(shape: PolicyShape) {
-    const { layers, experts, capacity } = shape;
-    if (!Number.isInteger(capacity) || capacity < 1) throw new Error(`cache capacity per layer must be an integer >= 1, got ${capacity}`);
+    const { layers, experts } = shape;
+    const caps = layerCapacities(shape);
     this.layers = layers;
     this.experts = experts;
-    this.capacity = Math.min(capacity, experts);
+    this.capacities = Object.freeze(caps);
+    this.slotBase = new Int32Array(layers + 1);
+    for (let l = 0; l < layers; l++) this.slotBase[l + 1] = this.slotBase[l] + caps[l];
     this.slotOfE = new Int32Array(layers * experts).fill(-1);
-    this.slotE = new Int32Array(layers * this.capacity).fill(-1);
+    this.slotE = new Int32Array(this.slotBase[layers]).fill(-1);
     this.used = new Int32Array(layers);
     this.pinned = new Uint8Array(layers * experts);
     this.pinnedCount = new Int32Array(layers);
     this.prefetched = new Uint8Array(layers * experts);
     this.visits = new Int32Array(layers);
     this.mark = new Uint32Array(layers * experts);
+  }
+
+  capacityOf(layer: number): number {
+    return this.capacities[layer];
   }
 
   /** Called for each needed expert at the current time (hit or load). */
@@ -160,7 +181,7 @@ export abstract class SlotCache implements ExpertCachePolicy {
       const e = experts[i];
       if (this.slotOfE[layer * E + e] >= 0) continue;
       const slot = this.takeSlot(layer, now, stamp, -Infinity, d.evictions);
-      if (slot < 0) throw new Error(`layer ${layer}: every slot is pinned (capacity ${this.capacity})`);
+      if (slot < 0) throw new Error(`layer ${layer}: every slot is pinned (capacity ${this.capacities[layer]})`);
       this.place(layer, e, slot);
       d.loads.push({ expert: e, slot });
       this.s.misses++;
@@ -212,7 +233,7 @@ export abstract class SlotCache implements ExpertCachePolicy {
     const i = layer * this.experts + expert;
     if (this.slotOfE[i] < 0) return false;
     if (this.pinned[i]) return true;
-    if (this.pinnedCount[layer] >= this.capacity - 1) return false; // keep a slot for demand loads
+    if (this.pinnedCount[layer] >= this.capacities[layer] - 1) return false; // keep a slot for demand loads
     this.pinned[i] = 1;
     this.pinnedCount[layer]++;
     return true;
@@ -232,8 +253,9 @@ export abstract class SlotCache implements ExpertCachePolicy {
   /** Resident experts of a layer (slot order). */
   resident(layer: number): number[] {
     const out: number[] = [];
-    for (let s = 0; s < this.capacity; s++) {
-      const e = this.slotE[layer * this.capacity + s];
+    const base = this.slotBase[layer];
+    for (let s = 0; s < this.capacities[layer]; s++) {
+      const e = this.slotE[base + s];
       if (e >= 0) out.push(e);
     }
     return out;
@@ -260,17 +282,18 @@ export abstract class SlotCache implements ExpertCachePolicy {
    * by the current visit) are skipped unless nothing else can go.
    */
   private takeSlot(layer: number, now: number, stamp: number, floor: number, evictions: SlotAssignment[]): number {
-    const C = this.capacity;
+    const C = this.capacities[layer];
+    const base = this.slotBase[layer];
     const E = this.experts;
     if (this.used[layer] < C) {
-      for (let s = 0; s < C; s++) if (this.slotE[layer * C + s] < 0) return s;
+      for (let s = 0; s < C; s++) if (this.slotE[base + s] < 0) return s;
     }
     let best = -1;
     let bestScore = Infinity;
     let fallback = -1;
     let fallbackScore = Infinity;
     for (let s = 0; s < C; s++) {
-      const e = this.slotE[layer * C + s];
+      const e = this.slotE[base + s];
       if (this.pinned[layer * E + e]) continue;
       const sc = this.keepScore(layer, e, now);
       if (stamp !== 0 && this.mark[layer * E + e] === stamp) {
@@ -283,14 +306,14 @@ export abstract class SlotCache implements ExpertCachePolicy {
     if (best >= 0 && Number.isFinite(floor) && bestScore >= floor) return -1;
     const s = best >= 0 ? best : fallback;
     if (s < 0) return -1;
-    const victim = this.slotE[layer * C + s];
+    const victim = this.slotE[base + s];
     evictions.push({ expert: victim, slot: s });
     this.remove(layer, victim);
     return s;
   }
 
   private place(layer: number, expert: number, slot: number): void {
-    this.slotE[layer * this.capacity + slot] = expert;
+    this.slotE[this.slotBase[layer] + slot] = expert;
     this.slotOfE[layer * this.experts + expert] = slot;
     this.used[layer]++;
   }
@@ -303,7 +326,7 @@ export abstract class SlotCache implements ExpertCachePolicy {
       this.prefetched[i] = 0;
       this.s.prefetchWasted++;
     }
-    this.slotE[layer * this.capacity + slot] = -1;
+    this.slotE[this.slotBase[layer] + slot] = -1;
     this.slotOfE[i] = -1;
     this.used[layer]--;
     this.onEvict(layer, expert);

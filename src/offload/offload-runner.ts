@@ -16,14 +16,16 @@
 // A miss stalls only until its expert has arrived; the arithmetic is the resident
 // engine's, so logits are bitwise those of the all-resident NativeRunner.
 //
-// Capacity. The budget is split equally across layers (capacity.ts): every layer has
-// `slotsPerLayer` slots. When a visit needs more distinct experts than its layer has
-// slots (a long prompt chunk, many sequences at once), the policy's decision streams
-// them through the slots: a load that evicts an expert of the same visit comes after
-// that expert has run. The runner follows the decision in order and, before such an
-// eviction, runs the visit's experts held so far with expertsPart(); experts() runs the
-// rest and completes the layer. The engine combines the parts exactly as one call, so
-// streamed visits are bitwise equal too, in every weight format.
+// Capacity. The budget is split across layers equally or by one weight per layer
+// (capacity.ts: offloadCapacity, offloadSplit): layer l has slotsByLayer[l] slots, in
+// the store (its own arena) and in the policy alike. When a visit needs more distinct
+// experts than its layer has slots (a long prompt chunk, many sequences at once), the
+// policy's decision streams them through the slots: a load that evicts an expert of
+// the same visit comes after that expert has run. The runner follows the decision in
+// order and, before such an eviction, runs the visit's experts held so far with
+// expertsPart(); experts() runs the rest and completes the layer. The engine combines
+// the parts exactly as one call, so streamed visits are bitwise equal too, in every
+// weight format.
 //
 // Prefetch probabilities. For a target layer m = l + d and each token, the expert ids in
 // the token's pre-gating top-k at m are used with probability precision(d) (measured
@@ -75,7 +77,7 @@ import {
 import type { ExpertCacheState, OffloadLayerStats, OffloadStats } from '../engine/protocol.js';
 import type { KvGeometry, ModelRunner, RoutingEvent, RoutingHint, StepOutput, StepSequence } from '../engine/runner.js';
 import type { ExpertCachePolicy, PrefetchHint, PrefetchIssue } from './cache-policy.js';
-import { expertSlotBytes, slotsPerLayer } from './capacity.js';
+import { CapacityError, expertSlotBytes, slotsByLayer } from './capacity.js';
 import { createOnlinePolicy, DEFAULT_ONLINE_POLICY } from './policies.js';
 import { NeedCalibration, PredictionCounters, topKIds } from './prediction.js';
 import type { RoutingReplay, StepTokens } from './replay.js';
@@ -134,6 +136,8 @@ export interface OffloadSettings {
 export interface OffloadRunnerOptions extends NativeRunnerOptions, OffloadSettings {
   /** Fast-tier budget: fraction of all experts ("0.25", "25%") or bytes ("12GiB"). */
   capacity: string;
+  /** How the budget is split across layers: "equal" (default) or one weight per layer ("2,2,1,1"). */
+  split?: string;
   /** I/O threads of the expert store (default 2). */
   ioThreads?: number;
   /** Directory of the expert file (default: the OS temporary directory). */
@@ -188,7 +192,12 @@ function emptyLayerStats(): OffloadLayerStats {
 }
 
 export class OffloadRunner implements ModelRunner {
-  readonly slotsPerLayer: number;
+  /** Expert slots of each layer. */
+  readonly slotsByLayer: readonly number[];
+  /** Expert slots over all layers. */
+  readonly totalSlots: number;
+  /** Per layer: index of its slot 0 in slotExpert (layers + 1 entries). */
+  private readonly slotBase: Int32Array;
   /** The cache policy (replaced by a fresh one when a failed step leaves the cache unknown). */
   policy: ExpertCachePolicy;
   private readonly policyName: string;
@@ -247,7 +256,8 @@ export class OffloadRunner implements ModelRunner {
     readonly spec: ModelSpec,
     readonly kv: KvGeometry,
     readonly engine: OffloadEngine,
-    slots: number,
+    /** Slots per layer: one number for every layer, or one per layer. */
+    slots: number | readonly number[],
     o: OffloadSettings = {},
   ) {
     this.L = spec.numLayers;
@@ -255,10 +265,17 @@ export class OffloadRunner implements ModelRunner {
     this.replay = o.replay;
     this.onRouting = o.onRouting;
     this.k = o.replay ? o.replay.k : spec.topK;
-    if (!Number.isInteger(slots) || slots < 1 || slots > this.E) throw new Error(`expert slots per layer must be an integer in [1, ${this.E}], got ${slots}`);
+    const perLayer = typeof slots === 'number' ? new Array<number>(this.L).fill(slots) : Array.from(slots);
+    if (perLayer.length !== this.L) throw new Error(`expert slots: ${perLayer.length} layer counts for a model of ${this.L} layers`);
+    perLayer.forEach((n, l) => {
+      if (!Number.isInteger(n) || n < 1 || n > this.E) throw new Error(`expert slots per layer must be an integer in [1, ${this.E}], got ${n}${typeof slots === 'number' ? '' : ` for layer ${l}`}`);
+    });
     const lookahead = o.lookahead ?? DEFAULT_LOOKAHEAD;
     if (!Number.isInteger(lookahead) || lookahead < 0) throw new Error(`offload lookahead must be an integer >= 0, got ${lookahead}`);
-    this.slotsPerLayer = slots;
+    this.slotsByLayer = Object.freeze(perLayer);
+    this.slotBase = new Int32Array(this.L + 1);
+    for (let l = 0; l < this.L; l++) this.slotBase[l + 1] = this.slotBase[l] + perLayer[l];
+    this.totalSlots = this.slotBase[this.L];
     this.lookahead = Math.min(lookahead, this.L - 1);
     this.minProb = o.prefetchMinProbability ?? 0.3;
     this.maxQueued = Math.max(1, o.maxQueuedPrefetches ?? DEFAULT_MAX_QUEUED_PREFETCHES);
@@ -285,14 +302,14 @@ export class OffloadRunner implements ModelRunner {
     this.reusePrev = new Float64Array(this.L);
     this.calibration = new NeedCalibration(Math.max(1, this.lookahead));
     this.pinned = Array.from({ length: this.L }, () => new Set<number>());
-    this.slotExpert = new Int32Array(this.L * slots).fill(-1);
+    this.slotExpert = new Int32Array(this.totalSlots).fill(-1);
     this.expertSlot = new Int32Array(this.L * this.E).fill(-1);
     // The policy starts empty: so does the store (an engine may be reused by a new runner).
     this.emptyStore();
   }
 
   private newPolicy(): ExpertCachePolicy {
-    const p = createOnlinePolicy(this.policyName, { layers: this.L, experts: this.E, topK: this.k, capacity: this.slotsPerLayer }, { prefetch: this.lookahead > 0 });
+    const p = createOnlinePolicy(this.policyName, { layers: this.L, experts: this.E, topK: this.k, capacity: this.slotsByLayer }, { prefetch: this.lookahead > 0 });
     // Sequences end when the engine releases them, not when they sit out a step (an
     // expert-aware batch policy leaves running sequences out of steps on purpose).
     (p as SequenceAware).useExplicitEnds?.();
@@ -302,7 +319,7 @@ export class OffloadRunner implements ModelRunner {
   /** Empties every slot of the store and the runner's record of them. */
   private emptyStore(): void {
     for (let l = 0; l < this.L; l++) {
-      for (let s = 0; s < this.slotsPerLayer; s++) this.engine.evictSlot(l, s);
+      for (let s = 0; s < this.slotsByLayer[l]; s++) this.engine.evictSlot(l, s);
       this.outstanding[l].clear();
       this.forecastIssued[l].clear();
       this.prefetchPins[l].clear();
@@ -329,7 +346,15 @@ export class OffloadRunner implements ModelRunner {
   static fromCheckpoint(spec: ModelSpec, ckpt: SafetensorsCheckpoint, o: OffloadRunnerOptions): OffloadRunner {
     const format = WEIGHT_FORMATS[o.weights];
     const { slotBytes } = expertSlotBytes(format, spec.hiddenSize, spec.expertIntermediateSize);
-    const slots = slotsPerLayer(o.capacity, { layers: spec.numLayers, experts: spec.numExperts, slotBytes });
+    let slots: number[];
+    try {
+      slots = slotsByLayer(o.capacity, o.split ?? 'equal', { layers: spec.numLayers, experts: spec.numExperts, slotBytes });
+    } catch (e) {
+      // The split's number of weights can only be checked against the model, here: name the setting.
+      if (e instanceof CapacityError && /^expert cache split/.test(e.message)) throw new CapacityError(`setting offloadSplit: ${e.message}`);
+      throw e;
+    }
+    const totalSlots = slots.reduce((a, n) => a + n, 0);
     const ioThreads = o.ioThreads ?? DEFAULT_IO_THREADS;
     if (!Number.isInteger(ioThreads) || ioThreads < 1 || ioThreads > 256) throw new Error(`offload I/O threads must be an integer in [1, 256], got ${ioThreads}`);
     const dir = o.dir && o.dir !== '' ? o.dir : tmpdir();
@@ -340,13 +365,13 @@ export class OffloadRunner implements ModelRunner {
       throw new Error(`offload directory ${JSON.stringify(dir)} is not a writable directory (${(e as Error).message}); set offloadDir`);
     }
     // Resident bytes: everything but the routed experts, the slots, and the KV cache.
-    const resident = weightBytes(spec, o.weights, false) + slots * spec.numLayers * slotBytes;
+    const resident = weightBytes(spec, o.weights, false) + totalSlots * slotBytes;
     const kvBytes = 2 * spec.numLayers * o.kvBlocks * o.kvBlockSize * spec.numKvHeads * spec.headDim * 4;
     const avail = availableBytes();
     if (resident + kvBytes > avail) {
       const gib = (b: number) => (b / 2 ** 30).toFixed(2);
       throw new ModelTooLargeError(
-        `with ${slots} expert slots per layer the engine needs ${gib(resident)} GiB of resident ${o.weights} weights and slots and ${gib(kvBytes)} GiB of KV cache, ` +
+        `with ${describeSlots(slots)} the engine needs ${gib(resident)} GiB of resident ${o.weights} weights and slots and ${gib(kvBytes)} GiB of KV cache, ` +
           `but only ${gib(avail)} GiB of memory is available; lower offloadCapacity, choose a smaller weight format or fewer KV blocks`,
       );
     }
@@ -483,13 +508,13 @@ export class OffloadRunner implements ModelRunner {
       observer.observeRouting(l, tokens);
     }
     const d = this.policy.request(l, distinct);
-    const C = this.slotsPerLayer;
+    const base = this.slotBase[l];
     const need = new Set(distinct);
     const ran = new Set<number>();
     let stalled = false;
     let p = 0;
     for (const ld of d.loads) {
-      const occ = this.slotExpert[l * C + ld.slot];
+      const occ = this.slotExpert[base + ld.slot];
       if (occ >= 0) {
         // The policy evicted the slot's expert for this load (decisions list them in the same order).
         const ev = d.evictions[p++];
@@ -525,10 +550,10 @@ export class OffloadRunner implements ModelRunner {
 
   /** Records what a slot of the store holds (-1: empty). */
   private setSlot(l: number, slot: number, expert: number): void {
-    const C = this.slotsPerLayer;
-    const old = this.slotExpert[l * C + slot];
+    const i = this.slotBase[l] + slot;
+    const old = this.slotExpert[i];
     if (old >= 0) this.expertSlot[l * this.E + old] = -1;
-    this.slotExpert[l * C + slot] = expert;
+    this.slotExpert[i] = expert;
     if (expert >= 0) this.expertSlot[l * this.E + expert] = slot;
   }
 
@@ -842,7 +867,8 @@ export class OffloadRunner implements ModelRunner {
     const s = this.engine.storeStats();
     return {
       policy: this.policy.name,
-      slotsPerLayer: this.slotsPerLayer,
+      slotsByLayer: [...this.slotsByLayer],
+      totalSlots: this.totalSlots,
       slotBytes: s.slotBytes,
       lookahead: this.lookahead,
       direct: s.direct,
@@ -875,16 +901,16 @@ export class OffloadRunner implements ModelRunner {
       loading.sort((u, v) => u.slot - v.slot);
       layers.push({
         layer: l,
-        capacity: this.slotsPerLayer,
+        capacity: this.slotsByLayer[l],
         resident,
         loading,
         pinned: [...new Set([...this.pinned[l], ...this.prefetchPins[l]])].sort((u, v) => u - v),
         prefetched,
-        freeSlots: this.slotsPerLayer - resident.length - loading.length,
+        freeSlots: this.slotsByLayer[l] - resident.length - loading.length,
         counters: stats.layers[l],
       });
     }
-    return { policy: stats.policy, slotsPerLayer: this.slotsPerLayer, slotBytes: stats.slotBytes, lookahead: this.lookahead, layers, stats };
+    return { policy: stats.policy, slotsByLayer: stats.slotsByLayer, totalSlots: this.totalSlots, slotBytes: stats.slotBytes, lookahead: this.lookahead, layers, stats };
   }
 
   /**
@@ -902,6 +928,14 @@ export class OffloadRunner implements ModelRunner {
     }
     return bad;
   }
+}
+
+/** "N expert slots per layer" for an equal split, else the total and the range per layer. */
+function describeSlots(slots: readonly number[]): string {
+  const lo = Math.min(...slots);
+  const hi = Math.max(...slots);
+  if (lo === hi) return `${lo} expert slots per layer`;
+  return `${slots.reduce((a, n) => a + n, 0)} expert slots (${lo} to ${hi} per layer)`;
 }
 
 /** Distinct ids in first-seen order. */

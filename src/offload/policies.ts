@@ -15,8 +15,8 @@ export interface OnlinePolicyShape {
   layers: number;
   experts: number;
   topK: number;
-  /** Slots per layer. */
-  capacity: number;
+  /** Slots per layer: one number for every layer, or one per layer. */
+  capacity: number | readonly number[];
 }
 
 /** A fresh online policy by name; errors name the choices. */

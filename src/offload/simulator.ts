@@ -3,7 +3,8 @@
 // Access semantics are those of AccessSchedule (schedule.ts): M requests decoded
 // together, one token each per step, prefill rows replayed as the first steps, the next
 // request joining when one ends; each step visits layers 0..L-1 and the visit of layer l
-// needs the union of its tokens' experts. The cache has `capacity` slots per layer.
+// needs the union of its tokens' experts. The cache has `capacity` slots per layer: one
+// number for every layer, or one per layer (a split of the budget, capacity.ts).
 //
 // Counting: a needed expert is a hit when resident at its visit (a prefetched expert
 // counts as a hit, and as a used prefetch); otherwise it is a demand load. loads =
@@ -67,7 +68,10 @@ export interface VisitObserver {
 
 export interface SimResult {
   policy: string;
-  capacity: number;
+  /** Slots of each layer. */
+  capacities: number[];
+  /** Slots over all layers. */
+  totalSlots: number;
   steps: number;
   visits: number;
   /** Sum over visits of distinct experts needed. */
@@ -183,7 +187,8 @@ export function simulate(
   const loads = demand + st.prefetchIssued;
   return {
     policy: policy.name,
-    capacity: policy.capacity,
+    capacities: [...policy.capacities],
+    totalSlots: policy.capacities.reduce((a, c) => a + c, 0),
     steps: sched.numSteps,
     visits,
     needed,
@@ -199,8 +204,8 @@ export function simulate(
   };
 }
 
-/** Belady's optimum on the schedule at `capacity` slots per layer. */
-export function beladyFor(sched: AccessSchedule, capacity: number): BeladyPolicy {
+/** Belady's optimum on the schedule at `capacity` slots per layer (one number, or one per layer). */
+export function beladyFor(sched: AccessSchedule, capacity: number | readonly number[]): BeladyPolicy {
   return new BeladyPolicy(
     { layers: sched.layers, experts: sched.experts, capacity },
     { visits: sched.numSteps, set: (layer, t) => sched.set(layer, t) },
@@ -212,8 +217,8 @@ export type PolicyName = (typeof POLICY_NAMES)[number];
 /** The project's default expert cache policy. */
 export const DEFAULT_POLICY: PolicyName = 'forecast';
 
-/** A fresh policy for a run over `sched` (Belady reads the schedule's future). */
-export function createCachePolicy(name: PolicyName, sched: AccessSchedule, capacity: number, opts: { prefetch?: boolean } = {}): ExpertCachePolicy {
+/** A fresh policy for a run over `sched` (Belady reads the schedule's future); `capacity`: slots per layer, one number or one per layer. */
+export function createCachePolicy(name: PolicyName, sched: AccessSchedule, capacity: number | readonly number[], opts: { prefetch?: boolean } = {}): ExpertCachePolicy {
   const shape = { layers: sched.layers, experts: sched.experts, capacity };
   switch (name) {
     case 'lru':

@@ -191,7 +191,17 @@ export class ServerMetrics {
           if (o) this.set({ policy: o.policy }, pick(o));
         },
       });
-    gauge('moe_expert_cache_slots_per_layer', 'Expert slots of each layer (the capacity split equally across layers).', (o) => o.slotsPerLayer);
+    // Slots by layer: the capacity is split across layers by the offloadSplit setting, equally or not.
+    new Gauge({
+      name: 'moe_expert_cache_slots',
+      help: 'Expert slots of a layer (the capacity split across layers by the offloadSplit setting), by layer.',
+      labelNames: ['layer'],
+      registers: r,
+      collect() {
+        const o = offload();
+        if (o) o.slotsByLayer.forEach((n, l) => this.set({ layer: String(l) }, n));
+      },
+    });
     gauge('moe_expert_slot_bytes', 'Bytes of one expert slot.', (o) => o.slotBytes);
     const byDistance = (name: string, help: string, pick: (p: OffloadStats['prediction'][number]) => number) =>
       new Gauge({

@@ -9,6 +9,7 @@ import type { ServeSettings } from '../config.js';
 import { startEngine } from '../engine/engine-client.js';
 import type { EngineClient, EngineOptions } from '../engine/protocol.js';
 import { MoeTokenizer } from '../model/tokenizer.js';
+import { parseSplit, splitText } from '../offload/capacity.js';
 import { buildApp } from './app.js';
 import { Lifecycle } from './lifecycle.js';
 
@@ -47,7 +48,16 @@ export function engineOptions(s: Readonly<ServeSettings>, modelDir: string, mode
     },
     ...(s.prefillFirst ? { prefillFirst: true } : {}),
     ...(s.offloadCapacity !== ''
-      ? { offload: { capacity: s.offloadCapacity, policy: s.offloadPolicy, lookahead: s.offloadLookahead, ioThreads: s.offloadIoThreads, ...(s.offloadDir !== '' ? { dir: s.offloadDir } : {}) } }
+      ? {
+          offload: {
+            capacity: s.offloadCapacity,
+            ...(parseSplit(s.offloadSplit).kind !== 'equal' ? { split: s.offloadSplit } : {}),
+            policy: s.offloadPolicy,
+            lookahead: s.offloadLookahead,
+            ioThreads: s.offloadIoThreads,
+            ...(s.offloadDir !== '' ? { dir: s.offloadDir } : {}),
+          },
+        }
       : {}),
     ...(s.offloadReplayTrace !== '' ? { replayTrace: resolve(s.offloadReplayTrace) } : {}),
   };
@@ -70,7 +80,8 @@ export async function startServer(s: Readonly<ServeSettings>, log: (line: string
   const tokenizer = await MoeTokenizer.load(modelDir);
   log(`starting the engine (runner ${s.runner}${s.runner === 'native' ? `, weights ${s.weights}` : ''}, ${s.kvBlocks} KV blocks of ${s.kvBlockSize} tokens, up to ${s.maxRunning} running / ${s.maxWaiting} waiting)`);
   if (s.offloadCapacity !== '') {
-    log(`expert offloading: capacity ${s.offloadCapacity} split equally across layers, policy ${s.offloadPolicy}, lookahead ${s.offloadLookahead}, ${s.offloadIoThreads} I/O threads, expert file in ${s.offloadDir || 'the OS temporary directory'}`);
+    const split = parseSplit(s.offloadSplit);
+    log(`expert offloading: capacity ${s.offloadCapacity} split across layers ${split.kind === 'equal' ? 'equally' : `by the weights ${splitText(split)}`}, policy ${s.offloadPolicy}, lookahead ${s.offloadLookahead}, ${s.offloadIoThreads} I/O threads, expert file in ${s.offloadDir || 'the OS temporary directory'}`);
   }
   if (s.offloadReplayTrace !== '') log(`routing replay from ${s.offloadReplayTrace}`);
   const engine = startEngine(engineOptions(s, modelDir, modelId));

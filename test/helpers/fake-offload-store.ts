@@ -18,7 +18,10 @@ export class FakeOffloadStore implements OffloadEngine {
   readonly E: number;
   private readonly state: Uint8Array; // (layer, expert): 0 absent, 1 queued, 2 reading, 3 resident
   private readonly slotOf: Int32Array; // (layer, expert)
-  private readonly slotE: Int32Array; // (layer, slot)
+  private readonly slotE: Int32Array; // base[layer] + slot
+  /** Slots of each layer, and the index of each layer's slot 0 in slotE. */
+  readonly slotsByLayer: readonly number[];
+  private readonly base: Int32Array;
   private readonly queue: { layer: number; expert: number }[] = [];
   private lastLogits: Float32Array = new Float32Array(0);
   private tokens = 0;
@@ -40,14 +43,19 @@ export class FakeOffloadStore implements OffloadEngine {
   constructor(
     readonly inner: NativeEngine,
     shape: { layers: number; experts: number },
-    readonly slots: number,
+    /** Slots per layer: one number for every layer, or one per layer. */
+    slots: number | readonly number[],
     readonly opts: { readsPerLayer?: number; slotBytes?: number; /** predictRouter returns noise (a useless predictor). */ noisyPrediction?: boolean } = {},
   ) {
     this.L = shape.layers;
     this.E = shape.experts;
     this.state = new Uint8Array(this.L * this.E);
     this.slotOf = new Int32Array(this.L * this.E).fill(-1);
-    this.slotE = new Int32Array(this.L * slots).fill(-1);
+    this.slotsByLayer = typeof slots === 'number' ? new Array<number>(this.L).fill(slots) : [...slots];
+    if (this.slotsByLayer.length !== this.L) throw new Error(`fake store: ${this.slotsByLayer.length} slot counts for ${this.L} layers`);
+    this.base = new Int32Array(this.L + 1);
+    for (let l = 0; l < this.L; l++) this.base[l + 1] = this.base[l] + this.slotsByLayer[l];
+    this.slotE = new Int32Array(this.base[this.L]).fill(-1);
     this.stalls = new Array(this.L).fill(0);
   }
 
@@ -117,13 +125,13 @@ export class FakeOffloadStore implements OffloadEngine {
   loadExpert(layer: number, expert: number, slot: number, priority = 0): void {
     this.priorities.push(priority);
     this.calls.loadExpert++;
-    if (slot < 0 || slot >= this.slots) throw new Error(`fake store: slot ${slot} out of range`);
+    if (slot < 0 || slot >= this.slotsByLayer[layer]) throw new Error(`fake store: slot ${slot} out of range (layer ${layer} has ${this.slotsByLayer[layer]})`);
     const i = layer * this.E + expert;
     if (this.state[i] !== 0) throw new Error(`fake store: expert ${expert} of layer ${layer} is already in slot ${this.slotOf[i]} (state ${this.state[i]})`);
     this.evictSlot(layer, slot, false);
     this.state[i] = 1;
     this.slotOf[i] = slot;
-    this.slotE[layer * this.slots + slot] = expert;
+    this.slotE[this.base[layer] + slot] = expert;
     this.queue.push({ layer, expert });
   }
 
@@ -140,7 +148,8 @@ export class FakeOffloadStore implements OffloadEngine {
 
   evictSlot(layer: number, slot: number, count = true): void {
     if (count) this.calls.evictSlot++;
-    const e = this.slotE[layer * this.slots + slot];
+    if (slot < 0 || slot >= this.slotsByLayer[layer]) throw new Error(`fake store: slot ${slot} out of range (layer ${layer} has ${this.slotsByLayer[layer]})`);
+    const e = this.slotE[this.base[layer] + slot];
     if (e >= 0) this.drop(layer, e);
   }
 
@@ -160,7 +169,7 @@ export class FakeOffloadStore implements OffloadEngine {
   /** Experts held per layer (any state). */
   held(layer: number): number {
     let n = 0;
-    for (let s = 0; s < this.slots; s++) if (this.slotE[layer * this.slots + s] >= 0) n++;
+    for (let s = 0; s < this.slotsByLayer[layer]; s++) if (this.slotE[this.base[layer] + s] >= 0) n++;
     return n;
   }
 
@@ -168,7 +177,7 @@ export class FakeOffloadStore implements OffloadEngine {
     const i = layer * this.E + expert;
     const q = this.queue.findIndex((x) => x.layer === layer && x.expert === expert);
     if (q >= 0) this.queue.splice(q, 1);
-    this.slotE[layer * this.slots + this.slotOf[i]] = -1;
+    this.slotE[this.base[layer] + this.slotOf[i]] = -1;
     this.slotOf[i] = -1;
     this.state[i] = 0;
   }
