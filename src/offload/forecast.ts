@@ -31,8 +31,11 @@
 // Online use. request()/prefetch() are the ExpertCachePolicy interface. The per-token
 // routing (which sequence chose which experts, in router rank order) arrives through the
 // optional observeRouting() (the simulator calls observe(), the VisitObserver form); call
-// it for a layer before request() of that layer. Without it the policy still works: each
-// visit's expert set is taken as the routing of one sequence.
+// it for a layer before request() of that layer. A sequence may bring several consecutive
+// tokens to one visit (a prompt chunk): each is linked to the token before it and to its
+// own routing at the layer below, so a prompt teaches what its tokens would one by one.
+// Without these calls the policy still works: each visit's expert set is taken as the
+// routing of one sequence.
 //
 // Prefetch. After layer l is routed, RoutingPredictor's cross-layer co-occurrence (or the
 // engine's pre-gating) gives P(needed at l+1). A hint is issued only when its probability
@@ -102,6 +105,8 @@ interface TokenRec {
   next: TokenRec | null;
   /** While current: similarity of each window token (by ring slot), over the layers run so far. */
   sim: Float32Array | null;
+  /** Its slot in the window ring. */
+  slot: number;
 }
 
 interface SeqHistory {
@@ -109,6 +114,14 @@ interface SeqHistory {
   cur: (Int32Array | null)[];
   prev: (Int32Array | null)[];
   token: TokenRec | null;
+  /**
+   * Per layer: the routing of the tokens of the sequence's latest visit of the layer (one
+   * token in decode, a prompt chunk in prefill), and of the token before them.
+   */
+  chunk: (Int32Array[] | null)[];
+  before: (Int32Array | null)[];
+  /** The window records of the latest chunk's tracked tokens (its last ones), in order. */
+  chunkToks: TokenRec[];
 }
 
 /** Training examples of one visit: features at time `at`, labelled as visits pass. */
@@ -153,6 +166,8 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   // Nearest-neighbour window.
   private readonly ring: (TokenRec | null)[] = new Array(KNN_WINDOW).fill(null);
   private ringHead = 0;
+  /** (layer, expert, ring slot) → 1 when the window token in the slot chose the expert at the layer. */
+  private readonly members: Uint8Array;
   // Model.
   private readonly w: Float64Array; // horizon x N_FEAT
   private readonly g2: Float64Array;
@@ -193,6 +208,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     this.vote1 = new Float64Array(L * E);
     this.voteAhead = new Float64Array(L * E);
     this.knnSim = new Float64Array(L);
+    this.members = new Uint8Array(L * E * KNN_WINDOW);
     this.w = new Float64Array(HORIZONS.length * N_FEAT);
     this.g2 = new Float64Array(HORIZONS.length * N_FEAT).fill(1e-8);
     this.pending = Array.from({ length: L }, () => []);
@@ -241,12 +257,18 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
 
   observeRouting(layer: number, tokens: readonly SeqRouting[]): void {
     this.predictor.observe(layer, tokens);
-    const seqs: number[] = [];
+    // A sequence may bring several tokens to one visit (a prompt chunk, in position order).
+    const bySeq = new Map<number, ArrayLike<number>[]>();
     for (const t of tokens) {
       if (t.experts.length === 0) continue;
-      this.learnRouting(t.seq, layer, t.experts);
-      seqs.push(t.seq);
+      let list = bySeq.get(t.seq);
+      if (!list) bySeq.set(t.seq, (list = []));
+      list.push(t.experts);
     }
+    // The visit's new tokens share half the nearest-neighbour window.
+    const track = Math.max(1, Math.min(KNN_WINDOW >> 2, Math.floor((KNN_WINDOW >> 1) / Math.max(1, bySeq.size))));
+    for (const [seq, list] of bySeq) this.learnRouting(seq, layer, list, track);
+    const seqs = [...bySeq.keys()];
     if (layer === this.layers - 1 && !this.explicitEnds) {
       const live = new Set(seqs);
       for (const s of this.visitSeqs[layer]) {
@@ -260,21 +282,37 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     this.routedAt[layer] = this.visits[layer];
   }
 
-  private learnRouting(seq: number, layer: number, experts: ArrayLike<number>): void {
+  /** Learns from one sequence's tokens at a visit of `layer` (consecutive tokens, in order). */
+  private learnRouting(seq: number, layer: number, tokens: readonly ArrayLike<number>[], track = 1): void {
     let h = this.hist.get(seq);
-    if (!h) this.hist.set(seq, (h = { cur: new Array(this.layers).fill(null), prev: new Array(this.layers).fill(null), token: null }));
-    this.trackToken(h, layer, experts);
-    // h.cur[layer] is still the previous token's routing at this layer and h.prev[layer]
-    // the one before; h.prev[layer - 1] is the previous token's at the layer below
-    // (h.cur[layer - 1] is already the current token's: layers run in order).
-    const last = h.cur[layer];
-    if (last) this.count(this.trans, this.transN, layer, last, experts);
-    const last2 = h.prev[layer];
-    if (last2) this.count(this.trans2, this.trans2N, layer, last2, experts);
-    const below = layer > 0 ? h.prev[layer - 1] : null;
-    if (below) this.count(this.cross, this.crossN, layer, below, experts);
-    h.prev[layer] = last;
-    h.cur[layer] = Int32Array.from(experts);
+    if (!h) {
+      const L = this.layers;
+      h = { cur: new Array(L).fill(null), prev: new Array(L).fill(null), token: null, chunk: new Array(L).fill(null), before: new Array(L).fill(null), chunkToks: [] };
+      this.hist.set(seq, h);
+    }
+    const n = tokens.length;
+    const list = tokens.map((x) => Int32Array.from(x));
+    this.trackTokens(h, layer, list, track);
+    // The same tokens' routing at the layer below, when that visit had them all (layers
+    // run in order; a skipped layer or a different chunk leaves the cross counts alone).
+    const belowChunk = layer > 0 && h.chunk[layer - 1]?.length === n ? h.chunk[layer - 1] : null;
+    const belowBefore = layer > 0 ? h.before[layer - 1] : null;
+    h.before[layer] = h.cur[layer];
+    for (let j = 0; j < n; j++) {
+      const experts = list[j];
+      // h.cur[layer] is still the previous token's routing at this layer and h.prev[layer]
+      // the one before.
+      const last = h.cur[layer];
+      if (last) this.count(this.trans, this.transN, layer, last, experts);
+      const last2 = h.prev[layer];
+      if (last2) this.count(this.trans2, this.trans2N, layer, last2, experts);
+      // The previous token at the layer below.
+      const below = belowChunk ? (j > 0 ? belowChunk[j - 1] : belowBefore) : null;
+      if (below) this.count(this.cross, this.crossN, layer, below, experts);
+      h.prev[layer] = last;
+      h.cur[layer] = experts;
+    }
+    h.chunk[layer] = list;
   }
 
   private count(counts: Float32Array, n: Float32Array, layer: number, from: Int32Array, to: ArrayLike<number>): void {
@@ -286,37 +324,65 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     }
   }
 
-  /** Nearest-neighbour bookkeeping: the token's routing and its similarity to the window. */
-  private trackToken(h: SeqHistory, layer: number, experts: ArrayLike<number>): void {
-    let tok = h.token;
-    if (!tok || tok.routing[layer] !== null) {
-      // The sequence's next token starts (its first routed layer).
-      const nt: TokenRec = { routing: new Array(this.layers).fill(null), next: null, sim: new Float32Array(KNN_WINDOW) };
-      if (tok) {
-        tok.sim = null;
-        tok.next = nt;
+  /**
+   * Nearest-neighbour bookkeeping: each token's routing in the window and, for the
+   * sequence's last token, its similarity to the window. A visit's tokens start new
+   * window records at their first routed layer and fill them in at the later layers; of a
+   * long prompt chunk only the last `track` tokens enter the window.
+   */
+  private trackTokens(h: SeqHistory, layer: number, list: readonly Int32Array[], track: number): void {
+    const W = KNN_WINDOW;
+    const E = this.experts;
+    const first = Math.max(0, list.length - track);
+    const n = list.length - first;
+    let toks = h.chunkToks;
+    if (toks.length !== n || toks[0].routing[layer] !== null) {
+      // The tokens are new (this is their first routed layer).
+      toks = [];
+      for (let j = 0; j < n; j++) {
+        const slot = this.ringHead;
+        const nt: TokenRec = { routing: new Array(this.layers).fill(null), next: null, sim: new Float32Array(W), slot };
+        const prev = j > 0 ? toks[j - 1] : h.token;
+        if (prev) {
+          prev.sim = null;
+          prev.next = nt;
+        }
+        // The slot's previous occupant is gone: drop it from the index and forget its
+        // similarity to the live tokens.
+        const old = this.ring[slot];
+        if (old) {
+          for (let l = 0; l < this.layers; l++) {
+            const r = old.routing[l];
+            if (r) for (let k = 0; k < r.length; k++) this.members[(l * E + r[k]) * W + slot] = 0;
+          }
+        }
+        this.ring[slot] = nt;
+        this.ringHead = (slot + 1) % W;
+        for (const other of this.hist.values()) if (other.token?.sim) other.token.sim[slot] = 0;
+        toks.push(nt);
+        h.token = nt;
       }
-      const slot = this.ringHead;
-      this.ring[slot] = nt;
-      this.ringHead = (slot + 1) % KNN_WINDOW;
-      // The slot's previous occupant is gone: forget its similarity to the live tokens.
-      for (const other of this.hist.values()) if (other.token?.sim) other.token.sim[slot] = 0;
-      h.token = tok = nt;
+      h.chunkToks = toks;
     }
-    const cur = Int32Array.from(experts);
-    tok.routing[layer] = cur;
-    const mark = this.flags;
-    mark.fill(0);
-    for (const e of cur) mark[e] = 1;
-    const sim = tok.sim!;
-    for (let r = 0; r < KNN_WINDOW; r++) {
-      const o = this.ring[r];
-      if (!o || o === tok) continue;
-      const ro = o.routing[layer];
-      if (!ro) continue;
-      let ov = 0;
-      for (const e of ro) ov += mark[e];
-      sim[r] += ov;
+    const m = this.members;
+    for (let j = 0; j < n; j++) {
+      const tok = toks[j];
+      const cur = list[first + j];
+      tok.routing[layer] = cur;
+      // A record whose slot was taken since (more new tokens in one step than the window
+      // holds) is out of the window.
+      if (this.ring[tok.slot] !== tok) continue;
+      // Overlap at this layer with every window token routed there: the index row of each
+      // of the token's experts marks the window tokens that chose it (the token itself is
+      // not in the index yet). Only the sequence's last token keeps a similarity.
+      const sim = tok.sim;
+      if (sim) {
+        for (let k = 0; k < cur.length; k++) {
+          const row = (layer * E + cur[k]) * W;
+          for (let r = 0; r < W; r++) sim[r] += m[row + r];
+        }
+      }
+      for (let k = 0; k < cur.length; k++) m[(layer * E + cur[k]) * W + tok.slot] = 1;
     }
   }
 
@@ -435,7 +501,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     const E = this.experts;
     if (this.routedAt[layer] !== now) {
       // No per-sequence routing was given for this visit: one pseudo-sequence.
-      this.learnRouting(-1, layer, experts);
+      this.learnRouting(-1, layer, [experts]);
       this.visitSeqs[layer] = [-1];
     }
     this.routedAt[layer] = -1;
@@ -495,6 +561,18 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
       va[e] = Math.min(1, va[e] / n);
     }
     this.knnSim[layer] = bestSim;
+  }
+
+  /**
+   * The routing forecasts behind the latest visit of `layer` for its next visit, per
+   * expert (copies): from the current tokens' experts at the layer, from the tokens two
+   * back, from the current tokens at the layer below, and the nearest neighbours' votes
+   * (next token; within KNN_AHEAD tokens).
+   */
+  routingForecast(layer: number): { nextToken: Float64Array; twoBack: Float64Array; crossLayer: Float64Array; neighbours: Float64Array; neighboursAhead: Float64Array } {
+    const E = this.experts;
+    const at = (a: Float64Array) => a.slice(layer * E, (layer + 1) * E);
+    return { nextToken: at(this.pSame), twoBack: at(this.pSame2), crossLayer: at(this.pCross), neighbours: at(this.vote1), neighboursAhead: at(this.voteAhead) };
   }
 
   /** out[e] = mean over i in `given` of count(i -> e) / (n(i) + 1). */

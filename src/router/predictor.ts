@@ -37,8 +37,9 @@ export class RoutingPredictor {
   private readonly transN: Float32Array; // (layer, i): tokens with i followed by a next token
   private readonly cross: Float32Array; // (layer, i, j): i at layer l-1 and j at layer l, same token
   private readonly crossN: Float32Array; // (layer, i): tokens with i at layer l-1 seen at layer l
-  // Last routing of each live sequence per layer.
-  private readonly last = new Map<number, (number[] | null)[]>();
+  // Per live sequence and layer: the last routed token's experts, and the routing of the
+  // tokens of the latest call (null where a token skipped the layer).
+  private readonly last = new Map<number, { last: (number[] | null)[]; chunk: ((number[] | null)[] | null)[] }>();
   private readonly preGate = new Map<number, Map<number, Float32Array>>(); // seq -> layer -> probs
 
   constructor(shape: PredictorShape) {
@@ -51,31 +52,52 @@ export class RoutingPredictor {
     this.crossN = new Float32Array(shape.layers * E);
   }
 
-  /** Records the routing of the current tokens at `layer` (call for layers in order). */
+  /**
+   * Records the routing of the current tokens at `layer` (call for layers in order). A
+   * sequence may have several consecutive tokens in one call (a prompt chunk, in position
+   * order): each is linked to the token before it at this layer and to its own routing
+   * at the layer below, which the previous call held for the same tokens.
+   */
   observe(layer: number, tokens: readonly TokenRouting[]): void {
     const E = this.experts;
+    const bySeq = new Map<number, ArrayLike<number>[]>();
     for (const t of tokens) {
-      let hist = this.last.get(t.seq);
-      if (!hist) this.last.set(t.seq, (hist = new Array(this.layers).fill(null)));
-      const prevTok = hist[layer];
-      if (prevTok && t.experts.length > 0) {
-        for (const i of prevTok) {
-          this.transN[layer * E + i]++;
-          const row = (layer * E + i) * E;
-          for (let k = 0; k < t.experts.length; k++) this.trans[row + t.experts[k]]++;
+      let list = bySeq.get(t.seq);
+      if (!list) bySeq.set(t.seq, (list = []));
+      list.push(t.experts);
+    }
+    for (const [seq, list] of bySeq) {
+      let hist = this.last.get(seq);
+      if (!hist) this.last.set(seq, (hist = { last: new Array(this.layers).fill(null), chunk: new Array(this.layers).fill(null) }));
+      // The same tokens at the layer below (layers are observed in order); a different
+      // token count there (a skipped layer) gives no cross-layer pairs.
+      const below = layer > 0 && hist.chunk[layer - 1]?.length === list.length ? hist.chunk[layer - 1] : null;
+      const chunk: (number[] | null)[] = [];
+      for (let j = 0; j < list.length; j++) {
+        const experts = list[j];
+        const routed = experts.length > 0 ? Array.from(experts) : null;
+        chunk.push(routed);
+        if (!routed) continue;
+        const prevTok = hist.last[layer];
+        if (prevTok) {
+          for (const i of prevTok) {
+            this.transN[layer * E + i]++;
+            const row = (layer * E + i) * E;
+            for (const j2 of routed) this.trans[row + j2]++;
+          }
         }
-      }
-      const below = layer > 0 ? hist[layer - 1] : null;
-      // hist[layer - 1] already holds this token's routing (layers are observed in order).
-      if (below && t.experts.length > 0) {
-        for (const i of below) {
-          this.crossN[layer * E + i]++;
-          const row = (layer * E + i) * E;
-          for (let k = 0; k < t.experts.length; k++) this.cross[row + t.experts[k]]++;
+        const same = below?.[j];
+        if (same) {
+          for (const i of same) {
+            this.crossN[layer * E + i]++;
+            const row = (layer * E + i) * E;
+            for (const j2 of routed) this.cross[row + j2]++;
+          }
         }
+        hist.last[layer] = routed;
       }
-      if (t.experts.length > 0) hist[layer] = Array.from(t.experts);
-      this.preGate.get(t.seq)?.delete(layer);
+      hist.chunk[layer] = chunk;
+      this.preGate.get(seq)?.delete(layer);
     }
   }
 
@@ -104,7 +126,7 @@ export class RoutingPredictor {
    */
   nextToken(seq: number, layer: number, out: Float64Array): Float64Array {
     out.fill(0);
-    const cur = this.last.get(seq)?.[layer];
+    const cur = this.last.get(seq)?.last[layer];
     if (!cur || cur.length === 0) return out;
     return this.mix(this.trans, this.transN, layer, cur, out, 0);
   }
@@ -120,7 +142,7 @@ export class RoutingPredictor {
       for (let e = 0; e < this.experts; e++) out[e] = pg[e];
       return out;
     }
-    const below = layer > 0 ? this.last.get(seq)?.[layer - 1] : null;
+    const below = layer > 0 ? this.last.get(seq)?.last[layer - 1] : null;
     if (!below || below.length === 0) return out;
     return this.mix(this.cross, this.crossN, layer, below, out, PRIOR_TOKENS);
   }
