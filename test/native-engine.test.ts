@@ -252,3 +252,64 @@ t.test('bad arguments give errors, not crashes', async (t) => {
   t.throws(() => e.step(Int32Array.from([1, 2]), Int32Array.from([15, 2, 1, 1]), Int32Array.from([0])), /KV blocks/);
   t.throws(() => e.experts(0, Int32Array.from([99]), Float32Array.from([1]), 1), /./);
 });
+
+t.test('logits written into a caller buffer equal fresh ones; a reusing runner returns views of one buffer', async (t) => {
+  const { spec, runner, vocabLimit } = await setup(t, 'qwen3_moe', 'q8', 6);
+  const e = runner.engine;
+  const V = spec.vocabSize;
+  const rng = new Rng(9);
+  const a = Int32Array.from(randomTokens(rng, 7, vocabLimit));
+  const b = Int32Array.from(randomTokens(rng, 5, vocabLimit));
+  const tokens = Int32Array.from([...a, ...b]);
+  // Two sequences, the second without logits, then the same step with both wanting logits.
+  const seqs = (wantB: number) => Int32Array.from([0, a.length, 1, 1, 0, b.length, wantB, 1]);
+  const fresh = e.step(tokens, seqs(1), Int32Array.from([0, 1]));
+  t.equal(fresh.length, 2 * V);
+  // Garbage in the caller's buffer must not show through: every float is written.
+  const out = new Float32Array(3 * V + 5).fill(Number.NaN);
+  const into = e.step(tokens, seqs(1), Int32Array.from([2, 3]), out);
+  t.equal(into.buffer, out.buffer, 'the result is a view of the buffer given');
+  t.equal(into.byteOffset, out.byteOffset);
+  t.equal(into.length, 2 * V);
+  t.same(Array.from(into), Array.from(fresh), 'bit for bit the logits of a fresh array');
+  t.ok(Number.isNaN(out[2 * V]), 'floats past the step are left alone');
+  // One row of logits (the LM head then runs its one-token kernel: compare with the same step fresh).
+  const freshOne = e.step(tokens, seqs(0), Int32Array.from([0, 1]));
+  const one = e.step(tokens, seqs(0), Int32Array.from([4, 5]), out);
+  t.equal(one.length, V);
+  t.same(Array.from(one), Array.from(freshOne));
+  t.throws(() => e.step(tokens, seqs(1), Int32Array.from([0, 1]), new Float32Array(2 * V - 1)), /out holds .* floats; the step returns/);
+  t.throws(() => e.step(tokens, seqs(1), Int32Array.from([0, 1]), new Uint8Array(8 * V) as unknown as Float32Array), /out must be a Float32Array/);
+  t.throws(() => e.step(Float32Array.from(tokens) as unknown as Int32Array, seqs(1), Int32Array.from([0, 1])), /tokens must be an Int32Array/);
+  // The step in pieces, likewise.
+  e.beginStep(tokens, seqs(1), Int32Array.from([2, 3]));
+  for (let l = 0; l < spec.numLayers; l++) {
+    const r = e.route(e.attention(l), tokens.length);
+    e.experts(l, r.ids, r.weights, spec.topK);
+  }
+  out.fill(Number.NaN);
+  t.same(Array.from(e.endStep(out).subarray(0, 2 * V)), Array.from(fresh));
+
+  // Runners: reuseLogits gives views of one buffer, with the logits of a runner without it.
+  const dir = writeModel(t, { arch: 'qwen3_moe', seed: 11 });
+  const m = await openModel(dir);
+  const opts = { weights: 'q8' as const, threads: 2, kvBlockSize: BLOCK, kvBlocks: 8 };
+  const reusing = NativeRunner.fromCheckpoint(m.spec, m.weights, { ...opts, reuseLogits: true });
+  const plain = NativeRunner.fromCheckpoint(m.spec, m.weights, opts);
+  m.close();
+  t.teardown(() => {
+    reusing.close();
+    plain.close();
+  });
+  const batch = (tok: number[], pos: number): StepSequence[] => [{ seqId: 1, tokens: Uint32Array.from(tok), startPos: pos, blockTable: Int32Array.from([0, 1]), wantLogits: true }];
+  const r1 = reusing.step(batch(Array.from(a), 0));
+  const p1 = plain.step(batch(Array.from(a), 0));
+  t.same(Array.from(r1.logits), Array.from(p1.logits));
+  const copy1 = r1.logits.slice();
+  const r2 = reusing.step(batch([Number(b[0])], a.length));
+  const p2 = plain.step(batch([Number(b[0])], a.length));
+  t.equal(r2.logits.buffer, r1.logits.buffer, 'the next step reuses the buffer');
+  t.same(Array.from(r2.logits), Array.from(p2.logits));
+  t.notSame(Array.from(r2.logits), Array.from(copy1), 'and overwrote the previous logits');
+  t.not(p2.logits.buffer, p1.logits.buffer, 'a runner without reuseLogits returns fresh arrays');
+});

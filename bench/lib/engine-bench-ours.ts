@@ -60,7 +60,8 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
   const memBefore = procMemory();
   const kvBlocks = blocksNeeded(w);
   const t0 = performance.now();
-  const runner = await NativeRunner.open(dir, { weights, threads, kvBlockSize: KV_BLOCK_SIZE, kvBlocks });
+  // Each step's logits are read at once (greedy choice), as the server's engine loop does: one reused buffer.
+  const runner = await NativeRunner.open(dir, { weights, threads, kvBlockSize: KV_BLOCK_SIZE, kvBlocks, reuseLogits: true });
   const loadSeconds = (performance.now() - t0) / 1000;
   let result: OursResult;
   try {

@@ -776,29 +776,53 @@ const std::vector<float>& Engine::residual() const {
   return x_;
 }
 
+int64_t Engine::logit_rows(const std::vector<SeqSlice>& seqs) {
+  int64_t r = 0;
+  for (const SeqSlice& s : seqs) r += s.want_logits ? 1 : 0;
+  return r;
+}
+
 void Engine::end_step(std::vector<float>& logits) {
+  logits.resize(static_cast<size_t>(logit_rows() * cfg_.vocab));
+  end_step(logits.data(), logits.size());
+}
+
+void Engine::end_step(float* logits, size_t n) {
   check_ready();
   if (!in_step_ || phase_layer_ != cfg_.layers) {
     throw std::logic_error("endStep() before every layer ran (" + std::to_string(phase_layer_) + " of " + std::to_string(cfg_.layers) + ")");
   }
-  in_step_ = false;
   const int64_t H = cfg_.hidden, V = cfg_.vocab;
   std::vector<int64_t> rows;
   for (const SeqSlice& s : seqs_) {
     if (s.want_logits) rows.push_back(s.token_offset + s.n_tokens - 1);
   }
-  logits.assign(static_cast<size_t>(static_cast<int64_t>(rows.size()) * V), 0.f);
+  if (n != rows.size() * static_cast<size_t>(V)) {
+    throw std::invalid_argument("endStep(): the logits buffer holds " + std::to_string(n) + " floats; the step returns " + std::to_string(rows.size()) + " rows of " +
+                                std::to_string(V));
+  }
+  in_step_ = false;
   if (rows.empty()) return;
   const int64_t R = static_cast<int64_t>(rows.size());
   std::vector<float> hn(static_cast<size_t>(R * H));
   for (int64_t r = 0; r < R; r++) rms_norm_row(x_.data() + rows[static_cast<size_t>(r)] * H, final_norm_.data(), H, cfg_.rms_eps, hn.data() + r * H);
   prepare_acts(dense_wtype(), hn.data(), R, H, H, acts_);
-  matmul_parallel(*pool_, cfg_.tie_embeddings ? embed_.m : lm_head_.m, acts_, logits.data(), V);
+  // Every logit is written: the buffer needs no clearing.
+  matmul_parallel(*pool_, cfg_.tie_embeddings ? embed_.m : lm_head_.m, acts_, logits, V);
   mark(kLmHead);
 }
 
 void Engine::step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs, std::vector<float>& logits) {
+  logits.resize(static_cast<size_t>(logit_rows(seqs) * cfg_.vocab));
+  step(tokens, seqs, logits.data(), logits.size());
+}
+
+void Engine::step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs, float* logits, size_t n) {
   if (store_) throw std::logic_error("offloading needs the step in pieces (beginStep, attention, experts, endStep); the fused step() does not load experts");
+  if (n != static_cast<size_t>(logit_rows(seqs) * cfg_.vocab)) {
+    throw std::invalid_argument("step(): the logits buffer holds " + std::to_string(n) + " floats; the step returns " + std::to_string(logit_rows(seqs)) + " rows of " +
+                                std::to_string(cfg_.vocab));
+  }
   begin_step(tokens, seqs);
   const int64_t T = static_cast<int64_t>(tokens.size());
   std::vector<int32_t> ids(static_cast<size_t>(T * cfg_.top_k));
@@ -808,7 +832,7 @@ void Engine::step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice
     route(router_logits_.data(), T, ids.data(), w.data());
     experts(l, ids.data(), w.data(), T * cfg_.top_k, cfg_.top_k);
   }
-  end_step(logits);
+  end_step(logits, n);
 }
 
 }  // namespace moe

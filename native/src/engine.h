@@ -113,8 +113,14 @@ class Engine {
   void finalize();
 
   // The fused step: embeddings → layers (attention, router, top-k, experts) → logits
-  // of the sequences that want them, (rows, vocab) into `logits`.
+  // of the sequences that want them, (rows, vocab) into `logits`: `n` floats, exactly
+  // logit_rows(seqs) * vocab (every one is written).
+  void step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs, float* logits, size_t n);
   void step(const std::vector<int32_t>& tokens, const std::vector<SeqSlice>& seqs, std::vector<float>& logits);
+  // Rows of logits a step over `seqs` returns (its sequences that want logits).
+  static int64_t logit_rows(const std::vector<SeqSlice>& seqs);
+  // The same for the step begun (between begin_step and end_step).
+  int64_t logit_rows() const { return logit_rows(seqs_); }
 
   // The same step in pieces, for callers that decide routing themselves:
   // begin_step(); for each layer: attention(l) → router logits (T, experts);
@@ -135,6 +141,8 @@ class Engine {
   void predict_router(int64_t from, int64_t to, std::vector<float>& out);
   // The residual stream (T, hidden) of the current or last step.
   const std::vector<float>& residual() const;
+  // Logits of the step's sequences that want them: `n` floats, exactly logit_rows() * vocab.
+  void end_step(float* logits, size_t n);
   void end_step(std::vector<float>& logits);
 
   // The gating rule on router logits (T, experts) → ids and weights (T, top_k).

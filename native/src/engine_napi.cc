@@ -81,8 +81,30 @@ int64_t arg_int(const Napi::CallbackInfo& info, size_t i, const char* what) {
 }
 
 template <typename T>
+struct TypedName;
+template <>
+struct TypedName<Napi::Int32Array> {
+  static constexpr napi_typedarray_type type = napi_int32_array;
+  static constexpr const char* name = "an Int32Array";
+};
+template <>
+struct TypedName<Napi::Float32Array> {
+  static constexpr napi_typedarray_type type = napi_float32_array;
+  static constexpr const char* name = "a Float32Array";
+};
+template <>
+struct TypedName<Napi::Uint8Array> {
+  static constexpr napi_typedarray_type type = napi_uint8_array;
+  static constexpr const char* name = "a Uint8Array";
+};
+
+// The element type is checked too: another typed array's element count would be read
+// as a count of T (a Uint8Array taken for a Float32Array is a quarter of its length).
+template <typename T>
 T typed(const Napi::Value& v, const char* what) {
-  if (!v.IsTypedArray()) throw std::invalid_argument(std::string(what) + " must be a typed array");
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != TypedName<T>::type) {
+    throw std::invalid_argument(std::string(what) + " must be " + TypedName<T>::name);
+  }
   return v.As<T>();
 }
 
@@ -119,6 +141,28 @@ Napi::Float32Array to_js(Napi::Env env, const std::vector<float>& v) {
   auto out = Napi::Float32Array::New(env, v.size());
   std::copy(v.begin(), v.end(), out.Data());
   return out;
+}
+
+// Logits of a step, (rows, vocab) = `n` floats, written by `fill` straight into JS memory:
+// a 32-sequence step of a 152k vocabulary returns 19 MB, and a native vector copied into
+// a fresh JS array every step cost about as much as that step's attention. With an
+// `out` argument (a Float32Array of at least n floats, reused by the caller from step to
+// step) the logits go into its first n floats and the result is a view of them: no
+// allocation, no page faults. Without it, a new array.
+template <typename Fill>
+Napi::Float32Array logits_to_js(const Napi::CallbackInfo& info, size_t out_arg, size_t n, Fill fill) {
+  Napi::Env env = info.Env();
+  if (info.Length() > out_arg && !info[out_arg].IsUndefined()) {
+    auto out = typed<Napi::Float32Array>(info[out_arg], "out");
+    if (out.ElementLength() < n) {
+      throw std::invalid_argument("out holds " + std::to_string(out.ElementLength()) + " floats; the step returns " + std::to_string(n));
+    }
+    fill(out.Data(), n);
+    return Napi::Float32Array::New(env, n, out.ArrayBuffer(), out.ByteOffset());
+  }
+  auto fresh = Napi::Float32Array::New(env, n);
+  fill(n > 0 ? fresh.Data() : nullptr, n);
+  return fresh;
 }
 
 class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
@@ -223,9 +267,9 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     std::vector<int32_t> tokens;
     std::vector<SeqSlice> seqs;
     read_batch(info, tokens, seqs);
-    std::vector<float> logits;
-    engine().step(tokens, seqs, logits);
-    return to_js(info.Env(), logits);
+    Engine& e = engine();
+    const size_t n = static_cast<size_t>(Engine::logit_rows(seqs) * e.config().vocab);
+    return logits_to_js(info, 3, n, [&](float* out, size_t len) { e.step(tokens, seqs, out, len); });
   }
 
   Napi::Value BeginStep(const Napi::CallbackInfo& info) {
@@ -346,9 +390,9 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
   }
 
   Napi::Value EndStep(const Napi::CallbackInfo& info) {
-    std::vector<float> logits;
-    engine().end_step(logits);
-    return to_js(info.Env(), logits);
+    Engine& e = engine();
+    const size_t n = static_cast<size_t>(e.logit_rows() * e.config().vocab);
+    return logits_to_js(info, 0, n, [&](float* out, size_t len) { e.end_step(out, len); });
   }
 
   // route(routerLogits: Float32Array (T*E), T) → {ids: Int32Array, weights: Float32Array}

@@ -63,6 +63,8 @@ async function buildRunner(opts: EngineOptions, m: OpenedModel): Promise<ModelRu
         kvBlockSize: opts.kvBlockSize,
         kvBlocks: opts.kvBlocks,
         replay,
+        // The engine loop samples from a step's logits before the next step runs.
+        reuseLogits: true,
       };
       if (!opts.offload) return NativeRunner.fromCheckpoint(m.spec, m.weights, base);
       return OffloadRunner.fromCheckpoint(m.spec, m.weights, { ...base, ...opts.offload });

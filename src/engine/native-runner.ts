@@ -28,6 +28,30 @@ export interface NativeRunnerOptions {
   replay?: RoutingReplay;
   /** Called with every layer's routing when the step runs in pieces (replay). */
   onRouting?: (e: RoutingEvent) => void;
+  /**
+   * Write every step's logits into one buffer and return views of it, valid until the
+   * next step (for callers that consume them at once, like the engine loop): a
+   * 32-sequence step of a 152k vocabulary returns 19 MB, and fresh memory for it every
+   * step costs about as much as that step's attention.
+   */
+  reuseLogits?: boolean;
+}
+
+/** The logits buffer of a runner with reuseLogits: grown to the largest step seen, then reused. */
+export class LogitsBuffer {
+  private buf = new Float32Array(0);
+  /** At least `floats` floats (contents undefined). */
+  take(floats: number): Float32Array {
+    if (this.buf.length < floats) this.buf = new Float32Array(floats);
+    return this.buf;
+  }
+}
+
+/** Rows of logits a step returns: its sequences that want them. */
+export function logitRows(batch: readonly StepSequence[]): number {
+  let n = 0;
+  for (const s of batch) if (s.wantLogits) n++;
+  return n;
 }
 
 export class ModelTooLargeError extends Error {
@@ -213,6 +237,7 @@ export class NativeRunner implements ModelRunner {
     readonly engine: NativeEngine,
     private readonly replay?: RoutingReplay,
     private readonly onRouting?: (e: RoutingEvent) => void,
+    private readonly logitsBuffer?: LogitsBuffer,
   ) {}
 
   /** Opens a checkpoint directory and packs its weights; the checkpoint's files are closed after. */
@@ -244,13 +269,14 @@ export class NativeRunner implements ModelRunner {
       engine.close();
       throw e;
     }
-    return new NativeRunner(spec, { blockSize: o.kvBlockSize, numBlocks: o.kvBlocks }, engine, o.replay, o.onRouting);
+    return new NativeRunner(spec, { blockSize: o.kvBlockSize, numBlocks: o.kvBlocks }, engine, o.replay, o.onRouting, o.reuseLogits ? new LogitsBuffer() : undefined);
   }
 
   step(batch: StepSequence[]): StepOutput {
     const { tokens, seqs, blocks } = packBatch(batch);
+    const out = this.logitsBuffer?.take(logitRows(batch) * this.spec.vocabSize);
     if (!this.replay) {
-      const logits = this.engine.step(tokens, seqs, blocks);
+      const logits = this.engine.step(tokens, seqs, blocks, out);
       return { logits, rows: logits.length / this.spec.vocabSize };
     }
     // Routing replay: the step in pieces with the trace's experts.
@@ -265,7 +291,7 @@ export class NativeRunner implements ModelRunner {
       e.experts(l, r.ids, r.weights, r.k);
       routed.push(r);
     }
-    const logits = e.endStep();
+    const logits = e.endStep(out);
     this.noteRouting(meta, routed);
     return { logits, rows: logits.length / this.spec.vocabSize };
   }

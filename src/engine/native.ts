@@ -181,8 +181,11 @@ export interface NativeEngine {
   setTensor(role: string, layer: number, expert: number, bytes: Uint8Array, dtype: string, rows: number, cols: number): void;
   /** Checks that every tensor was given; the engine runs after this. */
   finalize(): void;
-  /** The fused step: every layer with the model's own router. */
-  step(tokens: Int32Array, seqs: Int32Array, blocks: Int32Array): Float32Array;
+  /**
+   * The fused step: every layer with the model's own router. With `out` (at least rows x
+   * vocab floats) the logits are written into it and the result is a view of its start.
+   */
+  step(tokens: Int32Array, seqs: Int32Array, blocks: Int32Array, out?: Float32Array): Float32Array;
   /** The step in pieces: beginStep, then per layer in order attention(l) → experts(l, ...), then endStep. */
   beginStep(tokens: Int32Array, seqs: Int32Array, blocks: Int32Array): void;
   /** Attention of layer l for the step's tokens; returns the router logits (tokens, experts). */
@@ -202,7 +205,8 @@ export interface NativeEngine {
    * still to run (0: the layer is done, attention(l + 1) is next).
    */
   expertsPart(layer: number, ids: Int32Array, weights: Float32Array, k: number, subset: Int32Array): number;
-  endStep(): Float32Array;
+  /** Logits of the step in pieces (as step(); `out` likewise). */
+  endStep(out?: Float32Array): Float32Array;
   /** The model's gating rule on router logits (tokens, experts) → top-k ids and weights. */
   route(routerLogits: Float32Array, tokens: number): { ids: Int32Array; weights: Float32Array };
   info(): { weightBytes: number; kvBytes: number; expertBytes: number; weights: string; isa: string; threads: number; offload: boolean };

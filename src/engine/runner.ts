@@ -21,7 +21,10 @@ export interface StepSequence {
 }
 
 export interface StepOutput {
-  /** (rows, vocab): one row per sequence with wantLogits, in batch order. */
+  /**
+   * (rows, vocab): one row per sequence with wantLogits, in batch order. A runner made
+   * with reuseLogits returns a view of one buffer that its next step overwrites.
+   */
   logits: Float32Array;
   rows: number;
 }

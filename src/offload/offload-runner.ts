@@ -68,6 +68,8 @@ import {
   weightBytes,
   engineOptions,
   loadTensors,
+  LogitsBuffer,
+  logitRows,
   ModelTooLargeError,
   packBatch,
   stepTokens,
@@ -131,6 +133,8 @@ export interface OffloadSettings {
   replay?: RoutingReplay;
   /** Called with every layer's routing of the steps that completed. */
   onRouting?: (e: RoutingEvent) => void;
+  /** Logits into one reused buffer, valid until the next step (NativeRunnerOptions.reuseLogits). */
+  reuseLogits?: boolean;
 }
 
 export interface OffloadRunnerOptions extends NativeRunnerOptions, OffloadSettings {
@@ -207,6 +211,7 @@ export class OffloadRunner implements ModelRunner {
   private readonly L: number;
   private readonly E: number;
   private readonly replay?: RoutingReplay;
+  private readonly logitsBuffer?: LogitsBuffer;
   private readonly onRouting?: (e: RoutingEvent) => void;
   private readonly minProb: number;
   private readonly maxQueued: number;
@@ -263,6 +268,7 @@ export class OffloadRunner implements ModelRunner {
     this.L = spec.numLayers;
     this.E = spec.numExperts;
     this.replay = o.replay;
+    this.logitsBuffer = o.reuseLogits ? new LogitsBuffer() : undefined;
     this.onRouting = o.onRouting;
     this.k = o.replay ? o.replay.k : spec.topK;
     const perLayer = typeof slots === 'number' ? new Array<number>(this.L).fill(slots) : Array.from(slots);
@@ -467,7 +473,7 @@ export class OffloadRunner implements ModelRunner {
         e.experts(l, ids, w, K);
       }
     }
-    const logits = e.endStep();
+    const logits = e.endStep(this.logitsBuffer?.take(logitRows(batch) * this.spec.vocabSize));
     this.commit(meta, T, routings, weightsOf, predicted, firstOfSeq, lastOfSeq);
     this.lastDistinct = distinctSum / L;
     return { logits, rows: logits.length / this.spec.vocabSize };

@@ -104,8 +104,8 @@ export class FakeOffloadStore implements OffloadEngine {
     }
   }
 
-  endStep(): Float32Array {
-    return this.inner.endStep();
+  endStep(out?: Float32Array): Float32Array {
+    return this.inner.endStep(out);
   }
 
   route(logits: Float32Array, tokens: number): { ids: Int32Array; weights: Float32Array } {
