@@ -5,10 +5,15 @@
 // same thread count and quantization, in one process run:
 //   - prefill tokens/s: one step of a 512-token prompt (after a warm-up prefill of another);
 //   - single-stream decode tokens/s: one token per step after a short prompt, greedy;
-//   - batched decode with 8 and 32 sequences: aggregate tokens/s, every sequence one token per step;
+//   - batched decode with 8 and 32 sequences: aggregate tokens/s, every sequence one token per step
+//     (ours: the 32 sequences run a few steps after each chunk of the single-stream decode,
+//     so that their ratio compares the two under the same memory bandwidth);
 //   - the memory read bandwidth (streaming-read probe, 1 GiB, same threads) right before
-//     and right after each engine's measurements; their mean gives that engine's decode
-//     roofline = bandwidth / weight bytes read per decoded token;
+//     and right after each engine's measurements, and between chunks of 8 steps of its
+//     single-stream decode: the bandwidth here switches between about 33 and 60 GB/s
+//     within seconds, so each chunk is held against the probes beside it. The decode
+//     roofline = the bandwidth the chunks saw / weight bytes read per decoded token
+//     (decode / roofline = the chunks' roofline time over their own time);
 //   - the resident memory of the process running our engine, after load, against the
 //     engine's weights + KV cache. Our engine is measured in a fresh child process per case
 //     (engine-bench-ours-child.ts), so its RSS is not that of whatever ran before, and all
@@ -34,7 +39,7 @@ import { loadNative, nativeAddonPath } from '../src/engine/native.js';
 import { readModelSpec } from '../src/model/hf-config.js';
 import type { ModelSpec } from '../src/model/spec.js';
 import { BENCH_MODELS, benchModelsDir, ensureCheckpoint, ensureGguf, type BenchModel } from './lib/bench-models.js';
-import { bytesPerToken, GB, makeWorkload, MB, PROBE_BYTES, type EngineResult, type ReadBytes } from './lib/engine-bench-common.js';
+import { bytesPerToken, chunkBandwidth, DECODE_CHUNK_STEPS, decodeRooflineFraction, GB, makeWorkload, MB, PROBE_BYTES, type EngineResult, type ReadBytes } from './lib/engine-bench-common.js';
 import { disposeLlamaCpp, getLlamaCpp, measureLlamaCpp, type LlamaCppResult } from './lib/engine-bench-llamacpp.js';
 import { measureOursInChild, type OursResult } from './lib/engine-bench-ours.js';
 import type { Figure } from './lib/figures.js';
@@ -123,8 +128,9 @@ interface CaseOutcome {
   read: ReadBytes;
 }
 
+/** Decode tokens/s at the bandwidth the engine's decode chunks saw (decodeRooflineFraction's figure as a rate). */
 function roofline(r: EngineResult, read: ReadBytes): number {
-  return (r.bandwidth * 1e9) / read.total;
+  return (chunkBandwidth(r.decode.chunks) * 1e9) / read.total;
 }
 
 function report(o: CaseOutcome, spec: ModelSpec): void {
@@ -140,6 +146,11 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
   log(`bandwidth probe (${threads} threads, ${PROBE_BYTES / 2 ** 30} GiB streaming read): ours ${bw(ours)}` + (llama ? `; llama.cpp ${bw(llama)}` : ''));
   fig(`${label} bandwidth probe around ours`, ours.bandwidth, 'GB/s', `before ${fmt(ours.bandwidthBefore)}, after ${fmt(ours.bandwidthAfter)}`);
   if (llama) fig(`${label} bandwidth probe around llama.cpp`, llama.bandwidth, 'GB/s', `before ${fmt(llama.bandwidthBefore)}, after ${fmt(llama.bandwidthAfter)}`);
+  const chunkLine = (r: EngineResult) =>
+    `${fmt(chunkBandwidth(r.decode.chunks))} GB/s (probes ${[r.decode.chunks[0].bandwidthBefore, ...r.decode.chunks.map((c) => c.bandwidthAfter)].map((v) => fmt(v, 0)).join(' ')})`;
+  log(`bandwidth beside the decode chunks (${DECODE_CHUNK_STEPS} steps each): ours ${chunkLine(ours)}` + (llama ? `; llama.cpp ${chunkLine(llama)}` : ''));
+  fig(`${label} bandwidth beside ours' decode`, chunkBandwidth(ours.decode.chunks), 'GB/s', `probes between chunks of ${DECODE_CHUNK_STEPS} decode steps`);
+  if (llama) fig(`${label} bandwidth beside llama.cpp's decode`, chunkBandwidth(llama.decode.chunks), 'GB/s', `probes between chunks of ${DECODE_CHUNK_STEPS} decode steps`);
   log(
     `weights read per decoded token: ${MB(read.total)} = non-expert ${MB(read.nonExpert)} (attention ${MB(read.attention)}, router f32 ${MB(read.router)}, ` +
       `norms ${MB(read.norms)}${read.shared ? `, shared experts ${MB(read.shared)}` : ''}, LM head ${MB(read.lmHead)}, embedding row ${(read.embedRow / 1e3).toFixed(1)} kB)` +
@@ -159,8 +170,8 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
   const prefillL = llama?.prefill.tokensPerSecond ?? null;
   const decodeO = ours.decode.tokensPerSecond;
   const decodeL = llama?.decode.tokensPerSecond ?? null;
-  const fracO = decodeO / roofOurs;
-  const fracL = llama && decodeL !== null ? decodeL / roofLlama : null;
+  const fracO = decodeRooflineFraction(ours.decode.chunks, read.total);
+  const fracL = llama ? decodeRooflineFraction(llama.decode.chunks, read.total) : null;
   const b32O = oursBatch(32) / decodeO;
   const b32L = llamaBatch(32) !== null && decodeL !== null ? llamaBatch(32)! / decodeL : null;
   const target = (ok: boolean | null, text: string) => (ok === null ? `${text}  n/a` : `${text}  ${passFail(ok)}`);
@@ -208,13 +219,13 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
   const cmpR = (o: number, l: number | null, unit: string) => (l === null ? null : `llama.cpp ${fmt(l, 2)} ${unit}: ${fmt(o / l, 3)}x`);
   fig(`${label} ours prefill ${ours.prefill.tokens}-token prompt`, prefillO, 'tok/s', cmpR(prefillO, prefillL, 'tok/s'));
   fig(`${label} ours decode 1 stream`, decodeO, 'tok/s', cmpR(decodeO, decodeL, 'tok/s'));
-  fig(`${label} ours decode roofline fraction`, fracO, 'ratio', `roofline ${fmt(roofOurs, 2)} tok/s at ${fmt(ours.bandwidth, 2)} GB/s`);
+  fig(`${label} ours decode roofline fraction`, fracO, 'ratio', `roofline ${fmt(roofOurs, 2)} tok/s at ${fmt(chunkBandwidth(ours.decode.chunks), 2)} GB/s`);
   for (const n of [8, 32]) fig(`${label} ours decode ${n} sequences aggregate`, oursBatch(n), 'tok/s', cmpR(oursBatch(n), llamaBatch(n), 'tok/s'));
   fig(`${label} ours 32-sequence aggregate / single stream`, b32O, 'ratio', b32L === null ? null : `llama.cpp ${fmt(b32L, 3)}x`);
   if (llama && prefillL !== null && decodeL !== null && fracL !== null) {
     fig(`${label} llama.cpp prefill ${llama.prefill.tokens}-token prompt`, prefillL, 'tok/s', null);
     fig(`${label} llama.cpp decode 1 stream`, decodeL, 'tok/s', null);
-    fig(`${label} llama.cpp decode roofline fraction`, fracL, 'ratio', `roofline ${fmt(roofLlama, 2)} tok/s at ${fmt(llama.bandwidth, 2)} GB/s`);
+    fig(`${label} llama.cpp decode roofline fraction`, fracL, 'ratio', `roofline ${fmt(roofLlama, 2)} tok/s at ${fmt(chunkBandwidth(llama.decode.chunks), 2)} GB/s`);
     for (const n of [8, 32]) fig(`${label} llama.cpp decode ${n} sequences aggregate`, llamaBatch(n)!, 'tok/s', null);
     if (b32L !== null) fig(`${label} llama.cpp 32-sequence aggregate / single stream`, b32L, 'ratio', null);
   }
@@ -300,7 +311,7 @@ async function main(): Promise<void> {
   const summary: Record<string, number | null> = { decode_vs_llamacpp: null, decode_roofline_fraction: null, prefill_vs_llamacpp: null, batch32_vs_single: null };
   if (main) {
     const { ours, llama: l, read } = main;
-    summary.decode_roofline_fraction = round(ours.decode.tokensPerSecond / roofline(ours, read), 4);
+    summary.decode_roofline_fraction = round(decodeRooflineFraction(ours.decode.chunks, read.total), 4);
     summary.batch32_vs_single = round(ours.batches.find((b) => b.sequences === 32)!.tokensPerSecond / ours.decode.tokensPerSecond, 3);
     if (l) {
       summary.decode_vs_llamacpp = round(ours.decode.tokensPerSecond / l.decode.tokensPerSecond, 3);

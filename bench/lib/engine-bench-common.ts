@@ -96,7 +96,7 @@ export interface EngineResult {
   engine: 'ours' | 'llama.cpp';
   loadSeconds: number;
   prefill: { tokens: number; seconds: number[]; tokensPerSecond: number };
-  decode: { steps: number; seconds: number; tokensPerSecond: number };
+  decode: { steps: number; seconds: number; tokensPerSecond: number; chunks: DecodeChunk[] };
   batches: BatchResult[];
   /** Probe right before and right after the measurements (GB/s), and their mean. */
   bandwidthBefore: number;
@@ -118,6 +118,87 @@ export function probeBandwidth(threads: number): number {
 }
 
 export const sleep = (ms: number) => new Promise<void>((res) => setTimeout(res, ms));
+
+/** Steps of single-stream decode between two short probes. */
+export const DECODE_CHUNK_STEPS = 8;
+
+/** Chunks of the single-stream decode (the rounds that interleave other measurements with it). */
+export const decodeChunks = (steps: number) => Math.ceil(steps / DECODE_CHUNK_STEPS);
+/** Seconds of each probe between decode chunks. */
+export const CHUNK_PROBE_SECONDS = 0.25;
+
+/** A run of decode steps timed between two probes (GB/s) taken right before and right after it. */
+export interface DecodeChunk {
+  steps: number;
+  seconds: number;
+  bandwidthBefore: number;
+  bandwidthAfter: number;
+}
+
+/**
+ * Single-stream decode in chunks of DECODE_CHUNK_STEPS steps with a short probe before
+ * each chunk and after the last. Memory bandwidth here switches between about 33 and 60
+ * GB/s within seconds, so probes around a whole run (seconds apart) can each catch the
+ * other mode than the decode had; each chunk is compared with the probes beside it
+ * (decodeRooflineFraction). The steps run back to back inside a chunk.
+ */
+export async function decodeInChunks(
+  threads: number,
+  steps: number,
+  run: (n: number) => Promise<void> | void,
+  /** Runs after each chunk and its probe (another measurement interleaved with the chunks); a new probe follows it. */
+  between?: () => void,
+): Promise<{ seconds: number; chunks: DecodeChunk[] }> {
+  // The probe buffer stays allocated from one chunk to the next (allocating 1 GiB each time
+  // disturbed the steps after it); the last probe releases it.
+  const probe = (keep = true) => {
+    const r = loadNative().streamBench(PROBE_BYTES, threads, CHUNK_PROBE_SECONDS, keep);
+    return r.bytes / r.seconds / 1e9;
+  };
+  const chunks: DecodeChunk[] = [];
+  let before = probe();
+  for (let done = 0; done < steps; ) {
+    const n = Math.min(DECODE_CHUNK_STEPS, steps - done);
+    const t = performance.now();
+    await run(n);
+    const seconds = (performance.now() - t) / 1000;
+    const after = probe(done + n < steps);
+    chunks.push({ steps: n, seconds, bandwidthBefore: before, bandwidthAfter: after });
+    before = after;
+    done += n;
+    if (between && done < steps) {
+      between();
+      before = probe();
+    }
+  }
+  return { seconds: chunks.reduce((a, c) => a + c.seconds, 0), chunks };
+}
+
+/**
+ * Decode time over roofline time: each chunk's roofline is its steps × bytes per token
+ * at the mean of the probes beside it; the fraction is the sum of those times over the
+ * sum of the chunks' own times (1 = every chunk decoded at its measured bandwidth).
+ */
+export function decodeRooflineFraction(chunks: readonly DecodeChunk[], bytesPerToken: number): number {
+  let roof = 0;
+  let real = 0;
+  for (const c of chunks) {
+    roof += (c.steps * bytesPerToken) / (((c.bandwidthBefore + c.bandwidthAfter) / 2) * 1e9);
+    real += c.seconds;
+  }
+  return real > 0 ? roof / real : NaN;
+}
+
+/** Bandwidth (GB/s) the chunked decode saw: bytes over roofline time, i.e. the time-weighted harmonic mean of the chunks' probes. */
+export function chunkBandwidth(chunks: readonly DecodeChunk[]): number {
+  let steps = 0;
+  let t = 0;
+  for (const c of chunks) {
+    steps += c.steps;
+    t += c.steps / ((c.bandwidthBefore + c.bandwidthAfter) / 2);
+  }
+  return t > 0 ? steps / t : NaN;
+}
 
 // ---------------------------------------------------------------------------------
 // Roofline: weight bytes read per decoded token

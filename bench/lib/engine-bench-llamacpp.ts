@@ -6,7 +6,7 @@
 // the clocks start.
 
 import type { Llama, LlamaContext, LlamaContextSequence, LlamaModel, Token } from 'node-llama-cpp';
-import { batchPrompt, probeBandwidth, procMemory, sleep, type BatchResult, type EngineResult, type ProcMemory, type Workload } from './engine-bench-common.js';
+import { batchPrompt, decodeInChunks, probeBandwidth, procMemory, sleep, type BatchResult, type EngineResult, type ProcMemory, type Workload } from './engine-bench-common.js';
 
 let llamaPromise: Promise<Llama> | null = null;
 
@@ -100,9 +100,10 @@ export async function measureLlamaCpp(file: string, threads: number, w: Workload
     await seq.clearHistory();
     let last = [await prompt(seq, w.decodePrompt)];
     for (let k = 0; k < w.decodeWarmSteps; k++) last = await decodeStep([seq], last);
-    let t = performance.now();
-    for (let k = 0; k < w.decodeSteps; k++) last = await decodeStep([seq], last);
-    const decodeSeconds = (performance.now() - t) / 1000;
+    const dec = await decodeInChunks(threads, w.decodeSteps, async (n) => {
+      for (let k = 0; k < n; k++) last = await decodeStep([seq], last);
+    });
+    const decodeSeconds = dec.seconds;
     await ctx.dispose();
     ctx = null;
 
@@ -117,7 +118,7 @@ export async function measureLlamaCpp(file: string, threads: number, w: Workload
       let toks = await Promise.all(seqs.map((s, i) => prompt(s, batchPrompt(w, i))));
       for (let k = 0; k < w.batchWarmSteps; k++) toks = await decodeStep(seqs, toks);
       dispatches = 0;
-      t = performance.now();
+      const t = performance.now();
       for (let k = 0; k < w.batchSteps; k++) toks = await decodeStep(seqs, toks);
       const seconds = (performance.now() - t) / 1000;
       batches.push({ sequences: n, steps: w.batchSteps, seconds, tokensPerSecond: (n * w.batchSteps) / seconds, dispatches });
@@ -137,7 +138,7 @@ export async function measureLlamaCpp(file: string, threads: number, w: Workload
       engine: 'llama.cpp',
       loadSeconds,
       prefill: { tokens: w.prefillPrompt.length, seconds: prefillSeconds, tokensPerSecond: (w.prefillPrompt.length * w.prefillReps) / prefillTotal },
-      decode: { steps: w.decodeSteps, seconds: decodeSeconds, tokensPerSecond: w.decodeSteps / decodeSeconds },
+      decode: { steps: w.decodeSteps, seconds: decodeSeconds, tokensPerSecond: w.decodeSteps / decodeSeconds, chunks: dec.chunks },
       batches,
       bandwidthBefore,
       bandwidthAfter,

@@ -8,6 +8,8 @@ import type { StepSequence } from '../../src/engine/runner.js';
 import {
   argmaxBelow,
   batchPrompt,
+  decodeChunks,
+  decodeInChunks,
   probeBandwidth,
   procMemory,
   type BatchResult,
@@ -29,13 +31,21 @@ class BlockRanges {
   }
 }
 
+/** Steps of the largest batch, interleaved with the single-stream decode: an equal share after each of its chunks. */
+function interleavedSteps(w: Workload): { rounds: number; perRound: number } {
+  const rounds = decodeChunks(w.decodeSteps);
+  return { rounds, perRound: Math.ceil(w.batchSteps / rounds) };
+}
+
 /** KV blocks the workload needs: every sequence gets its own range. */
 export function blocksNeeded(w: Workload): number {
   const b = new BlockRanges();
   b.take(w.warmPrompt.length);
   for (let r = 0; r < w.prefillReps; r++) b.take(w.prefillPrompt.length);
   b.take(w.decodePrompt.length + w.decodeWarmSteps + w.decodeSteps);
-  for (const n of w.batchSizes) for (let i = 0; i < n; i++) b.take(w.batchPromptLength + w.batchWarmSteps + w.batchSteps);
+  const { rounds, perRound } = interleavedSteps(w);
+  const steps = Math.max(w.batchSteps, rounds * perRound);
+  for (const n of w.batchSizes) for (let i = 0; i < n; i++) b.take(w.batchPromptLength + w.batchWarmSteps + steps);
   return b.next;
 }
 
@@ -107,21 +117,47 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
     }
     const prefillTotal = prefillSeconds.reduce((a, b) => a + b, 0);
 
-    // Single-stream decode.
+    // Batched decode: all sequences' prompts in one step, then one token per sequence per
+    // step. The largest batch runs interleaved with the single-stream decode below (a few
+    // steps after each of its chunks), so that the ratio of the two compares them under
+    // the same memory bandwidth, which here switches between two levels within seconds.
+    const batchSeqs = (n: number, steps: number) => {
+      const seqs = Array.from({ length: n }, () => newSeq(w.batchPromptLength + w.batchWarmSteps + steps));
+      step(seqs, seqs.map((_, i) => batchPrompt(w, i)));
+      decodeSteps(seqs, w.batchWarmSteps);
+      return seqs;
+    };
+    const batches: BatchResult[] = [];
+    const sizes = [...w.batchSizes].sort((a, b) => a - b);
+    const interleaved = sizes[sizes.length - 1];
+    for (const n of sizes.slice(0, -1)) {
+      const seconds = decodeSteps(batchSeqs(n, w.batchSteps), w.batchSteps);
+      batches.push({ sequences: n, steps: w.batchSteps, seconds, tokensPerSecond: (n * w.batchSteps) / seconds });
+    }
+    const { rounds, perRound } = interleavedSteps(w);
+    const big = batchSeqs(interleaved, perRound * rounds);
+    let bigSeconds = 0;
+    let bigSteps = 0;
+    const runBig = () => {
+      bigSeconds += decodeSteps(big, perRound);
+      bigSteps += perRound;
+    };
+
+    // Single-stream decode, in chunks with probes between them (and the big batch after each).
     const single = newSeq(w.decodePrompt.length + w.decodeWarmSteps + w.decodeSteps);
     step([single], [w.decodePrompt]);
     decodeSteps([single], w.decodeWarmSteps);
-    const decodeSeconds = decodeSteps([single], w.decodeSteps);
-
-    // Batched decode: all sequences' prompts in one step, then one token per sequence per step.
-    const batches: BatchResult[] = [];
-    for (const n of w.batchSizes) {
-      const seqs = Array.from({ length: n }, () => newSeq(w.batchPromptLength + w.batchWarmSteps + w.batchSteps));
-      step(seqs, seqs.map((_, i) => batchPrompt(w, i)));
-      decodeSteps(seqs, w.batchWarmSteps);
-      const seconds = decodeSteps(seqs, w.batchSteps);
-      batches.push({ sequences: n, steps: w.batchSteps, seconds, tokensPerSecond: (n * w.batchSteps) / seconds });
-    }
+    const dec = await decodeInChunks(
+      threads,
+      w.decodeSteps,
+      (n) => {
+        decodeSteps([single], n);
+      },
+      runBig,
+    );
+    runBig(); // the last round's share (decodeInChunks calls `between` only between chunks)
+    const decodeSeconds = dec.seconds;
+    batches.push({ sequences: interleaved, steps: bigSteps, seconds: bigSeconds, tokensPerSecond: (interleaved * bigSteps) / bigSeconds });
 
     const bandwidthAfter = probeBandwidth(threads);
     const memAfter = procMemory();
@@ -129,7 +165,7 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
       engine: 'ours',
       loadSeconds,
       prefill: { tokens: w.prefillPrompt.length, seconds: prefillSeconds, tokensPerSecond: (w.prefillPrompt.length * w.prefillReps) / prefillTotal },
-      decode: { steps: w.decodeSteps, seconds: decodeSeconds, tokensPerSecond: w.decodeSteps / decodeSeconds },
+      decode: { steps: w.decodeSteps, seconds: decodeSeconds, tokensPerSecond: w.decodeSteps / decodeSeconds, chunks: dec.chunks },
       batches,
       bandwidthBefore,
       bandwidthAfter,

@@ -353,7 +353,8 @@ export interface NativeAddon {
     seconds: number,
   ): KernelBenchResult;
   /** Memory-bandwidth probe: `threads` stream-read a buffer of `bytes` for at least `seconds`. */
-  streamBench(bytes: number, threads: number, seconds: number): StreamBenchResult;
+  /** keep: hold the probe buffer for the next call of the same size (probes between chunks of a measurement). */
+  streamBench(bytes: number, threads: number, seconds: number, keep?: boolean): StreamBenchResult;
   /** The CPU engine (native/src/engine.h). */
   NativeEngine: new (options: NativeEngineOptions) => NativeEngine;
 }
