@@ -187,7 +187,8 @@ async function main(): Promise<void> {
   const prompt = tokenIds(promptLen, 11, 1000, Math.min(spec.vocabSize, 30000));
   const limit = Math.min(spec.vocabSize, 30000);
   const kvBlocks = Math.ceil((promptLen + DECODE) / KV_BLOCK_SIZE) + 1;
-  const base: NativeRunnerOptions = { weights: 'q8', threads: THREADS, kvBlockSize: KV_BLOCK_SIZE, kvBlocks };
+  // Each step's logits are read at once (greedy), as the engine loop does: one reused buffer.
+  const base: NativeRunnerOptions = { weights: 'q8', threads: THREADS, kvBlockSize: KV_BLOCK_SIZE, kvBlocks, reuseLogits: true };
 
   const memBw0 = probeBandwidth(THREADS);
 
@@ -233,7 +234,7 @@ async function main(): Promise<void> {
     const stallOf = (x: ReturnType<NativeEngine['storeStats']>) => x.stallSeconds.reduce((a, v) => a + v, 0);
     const runPolicy = (name: string, policy: string, lookahead: number) => {
       const visits = new VisitLog(L);
-      const runner = new OffloadRunner(spec, first.kv, first.engine, slots, { policy, lookahead, replay, onRouting: visits.onRouting });
+      const runner = new OffloadRunner(spec, first.kv, first.engine, slots, { policy, lookahead, replay, onRouting: visits.onRouting, reuseLogits: true });
       // Loads of the decode steps only (demand and prefetch reads): the store's count
       // after the run minus its count once the prompt step is done.
       let loadsAfterPrompt = 0;

@@ -56,6 +56,12 @@ import { nextLayerPrefetchHints } from './predictive.js';
 const HORIZONS = [1, 2, 4, 8];
 /** Half-lives (visits) of the decayed use counts; Infinity = lifetime count. */
 const HALF_LIVES = [1, 2, 4, 8, 16, 32, Infinity];
+/** Decay factors 2^(-dt / half-life) for dt < DECAY_TABLE_VISITS visits (1 for the lifetime count). */
+const DECAY_TABLE_VISITS = 256;
+const DECAY = Float64Array.from({ length: DECAY_TABLE_VISITS * HALF_LIVES.length }, (_, k) => {
+  const hl = HALF_LIVES[k % HALF_LIVES.length];
+  return Number.isFinite(hl) ? Math.pow(2, -Math.floor(k / HALF_LIVES.length) / hl) : 1;
+});
 /** Upper bounds of the recency buckets (visits since the last use, 0 = this visit). */
 const AGE_EDGES = [0, 1, 2, 4, 8, 16, 64];
 const N_AGE = AGE_EDGES.length + 1;
@@ -396,9 +402,11 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     if (!sim) return 0;
     const best: number[] = [];
     for (let r = 0; r < KNN_WINDOW; r++) {
+      // The similarity first: most window tokens fall short of the K best so far.
+      const v = sim[r];
+      if (v <= 0 || (best.length === KNN_K && v <= sim[best[KNN_K - 1]])) continue;
       const o = this.ring[r];
-      if (!o || o === tok || !o.next || o.next === tok || !o.next.routing[layer] || sim[r] <= 0) continue;
-      if (best.length === KNN_K && sim[r] <= sim[best[KNN_K - 1]]) continue;
+      if (!o || o === tok || !o.next || o.next === tok || !o.next.routing[layer]) continue;
       if (best.length === KNN_K) best.pop();
       let k = best.length;
       while (k > 0 && sim[best[k - 1]] < sim[r]) k--;
@@ -593,7 +601,11 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     const H = HALF_LIVES.length;
     const dt = now - this.countAt[i];
     if (dt > 0) {
-      for (let j = 0; j < H; j++) if (Number.isFinite(HALF_LIVES[j])) this.counts[i * H + j] *= Math.pow(2, -dt / HALF_LIVES[j]);
+      if (dt < DECAY_TABLE_VISITS) {
+        for (let j = 0; j < H; j++) this.counts[i * H + j] *= DECAY[dt * H + j];
+      } else {
+        for (let j = 0; j < H; j++) if (Number.isFinite(HALF_LIVES[j])) this.counts[i * H + j] *= Math.pow(2, -dt / HALF_LIVES[j]);
+      }
       this.countAt[i] = now;
     }
   }
