@@ -107,7 +107,7 @@ export const DEFAULT_IO_THREADS = 2;
 export const DEFAULT_MAX_QUEUED_PREFETCHES = 16;
 
 export interface OffloadSettings {
-  /** Expert cache policy by name (default: the project's default, predictive). */
+  /** Expert cache policy by name (default: the project's default, forecast). */
   policy?: string;
   /** Layers ahead to prefetch; 0 turns prefetching off (default 2). */
   lookahead?: number;
