@@ -161,12 +161,20 @@ std::vector<float> to_f32(const uint8_t* src, WType st, int64_t rows, int64_t co
   return out;
 }
 
-void expert_alloc(ExpertMat& e, WType t, int64_t width, int64_t hidden) {
+size_t packed_expert_bytes(WType t, int64_t width, int64_t hidden) {
+  return row_bytes(t, hidden) * static_cast<size_t>(2 * width) + row_bytes(t, width) * static_cast<size_t>(hidden);
+}
+
+// The expert's matrices as views of `base` (packed_expert_bytes(t, width, hidden) bytes).
+void expert_views(ExpertMat& e, WType t, int64_t width, int64_t hidden, uint8_t* base) {
   const size_t gu = row_bytes(t, hidden) * static_cast<size_t>(2 * width);
-  const size_t dn = row_bytes(t, width) * static_cast<size_t>(hidden);
-  e.bytes = HostBuffer(gu + dn);
-  e.gate_up = WMat{t, 2 * width, hidden, e.bytes.data()};
-  e.down = WMat{t, hidden, width, e.bytes.data() + gu};
+  e.gate_up = WMat{t, 2 * width, hidden, base};
+  e.down = WMat{t, hidden, width, base + gu};
+}
+
+void expert_alloc(ExpertMat& e, WType t, int64_t width, int64_t hidden) {
+  e.bytes = HostBuffer(packed_expert_bytes(t, width, hidden));
+  expert_views(e, t, width, hidden, e.bytes.data());
 }
 
 }  // namespace
@@ -251,9 +259,23 @@ void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, 
       store_->part_done(layer, expert, role == "gate" ? 0 : role == "up" ? 1 : 2);
       return;
     }
-    ExpertMat& e = shared ? L.shared : L.experts[static_cast<size_t>(expert)];
-    if (e.bytes.empty()) expert_alloc(e, c.wtype, W, H);
-    pack_rows(*pool_, c.wtype, src, st, rows, cols, e.bytes.data() + off);
+    if (shared) {
+      ExpertMat& e = L.shared;
+      if (e.bytes.empty()) expert_alloc(e, c.wtype, W, H);
+      pack_rows(*pool_, c.wtype, src, st, rows, cols, e.bytes.data() + off);
+      e.present = true;
+      return;
+    }
+    // Routed experts share one arena per layer: separate mappings of ~5 MB each got huge
+    // pages for only about 60% of their bytes, and the rest streams through 4 KB pages.
+    const size_t eb = packed_expert_bytes(c.wtype, W, H);
+    if (L.expert_arena.empty()) {
+      L.expert_arena = HostBuffer(eb * static_cast<size_t>(c.experts));
+      for (int64_t x = 0; x < c.experts; x++) expert_views(L.experts[static_cast<size_t>(x)], c.wtype, W, H, L.expert_arena.data() + eb * static_cast<size_t>(x));
+    }
+    ExpertMat& e = L.experts[static_cast<size_t>(expert)];
+    pack_rows(*pool_, c.wtype, src, st, rows, cols, L.expert_arena.data() + eb * static_cast<size_t>(expert) + off);
+    e.present = true;
     return;
   }
   throw std::invalid_argument("unknown tensor role " + role);
@@ -278,7 +300,7 @@ void Engine::finalize() {
     need(!c.qkv_bias || !L.qkv_bias.empty(), p + "q/k/v bias");
     need(c.qk_norm == QkNorm::None || (!L.q_norm.empty() && !L.k_norm.empty()), p + "q/k norm");
     for (int64_t e = 0; e < c.experts; e++) {
-      need(store_ ? store_->written(l, e) : !L.experts[static_cast<size_t>(e)].bytes.empty(), p + "expert " + std::to_string(e));
+      need(store_ ? store_->written(l, e) : L.experts[static_cast<size_t>(e)].present, p + "expert " + std::to_string(e));
     }
     need(c.shared_width == 0 || (!L.shared.bytes.empty() && !L.shared_gate.empty()), p + "shared expert");
   }
@@ -295,7 +317,7 @@ size_t Engine::weight_bytes() const {
   for (const auto& L : layers_) {
     b += (L.input_norm.size() + L.post_norm.size() + L.qkv_bias.size() + L.q_norm.size() + L.k_norm.size() + L.router.size() + L.shared_gate.size()) * 4;
     b += L.qkv.size_bytes() + L.o.size_bytes() + L.shared.bytes.size();
-    for (const auto& e : L.experts) b += e.bytes.size();  // none when offloading
+    b += L.expert_arena.size();  // none when offloading
   }
   if (store_) b += store_->arena_bytes();
   return b;

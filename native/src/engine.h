@@ -61,10 +61,13 @@ struct OwnedMat {
   size_t size_bytes() const { return bytes.size(); }
 };
 
-// One routed expert: gate rows, then up rows, then down rows, in one buffer, so that it
-// moves and is read as one piece. gate_up views the first 2*width rows as one matrix.
+// One routed expert: gate rows, then up rows, then down rows, in one piece of memory, so
+// that it moves and is read as one piece. gate_up views the first 2*width rows as one
+// matrix. A layer's routed experts lie back to back in the layer's arena (`bytes` stays
+// empty, `present` tells the expert was given); a shared expert has its own buffer.
 struct ExpertMat {
   HostBuffer bytes;
+  bool present = false;
   WMat gate_up{WType::F32, 0, 0, nullptr};  // (2 * width, hidden)
   WMat down{WType::F32, 0, 0, nullptr};     // (hidden, width)
 };
@@ -78,7 +81,8 @@ struct LayerWeights {
   std::vector<float> q_norm;      // (head_dim) per head, or (q_dim); empty when none
   std::vector<float> k_norm;      // (head_dim) per head, or (kv_dim)
   std::vector<float> router;      // (experts, hidden), float32
-  std::vector<ExpertMat> experts; // [experts]; empty buffers when offloading
+  std::vector<ExpertMat> experts; // [experts], views of expert_arena; none resident when offloading
+  HostBuffer expert_arena;        // the routed experts, expert after expert (one mapping: huge pages)
   std::vector<ExpertMat> slot_views; // offloading: views of the layer's slots (no storage of their own)
   ExpertMat shared;               // shared expert (width shared_width) when present
   std::vector<float> shared_gate; // (hidden) when present
