@@ -149,6 +149,9 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
   const chunkLine = (r: EngineResult) =>
     `${fmt(chunkBandwidth(r.decode.chunks))} GB/s (probes ${[r.decode.chunks[0].bandwidthBefore, ...r.decode.chunks.map((c) => c.bandwidthAfter)].map((v) => fmt(v, 0)).join(' ')})`;
   log(`bandwidth beside the decode chunks (${DECODE_CHUNK_STEPS} steps each): ours ${chunkLine(ours)}` + (llama ? `; llama.cpp ${chunkLine(llama)}` : ''));
+  const perChunk = (r: EngineResult) =>
+    r.decode.chunks.map((c) => `${fmt(c.steps / c.seconds, 1)} (${fmt((100 * ((c.steps / c.seconds) * read.total)) / (((c.bandwidthBefore + c.bandwidthAfter) / 2) * 1e9), 0)}%)`).join(' ');
+  log(`decode tok/s per chunk (of its roofline): ours ${perChunk(ours)}` + (llama ? `; llama.cpp ${perChunk(llama)}` : ''));
   fig(`${label} bandwidth beside ours' decode`, chunkBandwidth(ours.decode.chunks), 'GB/s', `probes between chunks of ${DECODE_CHUNK_STEPS} decode steps`);
   if (llama) fig(`${label} bandwidth beside llama.cpp's decode`, chunkBandwidth(llama.decode.chunks), 'GB/s', `probes between chunks of ${DECODE_CHUNK_STEPS} decode steps`);
   log(
