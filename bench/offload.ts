@@ -239,12 +239,20 @@ async function main(): Promise<void> {
       // after the run minus its count once the prompt step is done.
       let loadsAfterPrompt = 0;
       let before = engine.storeStats();
+      const noTime = { visit: 0, prefetch: 0, learn: 0, idle: 0 };
+      let policyBefore = noTime;
       const r = decode(runner, visits, prompt, limit, () => {
         before = engine.storeStats();
         loadsAfterPrompt = before.loads;
+        policyBefore = runner.offloadStats().policySeconds ?? noTime;
       });
       const after = engine.storeStats();
       const st = runner.offloadStats();
+      // The runner's own decisions during the decode steps, milliseconds per token.
+      const pol = st.policySeconds ?? noTime;
+      const perToken = (k: keyof typeof noTime) => ((pol[k] - policyBefore[k]) * 1000) / DECODE;
+      const critical = perToken('visit') + perToken('prefetch') + perToken('learn');
+      figure(`${name}_policy_ms_per_token`, critical, 'ms', 'visit + prefetch + learn, on the critical path');
       const c = cacheFigures(name, st, { loads: loadsAfterPrompt });
       for (let l = 0; l < L; l++) for (let s = 0; s < slots[l]; s++) engine.evictSlot(l, s);
       // What the slow tier delivered to this run's reads: bytes over the time reads were in flight.
@@ -253,7 +261,9 @@ async function main(): Promise<void> {
       log(
         `${name}: ${r.tokensPerSecond.toFixed(2)} tok/s, hit rate ${c.hitRate.toFixed(3)}, stall-free ${c.stallFree.toFixed(3)}, ` +
           `reads ${(bytes / 1e6).toFixed(0)} MB in ${busy.toFixed(2)} s busy (${busy > 0 ? (bytes / busy / 1e9).toFixed(3) : '-'} GB/s), ` +
-          `${r.seconds.toFixed(2)} s decoding of which ${(stallOf(after) - stallOf(before)).toFixed(2)} s waiting for reads`,
+          `${r.seconds.toFixed(2)} s decoding of which ${(stallOf(after) - stallOf(before)).toFixed(2)} s waiting for reads; ` +
+          `policy ${critical.toFixed(2)} ms/token (visit ${perToken('visit').toFixed(2)}, prefetch ${perToken('prefetch').toFixed(2)}, learn ${perToken('learn').toFixed(2)}; ` +
+          `${perToken('idle').toFixed(2)} more while waiting for reads)`,
       );
       return { run: r, stats: st, bytes, busy, ...c };
     };

@@ -66,6 +66,10 @@ t.test('metrics and the expert cache endpoint after requests', { skip }, async (
   t.ok((m.get(`moe_expert_slot_bytes${policy}`) ?? 0) > 0, 'slot bytes');
   t.ok((m.get(`moe_expert_loaded_bytes_total${policy}`) ?? 0) >= (m.get(`moe_expert_loads_total${policy}`) ?? 0) * (m.get(`moe_expert_slot_bytes${policy}`) ?? 0), 'bytes loaded');
   t.ok(sum(m, 'moe_expert_stall_seconds_total') >= 0);
+  // The runner's own decisions: every part is a series; the visits and the prefetches took time.
+  for (const part of ['visit', 'prefetch', 'learn', 'idle']) t.ok(m.has(`moe_expert_policy_seconds_total{policy="predictive",part="${part}"}`), `policy seconds, ${part}`);
+  t.ok((m.get('moe_expert_policy_seconds_total{policy="predictive",part="visit"}') ?? 0) > 0, 'the visits took policy time');
+  t.ok((m.get('moe_expert_policy_seconds_total{policy="predictive",part="prefetch"}') ?? 0) > 0, 'the prefetch decisions took time');
   for (let l = 0; l < 4; l++) t.equal(m.get(`moe_expert_cache_slots{layer="${l}"}`), 10, `layer ${l}: 10 slots`);
   for (const d of [1, 2]) {
     const recall = m.get(`moe_expert_prediction_recall{distance="${d}"}`);

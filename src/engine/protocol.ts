@@ -154,6 +154,14 @@ export interface OffloadStats {
   prediction: { distance: number; predicted: number; actual: number; hits: number; recall: number; precision: number }[];
   /** The same for the same-token co-occurrence forecast (layer m - d's experts to layer m's), learned online. */
   coPrediction?: { distance: number; predicted: number; actual: number; hits: number; recall: number; precision: number }[];
+  /**
+   * Seconds the runner spent in its own TypeScript between the engine's calls of the
+   * steps, by part: `visit` (the cache policy's decisions for the layer visits),
+   * `prefetch` (predictions and prefetch decisions), `learn` (after each step: prediction
+   * counters, co-occurrence counts), all on the step's critical path; `idle` (the policy's
+   * deferred learning, run while a visit waits for reads).
+   */
+  policySeconds?: { visit: number; prefetch: number; learn: number; idle: number };
 }
 
 /** GET /v1/internal/experts: the expert cache as it is now. */

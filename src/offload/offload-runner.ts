@@ -212,6 +212,8 @@ export class OffloadRunner implements ModelRunner {
   private readonly E: number;
   private readonly replay?: RoutingReplay;
   private readonly logitsBuffer?: LogitsBuffer;
+  /** Milliseconds in the runner's own decisions, by part (OffloadStats.policySeconds). */
+  private readonly policyTime = { visit: 0, prefetch: 0, learn: 0, idle: 0 };
   private readonly onRouting?: (e: RoutingEvent) => void;
   private readonly minProb: number;
   private readonly maxQueued: number;
@@ -444,8 +446,10 @@ export class OffloadRunner implements ModelRunner {
       const to = Math.min(L - 1, l + this.lookahead);
       const pred = to > l ? e.predictRouter(l, to) : null;
       const { ran, stalled: streamStalled } = this.serveLayer(l, distinct, meta, ids, w);
+      const tp = performance.now();
       if (pred) this.prefetchAfter(l, to, pred, ids, T, predicted, firstOfSeq);
       if (this.nextStep) this.prefetchNextVisit(l);
+      this.policyTime.prefetch += performance.now() - tp;
       const st = this.layerStats[l];
       st.visits++;
       let left = 0;
@@ -469,12 +473,18 @@ export class OffloadRunner implements ModelRunner {
       }
       if (left > 0) {
         // The policy's deferred learning runs while the reads are still in flight.
-        if (stalled) this.policy.idle?.();
+        if (stalled && this.policy.idle) {
+          const ti = performance.now();
+          this.policy.idle();
+          this.policyTime.idle += performance.now() - ti;
+        }
         e.experts(l, ids, w, K);
       }
     }
     const logits = e.endStep(this.logitsBuffer?.take(logitRows(batch) * this.spec.vocabSize));
+    const tc = performance.now();
     this.commit(meta, T, routings, weightsOf, predicted, firstOfSeq, lastOfSeq);
+    this.policyTime.learn += performance.now() - tc;
     this.lastDistinct = distinctSum / L;
     return { logits, rows: logits.length / this.spec.vocabSize };
   }
@@ -506,6 +516,7 @@ export class OffloadRunner implements ModelRunner {
       out.clear();
     }
     this.forecastIssued[l].clear();
+    const tv = performance.now();
     const observer = this.policy as unknown as { observeRouting?: (layer: number, tokens: { seq: number; experts: ArrayLike<number> }[]) => void };
     if (typeof observer.observeRouting === 'function') {
       const K = this.k;
@@ -514,6 +525,7 @@ export class OffloadRunner implements ModelRunner {
       observer.observeRouting(l, tokens);
     }
     const d = this.policy.request(l, distinct);
+    this.policyTime.visit += performance.now() - tv;
     const base = this.slotBase[l];
     const need = new Set(distinct);
     const ran = new Set<number>();
@@ -884,6 +896,12 @@ export class OffloadRunner implements ModelRunner {
       layers: this.layerStats.map((x, l) => ({ ...x, stallSeconds: s.stallSeconds[l] ?? 0 })),
       prediction: this.lookahead > 0 ? this.prediction.snapshot() : [],
       coPrediction: this.coOccurrence ? this.coPrediction.snapshot() : [],
+      policySeconds: {
+        visit: this.policyTime.visit / 1000,
+        prefetch: this.policyTime.prefetch / 1000,
+        learn: this.policyTime.learn / 1000,
+        idle: this.policyTime.idle / 1000,
+      },
     };
   }
 

@@ -180,6 +180,27 @@ export class ServerMetrics {
     total('moe_expert_loads_total', 'Expert reads completed by the expert store.', (o) => o.loads);
     total('moe_expert_loaded_bytes_total', 'Bytes of expert reads completed by the expert store.', (o) => o.bytesLoaded);
     total('moe_expert_cache_resets_total', 'Times a failed engine step made the expert cache start over empty.', (o) => o.cacheResets);
+    // The runner's own decisions, by part: what offloading costs on the critical path.
+    {
+      const parts = ['visit', 'prefetch', 'learn', 'idle'] as const;
+      const seen = { visit: 0, prefetch: 0, learn: 0, idle: 0 };
+      new Counter({
+        name: 'moe_expert_policy_seconds_total',
+        help:
+          "Seconds the offloading runner spent in its own decisions, by part: visit (the cache policy's choices at layer visits), prefetch (predictions, prefetch choices) and learn (after each step) are on the step's critical path; idle (deferred learning) runs while a visit waits for reads.",
+        labelNames: ['policy', 'part'],
+        registers: r,
+        collect() {
+          const o = offload();
+          const p = o?.policySeconds;
+          if (!o || !p) return;
+          for (const k of parts) {
+            this.inc({ policy: o.policy, part: k }, p[k] > seen[k] ? p[k] - seen[k] : 0);
+            if (p[k] > seen[k]) seen[k] = p[k];
+          }
+        },
+      });
+    }
     const gauge = (name: string, help: string, pick: (o: OffloadStats) => number) =>
       new Gauge({
         name,
