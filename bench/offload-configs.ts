@@ -64,6 +64,7 @@ try {
         prefetchMinProbability: Number(minProb),
         coOccurrence: co === '1',
         replay,
+        reuseLogits: true,
       });
       r.step([entry(prompt, 0)]);
       const s0 = engine.storeStats();
