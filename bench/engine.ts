@@ -39,7 +39,7 @@ import { loadNative, nativeAddonPath } from '../src/engine/native.js';
 import { readModelSpec } from '../src/model/hf-config.js';
 import type { ModelSpec } from '../src/model/spec.js';
 import { BENCH_MODELS, benchModelsDir, ensureCheckpoint, ensureGguf, type BenchModel } from './lib/bench-models.js';
-import { bytesPerToken, chunkBandwidth, DECODE_CHUNK_STEPS, decodeRooflineFraction, GB, makeWorkload, MB, PROBE_BYTES, type EngineResult, type ReadBytes } from './lib/engine-bench-common.js';
+import { bytesPerToken, chunkBandwidth, chunkProbe, DECODE_CHUNK_STEPS, decodeRooflineFraction, GB, makeWorkload, MB, PROBE_BYTES, type EngineResult, type ReadBytes } from './lib/engine-bench-common.js';
 import { disposeLlamaCpp, getLlamaCpp, measureLlamaCpp, type LlamaCppResult } from './lib/engine-bench-llamacpp.js';
 import { measureOursInChild, type OursResult } from './lib/engine-bench-ours.js';
 import type { Figure } from './lib/figures.js';
@@ -150,7 +150,7 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
     `${fmt(chunkBandwidth(r.decode.chunks))} GB/s (probes ${[r.decode.chunks[0].bandwidthBefore, ...r.decode.chunks.map((c) => c.bandwidthAfter)].map((v) => fmt(v, 0)).join(' ')})`;
   log(`bandwidth beside the decode chunks (${DECODE_CHUNK_STEPS} steps each): ours ${chunkLine(ours)}` + (llama ? `; llama.cpp ${chunkLine(llama)}` : ''));
   const perChunk = (r: EngineResult) =>
-    r.decode.chunks.map((c) => `${fmt(c.steps / c.seconds, 1)} (${fmt((100 * ((c.steps / c.seconds) * read.total)) / (((c.bandwidthBefore + c.bandwidthAfter) / 2) * 1e9), 0)}%)`).join(' ');
+    r.decode.chunks.map((c) => `${fmt(c.steps / c.seconds, 1)} (${fmt((100 * ((c.steps / c.seconds) * read.total)) / (chunkProbe(c) * 1e9), 0)}%)`).join(' ');
   log(`decode tok/s per chunk (of its roofline): ours ${perChunk(ours)}` + (llama ? `; llama.cpp ${perChunk(llama)}` : ''));
   fig(`${label} bandwidth beside ours' decode`, chunkBandwidth(ours.decode.chunks), 'GB/s', `probes between chunks of ${DECODE_CHUNK_STEPS} decode steps`);
   if (llama) fig(`${label} bandwidth beside llama.cpp's decode`, chunkBandwidth(llama.decode.chunks), 'GB/s', `probes between chunks of ${DECODE_CHUNK_STEPS} decode steps`);

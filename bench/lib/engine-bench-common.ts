@@ -179,11 +179,14 @@ export async function decodeInChunks(
  * at the mean of the probes beside it; the fraction is the sum of those times over the
  * sum of the chunks' own times (1 = every chunk decoded at its measured bandwidth).
  */
+/** Bandwidth (GB/s) beside a chunk: the mean of the probes right before and right after it. */
+export const chunkProbe = (c: DecodeChunk) => (c.bandwidthBefore + c.bandwidthAfter) / 2;
+
 export function decodeRooflineFraction(chunks: readonly DecodeChunk[], bytesPerToken: number): number {
   let roof = 0;
   let real = 0;
   for (const c of chunks) {
-    roof += (c.steps * bytesPerToken) / (((c.bandwidthBefore + c.bandwidthAfter) / 2) * 1e9);
+    roof += (c.steps * bytesPerToken) / (chunkProbe(c) * 1e9);
     real += c.seconds;
   }
   return real > 0 ? roof / real : NaN;
@@ -195,7 +198,7 @@ export function chunkBandwidth(chunks: readonly DecodeChunk[]): number {
   let t = 0;
   for (const c of chunks) {
     steps += c.steps;
-    t += c.steps / ((c.bandwidthBefore + c.bandwidthAfter) / 2);
+    t += c.steps / chunkProbe(c);
   }
   return t > 0 ? steps / t : NaN;
 }

@@ -9,7 +9,7 @@ import type { SafetensorsCheckpoint } from '../model/safetensors.js';
 import { paramCounts, type ModelSpec } from '../model/spec.js';
 import { EMBED, FINAL_NORM, LM_HEAD, layerNames } from '../model/tensor-names.js';
 import { loadNative, type NativeEngine, type NativeEngineOptions } from './native.js';
-import type { KvGeometry, ModelRunner, RoutingEvent, RoutingHint, StepOutput, StepSequence } from './runner.js';
+import { logitRows, type KvGeometry, type ModelRunner, type RoutingEvent, type RoutingHint, type StepOutput, type StepSequence } from './runner.js';
 import type { Routing, RoutingReplay, StepTokens } from '../offload/replay.js';
 
 /** Weight formats users choose (`--weights`), and the addon's names for them. */
@@ -45,13 +45,6 @@ export class LogitsBuffer {
     if (this.buf.length < floats) this.buf = new Float32Array(floats);
     return this.buf;
   }
-}
-
-/** Rows of logits a step returns: its sequences that want them. */
-export function logitRows(batch: readonly StepSequence[]): number {
-  let n = 0;
-  for (const s of batch) if (s.wantLogits) n++;
-  return n;
 }
 
 export class ModelTooLargeError extends Error {

@@ -29,6 +29,13 @@ export interface StepOutput {
   rows: number;
 }
 
+/** Rows of logits a step returns: its sequences that want them. */
+export function logitRows(batch: readonly StepSequence[]): number {
+  let n = 0;
+  for (const s of batch) if (s.wantLogits) n++;
+  return n;
+}
+
 export interface KvGeometry {
   /** Tokens per KV block. */
   blockSize: number;
@@ -100,7 +107,7 @@ export class ReferenceRunner implements ModelRunner {
 
   step(batch: StepSequence[]): StepOutput {
     const V = this.spec.vocabSize;
-    const rows = batch.filter((s) => s.wantLogits).length;
+    const rows = logitRows(batch);
     const logits = new Float32Array(rows * V);
     let row = 0;
     for (const s of batch) {

@@ -69,7 +69,6 @@ import {
   engineOptions,
   loadTensors,
   LogitsBuffer,
-  logitRows,
   ModelTooLargeError,
   packBatch,
   stepTokens,
@@ -77,7 +76,7 @@ import {
   type NativeRunnerOptions,
 } from '../engine/native-runner.js';
 import type { ExpertCacheState, OffloadLayerStats, OffloadStats } from '../engine/protocol.js';
-import type { KvGeometry, ModelRunner, RoutingEvent, RoutingHint, StepOutput, StepSequence } from '../engine/runner.js';
+import { logitRows, type KvGeometry, type ModelRunner, type RoutingEvent, type RoutingHint, type StepOutput, type StepSequence } from '../engine/runner.js';
 import type { ExpertCachePolicy, PrefetchHint, PrefetchIssue } from './cache-policy.js';
 import { CapacityError, expertSlotBytes, slotsByLayer } from './capacity.js';
 import { createOnlinePolicy, DEFAULT_ONLINE_POLICY } from './policies.js';
