@@ -29,13 +29,18 @@ std::string fmt(const char* what, int64_t a, int64_t b) {
 }
 
 void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* y) {
-  double ss = 0;
-  for (int64_t i = 0; i < n; i++) ss += static_cast<double>(x[i]) * x[i];
+  // Eight partial sums: one chain of double additions was bound by their latency.
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i0 = 0;
+  for (; i0 + 8 <= n; i0 += 8) {
+    for (int j = 0; j < 8; j++) part[j] += static_cast<double>(x[i0 + j]) * x[i0 + j];
+  }
+  for (; i0 < n; i0++) part[0] += static_cast<double>(x[i0]) * x[i0];
+  const double ss = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
   const double inv = 1.0 / std::sqrt(ss / static_cast<double>(n) + eps);
   for (int64_t i = 0; i < n; i++) y[i] = w[i] * static_cast<float>(x[i] * inv);
 }
 
-float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 }  // namespace
 
@@ -81,6 +86,17 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     k_cache_.emplace_back(kv_elems * sizeof(float));
     v_cache_.emplace_back(kv_elems * sizeof(float));
   }
+  // The KV cache is backed now, not page by page as steps first write it (those faults
+  // cost a 512-token prompt about 30 ms on the Qwen3-30B-A3B shape).
+  constexpr size_t kPrefaultChunk = 8u << 20;
+  const size_t kv_bytes = kv_elems * sizeof(float);
+  const int64_t chunks = static_cast<int64_t>((kv_bytes + kPrefaultChunk - 1) / kPrefaultChunk);
+  pool_->parallel_for(2 * cfg.layers * chunks, 1, [&](int64_t item, int) {
+    const int64_t buf = item / chunks;
+    const size_t from = static_cast<size_t>(item % chunks) * kPrefaultChunk;
+    HostBuffer& b = (buf % 2 == 0 ? k_cache_ : v_cache_)[static_cast<size_t>(buf / 2)];
+    b.prefault(from, from + kPrefaultChunk);
+  });
   for (auto& l : layers_) {
     l.experts.resize(static_cast<size_t>(cfg.experts));
   }
@@ -412,6 +428,11 @@ void Engine::attention_block(int64_t layer) {
   const int64_t H = c.hidden, hd = c.head_dim;
   const int64_t q_dim = c.heads * hd, kv_dim = c.kv_heads * hd, qkv_dim = q_dim + 2 * kv_dim;
   const VecOps& ops = vecops();
+  if (rope_inv_freq_.empty()) {
+    for (int64_t i = 0; i < hd / 2; i++) {
+      rope_inv_freq_.push_back(1.0 / std::pow(static_cast<double>(c.rope_theta), static_cast<double>(2 * i) / static_cast<double>(hd)));
+    }
+  }
 
   xn_.resize(static_cast<size_t>(T * H));
   pool_->parallel_for(T, 8, [&](int64_t t, int) { rms_norm_row(x_.data() + t * H, L.input_norm.data(), H, c.rms_eps, xn_.data() + t * H); });
@@ -423,6 +444,20 @@ void Engine::attention_block(int64_t layer) {
   // Bias, q/k norms, rotary embedding; then keys and values into the paged cache.
   float* kc = reinterpret_cast<float*>(k_cache_[static_cast<size_t>(layer)].data());
   float* vc = reinterpret_cast<float*>(v_cache_[static_cast<size_t>(layer)].data());
+  const int64_t half = hd / 2;
+  if (layer == 0) {
+    // The rotation of each token's position, shared by every layer of the step.
+    rope_cs_.resize(static_cast<size_t>(T * half * 2));
+    pool_->parallel_for(T, 8, [&](int64_t t, int) {
+      const double p = static_cast<double>(pos_[static_cast<size_t>(t)]);
+      double* cs = rope_cs_.data() + t * half * 2;
+      for (int64_t i = 0; i < half; i++) {
+        const double ang = p * rope_inv_freq_[static_cast<size_t>(i)];
+        cs[i] = std::cos(ang);
+        cs[half + i] = std::sin(ang);
+      }
+    });
+  }
   pool_->parallel_for(T, 4, [&](int64_t t, int) {
     float* row = qkv_.data() + t * qkv_dim;
     if (!L.qkv_bias.empty()) {
@@ -438,67 +473,50 @@ void Engine::attention_block(int64_t layer) {
       for (int64_t h = 0; h < c.heads; h++) rms_norm_row(q + h * hd, L.q_norm.data(), hd, c.rms_eps, q + h * hd);
       for (int64_t h = 0; h < c.kv_heads; h++) rms_norm_row(k + h * hd, L.k_norm.data(), hd, c.rms_eps, k + h * hd);
     }
-    const int64_t half = hd / 2;
-    const double p = static_cast<double>(pos_[static_cast<size_t>(t)]);
-    for (int64_t i = 0; i < half; i++) {
-      const double inv_freq = 1.0 / std::pow(static_cast<double>(c.rope_theta), static_cast<double>(2 * i) / static_cast<double>(hd));
-      const double ang = p * inv_freq;
-      const double cs = std::cos(ang), sn = std::sin(ang);
-      for (int64_t h = 0; h < c.heads; h++) {
-        float* a = q + h * hd + i;
-        const double x1 = a[0], x2 = a[half];
-        a[0] = static_cast<float>(x1 * cs - x2 * sn);
-        a[half] = static_cast<float>(x2 * cs + x1 * sn);
+    const double* cs = rope_cs_.data() + t * half * 2;  // cos[half], then sin[half]
+    const double* sn = cs + half;
+    const auto rotate = [&](float* a) {
+      for (int64_t i = 0; i < half; i++) {
+        const double x1 = a[i], x2 = a[half + i];
+        a[i] = static_cast<float>(x1 * cs[i] - x2 * sn[i]);
+        a[half + i] = static_cast<float>(x2 * cs[i] + x1 * sn[i]);
       }
-      for (int64_t h = 0; h < c.kv_heads; h++) {
-        float* a = k + h * hd + i;
-        const double x1 = a[0], x2 = a[half];
-        a[0] = static_cast<float>(x1 * cs - x2 * sn);
-        a[half] = static_cast<float>(x2 * cs + x1 * sn);
-      }
-    }
+    };
+    for (int64_t h = 0; h < c.heads; h++) rotate(q + h * hd);
+    for (int64_t h = 0; h < c.kv_heads; h++) rotate(k + h * hd);
     const SeqSlice& s = seqs_[static_cast<size_t>(seq_of_[static_cast<size_t>(t)])];
     const int64_t pos = pos_[static_cast<size_t>(t)];
-    const int64_t slot = static_cast<int64_t>(s.blocks[static_cast<size_t>(pos / c.kv_block_size)]) * c.kv_block_size + pos % c.kv_block_size;
-    std::memcpy(kc + slot * kv_dim, k, static_cast<size_t>(kv_dim) * 4);
-    std::memcpy(vc + slot * kv_dim, v, static_cast<size_t>(kv_dim) * 4);
+    const int64_t b = s.blocks[static_cast<size_t>(pos / c.kv_block_size)], i = pos % c.kv_block_size;
+    for (int64_t g = 0; g < c.kv_heads; g++) {
+      float* kt = kc + kv_key_index(b, g, i, 0, c.kv_heads, hd, c.kv_block_size);
+      for (int64_t d = 0; d < hd; d++) kt[d * c.kv_block_size] = k[g * hd + d];
+      std::memcpy(vc + kv_value_index(b, g, i, 0, c.kv_heads, hd, c.kv_block_size), v + g * hd, static_cast<size_t>(hd) * 4);
+    }
   });
 
   mark(kRopeKv);
-  // Causal attention over the paged cache: one work item per (token, kv head); the
-  // query heads of a group share the keys and values they read.
-  attn_.assign(static_cast<size_t>(T * q_dim), 0.f);
+  // Causal attention over the paged cache (layout: vecops.h): one work item per (token,
+  // kv head); the query heads of a group share the keys and values they read.
+  attn_.resize(static_cast<size_t>(T * q_dim));
   const int64_t group = c.heads / c.kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   pool_->parallel_for(T * c.kv_heads, 1, [&](int64_t item, int) {
     const int64_t t = item / c.kv_heads, g = item % c.kv_heads;
     const SeqSlice& s = seqs_[static_cast<size_t>(seq_of_[static_cast<size_t>(t)])];
-    const int64_t visible = pos_[static_cast<size_t>(t)] + 1;
-    thread_local std::vector<float> scores;
-    scores.resize(static_cast<size_t>(visible));
-    for (int64_t hh = 0; hh < group; hh++) {
-      const int64_t h = g * group + hh;
-      const float* q = qkv_.data() + t * qkv_dim + h * hd;
-      float mx = -INFINITY;
-      for (int64_t p = 0; p < visible; p++) {
-        const int64_t slot = static_cast<int64_t>(s.blocks[static_cast<size_t>(p / c.kv_block_size)]) * c.kv_block_size + p % c.kv_block_size;
-        const float sc = ops.dot(q, kc + slot * kv_dim + g * hd, hd) * scale;
-        scores[static_cast<size_t>(p)] = sc;
-        mx = std::max(mx, sc);
-      }
-      double sum = 0;
-      for (int64_t p = 0; p < visible; p++) {
-        const float e = std::exp(scores[static_cast<size_t>(p)] - mx);
-        scores[static_cast<size_t>(p)] = e;
-        sum += e;
-      }
-      const float inv = static_cast<float>(1.0 / sum);
-      float* out = attn_.data() + t * q_dim + h * hd;
-      for (int64_t p = 0; p < visible; p++) {
-        const int64_t slot = static_cast<int64_t>(s.blocks[static_cast<size_t>(p / c.kv_block_size)]) * c.kv_block_size + p % c.kv_block_size;
-        ops.axpy(out, scores[static_cast<size_t>(p)] * inv, vc + slot * kv_dim + g * hd, hd);
-      }
-    }
+    AttnArgs a;
+    a.q = qkv_.data() + t * qkv_dim + g * group * hd;
+    a.nq = group;
+    a.head_dim = hd;
+    a.keys = kc;
+    a.values = vc;
+    a.blocks = s.blocks.data();
+    a.block_size = c.kv_block_size;
+    a.kv_heads = c.kv_heads;
+    a.g = g;
+    a.visible = pos_[static_cast<size_t>(t)] + 1;
+    a.scale = scale;
+    a.out = attn_.data() + t * q_dim + g * group * hd;
+    ops.attend(a);
   });
 
   mark(kAttn);
@@ -508,18 +526,12 @@ void Engine::attention_block(int64_t layer) {
   for (size_t i = 0; i < x_.size(); i++) x_[i] += proj_[i];
   mark(kOProj);
 
-  // The MoE block's input and the router's logits (float32 router weights), split by
-  // expert ranges too so that a single decode token still uses every thread.
+  // The MoE block's input and the router's logits (float32 router weights, a float32
+  // matrix product over all tokens at once).
   router_logits_.resize(static_cast<size_t>(T * c.experts));
   pool_->parallel_for(T, 8, [&](int64_t t, int) { rms_norm_row(x_.data() + t * H, L.post_norm.data(), H, c.rms_eps, xn_.data() + t * H); });
-  constexpr int64_t kExpertChunk = 16;
-  const int64_t chunks = (c.experts + kExpertChunk - 1) / kExpertChunk;
-  pool_->parallel_for(T * chunks, 1, [&](int64_t item, int) {
-    const int64_t t = item / chunks;
-    const int64_t e0 = (item % chunks) * kExpertChunk, e1 = std::min(c.experts, e0 + kExpertChunk);
-    const float* xn = xn_.data() + t * H;
-    for (int64_t e = e0; e < e1; e++) router_logits_[static_cast<size_t>(t * c.experts + e)] = ops.dot(L.router.data() + e * H, xn, H);
-  });
+  prepare_acts(WType::F32, xn_.data(), T, H, H, router_acts_);
+  matmul_parallel(*pool_, WMat{WType::F32, c.experts, H, reinterpret_cast<const uint8_t*>(L.router.data())}, router_acts_, router_logits_.data(), c.experts);
   mark(kRouter);
 }
 
@@ -671,6 +683,7 @@ void Engine::plan_moe(int64_t layer, const int32_t* ids, const float* weights, i
   }
   n_jobs_ = static_cast<int64_t>(n_jobs);
   job_done_.assign(n_jobs, 0);
+  moe_acts_ready_ = false;
   moe_open_ = true;
 }
 
@@ -682,13 +695,16 @@ void Engine::run_jobs(const std::vector<int32_t>& run) {
   if (J == 0) return;
   const auto job = [&](int64_t i) -> FfnJob& { return jobs[static_cast<size_t>(run[static_cast<size_t>(i)])]; };
 
-  // Gather and quantize each job's inputs.
+  // Each token's input is quantized once for the layer (the first call of the layer), then
+  // each job gathers its tokens' rows: the same bytes as preparing them per job.
+  if (!moe_acts_ready_) {
+    prepare_acts(c.wtype, xn_.data(), static_cast<int64_t>(pos_.size()), H, H, moe_acts_);
+    moe_acts_ready_ = true;
+  }
   pool_->parallel_for(J, 1, [&](int64_t ji, int) {
     FfnJob& j = job(ji);
     const int64_t n = static_cast<int64_t>(j.tokens.size());
-    j.x.resize(static_cast<size_t>(n * H));
-    for (int64_t r = 0; r < n; r++) std::memcpy(j.x.data() + r * H, xn_.data() + j.tokens[static_cast<size_t>(r)] * H, static_cast<size_t>(H) * 4);
-    prepare_acts(c.wtype, j.x.data(), n, H, H, j.a_in);
+    gather_acts(moe_acts_, j.tokens.data(), n, j.a_in);
     j.gu.resize(static_cast<size_t>(n * 2 * j.width));
     j.act.resize(static_cast<size_t>(n * j.width));
     j.out.resize(static_cast<size_t>(n * H));
@@ -721,11 +737,8 @@ void Engine::run_jobs(const std::vector<int32_t>& run) {
   pool_->parallel_for(J, 1, [&](int64_t ji, int) {
     FfnJob& j = job(ji);
     const int64_t n = static_cast<int64_t>(j.tokens.size()), W = j.width;
-    for (int64_t r = 0; r < n; r++) {
-      const float* g = j.gu.data() + r * 2 * W;
-      float* a = j.act.data() + r * W;
-      for (int64_t i = 0; i < W; i++) a[i] = silu(g[i]) * g[W + i];
-    }
+    const VecOps& ops = vecops();
+    for (int64_t r = 0; r < n; r++) ops.silu_mul(j.act.data() + r * W, j.gu.data() + r * 2 * W, j.gu.data() + r * 2 * W + W, W);
     prepare_acts(c.wtype, j.act.data(), n, W, W, j.a_act);
   });
   mark(kAct);

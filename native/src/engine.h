@@ -180,7 +180,6 @@ class Engine {
     int32_t expert = -1;  // routed expert id; -1 for the shared expert
     int64_t width = 0;
     std::vector<int32_t> tokens;  // token indices, ascending
-    std::vector<float> x;         // (n, hidden) gathered inputs
     std::vector<float> gu;        // (n, 2 * width)
     std::vector<float> act;       // (n, width)
     std::vector<float> out;       // (n, hidden)
@@ -221,6 +220,14 @@ class Engine {
   std::vector<float> moe_out_;      // (T, hidden)
   Acts acts_;
   std::vector<FfnJob> jobs_;
+  // The MoE block's input of every token, prepared for the expert format once per layer.
+  Acts moe_acts_;
+  bool moe_acts_ready_ = false;
+  Acts router_acts_;
+  // Rotary frequencies theta^(-2i / head_dim), i < head_dim / 2 (filled by the first layer run).
+  std::vector<double> rope_inv_freq_;
+  // Per step token: cos, then sin, of its position times each frequency (filled at layer 0).
+  std::vector<double> rope_cs_;
 
   // The MoE block of the current layer while its experts run (in one or several calls).
   bool moe_open_ = false;

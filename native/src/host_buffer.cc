@@ -29,6 +29,13 @@ HostBuffer::HostBuffer(size_t bytes) {
   n_ = bytes;
 }
 
+void HostBuffer::prefault(size_t from, size_t to) {
+  to = to < n_ ? to : n_;
+  constexpr size_t kPage = 4096;
+  volatile uint8_t* p = p_;
+  for (size_t i = from; i < to; i += kPage) p[i] = 0;
+}
+
 HostBuffer::~HostBuffer() { release(); }
 
 HostBuffer::HostBuffer(HostBuffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}

@@ -23,6 +23,9 @@ class HostBuffer {
   const uint8_t* data() const { return p_; }
   size_t size() const { return n_; }
   bool empty() const { return n_ == 0; }
+  // Backs bytes [from, to) with memory now (writes a zero into each page), so that later
+  // first writes do not fault page by page in the middle of a step.
+  void prefault(size_t from, size_t to);
 
  private:
   void release();

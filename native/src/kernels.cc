@@ -536,6 +536,40 @@ void prepare_acts(WType for_type, const float* x, int64_t n, int64_t cols, int64
   if ((for_type == WType::Q8_0 || for_type == WType::Q4_0) && n >= 5) kdetail::build_groups(out);
 }
 
+void gather_acts(const Acts& src, const int32_t* rows, int64_t n, Acts& out) {
+  if (n < 0) throw std::invalid_argument("gather_acts: need n >= 0");
+  for (int64_t i = 0; i < n; ++i) {
+    if (rows[i] < 0 || rows[i] >= src.n) {
+      throw std::out_of_range("gather_acts: row " + std::to_string(rows[i]) + " outside the " + std::to_string(src.n) + " prepared");
+    }
+  }
+  const WType t = src.for_type;
+  const int64_t cols = src.cols;
+  out.for_type = t;
+  out.n = n;
+  out.cols = cols;
+  const size_t need = kdetail::acts_bytes(t, n, cols);
+  if (out.buf.size() < need) out.buf.resize(need);
+  if (n == 0 || cols == 0) return;
+  if (t == WType::Q8_0 || t == WType::Q4_0) {
+    const kdetail::QActs s = kdetail::qacts(src), o = kdetail::qacts(out);
+    const int64_t nb = cols / 32;
+    int8_t* oq = const_cast<int8_t*>(o.q);
+    float* od = const_cast<float*>(o.d);
+    int32_t* oc = const_cast<int32_t*>(o.corr);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = rows[i];
+      std::memcpy(oq + i * cols, s.q + r * cols, static_cast<size_t>(cols));
+      std::memcpy(od + i * nb, s.d + r * nb, static_cast<size_t>(nb) * 4);
+      std::memcpy(oc + i * nb, s.corr + r * nb, static_cast<size_t>(nb) * 4);
+    }
+    if (n >= 5) kdetail::build_groups(out);
+    return;
+  }
+  const size_t rb = kdetail::acts_bytes(t, 1, cols);  // one row of float / f16 / bf16 values
+  for (int64_t i = 0; i < n; ++i) std::memcpy(out.buf.data() + static_cast<size_t>(i) * rb, src.buf.data() + static_cast<size_t>(rows[i]) * rb, rb);
+}
+
 void matmul(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   if (x.for_type != w.type || x.cols != w.cols) {
     throw std::invalid_argument(std::string("matmul: activations prepared for ") + wtype_name(x.for_type) + " x " +

@@ -46,6 +46,11 @@ struct Acts {
   std::vector<uint8_t> buf;  // kernel-private layout
 };
 void prepare_acts(WType for_type, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
+// The rows rows[0..n) of src as activations of their own, byte for byte what prepare_acts
+// makes of those rows' inputs (each row is prepared on its own): the per-row data is copied
+// and the token groups are rebuilt. Lets inputs shared by several matrices (a token routed
+// to k experts) be quantized once. Throws std::out_of_range for a row outside src.
+void gather_acts(const Acts& src, const int32_t* rows, int64_t n, Acts& out);
 
 // Y[t * ldy + r] = sum_c W[r, c] * X[t, c] for rows r in [r0, r1) and every token t < X.n.
 // Thread-safe for disjoint row ranges: the caller parallelises over rows (and matrices).

@@ -4,6 +4,7 @@
 #include <napi.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -19,6 +20,7 @@
 #include "cpu_features.h"
 #include "kernels.h"
 #include "thread_pool.h"
+#include "vecops.h"
 
 namespace moe {
 namespace {
@@ -163,6 +165,87 @@ Napi::Value MatmulTest(const Napi::CallbackInfo& info) {
   ThreadPool pool(static_cast<int>(threads));
   matmul_parallel(pool, m, acts, y.Data(), rows);
   return y;
+}
+
+Napi::Int32Array i32_arg(const Napi::CallbackInfo& info, size_t i, const char* what, size_t need) {
+  if (i >= info.Length() || !info[i].IsTypedArray() || info[i].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array) {
+    throw Napi::TypeError::New(info.Env(), std::string(what) + " must be an Int32Array");
+  }
+  Napi::Int32Array a = info[i].As<Napi::Int32Array>();
+  if (a.ElementLength() < need) {
+    throw Napi::RangeError::New(info.Env(), std::string(what) + " has " + std::to_string(a.ElementLength()) + " elements, needs " +
+                                                 std::to_string(need));
+  }
+  return a;
+}
+
+// attendTest(q, keys, values, blocks, nq, headDim, blockSize, kvHeads, g, visible, scale)
+//   -> Float32Array(nq * headDim): attend() of the active ISA over a paged cache in the
+//   layout of vecops.h (keys / values hold whole blocks; every block id used must be inside).
+Napi::Value AttendTest(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int64_t nq = int_arg(info, 4, "nq", 1, 1024);
+  const int64_t hd = int_arg(info, 5, "headDim", 1, 4096);
+  const int64_t bs = int_arg(info, 6, "blockSize", 1, 4096);
+  const int64_t kvh = int_arg(info, 7, "kvHeads", 1, 1024);
+  const int64_t g = int_arg(info, 8, "g", 0, kvh - 1);
+  const int64_t visible = int_arg(info, 9, "visible", 1, 1 << 20);
+  if (info.Length() < 11 || !info[10].IsNumber()) throw Napi::TypeError::New(env, "scale must be a number");
+  const float scale = info[10].As<Napi::Number>().FloatValue();
+  Napi::Float32Array q = f32_arg(info, 0, "q", static_cast<size_t>(nq * hd));
+  const size_t block_elems = static_cast<size_t>(kvh * hd * bs);
+  Napi::Float32Array keys = f32_arg(info, 1, "keys", block_elems);
+  Napi::Float32Array values = f32_arg(info, 2, "values", block_elems);
+  const int64_t n_blocks = (visible + bs - 1) / bs;
+  Napi::Int32Array blocks = i32_arg(info, 3, "blocks", static_cast<size_t>(n_blocks));
+  const int64_t have = static_cast<int64_t>(std::min(keys.ElementLength(), values.ElementLength()) / block_elems);
+  for (int64_t i = 0; i < n_blocks; i++) {
+    if (blocks[static_cast<size_t>(i)] < 0 || blocks[static_cast<size_t>(i)] >= have) {
+      throw Napi::RangeError::New(env, "block " + std::to_string(blocks[static_cast<size_t>(i)]) + " outside the " + std::to_string(have) + " given");
+    }
+  }
+  Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(nq * hd));
+  AttnArgs a{q.Data(), nq, hd, keys.Data(), values.Data(), blocks.Data(), bs, kvh, g, visible, scale, out.Data()};
+  vecops().attend(a);
+  return out;
+}
+
+// siluMulTest(gate, up) -> Float32Array: silu(gate) * up with the active ISA.
+Napi::Value SiluMulTest(const Napi::CallbackInfo& info) {
+  Napi::Float32Array gate = f32_arg(info, 0, "gate", 0);
+  Napi::Float32Array up = f32_arg(info, 1, "up", gate.ElementLength());
+  Napi::Float32Array out = Napi::Float32Array::New(info.Env(), gate.ElementLength());
+  vecops().silu_mul(out.Data(), gate.Data(), up.Data(), static_cast<int64_t>(gate.ElementLength()));
+  return out;
+}
+
+// gatherActsTest(type, x, n, cols, rows) -> [gathered, prepared]: the bytes of gather_acts
+// of the given rows out of activations prepared from x (n rows), and of prepare_acts of
+// those rows' inputs, each as long as the kernels' layout for that many rows.
+Napi::Value GatherActsTest(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const WType t = type_arg(info[0]);
+  const int64_t n = int_arg(info, 2, "n", 0, kMaxDim);
+  const int64_t cols = int_arg(info, 3, "cols", 0, kMaxDim);
+  check_cols(env, t, cols);
+  Napi::Float32Array x = f32_arg(info, 1, "x", static_cast<size_t>(n * cols));
+  Napi::Int32Array rows = i32_arg(info, 4, "rows", 0);
+  const int64_t m = static_cast<int64_t>(rows.ElementLength());
+  Acts all, gathered, direct;
+  prepare_acts(t, x.Data(), n, cols, cols, all);
+  try {
+    gather_acts(all, rows.Data(), m, gathered);
+  } catch (const std::out_of_range& e) {
+    throw Napi::RangeError::New(env, e.what());
+  }
+  std::vector<float> picked(static_cast<size_t>(m * cols));
+  for (int64_t i = 0; i < m; i++) std::memcpy(picked.data() + i * cols, x.Data() + rows[static_cast<size_t>(i)] * cols, static_cast<size_t>(cols) * 4);
+  prepare_acts(t, picked.data(), m, cols, cols, direct);
+  const size_t bytes = kdetail::acts_bytes(t, m, cols);
+  Napi::Array out = Napi::Array::New(env, 2);
+  out.Set(0u, Napi::Buffer<uint8_t>::Copy(env, gathered.buf.data(), bytes));
+  out.Set(1u, Napi::Buffer<uint8_t>::Copy(env, direct.buf.data(), bytes));
+  return out;
 }
 
 // poolThrowTest(threads, items): runs `items` items of ~50 us each; the first item that
@@ -340,6 +423,9 @@ void RegisterKernels(Napi::Env env, Napi::Object exports) {
   exports.Set("dequantizeRow", Napi::Function::New(env, DequantizeRow, "dequantizeRow"));
   exports.Set("actsDequantize", Napi::Function::New(env, ActsDequantize, "actsDequantize"));
   exports.Set("matmulTest", Napi::Function::New(env, MatmulTest, "matmulTest"));
+  exports.Set("attendTest", Napi::Function::New(env, AttendTest, "attendTest"));
+  exports.Set("siluMulTest", Napi::Function::New(env, SiluMulTest, "siluMulTest"));
+  exports.Set("gatherActsTest", Napi::Function::New(env, GatherActsTest, "gatherActsTest"));
   exports.Set("poolThrowTest", Napi::Function::New(env, PoolThrowTest, "poolThrowTest"));
   exports.Set("kernelBench", Napi::Function::New(env, KernelBench, "kernelBench"));
   exports.Set("streamBench", Napi::Function::New(env, StreamBench, "streamBench"));

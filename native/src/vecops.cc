@@ -2,6 +2,10 @@
 
 #include "kernels.h"
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 namespace moe {
 
 namespace {
@@ -25,10 +29,47 @@ void axpy_scalar(float* y, float a, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+void silu_mul_scalar(float* out, const float* gate, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
 }  // namespace
 
+void attend_scalar(const AttnArgs& a) {
+  const int64_t hd = a.head_dim, bs = a.block_size;
+  thread_local std::vector<float> sc;
+  sc.resize(static_cast<size_t>(a.visible));
+  for (int64_t h = 0; h < a.nq; h++) {
+    const float* q = a.q + h * hd;
+    float* out = a.out + h * hd;
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < a.visible; p++) {
+      const int64_t b = a.blocks[p / bs], i = p % bs;
+      const float* k = a.keys + kv_key_index(b, a.g, i, 0, a.kv_heads, hd, bs);
+      double s = 0;
+      for (int64_t d = 0; d < hd; d++) s += static_cast<double>(q[d]) * k[d * bs];
+      sc[static_cast<size_t>(p)] = static_cast<float>(s) * a.scale;
+      mx = std::max(mx, sc[static_cast<size_t>(p)]);
+    }
+    double sum = 0;
+    for (int64_t p = 0; p < a.visible; p++) {
+      const float e = std::exp(sc[static_cast<size_t>(p)] - mx);
+      sc[static_cast<size_t>(p)] = e;
+      sum += e;
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t d = 0; d < hd; d++) out[d] = 0.f;
+    for (int64_t p = 0; p < a.visible; p++) {
+      const int64_t b = a.blocks[p / bs], i = p % bs;
+      const float* v = a.values + kv_value_index(b, a.g, i, 0, a.kv_heads, hd, bs);
+      const float w = sc[static_cast<size_t>(p)] * inv;
+      for (int64_t d = 0; d < hd; d++) out[d] += w * v[d];
+    }
+  }
+}
+
 const VecOps& vecops_scalar() {
-  static const VecOps ops{dot_scalar, axpy_scalar};
+  static const VecOps ops{dot_scalar, axpy_scalar, attend_scalar, silu_mul_scalar};
   return ops;
 }
 

@@ -1,5 +1,8 @@
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "vecops.h"
 
 namespace moe {
@@ -35,10 +38,121 @@ void axpy_avx2(float* y, float a, const float* x, int64_t n) {
   for (; i < n; i++) y[i] += a * x[i];
 }
 
+float hmax256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// Lanes [0, n) set (n <= 8), for maskload / maskstore.
+inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// e^x, as exp512 (vecops_avx512.cc), with 2^k built in the exponent bits.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// attend() for NQ query heads, as attend_heads512 (vecops_avx512.cc) in tiles of 8 positions.
+template <int NQ>
+void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
+  const int64_t hd = a.head_dim, bs = a.block_size;
+  float m[NQ], l[NQ], corr[NQ];
+  alignas(32) float P[NQ][8];
+  for (int h = 0; h < NQ; h++) {
+    m[h] = -INFINITY;
+    l[h] = 0.f;
+  }
+  std::fill(O, O + NQ * hd, 0.f);
+  const __m256 scale = _mm256_set1_ps(a.scale);
+  for (int64_t p0 = 0; p0 < a.visible;) {
+    const int64_t b = a.blocks[p0 / bs], i0 = p0 % bs;
+    const int n = static_cast<int>(std::min<int64_t>(std::min<int64_t>(8, bs - i0), a.visible - p0));
+    const __m256i mask = lanes_below(n);
+    const float* kt = a.keys + kv_key_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
+    const float* vb = a.values + kv_value_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
+    __m256 s[NQ];
+    for (int h = 0; h < NQ; h++) s[h] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d++) {
+      const __m256 kv = _mm256_maskload_ps(kt + d * bs, mask);
+      for (int h = 0; h < NQ; h++) s[h] = _mm256_fmadd_ps(_mm256_set1_ps(Q[h * hd + d]), kv, s[h]);
+    }
+    const __m256 live = _mm256_castsi256_ps(mask);
+    for (int h = 0; h < NQ; h++) {
+      const __m256 sv = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(s[h], scale), live);
+      const float mn = std::max(m[h], hmax256(sv));
+      corr[h] = std::exp(m[h] - mn);  // 0 on the first tile (m = -inf)
+      const __m256 pe = _mm256_and_ps(live, exp256(_mm256_sub_ps(sv, _mm256_set1_ps(mn))));
+      l[h] = l[h] * corr[h] + hsum256(pe);
+      _mm256_store_ps(P[h], pe);
+      m[h] = mn;
+    }
+    for (int64_t c = 0; c < hd; c += 8) {
+      const __m256i cm = lanes_below(std::min<int64_t>(8, hd - c));
+      __m256 acc[NQ];
+      for (int h = 0; h < NQ; h++) acc[h] = _mm256_mul_ps(_mm256_maskload_ps(O + h * hd + c, cm), _mm256_set1_ps(corr[h]));
+      for (int j = 0; j < n; j++) {
+        const __m256 v = _mm256_maskload_ps(vb + j * hd + c, cm);
+        for (int h = 0; h < NQ; h++) acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(P[h][j]), v, acc[h]);
+      }
+      for (int h = 0; h < NQ; h++) _mm256_maskstore_ps(O + h * hd + c, cm, acc[h]);
+    }
+    p0 += n;
+  }
+  for (int h = 0; h < NQ; h++) {
+    const __m256 inv = _mm256_set1_ps(1.0f / l[h]);
+    for (int64_t c = 0; c < hd; c += 8) {
+      const __m256i cm = lanes_below(std::min<int64_t>(8, hd - c));
+      _mm256_maskstore_ps(O + h * hd + c, cm, _mm256_mul_ps(_mm256_maskload_ps(O + h * hd + c, cm), inv));
+    }
+  }
+}
+
+void silu_mul_avx2(float* out, const float* gate, const float* up, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+void attend_avx2(const AttnArgs& a) {
+  // Up to 6 heads at once: their accumulators and the loaded vector fit the 16 ymm registers.
+  for (int64_t h0 = 0; h0 < a.nq; h0 += 6) {
+    const float* q = a.q + h0 * a.head_dim;
+    float* o = a.out + h0 * a.head_dim;
+    switch (std::min<int64_t>(6, a.nq - h0)) {
+      case 1: attend_heads256<1>(a, q, o); break;
+      case 2: attend_heads256<2>(a, q, o); break;
+      case 3: attend_heads256<3>(a, q, o); break;
+      case 4: attend_heads256<4>(a, q, o); break;
+      case 5: attend_heads256<5>(a, q, o); break;
+      default: attend_heads256<6>(a, q, o); break;
+    }
+  }
+}
+
 }  // namespace
 
 const VecOps& vecops_avx2() {
-  static const VecOps ops{dot_avx2, axpy_avx2};
+  static const VecOps ops{dot_avx2, axpy_avx2, attend_avx2, silu_mul_avx2};
   return ops;
 }
 

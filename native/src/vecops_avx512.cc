@@ -1,4 +1,13 @@
+// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_*()
+// placeholders (GCC bug 105593, fixed in 13); nothing of ours is uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
 
 #include "vecops.h"
 
@@ -31,10 +40,119 @@ void axpy_avx512(float* y, float a, const float* x, int64_t n) {
   }
 }
 
+// e^x: x = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two for the reduction), Taylor to
+// r^6 for e^r (truncation below 2e-7 relative) and 2^k by vscalefps. x is clamped to
+// [-87.3, 88.3] (callers mask the lanes that must be 0).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, k);
+}
+
+// attend() for NQ query heads: one pass over the positions in tiles of up to 16 (never
+// across a block boundary), online softmax (running max and sum per head; the output
+// rows are rescaled when the max grows). A tile's scores are one vector per head: the
+// keys of a block are stored transposed, so dimension d of the tile's 16 positions is
+// one load, multiplied with q[h][d] broadcast, for every head at once.
+template <int NQ>
+void attend_heads512(const AttnArgs& a, const float* Q, float* O) {
+  const int64_t hd = a.head_dim, bs = a.block_size;
+  float m[NQ], l[NQ], corr[NQ];
+  alignas(64) float P[NQ][16];
+  for (int h = 0; h < NQ; h++) {
+    m[h] = -INFINITY;
+    l[h] = 0.f;
+  }
+  std::fill(O, O + NQ * hd, 0.f);
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int64_t p0 = 0; p0 < a.visible;) {
+    const int64_t b = a.blocks[p0 / bs], i0 = p0 % bs;
+    const int n = static_cast<int>(std::min<int64_t>(std::min<int64_t>(16, bs - i0), a.visible - p0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+    const float* kt = a.keys + kv_key_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
+    const float* vb = a.values + kv_value_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
+    __m512 s[NQ];
+    for (int h = 0; h < NQ; h++) s[h] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hd; d++) {
+      const __m512 kv = _mm512_maskz_loadu_ps(mask, kt + d * bs);
+      for (int h = 0; h < NQ; h++) s[h] = _mm512_fmadd_ps(_mm512_set1_ps(Q[h * hd + d]), kv, s[h]);
+    }
+    for (int h = 0; h < NQ; h++) {
+      const __m512 sv = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(s[h], scale));
+      const float mn = std::max(m[h], _mm512_reduce_max_ps(sv));
+      corr[h] = std::exp(m[h] - mn);  // 0 on the first tile (m = -inf)
+      const __m512 pe = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mn))));
+      l[h] = l[h] * corr[h] + _mm512_reduce_add_ps(pe);
+      _mm512_store_ps(P[h], pe);
+      m[h] = mn;
+    }
+    for (int64_t c = 0; c < hd; c += 16) {
+      const __mmask16 cm = hd - c >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (hd - c)) - 1);
+      __m512 acc[NQ];
+      for (int h = 0; h < NQ; h++) acc[h] = _mm512_mul_ps(_mm512_maskz_loadu_ps(cm, O + h * hd + c), _mm512_set1_ps(corr[h]));
+      for (int j = 0; j < n; j++) {
+        const __m512 v = _mm512_maskz_loadu_ps(cm, vb + j * hd + c);
+        for (int h = 0; h < NQ; h++) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(P[h][j]), v, acc[h]);
+      }
+      for (int h = 0; h < NQ; h++) _mm512_mask_storeu_ps(O + h * hd + c, cm, acc[h]);
+    }
+    p0 += n;
+  }
+  for (int h = 0; h < NQ; h++) {
+    const __m512 inv = _mm512_set1_ps(1.0f / l[h]);
+    for (int64_t c = 0; c < hd; c += 16) {
+      const __mmask16 cm = hd - c >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (hd - c)) - 1);
+      _mm512_mask_storeu_ps(O + h * hd + c, cm, _mm512_mul_ps(_mm512_maskz_loadu_ps(cm, O + h * hd + c), inv));
+    }
+  }
+}
+
+void silu_mul_avx512(float* out, const float* gate, const float* up, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(s, _mm512_loadu_ps(up + i)));
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+    const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, up + i)));
+  }
+}
+
+void attend_avx512(const AttnArgs& a) {
+  for (int64_t h0 = 0; h0 < a.nq; h0 += 8) {
+    const float* q = a.q + h0 * a.head_dim;
+    float* o = a.out + h0 * a.head_dim;
+    switch (std::min<int64_t>(8, a.nq - h0)) {
+      case 1: attend_heads512<1>(a, q, o); break;
+      case 2: attend_heads512<2>(a, q, o); break;
+      case 3: attend_heads512<3>(a, q, o); break;
+      case 4: attend_heads512<4>(a, q, o); break;
+      case 5: attend_heads512<5>(a, q, o); break;
+      case 6: attend_heads512<6>(a, q, o); break;
+      case 7: attend_heads512<7>(a, q, o); break;
+      default: attend_heads512<8>(a, q, o); break;
+    }
+  }
+}
+
 }  // namespace
 
 const VecOps& vecops_avx512() {
-  static const VecOps ops{dot_avx512, axpy_avx512};
+  static const VecOps ops{dot_avx512, axpy_avx512, attend_avx512, silu_mul_avx512};
   return ops;
 }
 

@@ -334,6 +334,31 @@ export interface NativeAddon {
     threads: number,
   ): Float32Array;
   /**
+   * The engine's attention of one token for `nq` query heads of KV head `g`, with the
+   * active ISA, over a paged cache in the engine's layout (native/src/vecops.h: keys
+   * transposed within a block): returns (nq, headDim) floats.
+   */
+  attendTest(
+    q: Float32Array,
+    keys: Float32Array,
+    values: Float32Array,
+    blocks: Int32Array,
+    nq: number,
+    headDim: number,
+    blockSize: number,
+    kvHeads: number,
+    g: number,
+    visible: number,
+    scale: number,
+  ): Float32Array;
+  /** silu(gate) * up element-wise with the active ISA (the experts' SwiGLU). */
+  siluMulTest(gate: Float32Array, up: Float32Array): Float32Array;
+  /**
+   * Activations of `rows` gathered from those prepared for all n rows of x, and prepared
+   * directly from those rows' inputs: the bytes of both (equal when gathering is exact).
+   */
+  gatherActsTest(type: WeightType, x: Float32Array, n: number, cols: number, rows: Int32Array): [Uint8Array, Uint8Array];
+  /**
    * Runs `items` short items on a pool of `threads` (>= 2) where the first item run by a
    * worker throws; the error must reach the caller (this function then throws it). Returns
    * the number of items run if no worker ever got an item.
