@@ -152,25 +152,35 @@ t.test('kernelInfo and setIsa', async (t) => {
   t.equal(addon.kernelInfo().active, initialIsa, 'a refused name changes nothing');
 });
 
-t.test('Q8_0 blocks: hand-computed bytes', async (t) => {
+// Quantization at load runs through the active ISA (AVX-512 packs blocks with vector
+// code): every one must give the scalar definition's bytes.
+function eachIsa(t: { teardown(fn: () => void): void }, fn: (isa: KernelIsa) => void): void {
+  for (const isa of ISAS) {
+    addon.setIsa(isa);
+    fn(isa);
+  }
+  addon.setIsa(initialIsa);
+}
+
+t.test('Q8_0 blocks: hand-computed bytes', async (t) => eachIsa(t, (isa) => {
   // amax 127 -> d = 1 (f16 0x3c00), q = roundf(x): halves round away from zero.
   const x = new Float32Array(32);
   x.set([127, -127, 0.5, -0.5, 1.5, 2.5, -2.5, 3.49, 0.49999997, -126.5, 7, 0]);
   const got = addon.quantizeRows('q8_0', x, 1, 32);
   const want = new Uint8Array(34);
   want.set([0x00, 0x3c, 0x7f, 0x81, 0x01, 0xff, 0x02, 0x03, 0xfd, 0x03, 0x00, 0x81, 0x07, 0x00]);
-  t.equal(hex(got), hex(want));
+  t.equal(hex(got), hex(want), `${isa}: halves away from zero`);
   // All zero: d = 0, q = 0.
-  t.equal(hex(addon.quantizeRows('q8_0', new Float32Array(32), 1, 32)), '00'.repeat(34));
+  t.equal(hex(addon.quantizeRows('q8_0', new Float32Array(32), 1, 32)), '00'.repeat(34), `${isa}: all zero`);
   // amax 16: d = 16/127 -> f16 0x3008, q = roundf(x * (1/d)).
   const y = new Float32Array(32).map((_, j) => j - 16);
   const gy = addon.quantizeRows('q8_0', y, 1, 32);
-  t.equal(gy[0] | (gy[1] << 8), 0x3008, 'f16 scale');
-  t.equal((gy[2] << 24) >> 24, -127, 'x = -16 -> -127');
-  t.equal(hex(gy), hex(refQ8Block(y)));
-});
+  t.equal(gy[0] | (gy[1] << 8), 0x3008, `${isa}: f16 scale`);
+  t.equal((gy[2] << 24) >> 24, -127, `${isa}: x = -16 -> -127`);
+  t.equal(hex(gy), hex(refQ8Block(y)), `${isa}: reference bytes`);
+}));
 
-t.test('Q4_0 blocks: hand-computed bytes', async (t) => {
+t.test('Q4_0 blocks: hand-computed bytes', async (t) => eachIsa(t, (isa) => {
   // max = -8 (first of the largest magnitude; +8 comes later) -> d = 1, q = min(15, trunc(x + 8.5)).
   const x = new Float32Array(32);
   x.set([-8, 8, 7.6, 0, -0.5, 0.5, 1.4999, -7.6]);
@@ -181,17 +191,19 @@ t.test('Q4_0 blocks: hand-computed bytes', async (t) => {
   want[0] = 0x00;
   want[1] = 0x3c;
   for (let j = 0; j < 16; j++) want[2 + j] = (q[j] ?? 8) | ((j === 0 ? 11 : j === 1 ? 5 : 8) << 4);
-  t.equal(hex(addon.quantizeRows('q4_0', x, 1, 32)), hex(want));
+  t.equal(hex(addon.quantizeRows('q4_0', x, 1, 32)), hex(want), `${isa}: first of the largest magnitude`);
   // Positive max 4 -> d = -0.5 (0xb800): x = 4 -> 0, x = -4 -> 16.5 -> 15, x = 1 -> 6.
   const y = new Float32Array(32);
   y.set([4, -4, 1]);
   const gy = addon.quantizeRows('q4_0', y, 1, 32);
-  t.equal(gy[0] | (gy[1] << 8), 0xb800);
-  t.same([gy[2] & 15, gy[3] & 15, gy[4] & 15, gy[5] & 15, gy[2] >> 4], [0, 15, 6, 8, 8]);
-  t.equal(hex(addon.quantizeRows('q4_0', new Float32Array(32), 1, 32)), '0080' + '88'.repeat(16));
-});
+  t.equal(gy[0] | (gy[1] << 8), 0xb800, `${isa}: negative scale`);
+  t.same([gy[2] & 15, gy[3] & 15, gy[4] & 15, gy[5] & 15, gy[2] >> 4], [0, 15, 6, 8, 8], `${isa}: clamped at 15`);
+  t.equal(hex(addon.quantizeRows('q4_0', new Float32Array(32), 1, 32)), '0080' + '88'.repeat(16), `${isa}: all zero (scale -0)`);
+  // All -0: still the scale -0 of max = +0, not of the first -0.
+  t.equal(hex(addon.quantizeRows('q4_0', new Float32Array(32).fill(-0), 1, 32)), '0080' + '88'.repeat(16), `${isa}: all -0`);
+}));
 
-t.test('Q8_0 / Q4_0 match an independent ggml definition on random rows', async (t) => {
+t.test('Q8_0 / Q4_0 match an independent ggml definition on random rows', async (t) => eachIsa(t, (isa) => {
   const cols = 4096;
   const x = randomMatrix(7, 4 * cols, 0.05);
   for (const type of ['q8_0', 'q4_0'] as const) {
@@ -203,7 +215,54 @@ t.test('Q8_0 / Q4_0 match an independent ggml definition on random rows', async 
       const want = type === 'q8_0' ? refQ8Block(blk) : refQ4Block(blk);
       if (hex(bytes.subarray(bb * b, bb * b + bb)) !== hex(want)) bad++;
     }
-    t.equal(bad, 0, `${type}: every block byte-identical`);
+    t.equal(bad, 0, `${isa} ${type}: every block byte-identical`);
+  }
+}));
+
+t.test('Q8_0 / Q4_0 edge blocks: ties, halves, repeated maxima and non-finite values, every ISA as the scalar code', async (t) => {
+  const blocks: number[][] = [];
+  // Values on the rounding boundaries of small integer scales (d = 1, 2, 0.5: x * id lands on k + 0.5).
+  for (const amax of [127, 254, 63.5, 8, 16, 4]) {
+    blocks.push(Array.from({ length: 32 }, (_, j) => (j === 0 ? amax : ((j % 2 ? -1 : 1) * (j + 0.5) * amax) / 127)));
+  }
+  // The largest magnitude repeated with both signs, first positive then first negative.
+  blocks.push(Array.from({ length: 32 }, (_, j) => (j === 5 ? 3 : j === 20 ? -3 : j / 16)));
+  blocks.push(Array.from({ length: 32 }, (_, j) => (j === 5 ? -3 : j === 20 ? 3 : j / 16)));
+  blocks.push(Array.from({ length: 32 }, (_, j) => (j === 31 ? -1e-30 : 0))); // tiny maximum in the last lane
+  blocks.push(Array.from({ length: 32 }, (_, j) => (j === 3 ? NaN : j - 10))); // NaN: the scalar definition decides
+  blocks.push(Array.from({ length: 32 }, (_, j) => (j === 7 ? Infinity : j)));
+  blocks.push(Array.from({ length: 32 }, (_, j) => (j === 0 ? -Infinity : 1)));
+  blocks.push(Array.from({ length: 32 }, (_, j) => 3.4e38 * (j % 3 === 0 ? -1 : 1))); // near FLT_MAX
+  const x = Float32Array.from(blocks.flat());
+  for (const type of ['q8_0', 'q4_0'] as const) {
+    addon.setIsa('scalar');
+    const want = addon.quantizeRows(type, x, blocks.length, 32);
+    for (const isa of ISAS) {
+      addon.setIsa(isa);
+      t.equal(hex(addon.quantizeRows(type, x, blocks.length, 32)), hex(want), `${isa} ${type}: ${blocks.length} edge blocks as the scalar code`);
+    }
+    addon.setIsa(initialIsa);
+    // 24576 random blocks: normal values, and small multiples of 1/8 (products on rounding
+    // boundaries), at magnitudes from 1e-6 to 1e6.
+    const r = rng(99);
+    const many = new Float32Array(24576 * 32);
+    for (let i = 0; i < many.length; i++) {
+      const scale = 10 ** (Math.floor(i / (32 * 1024)) % 13 - 6);
+      many[i] = (i >> 5) % 2 ? r() * scale : (Math.round(r() * 64) / 8) * scale;
+    }
+    addon.setIsa('scalar');
+    const wantMany = addon.quantizeRows(type, many, 24576, 32);
+    for (const isa of ISAS) {
+      addon.setIsa(isa);
+      t.ok(Buffer.from(addon.quantizeRows(type, many, 24576, 32)).equals(Buffer.from(wantMany)), `${isa} ${type}: 24576 random blocks as the scalar code`);
+    }
+    addon.setIsa(initialIsa);
+    // And the finite ones as the independent definition.
+    const bb = type === 'q8_0' ? 34 : 18;
+    for (let b = 0; b < 7; b++) {
+      const blk = x.subarray(32 * b, 32 * b + 32);
+      t.equal(hex(want.subarray(bb * b, bb * b + bb)), hex(type === 'q8_0' ? refQ8Block(blk) : refQ4Block(blk)), `${type} edge block ${b}`);
+    }
   }
 });
 

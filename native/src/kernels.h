@@ -130,6 +130,13 @@ void quantize_act_block(const float* x, int8_t* q, float* d, int32_t* corr, int3
 // variant's prepare).
 void build_groups(Acts& a);
 
+// Load-time packing with AVX-512 (the CPU must have it): one 32-float block into a Q8_0 /
+// Q4_0 block, byte for byte the scalar definitions in kernels.cc; false (nothing written)
+// for a block with a NaN or an infinity, which the scalar code then packs. BF16 values
+// into floats.
+bool quantize_block_avx512(WType t, const float* x, uint8_t* blk);
+void bf16_to_f32_avx512(const uint8_t* src, int64_t n, float* dst);
+
 using MatmulFn = void (*)(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
 using PrepareFn = void (*)(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
 using StreamFn = uint64_t (*)(const uint8_t* p, size_t bytes);

@@ -43,6 +43,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cpu_features.h"
@@ -884,6 +885,78 @@ uint64_t stream_avx512(const uint8_t* p, size_t bytes) {
   uint64_t s = static_cast<uint64_t>(_mm512_reduce_add_epi64(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3))));
   for (; i < bytes; ++i) s += p[i];
   return s;
+}
+
+// ---- Load-time packing ---------------------------------------------------------------
+
+namespace {
+
+// roundf: to nearest, halves away from zero. v - trunc(v) is exact for every float.
+inline __m512 roundf512(__m512 v) {
+  const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask16 away = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m512 one = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));  // copysign(1, v)
+  return _mm512_mask_add_ps(t, away, t, one);
+}
+
+}  // namespace
+
+bool quantize_block_avx512(WType t, const float* x, uint8_t* blk) {
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const __m512 aa = _mm512_abs_ps(a), ab = _mm512_abs_ps(b);
+  // NaN or infinity anywhere: the scalar definition decides (std::max skips NaN).
+  const __m512 inf = _mm512_set1_ps(INFINITY);
+  if (_mm512_cmp_ps_mask(aa, inf, _CMP_NLT_UQ) | _mm512_cmp_ps_mask(ab, inf, _CMP_NLT_UQ)) return false;
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(aa, ab));
+  if (t == WType::Q8_0) {
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const uint16_t dh = f32_to_f16(d);
+    std::memcpy(blk, &dh, 2);
+    const __m512 vid = _mm512_set1_ps(id);
+    // The product rounded on its own (explicit rounding: never fused with roundf512's subtraction).
+    constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 2), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(roundf512(_mm512_mul_round_ps(a, vid, kRne)))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 18), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(roundf512(_mm512_mul_round_ps(b, vid, kRne)))));
+    return true;
+  }
+  if (t != WType::Q4_0) return false;
+  // The signed value of the largest magnitude, the first one on ties; 0 when all are zero.
+  float max = 0.0f;
+  if (amax != 0.0f) {
+    const __m512 va = _mm512_set1_ps(amax);
+    const uint32_t hit = static_cast<uint32_t>(_mm512_cmp_ps_mask(aa, va, _CMP_EQ_OQ)) |
+                         (static_cast<uint32_t>(_mm512_cmp_ps_mask(ab, va, _CMP_EQ_OQ)) << 16);
+    max = x[__builtin_ctz(hit)];
+  }
+  const float d = max / -8.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const uint16_t dh = f32_to_f16(d);
+  std::memcpy(blk, &dh, 2);
+  const __m512 vid = _mm512_set1_ps(id), half = _mm512_set1_ps(8.5f);
+  const __m512i fifteen = _mm512_set1_epi32(15);
+  // min(15, (int8)(x * id + 8.5f)): the product and the sum rounded separately, as in the
+  // scalar code (the explicit-rounding forms keep the compiler from fusing them into an FMA,
+  // which turns 1.6875 * (1 / -0.375) + 8.5 from 4 into 3.9999998).
+  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512i qa = _mm512_min_epi32(fifteen, _mm512_cvttps_epi32(_mm512_add_round_ps(_mm512_mul_round_ps(a, vid, kRne), half, kRne)));
+  const __m512i qb = _mm512_min_epi32(fifteen, _mm512_cvttps_epi32(_mm512_add_round_ps(_mm512_mul_round_ps(b, vid, kRne), half, kRne)));
+  const __m128i lo = _mm512_cvtepi32_epi8(qa), hi = _mm512_cvtepi32_epi8(qb);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(blk + 2), _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
+  return true;
+}
+
+void bf16_to_f32_avx512(const uint8_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  for (; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * i, 2);
+    dst[i] = bf16_to_f32(h);
+  }
 }
 
 }  // namespace kdetail
