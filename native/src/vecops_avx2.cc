@@ -73,6 +73,7 @@ void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
   const int64_t hd = a.head_dim, bs = a.block_size;
   float m[NQ], l[NQ], corr[NQ];
   alignas(32) float P[NQ][8];
+  #pragma GCC unroll 16
   for (int h = 0; h < NQ; h++) {
     m[h] = -INFINITY;
     l[h] = 0.f;
@@ -86,12 +87,15 @@ void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
     const float* kt = a.keys + kv_key_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
     const float* vb = a.values + kv_value_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
     __m256 s[NQ];
+    #pragma GCC unroll 16
     for (int h = 0; h < NQ; h++) s[h] = _mm256_setzero_ps();
     for (int64_t d = 0; d < hd; d++) {
       const __m256 kv = _mm256_maskload_ps(kt + d * bs, mask);
+      #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) s[h] = _mm256_fmadd_ps(_mm256_set1_ps(Q[h * hd + d]), kv, s[h]);
     }
     const __m256 live = _mm256_castsi256_ps(mask);
+    #pragma GCC unroll 16
     for (int h = 0; h < NQ; h++) {
       const __m256 sv = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(s[h], scale), live);
       const float mn = std::max(m[h], hmax256(sv));
@@ -104,15 +108,19 @@ void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
     for (int64_t c = 0; c < hd; c += 8) {
       const __m256i cm = lanes_below(std::min<int64_t>(8, hd - c));
       __m256 acc[NQ];
+      #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) acc[h] = _mm256_mul_ps(_mm256_maskload_ps(O + h * hd + c, cm), _mm256_set1_ps(corr[h]));
       for (int j = 0; j < n; j++) {
         const __m256 v = _mm256_maskload_ps(vb + j * hd + c, cm);
+        #pragma GCC unroll 16
         for (int h = 0; h < NQ; h++) acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(P[h][j]), v, acc[h]);
       }
+      #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) _mm256_maskstore_ps(O + h * hd + c, cm, acc[h]);
     }
     p0 += n;
   }
+  #pragma GCC unroll 16
   for (int h = 0; h < NQ; h++) {
     const __m256 inv = _mm256_set1_ps(1.0f / l[h]);
     for (int64_t c = 0; c < hd; c += 8) {

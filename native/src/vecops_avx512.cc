@@ -68,6 +68,7 @@ void attend_heads512(const AttnArgs& a, const float* Q, float* O) {
   const int64_t hd = a.head_dim, bs = a.block_size;
   float m[NQ], l[NQ], corr[NQ];
   alignas(64) float P[NQ][16];
+  #pragma GCC unroll 16
   for (int h = 0; h < NQ; h++) {
     m[h] = -INFINITY;
     l[h] = 0.f;
@@ -81,11 +82,14 @@ void attend_heads512(const AttnArgs& a, const float* Q, float* O) {
     const float* kt = a.keys + kv_key_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
     const float* vb = a.values + kv_value_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
     __m512 s[NQ];
+    #pragma GCC unroll 16
     for (int h = 0; h < NQ; h++) s[h] = _mm512_setzero_ps();
     for (int64_t d = 0; d < hd; d++) {
       const __m512 kv = _mm512_maskz_loadu_ps(mask, kt + d * bs);
+      #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) s[h] = _mm512_fmadd_ps(_mm512_set1_ps(Q[h * hd + d]), kv, s[h]);
     }
+    #pragma GCC unroll 16
     for (int h = 0; h < NQ; h++) {
       const __m512 sv = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(s[h], scale));
       const float mn = std::max(m[h], _mm512_reduce_max_ps(sv));
@@ -98,15 +102,19 @@ void attend_heads512(const AttnArgs& a, const float* Q, float* O) {
     for (int64_t c = 0; c < hd; c += 16) {
       const __mmask16 cm = hd - c >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (hd - c)) - 1);
       __m512 acc[NQ];
+      #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) acc[h] = _mm512_mul_ps(_mm512_maskz_loadu_ps(cm, O + h * hd + c), _mm512_set1_ps(corr[h]));
       for (int j = 0; j < n; j++) {
         const __m512 v = _mm512_maskz_loadu_ps(cm, vb + j * hd + c);
+        #pragma GCC unroll 16
         for (int h = 0; h < NQ; h++) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(P[h][j]), v, acc[h]);
       }
+      #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) _mm512_mask_storeu_ps(O + h * hd + c, cm, acc[h]);
     }
     p0 += n;
   }
+  #pragma GCC unroll 16
   for (int h = 0; h < NQ; h++) {
     const __m512 inv = _mm512_set1_ps(1.0f / l[h]);
     for (int64_t c = 0; c < hd; c += 16) {
