@@ -705,9 +705,9 @@ void Engine::run_jobs(const std::vector<int32_t>& run) {
     FfnJob& j = job(ji);
     const int64_t n = static_cast<int64_t>(j.tokens.size());
     gather_acts(moe_acts_, j.tokens.data(), n, j.a_in);
-    j.gu.resize(static_cast<size_t>(n * 2 * j.width));
-    j.act.resize(static_cast<size_t>(n * j.width));
-    j.out.resize(static_cast<size_t>(n * H));
+    j.gu.reserve(static_cast<size_t>(n * 2 * j.width));
+    j.act.reserve(static_cast<size_t>(n * j.width));
+    j.out.reserve(static_cast<size_t>(n * H));
   });
   mark(kMoePrep);
 

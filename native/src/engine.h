@@ -89,6 +89,26 @@ struct LayerWeights {
 };
 
 // One sequence's part of a step. Positions start_pos .. start_pos+n_tokens-1 are new.
+// A float buffer that grows without initialising and never shrinks. (std::vector::resize
+// zero-fills whatever it grows back into: the MoE jobs' buffers, resized for each layer's
+// token counts, cost a 2048-token prefill hundreds of megabytes of memset per step.)
+class FloatScratch {
+ public:
+  float* reserve(size_t n) {
+    if (n > cap_) {
+      p_.reset(new float[n]);
+      cap_ = n;
+    }
+    return p_.get();
+  }
+  float* data() { return p_.get(); }
+  const float* data() const { return p_.get(); }
+
+ private:
+  std::unique_ptr<float[]> p_;
+  size_t cap_ = 0;
+};
+
 struct SeqSlice {
   int64_t start_pos = 0;
   int64_t n_tokens = 0;
@@ -180,9 +200,9 @@ class Engine {
     int32_t expert = -1;  // routed expert id; -1 for the shared expert
     int64_t width = 0;
     std::vector<int32_t> tokens;  // token indices, ascending
-    std::vector<float> gu;        // (n, 2 * width)
-    std::vector<float> act;       // (n, width)
-    std::vector<float> out;       // (n, hidden)
+    FloatScratch gu;   // (n, 2 * width)
+    FloatScratch act;  // (n, width)
+    FloatScratch out;  // (n, hidden)
     Acts a_in;
     Acts a_act;
   };
