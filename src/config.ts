@@ -44,6 +44,7 @@ export interface ServeSettings {
   offloadReplayTrace: string;
   kvBlockSize: number;
   kvBlocks: number;
+  kvCacheType: 'f32' | 'f16';
   maxBatchTokens: number;
   maxRunning: number;
   maxWaiting: number;
@@ -86,7 +87,7 @@ const KEYS: readonly (keyof ServeSettings)[] = [
   'config', 'model', 'demo', 'modelId', 'host', 'port', 'apiKeys', 'bodyLimitBytes', 'drainGraceSeconds',
   'allowSpecialTokensInChat', 'runner', 'weights', 'threads',
   'offloadCapacity', 'offloadSplit', 'offloadPolicy', 'offloadLookahead', 'offloadIoThreads', 'offloadDir', 'offloadReplayTrace',
-  'kvBlockSize', 'kvBlocks', 'maxBatchTokens', 'maxRunning', 'maxWaiting',
+  'kvBlockSize', 'kvBlocks', 'kvCacheType', 'maxBatchTokens', 'maxRunning', 'maxWaiting',
   'policy', 'policyMaxExtraWaitSteps', 'policyMaxExtraWaitMs', 'policyMaxGapFactor', 'policyMissPenalty', 'prefillFirst', 'logLevel', 'cacheDir',
 ];
 

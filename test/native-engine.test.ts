@@ -6,7 +6,7 @@ import t from 'tap';
 import { openModel } from '../src/model/checkpoint.js';
 import { ReferenceModel, type KvCache } from '../src/model/reference.js';
 import { argmax } from '../src/engine/sampling.js';
-import { denseFormat, estimateEngineBytes, NativeRunner, WEIGHT_FORMATS, type WeightFormat } from '../src/engine/native-runner.js';
+import { denseFormat, estimateEngineBytes, NativeRunner, WEIGHT_FORMATS, type KvCacheType, type WeightFormat } from '../src/engine/native-runner.js';
 import { loadNative, type WeightType } from '../src/engine/native.js';
 import { checkpointTensors } from '../src/model/tensor-names.js';
 import type { StepSequence } from '../src/engine/runner.js';
@@ -58,23 +58,38 @@ function roundedSource(m: Awaited<ReturnType<typeof openModel>>, weights: Weight
   };
 }
 
-async function setup(t: { teardown(fn: () => void): void }, arch: (typeof ARCHITECTURES)[number], weights: WeightFormat, seqs = 20, rounded = false) {
+async function setup(
+  t: { teardown(fn: () => void): void },
+  arch: (typeof ARCHITECTURES)[number],
+  weights: WeightFormat,
+  seqs = 20,
+  rounded = false,
+  kvCacheType: KvCacheType = 'f32',
+) {
   const dir = writeModel(t, { arch, seed: 11 });
   const m = await openModel(dir);
   const ref = ReferenceModel.fromSource(m.spec, rounded ? roundedSource(m, weights) : (n) => Float32Array.from(m.weights.float32(n)));
-  const runner = NativeRunner.fromCheckpoint(m.spec, m.weights, { weights, threads: 2, kvBlockSize: BLOCK, kvBlocks: seqs * BLOCKS_PER_SEQ });
+  const runner = NativeRunner.fromCheckpoint(m.spec, m.weights, { weights, threads: 2, kvBlockSize: BLOCK, kvBlocks: seqs * BLOCKS_PER_SEQ, kvCacheType });
   m.close();
   t.teardown(() => runner.close());
   return { spec: m.spec, ref, runner, vocabLimit: m.tokenizer.vocabSize };
 }
 
-for (const arch of ARCHITECTURES) {
-  t.test(`${arch}: f32 logits equal the reference in mixed prefill/decode batches`, async (t) => {
-    const { spec, ref, runner, vocabLimit } = await setup(t, arch, 'f32');
+// With a float16 KV cache every key and value is rounded to 11 significant bits (about
+// 5e-4 of its magnitude), which reaches the logits through every later layer: the median
+// step stays within 1e-3 (about 1e-4 measured), but a step whose router has a near tie may
+// choose another expert (qwen2_moe: one step of 65 off by 8e-2), so that format is held
+// to its median, and to the greedy token of every step but a few.
+for (const kvCacheType of ['f32', 'f16'] as const) for (const arch of ARCHITECTURES) {
+  t.test(`${arch}: f32 logits equal the reference in mixed prefill/decode batches (KV cache ${kvCacheType})`, async (t) => {
+    const { spec, ref, runner, vocabLimit } = await setup(t, arch, 'f32', 20, false, kvCacheType);
     const V = spec.vocabSize;
     const rng = new Rng(5);
     const seqs = [5, 17, 33, 9].map((n, i) => newSeq(i, ref, randomTokens(rng, n, vocabLimit)));
     let worst = 0;
+    const errs: number[] = [];
+    let agree = 0;
+    let rowsSeen = 0;
     // Step 0: all prompts in one batch. Then 64 decode steps; a fifth sequence's 40-token
     // prompt arrives at step 10 and is prefilled in chunks of 8 alongside the decodes.
     const late = newSeq(4, ref, randomTokens(rng, 40, vocabLimit));
@@ -95,7 +110,12 @@ for (const arch of ARCHITECTURES) {
       const res = runner.step(batch);
       t.equal(res.rows, refRows.length);
       refRows.forEach((r, i) => {
-        worst = Math.max(worst, relMaxError(r, res.logits.subarray(i * V, (i + 1) * V)));
+        const e = res.logits.subarray(i * V, (i + 1) * V);
+        const err = relMaxError(r, e);
+        worst = Math.max(worst, err);
+        errs.push(err);
+        rowsSeen++;
+        if (argmax(r, 0, vocabLimit) === argmax(e, 0, vocabLimit)) agree++;
       });
       // Teacher forcing: both sides continue with the reference's greedy token.
       let row = 0;
@@ -105,8 +125,18 @@ for (const arch of ARCHITECTURES) {
         s.tokens.push(argmax(refRows[row++], 0, vocabLimit));
       }
     }
-    t.comment(`${arch}: worst relative logit error over 65 steps: ${worst.toExponential(2)}`);
-    t.ok(worst < 1e-3, `worst relative error ${worst} < 1e-3`);
+    errs.sort((a, b) => a - b);
+    const median = errs[errs.length >> 1];
+    t.comment(
+      `${arch} (KV ${kvCacheType}): relative logit error over 65 steps: worst ${worst.toExponential(2)}, median ${median.toExponential(2)}; ` +
+        `greedy token equal in ${agree} of ${rowsSeen} rows`,
+    );
+    if (kvCacheType === 'f32') {
+      t.ok(worst < 1e-3, `worst relative error ${worst} < 1e-3`);
+    } else {
+      t.ok(median < 1e-3, `median relative error ${median} < 1e-3`);
+      t.ok(agree >= 0.97 * rowsSeen, `greedy token equal in ${agree} >= 97% of ${rowsSeen} rows`);
+    }
   });
 }
 
@@ -210,17 +240,24 @@ for (const weights of ['q8', 'q4'] as const) t.test(`batch invariance (${weights
   t.same(batched, alone);
 });
 
-t.test("the memory estimate is the engine's own weight bytes, per format and architecture", async (t) => {
+t.test("the memory estimate is the engine's own weight and KV bytes, per format and architecture", async (t) => {
   for (const arch of ARCHITECTURES) {
     const dir = writeModel(t, { arch, seed: 11 });
     const m = await openModel(dir);
     for (const weights of ['f32', 'bf16', 'q8', 'q4'] as const) {
-      const o = { weights, threads: 1, kvBlockSize: BLOCK, kvBlocks: 4 };
+      const kvCacheType = weights === 'q4' || weights === 'bf16' ? 'f16' : 'f32';
+      const o = { weights, threads: 1, kvBlockSize: BLOCK, kvBlocks: 4, kvCacheType } as const;
       const runner = NativeRunner.fromCheckpoint(m.spec, m.weights, o);
-      const held = runner.engine.info().weightBytes;
+      const { weightBytes: held, kvBytes } = runner.engine.info();
       runner.close();
       t.equal(estimateEngineBytes(m.spec, o).weights, held, `${arch} ${weights}: ${held} bytes`);
+      t.equal(estimateEngineBytes(m.spec, o).kv, kvBytes, `${arch} KV cache ${kvCacheType}: ${kvBytes} bytes`);
     }
+    t.equal(
+      estimateEngineBytes(m.spec, { weights: 'q8', threads: 1, kvBlockSize: BLOCK, kvBlocks: 4, kvCacheType: 'f16' }).kv * 2,
+      estimateEngineBytes(m.spec, { weights: 'q8', threads: 1, kvBlockSize: BLOCK, kvBlocks: 4 }).kv,
+      `${arch}: a float16 KV cache is half the float32 one`,
+    );
     m.close();
   }
 });

@@ -62,6 +62,17 @@ function makeCache(c: AttnCase, seed: number) {
   return { blocks, keys, values, q, k, v };
 }
 
+/** float32 -> IEEE float16 bits (the engine's conversion; NaN stays NaN). */
+function toF16(x: Float32Array): Uint16Array {
+  const b = addon.quantizeRows('f16', x, 1, x.length);
+  return new Uint16Array(b.buffer, b.byteOffset, x.length);
+}
+/** x rounded through float16. */
+function roundF16(x: Float32Array): Float32Array {
+  const h = toF16(x);
+  return addon.dequantizeRow('f16', new Uint8Array(h.buffer, h.byteOffset, h.byteLength), x.length);
+}
+
 /** Two-pass softmax attention in float64. */
 function reference(c: AttnCase, q: Float32Array, k: Float32Array, v: Float32Array, scale: number): Float64Array {
   const out = new Float64Array(c.nq * c.hd);
@@ -119,6 +130,36 @@ t.test('attend: every ISA against a float64 two-pass softmax, NaN wherever nothi
     }
   }
   addon.setIsa(initialIsa);
+});
+
+t.test('attend over a float16 cache: every ISA against float64 on the float16-rounded keys and values', async (t) => {
+  for (const [ci, c] of ATTN_CASES.entries()) {
+    const { blocks, keys, values, q, k, v } = makeCache(c, 300 + ci);
+    const scale = 1 / Math.sqrt(c.hd);
+    const want = reference(c, q, roundF16(k), roundF16(v), scale);
+    let peak = 0;
+    for (const x of want) peak = Math.max(peak, Math.abs(x));
+    const k16 = toF16(keys);
+    const v16 = toF16(values);
+    const nans = (x: ArrayLike<number>) => Array.prototype.filter.call(x, Number.isNaN).length;
+    const k16back = addon.dequantizeRow('f16', new Uint8Array(k16.buffer, k16.byteOffset, k16.byteLength), keys.length);
+    t.ok(nans(keys) > 0 && nans(k16back) === nans(keys), `case ${ci}: the ${nans(keys)} unwritten key slots stay NaN in float16`);
+    for (const isa of ISAS) {
+      addon.setIsa(isa);
+      const got = addon.attendTest(q, k16, v16, blocks, c.nq, c.hd, c.bs, c.kvh, c.g, c.visible, scale);
+      let worst = 0;
+      let finite = true;
+      for (let i = 0; i < want.length; i++) {
+        if (!Number.isFinite(got[i])) finite = false;
+        worst = Math.max(worst, Math.abs(got[i] - want[i]));
+      }
+      t.ok(finite && worst <= 2e-5 * peak, `${isa} f16 case ${ci} (hd ${c.hd}, bs ${c.bs}, visible ${c.visible}): max error ${worst.toExponential(2)} <= 2e-5 x ${peak.toFixed(3)}`);
+    }
+  }
+  addon.setIsa(initialIsa);
+  const c = ATTN_CASES[1];
+  const { blocks, keys, values, q } = makeCache(c, 5);
+  t.throws(() => addon.attendTest(q, toF16(keys), values, blocks, c.nq, c.hd, c.bs, c.kvh, c.g, c.visible, 0.1), /same array type/);
 });
 
 t.test('attendTest checks its bounds', async (t) => {

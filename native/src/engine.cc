@@ -82,14 +82,15 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
   layers_.resize(static_cast<size_t>(cfg.layers));
   const int64_t kv_dim = cfg.kv_heads * cfg.head_dim;
   const size_t kv_elems = static_cast<size_t>(cfg.kv_blocks * cfg.kv_block_size * kv_dim);
+  const size_t kv_elem_bytes = cfg.kv_f16 ? 2 : 4;
   for (int64_t l = 0; l < cfg.layers; l++) {
-    k_cache_.emplace_back(kv_elems * sizeof(float));
-    v_cache_.emplace_back(kv_elems * sizeof(float));
+    k_cache_.emplace_back(kv_elems * kv_elem_bytes);
+    v_cache_.emplace_back(kv_elems * kv_elem_bytes);
   }
   // The KV cache is backed now, not page by page as steps first write it (those faults
   // cost a 512-token prompt about 30 ms on the Qwen3-30B-A3B shape).
   constexpr size_t kPrefaultChunk = 8u << 20;
-  const size_t kv_bytes = kv_elems * sizeof(float);
+  const size_t kv_bytes = kv_elems * kv_elem_bytes;
   const int64_t chunks = static_cast<int64_t>((kv_bytes + kPrefaultChunk - 1) / kPrefaultChunk);
   pool_->parallel_for(2 * cfg.layers * chunks, 1, [&](int64_t item, int) {
     const int64_t buf = item / chunks;
@@ -442,8 +443,8 @@ void Engine::attention_block(int64_t layer) {
   mark(kQkv);
 
   // Bias, q/k norms, rotary embedding; then keys and values into the paged cache.
-  float* kc = reinterpret_cast<float*>(k_cache_[static_cast<size_t>(layer)].data());
-  float* vc = reinterpret_cast<float*>(v_cache_[static_cast<size_t>(layer)].data());
+  uint8_t* kc = k_cache_[static_cast<size_t>(layer)].data();
+  uint8_t* vc = v_cache_[static_cast<size_t>(layer)].data();
   const int64_t half = hd / 2;
   if (layer == 0) {
     // The rotation of each token's position, shared by every layer of the step.
@@ -488,9 +489,18 @@ void Engine::attention_block(int64_t layer) {
     const int64_t pos = pos_[static_cast<size_t>(t)];
     const int64_t b = s.blocks[static_cast<size_t>(pos / c.kv_block_size)], i = pos % c.kv_block_size;
     for (int64_t g = 0; g < c.kv_heads; g++) {
-      float* kt = kc + kv_key_index(b, g, i, 0, c.kv_heads, hd, c.kv_block_size);
-      for (int64_t d = 0; d < hd; d++) kt[d * c.kv_block_size] = k[g * hd + d];
-      std::memcpy(vc + kv_value_index(b, g, i, 0, c.kv_heads, hd, c.kv_block_size), v + g * hd, static_cast<size_t>(hd) * 4);
+      const int64_t ki = kv_key_index(b, g, i, 0, c.kv_heads, hd, c.kv_block_size);
+      const int64_t vi = kv_value_index(b, g, i, 0, c.kv_heads, hd, c.kv_block_size);
+      if (c.kv_f16) {
+        uint16_t* kt = reinterpret_cast<uint16_t*>(kc) + ki;
+        uint16_t* vt = reinterpret_cast<uint16_t*>(vc) + vi;
+        for (int64_t d = 0; d < hd; d++) kt[d * c.kv_block_size] = f32_to_f16(k[g * hd + d]);
+        for (int64_t d = 0; d < hd; d++) vt[d] = f32_to_f16(v[g * hd + d]);
+      } else {
+        float* kt = reinterpret_cast<float*>(kc) + ki;
+        for (int64_t d = 0; d < hd; d++) kt[d * c.kv_block_size] = k[g * hd + d];
+        std::memcpy(reinterpret_cast<float*>(vc) + vi, v + g * hd, static_cast<size_t>(hd) * 4);
+      }
     }
   });
 
@@ -509,6 +519,7 @@ void Engine::attention_block(int64_t layer) {
     a.head_dim = hd;
     a.keys = kc;
     a.values = vc;
+    a.f16 = c.kv_f16;
     a.blocks = s.blocks.data();
     a.block_size = c.kv_block_size;
     a.kv_heads = c.kv_heads;

@@ -44,6 +44,9 @@ struct EngineConfig {
   int threads = 1;
   int64_t kv_block_size = 16;
   int64_t kv_blocks = 0;
+  // KV cache elements: IEEE float16 (half the memory; attention reads them as float32),
+  // else float32.
+  bool kv_f16 = false;
   // Expert offloading (expert_store.h), on when offload_slots is not empty: routed experts
   // live in `offload_file` and layer l has offload_slots[l] slots (one entry per layer,
   // each in 1..experts; the budget may be split unequally); only the step in pieces runs.

@@ -213,6 +213,12 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     c.threads = static_cast<int>(get_int(o, "threads", 1, false));
     c.kv_block_size = get_int(o, "kvBlockSize", 16, false);
     c.kv_blocks = get_int(o, "kvBlocks", 0, true);
+    const Napi::Value kvt = o.Get("kvCacheType");
+    if (!kvt.IsUndefined()) {
+      const std::string v = kvt.IsString() ? kvt.As<Napi::String>().Utf8Value() : "";
+      if (v != "f32" && v != "f16") throw std::invalid_argument("engine option kvCacheType must be f32 or f16");
+      c.kv_f16 = v == "f16";
+    }
     const Napi::Value off = o.Get("offload");
     if (!off.IsUndefined() && !off.IsNull()) {
       if (!off.IsObject()) throw std::invalid_argument("engine option offload must be an object {file, slotsPerLayer (number or one per layer), ioThreads?, direct?}");

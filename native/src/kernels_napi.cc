@@ -181,7 +181,8 @@ Napi::Int32Array i32_arg(const Napi::CallbackInfo& info, size_t i, const char* w
 
 // attendTest(q, keys, values, blocks, nq, headDim, blockSize, kvHeads, g, visible, scale)
 //   -> Float32Array(nq * headDim): attend() of the active ISA over a paged cache in the
-//   layout of vecops.h (keys / values hold whole blocks; every block id used must be inside).
+//   layout of vecops.h (keys / values hold whole blocks; every block id used must be inside):
+//   Float32Arrays, or Uint16Arrays of float16 bits (both the same type).
 Napi::Value AttendTest(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const int64_t nq = int_arg(info, 4, "nq", 1, 1024);
@@ -194,8 +195,22 @@ Napi::Value AttendTest(const Napi::CallbackInfo& info) {
   const float scale = info[10].As<Napi::Number>().FloatValue();
   Napi::Float32Array q = f32_arg(info, 0, "q", static_cast<size_t>(nq * hd));
   const size_t block_elems = static_cast<size_t>(kvh * hd * bs);
-  Napi::Float32Array keys = f32_arg(info, 1, "keys", block_elems);
-  Napi::Float32Array values = f32_arg(info, 2, "values", block_elems);
+  const auto cache_arg = [&](size_t i, const char* what) {
+    if (i >= info.Length() || !info[i].IsTypedArray()) throw Napi::TypeError::New(env, std::string(what) + " must be a Float32Array or a Uint16Array");
+    const Napi::TypedArray a = info[i].As<Napi::TypedArray>();
+    if (a.TypedArrayType() != napi_float32_array && a.TypedArrayType() != napi_uint16_array) {
+      throw Napi::TypeError::New(env, std::string(what) + " must be a Float32Array or a Uint16Array");
+    }
+    if (a.ElementLength() < block_elems) {
+      throw Napi::RangeError::New(env, std::string(what) + " has " + std::to_string(a.ElementLength()) + " elements, needs " + std::to_string(block_elems));
+    }
+    return a;
+  };
+  const Napi::TypedArray keys = cache_arg(1, "keys");
+  const Napi::TypedArray values = cache_arg(2, "values");
+  if (keys.TypedArrayType() != values.TypedArrayType()) throw Napi::TypeError::New(env, "keys and values must be the same array type");
+  const bool f16 = keys.TypedArrayType() == napi_uint16_array;
+  const auto base = [](const Napi::TypedArray& a) { return static_cast<const uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset(); };
   const int64_t n_blocks = (visible + bs - 1) / bs;
   Napi::Int32Array blocks = i32_arg(info, 3, "blocks", static_cast<size_t>(n_blocks));
   const int64_t have = static_cast<int64_t>(std::min(keys.ElementLength(), values.ElementLength()) / block_elems);
@@ -205,7 +220,7 @@ Napi::Value AttendTest(const Napi::CallbackInfo& info) {
     }
   }
   Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(nq * hd));
-  AttnArgs a{q.Data(), nq, hd, keys.Data(), values.Data(), blocks.Data(), bs, kvh, g, visible, scale, out.Data()};
+  AttnArgs a{q.Data(), nq, hd, base(keys), base(values), f16, blocks.Data(), bs, kvh, g, visible, scale, out.Data()};
   vecops().attend(a);
   return out;
 }

@@ -35,6 +35,14 @@ void silu_mul_scalar(float* out, const float* gate, const float* up, int64_t n) 
 
 }  // namespace
 
+namespace {
+
+inline float kv_at(const void* base, int64_t i, bool f16) {
+  return f16 ? f16_to_f32(static_cast<const uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
+}
+
+}  // namespace
+
 void attend_scalar(const AttnArgs& a) {
   const int64_t hd = a.head_dim, bs = a.block_size;
   thread_local std::vector<float> sc;
@@ -45,9 +53,9 @@ void attend_scalar(const AttnArgs& a) {
     float mx = -INFINITY;
     for (int64_t p = 0; p < a.visible; p++) {
       const int64_t b = a.blocks[p / bs], i = p % bs;
-      const float* k = a.keys + kv_key_index(b, a.g, i, 0, a.kv_heads, hd, bs);
+      const int64_t k = kv_key_index(b, a.g, i, 0, a.kv_heads, hd, bs);
       double s = 0;
-      for (int64_t d = 0; d < hd; d++) s += static_cast<double>(q[d]) * k[d * bs];
+      for (int64_t d = 0; d < hd; d++) s += static_cast<double>(q[d]) * kv_at(a.keys, k + d * bs, a.f16);
       sc[static_cast<size_t>(p)] = static_cast<float>(s) * a.scale;
       mx = std::max(mx, sc[static_cast<size_t>(p)]);
     }
@@ -61,9 +69,9 @@ void attend_scalar(const AttnArgs& a) {
     for (int64_t d = 0; d < hd; d++) out[d] = 0.f;
     for (int64_t p = 0; p < a.visible; p++) {
       const int64_t b = a.blocks[p / bs], i = p % bs;
-      const float* v = a.values + kv_value_index(b, a.g, i, 0, a.kv_heads, hd, bs);
+      const int64_t v = kv_value_index(b, a.g, i, 0, a.kv_heads, hd, bs);
       const float w = sc[static_cast<size_t>(p)] * inv;
-      for (int64_t d = 0; d < hd; d++) out[d] += w * v[d];
+      for (int64_t d = 0; d < hd; d++) out[d] += w * kv_at(a.values, v + d, a.f16);
     }
   }
 }

@@ -22,13 +22,15 @@ inline int64_t kv_value_index(int64_t b, int64_t g, int64_t i, int64_t d, int64_
 // Causal attention of one token for the nq query heads of KV head g:
 //   out[h] = sum_p softmax_p(scale * q[h] . key[p]) value[p],  p < visible,
 // position p living in block blocks[p / block_size] at i = p % block_size.
-// q and out are nq rows of head_dim floats (contiguous).
+// q and out are nq rows of head_dim floats (contiguous); the cache holds float32, or
+// IEEE float16 when f16 is set (converted to float32 as it is read).
 struct AttnArgs {
   const float* q;
   int64_t nq;
   int64_t head_dim;
-  const float* keys;
-  const float* values;
+  const void* keys;
+  const void* values;
+  bool f16;
   const int32_t* blocks;
   int64_t block_size;
   int64_t kv_heads;

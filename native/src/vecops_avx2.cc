@@ -68,7 +68,22 @@ inline __m256 exp256(__m256 x) {
 }
 
 // attend() for NQ query heads, as attend_heads512 (vecops_avx512.cc) in tiles of 8 positions.
-template <int NQ>
+// The first n (<= 8) of 8 cache elements from base + i, the others 0 (float32, or float16
+// converted; `lanes` is lanes_below(n)).
+template <bool F16>
+inline __m256 load_kv256(const void* base, int64_t i, int64_t n, __m256i lanes) {
+  if constexpr (F16) {
+    const uint16_t* p = static_cast<const uint16_t*>(base) + i;
+    if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = 0; j < n; j++) tmp[j] = p[j];
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+  } else {
+    return _mm256_maskload_ps(static_cast<const float*>(base) + i, lanes);
+  }
+}
+
+template <int NQ, bool F16>
 void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
   const int64_t hd = a.head_dim, bs = a.block_size;
   float m[NQ], l[NQ], corr[NQ];
@@ -84,13 +99,13 @@ void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
     const int64_t b = a.blocks[p0 / bs], i0 = p0 % bs;
     const int n = static_cast<int>(std::min<int64_t>(std::min<int64_t>(8, bs - i0), a.visible - p0));
     const __m256i mask = lanes_below(n);
-    const float* kt = a.keys + kv_key_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
-    const float* vb = a.values + kv_value_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
+    const int64_t kt = kv_key_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
+    const int64_t vb = kv_value_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
     __m256 s[NQ];
     #pragma GCC unroll 16
     for (int h = 0; h < NQ; h++) s[h] = _mm256_setzero_ps();
     for (int64_t d = 0; d < hd; d++) {
-      const __m256 kv = _mm256_maskload_ps(kt + d * bs, mask);
+      const __m256 kv = load_kv256<F16>(a.keys, kt + d * bs, n, mask);
       #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) s[h] = _mm256_fmadd_ps(_mm256_set1_ps(Q[h * hd + d]), kv, s[h]);
     }
@@ -106,12 +121,13 @@ void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
       m[h] = mn;
     }
     for (int64_t c = 0; c < hd; c += 8) {
-      const __m256i cm = lanes_below(std::min<int64_t>(8, hd - c));
+      const int64_t cn = std::min<int64_t>(8, hd - c);
+      const __m256i cm = lanes_below(cn);
       __m256 acc[NQ];
       #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) acc[h] = _mm256_mul_ps(_mm256_maskload_ps(O + h * hd + c, cm), _mm256_set1_ps(corr[h]));
       for (int j = 0; j < n; j++) {
-        const __m256 v = _mm256_maskload_ps(vb + j * hd + c, cm);
+        const __m256 v = load_kv256<F16>(a.values, vb + j * hd + c, cn, cm);
         #pragma GCC unroll 16
         for (int h = 0; h < NQ; h++) acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(P[h][j]), v, acc[h]);
       }
@@ -141,20 +157,26 @@ void silu_mul_avx2(float* out, const float* gate, const float* up, int64_t n) {
   for (; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
-void attend_avx2(const AttnArgs& a) {
+template <bool F16>
+void attend_avx2_as(const AttnArgs& a) {
   // Up to 6 heads at once: their accumulators and the loaded vector fit the 16 ymm registers.
   for (int64_t h0 = 0; h0 < a.nq; h0 += 6) {
     const float* q = a.q + h0 * a.head_dim;
     float* o = a.out + h0 * a.head_dim;
     switch (std::min<int64_t>(6, a.nq - h0)) {
-      case 1: attend_heads256<1>(a, q, o); break;
-      case 2: attend_heads256<2>(a, q, o); break;
-      case 3: attend_heads256<3>(a, q, o); break;
-      case 4: attend_heads256<4>(a, q, o); break;
-      case 5: attend_heads256<5>(a, q, o); break;
-      default: attend_heads256<6>(a, q, o); break;
+      case 1: attend_heads256<1, F16>(a, q, o); break;
+      case 2: attend_heads256<2, F16>(a, q, o); break;
+      case 3: attend_heads256<3, F16>(a, q, o); break;
+      case 4: attend_heads256<4, F16>(a, q, o); break;
+      case 5: attend_heads256<5, F16>(a, q, o); break;
+      default: attend_heads256<6, F16>(a, q, o); break;
     }
   }
+}
+
+void attend_avx2(const AttnArgs& a) {
+  if (a.f16) attend_avx2_as<true>(a);
+  else attend_avx2_as<false>(a);
 }
 
 }  // namespace

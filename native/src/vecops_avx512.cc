@@ -63,7 +63,14 @@ inline __m512 exp512(__m512 x) {
 // rows are rescaled when the max grows). A tile's scores are one vector per head: the
 // keys of a block are stored transposed, so dimension d of the tile's 16 positions is
 // one load, multiplied with q[h][d] broadcast, for every head at once.
-template <int NQ>
+// Lanes m of 16 cache elements from base + i (float32, or float16 converted).
+template <bool F16>
+inline __m512 load_kv512(const void* base, int64_t i, __mmask16 m) {
+  if constexpr (F16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + i));
+  else return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + i);
+}
+
+template <int NQ, bool F16>
 void attend_heads512(const AttnArgs& a, const float* Q, float* O) {
   const int64_t hd = a.head_dim, bs = a.block_size;
   float m[NQ], l[NQ], corr[NQ];
@@ -79,13 +86,13 @@ void attend_heads512(const AttnArgs& a, const float* Q, float* O) {
     const int64_t b = a.blocks[p0 / bs], i0 = p0 % bs;
     const int n = static_cast<int>(std::min<int64_t>(std::min<int64_t>(16, bs - i0), a.visible - p0));
     const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-    const float* kt = a.keys + kv_key_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
-    const float* vb = a.values + kv_value_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
+    const int64_t kt = kv_key_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
+    const int64_t vb = kv_value_index(b, a.g, i0, 0, a.kv_heads, hd, bs);
     __m512 s[NQ];
     #pragma GCC unroll 16
     for (int h = 0; h < NQ; h++) s[h] = _mm512_setzero_ps();
     for (int64_t d = 0; d < hd; d++) {
-      const __m512 kv = _mm512_maskz_loadu_ps(mask, kt + d * bs);
+      const __m512 kv = load_kv512<F16>(a.keys, kt + d * bs, mask);
       #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) s[h] = _mm512_fmadd_ps(_mm512_set1_ps(Q[h * hd + d]), kv, s[h]);
     }
@@ -105,7 +112,7 @@ void attend_heads512(const AttnArgs& a, const float* Q, float* O) {
       #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) acc[h] = _mm512_mul_ps(_mm512_maskz_loadu_ps(cm, O + h * hd + c), _mm512_set1_ps(corr[h]));
       for (int j = 0; j < n; j++) {
-        const __m512 v = _mm512_maskz_loadu_ps(cm, vb + j * hd + c);
+        const __m512 v = load_kv512<F16>(a.values, vb + j * hd + c, cm);
         #pragma GCC unroll 16
         for (int h = 0; h < NQ; h++) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(P[h][j]), v, acc[h]);
       }
@@ -140,21 +147,27 @@ void silu_mul_avx512(float* out, const float* gate, const float* up, int64_t n) 
   }
 }
 
-void attend_avx512(const AttnArgs& a) {
+template <bool F16>
+void attend_avx512_as(const AttnArgs& a) {
   for (int64_t h0 = 0; h0 < a.nq; h0 += 8) {
     const float* q = a.q + h0 * a.head_dim;
     float* o = a.out + h0 * a.head_dim;
     switch (std::min<int64_t>(8, a.nq - h0)) {
-      case 1: attend_heads512<1>(a, q, o); break;
-      case 2: attend_heads512<2>(a, q, o); break;
-      case 3: attend_heads512<3>(a, q, o); break;
-      case 4: attend_heads512<4>(a, q, o); break;
-      case 5: attend_heads512<5>(a, q, o); break;
-      case 6: attend_heads512<6>(a, q, o); break;
-      case 7: attend_heads512<7>(a, q, o); break;
-      default: attend_heads512<8>(a, q, o); break;
+      case 1: attend_heads512<1, F16>(a, q, o); break;
+      case 2: attend_heads512<2, F16>(a, q, o); break;
+      case 3: attend_heads512<3, F16>(a, q, o); break;
+      case 4: attend_heads512<4, F16>(a, q, o); break;
+      case 5: attend_heads512<5, F16>(a, q, o); break;
+      case 6: attend_heads512<6, F16>(a, q, o); break;
+      case 7: attend_heads512<7, F16>(a, q, o); break;
+      default: attend_heads512<8, F16>(a, q, o); break;
     }
   }
+}
+
+void attend_avx512(const AttnArgs& a) {
+  if (a.f16) attend_avx512_as<true>(a);
+  else attend_avx512_as<false>(a);
 }
 
 }  // namespace

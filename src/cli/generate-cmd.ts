@@ -1,6 +1,6 @@
 import { availableParallelism } from 'node:os';
 import { generateTokens } from '../engine/generate.js';
-import { NativeRunner, WEIGHT_FORMATS, type WeightFormat } from '../engine/native-runner.js';
+import { KV_CACHE_BYTES, NativeRunner, WEIGHT_FORMATS, type KvCacheType, type WeightFormat } from '../engine/native-runner.js';
 import { storedFormat } from '../engine/weight-format.js';
 import type { ModelRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../model/checkpoint.js';
@@ -26,10 +26,11 @@ export function makeRunner(
   weights: 'auto' | WeightFormat,
   threads: number,
   positions: number,
-  extra: { offload?: OffloadOptions; replay?: RoutingReplay } = {},
+  extra: { offload?: OffloadOptions; replay?: RoutingReplay; kvCacheType?: KvCacheType } = {},
 ): ModelRunner | ReferenceModel {
   if (engine === 'reference') {
     if (extra.offload || extra.replay) throw new UsageError('--offload-capacity and --offload-replay-trace need the native engine');
+    if (extra.kvCacheType === 'f16') throw new UsageError('--kv-cache-type f16 needs the native engine');
     return ReferenceModel.fromSource(m.spec, (name) => m.weights.float32(name));
   }
   const blockSize = 16;
@@ -38,6 +39,7 @@ export function makeRunner(
     threads,
     kvBlockSize: blockSize,
     kvBlocks: Math.ceil(positions / blockSize),
+    kvCacheType: extra.kvCacheType,
     replay: extra.replay,
   };
   if (extra.offload) return OffloadRunner.fromCheckpoint(m.spec, m.weights, { ...base, ...extra.offload });
@@ -61,6 +63,7 @@ options:
   --engine E         native | reference (the plain TypeScript oracle) [native]
   --weights W        weights in memory: auto (as stored) | f32 | bf16 | f16 | q8 | q4 [auto]
   --threads N        compute threads [all cores]
+  --kv-cache-type T  KV cache elements: f32 | f16 (half the memory) [f32]
   --offload-capacity C     offload experts to a file, caching C of them in RAM: a fraction
                            (0.25, 25%) or bytes (512MiB), split across layers by --offload-split [off]
   --offload-split S        equal, or one weight per layer (e.g. 2,2,1,1): the budget divided
@@ -85,6 +88,7 @@ export interface GenerateArgs {
   engine?: 'native' | 'reference';
   weights?: 'auto' | WeightFormat;
   threads?: number;
+  kvCacheType?: KvCacheType;
   offload?: OffloadOptions;
   /** Path of a moe-trace v1 file for routing replay. */
   replayTrace?: string;
@@ -108,7 +112,7 @@ export async function runGenerate(a: GenerateArgs, out: (s: string) => void): Pr
     }
     const positions = Math.min(m.spec.maxPositionEmbeddings, promptIds.length + a.maxTokens);
     const replay = a.replayTrace ? await RoutingReplay.load(a.replayTrace, { layers: m.spec.numLayers, experts: m.spec.numExperts }) : undefined;
-    const model = makeRunner(m, a.engine ?? 'native', a.weights ?? 'auto', a.threads ?? availableParallelism(), positions, { offload: a.offload, replay });
+    const model = makeRunner(m, a.engine ?? 'native', a.weights ?? 'auto', a.threads ?? availableParallelism(), positions, { offload: a.offload, replay, kvCacheType: a.kvCacheType });
     const stopIds = [...new Set([...m.spec.eosTokenIds, ...tok.eosTokenIds])];
     const dec = new IncrementalDecoder(tok);
     const gen = generateTokens(model, promptIds, {
@@ -173,6 +177,7 @@ export const generateCommand = {
       engine: { type: 'string' },
       weights: { type: 'string' },
       threads: { type: 'string' },
+      'kv-cache-type': { type: 'string' },
       'offload-capacity': { type: 'string' },
       'offload-split': { type: 'string' },
       'offload-policy': { type: 'string' },
@@ -198,6 +203,7 @@ export const generateCommand = {
         seed: intOpt(v, 'seed', 0, 0, 0xffffffff),
         engine: choiceOpt(v, 'engine', ['native', 'reference'] as const, 'native'),
         weights: choiceOpt(v, 'weights', WEIGHT_CHOICES, 'auto'),
+        kvCacheType: choiceOpt(v, 'kv-cache-type', Object.keys(KV_CACHE_BYTES) as KvCacheType[], 'f32'),
         threads: intOpt(v, 'threads', availableParallelism(), 1, 1024),
         offload: offloadFlags(v),
         replayTrace: typeof v['offload-replay-trace'] === 'string' && v['offload-replay-trace'] !== '' ? v['offload-replay-trace'] : undefined,

@@ -62,6 +62,7 @@ async function buildRunner(opts: EngineOptions, m: OpenedModel): Promise<ModelRu
         threads: opts.threads ?? availableParallelism(),
         kvBlockSize: opts.kvBlockSize,
         kvBlocks: opts.kvBlocks,
+        kvCacheType: opts.kvCacheType,
         replay,
         // The engine loop samples from a step's logits before the next step runs.
         reuseLogits: true,

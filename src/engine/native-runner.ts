@@ -19,11 +19,17 @@ export type WeightFormat = keyof typeof WEIGHT_FORMATS;
 /** Bytes per weight of each format (quantized ones include their block scales). */
 export const BYTES_PER_WEIGHT: Record<WeightFormat, number> = { f32: 4, bf16: 2, f16: 2, q8: 34 / 32, q4: 18 / 32 };
 
+/** KV cache element types (`--kv-cache-type`) and their bytes. */
+export const KV_CACHE_BYTES = { f32: 4, f16: 2 } as const;
+export type KvCacheType = keyof typeof KV_CACHE_BYTES;
+
 export interface NativeRunnerOptions {
   weights: WeightFormat;
   threads: number;
   kvBlockSize: number;
   kvBlocks: number;
+  /** KV cache elements (default f32). */
+  kvCacheType?: KvCacheType;
   /** Take each token's experts from a recorded trace instead of the router (the step then runs in pieces). */
   replay?: RoutingReplay;
   /** Called with every layer's routing when the step runs in pieces (replay). */
@@ -90,11 +96,14 @@ export function weightBytes(spec: ModelSpec, weights: WeightFormat, routedExpert
   );
 }
 
+/** Bytes of the engine's KV cache: keys and values of every layer, block and KV head. */
+export function kvCacheBytes(spec: ModelSpec, o: Pick<NativeRunnerOptions, 'kvBlocks' | 'kvBlockSize' | 'kvCacheType'>): number {
+  return 2 * spec.numLayers * o.kvBlocks * o.kvBlockSize * spec.numKvHeads * spec.headDim * KV_CACHE_BYTES[o.kvCacheType ?? 'f32'];
+}
+
 /** Bytes the engine will hold for a model: weights in the chosen format plus the KV cache. */
 export function estimateEngineBytes(spec: ModelSpec, o: NativeRunnerOptions): { weights: number; kv: number } {
-  const weights = weightBytes(spec, o.weights);
-  const kv = 2 * spec.numLayers * o.kvBlocks * o.kvBlockSize * spec.numKvHeads * spec.headDim * 4;
-  return { weights, kv };
+  return { weights: weightBytes(spec, o.weights), kv: kvCacheBytes(spec, o) };
 }
 
 /** Memory this process may use: the cgroup limit when there is one, else free RAM. */
@@ -132,6 +141,7 @@ export function engineOptions(spec: ModelSpec, o: NativeRunnerOptions): NativeEn
     threads: o.threads,
     kvBlockSize: o.kvBlockSize,
     kvBlocks: o.kvBlocks,
+    kvCacheType: o.kvCacheType ?? 'f32',
   };
 }
 

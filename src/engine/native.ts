@@ -118,6 +118,8 @@ export interface NativeEngineOptions {
   threads: number;
   kvBlockSize: number;
   kvBlocks: number;
+  /** KV cache elements: float32 (the default) or IEEE float16. */
+  kvCacheType?: 'f32' | 'f16';
   /**
    * Expert offloading. When set, routed experts are not held in RAM: set_tensor writes
    * each expert, packed in the engine's format, to `file` (created, then unlinked while
@@ -340,8 +342,9 @@ export interface NativeAddon {
    */
   attendTest(
     q: Float32Array,
-    keys: Float32Array,
-    values: Float32Array,
+    /** Float32Arrays, or Uint16Arrays of float16 bits (a float16 cache). */
+    keys: Float32Array | Uint16Array,
+    values: Float32Array | Uint16Array,
     blocks: Int32Array,
     nq: number,
     headDim: number,

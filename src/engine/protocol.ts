@@ -247,6 +247,8 @@ export interface EngineOptions {
   threads?: number;
   kvBlockSize: number;
   kvBlocks: number;
+  /** Native runner: KV cache elements, f32 (default) or f16. */
+  kvCacheType?: 'f32' | 'f16';
   /** Token budget of one step: decode tokens plus prompt chunk tokens. */
   maxBatchTokens: number;
   /** Sequences running at once at most. */

@@ -65,6 +65,7 @@ import type { ModelSpec } from '../model/spec.js';
 import { loadNative, type NativeEngine } from '../engine/native.js';
 import {
   availableBytes,
+  kvCacheBytes,
   weightBytes,
   engineOptions,
   loadTensors,
@@ -373,7 +374,7 @@ export class OffloadRunner implements ModelRunner {
     }
     // Resident bytes: everything but the routed experts, the slots, and the KV cache.
     const resident = weightBytes(spec, o.weights, false) + totalSlots * slotBytes;
-    const kvBytes = 2 * spec.numLayers * o.kvBlocks * o.kvBlockSize * spec.numKvHeads * spec.headDim * 4;
+    const kvBytes = kvCacheBytes(spec, o);
     const avail = availableBytes();
     if (resident + kvBytes > avail) {
       const gib = (b: number) => (b / 2 ** 30).toFixed(2);

@@ -36,6 +36,7 @@ export function engineOptions(s: Readonly<ServeSettings>, modelDir: string, mode
     threads: s.threads === 0 ? undefined : s.threads,
     kvBlockSize: s.kvBlockSize,
     kvBlocks: s.kvBlocks,
+    kvCacheType: s.kvCacheType,
     maxBatchTokens: s.maxBatchTokens,
     maxRunning: s.maxRunning,
     maxWaiting: s.maxWaiting,
@@ -78,7 +79,7 @@ export async function startServer(s: Readonly<ServeSettings>, log: (line: string
   }
   log(`loading tokenizer from ${modelDir}`);
   const tokenizer = await MoeTokenizer.load(modelDir);
-  log(`starting the engine (runner ${s.runner}${s.runner === 'native' ? `, weights ${s.weights}` : ''}, ${s.kvBlocks} KV blocks of ${s.kvBlockSize} tokens, up to ${s.maxRunning} running / ${s.maxWaiting} waiting)`);
+  log(`starting the engine (runner ${s.runner}${s.runner === 'native' ? `, weights ${s.weights}` : ''}, ${s.kvBlocks} KV blocks of ${s.kvBlockSize} tokens${s.runner === 'native' ? ` (${s.kvCacheType})` : ''}, up to ${s.maxRunning} running / ${s.maxWaiting} waiting)`);
   if (s.offloadCapacity !== '') {
     const split = parseSplit(s.offloadSplit);
     log(`expert offloading: capacity ${s.offloadCapacity} split across layers ${split.kind === 'equal' ? 'equally' : `by the weights ${splitText(split)}`}, policy ${s.offloadPolicy}, lookahead ${s.offloadLookahead}, ${s.offloadIoThreads} I/O threads, expert file in ${s.offloadDir || 'the OS temporary directory'}`);
