@@ -107,56 +107,53 @@ const ATTN_CASES: AttnCase[] = [
   { nq: 16, hd: 136, bs: 16, kvh: 1, g: 0, visible: 33 }, // two tiles of heads, head_dim 8 x 17
 ];
 
+/**
+ * attend() of every ISA against `want`: every output finite (the unwritten positions are
+ * NaN, so reading one shows) and within 2e-5 of the largest output (float32 scores and
+ * sums over up to 300 positions).
+ */
+function checkIsas(t: { ok(ok: boolean, message: string): unknown }, label: string, want: Float64Array, run: () => Float32Array): void {
+  let peak = 0;
+  for (const x of want) peak = Math.max(peak, Math.abs(x));
+  for (const isa of ISAS) {
+    addon.setIsa(isa);
+    const got = run();
+    let worst = 0;
+    let finite = true;
+    for (let i = 0; i < want.length; i++) {
+      if (!Number.isFinite(got[i])) finite = false;
+      worst = Math.max(worst, Math.abs(got[i] - want[i]));
+    }
+    t.ok(finite, `${isa} ${label}: every output finite (no unwritten position read)`);
+    t.ok(worst <= 2e-5 * peak, `${isa} ${label}: max error ${worst.toExponential(2)} <= 2e-5 x ${peak.toFixed(3)}`);
+  }
+  addon.setIsa(initialIsa);
+}
+
+const describe = (c: AttnCase, ci: number) => `case ${ci} (nq ${c.nq}, hd ${c.hd}, bs ${c.bs}, visible ${c.visible})`;
+
 t.test('attend: every ISA against a float64 two-pass softmax, NaN wherever nothing was written', async (t) => {
   t.ok(ISAS.includes('scalar'));
   for (const [ci, c] of ATTN_CASES.entries()) {
     const { blocks, keys, values, q, k, v } = makeCache(c, 100 + ci);
     const scale = 1 / Math.sqrt(c.hd);
-    const want = reference(c, q, k, v, scale);
-    let peak = 0;
-    for (const x of want) peak = Math.max(peak, Math.abs(x));
-    for (const isa of ISAS) {
-      addon.setIsa(isa);
-      const got = addon.attendTest(q, keys, values, blocks, c.nq, c.hd, c.bs, c.kvh, c.g, c.visible, scale);
-      let worst = 0;
-      let finite = true;
-      for (let i = 0; i < want.length; i++) {
-        if (!Number.isFinite(got[i])) finite = false;
-        worst = Math.max(worst, Math.abs(got[i] - want[i]));
-      }
-      t.ok(finite, `${isa} case ${ci}: every output finite (no unwritten position read)`);
-      // float32 scores and sums over up to 300 positions: 2e-5 of the largest output.
-      t.ok(worst <= 2e-5 * peak, `${isa} case ${ci} (nq ${c.nq}, hd ${c.hd}, bs ${c.bs}, visible ${c.visible}): max error ${worst.toExponential(2)} <= 2e-5 x ${peak.toFixed(3)}`);
-    }
+    checkIsas(t, describe(c, ci), reference(c, q, k, v, scale), () => addon.attendTest(q, keys, values, blocks, c.nq, c.hd, c.bs, c.kvh, c.g, c.visible, scale));
   }
-  addon.setIsa(initialIsa);
 });
 
 t.test('attend over a float16 cache: every ISA against float64 on the float16-rounded keys and values', async (t) => {
+  const nans = (x: ArrayLike<number>) => Array.prototype.filter.call(x, Number.isNaN).length;
   for (const [ci, c] of ATTN_CASES.entries()) {
     const { blocks, keys, values, q, k, v } = makeCache(c, 300 + ci);
     const scale = 1 / Math.sqrt(c.hd);
-    const want = reference(c, q, roundF16(k), roundF16(v), scale);
-    let peak = 0;
-    for (const x of want) peak = Math.max(peak, Math.abs(x));
     const k16 = toF16(keys);
     const v16 = toF16(values);
-    const nans = (x: ArrayLike<number>) => Array.prototype.filter.call(x, Number.isNaN).length;
     const k16back = addon.dequantizeRow('f16', new Uint8Array(k16.buffer, k16.byteOffset, k16.byteLength), keys.length);
     t.ok(nans(keys) > 0 && nans(k16back) === nans(keys), `case ${ci}: the ${nans(keys)} unwritten key slots stay NaN in float16`);
-    for (const isa of ISAS) {
-      addon.setIsa(isa);
-      const got = addon.attendTest(q, k16, v16, blocks, c.nq, c.hd, c.bs, c.kvh, c.g, c.visible, scale);
-      let worst = 0;
-      let finite = true;
-      for (let i = 0; i < want.length; i++) {
-        if (!Number.isFinite(got[i])) finite = false;
-        worst = Math.max(worst, Math.abs(got[i] - want[i]));
-      }
-      t.ok(finite && worst <= 2e-5 * peak, `${isa} f16 case ${ci} (hd ${c.hd}, bs ${c.bs}, visible ${c.visible}): max error ${worst.toExponential(2)} <= 2e-5 x ${peak.toFixed(3)}`);
-    }
+    checkIsas(t, `f16 ${describe(c, ci)}`, reference(c, q, roundF16(k), roundF16(v), scale), () =>
+      addon.attendTest(q, k16, v16, blocks, c.nq, c.hd, c.bs, c.kvh, c.g, c.visible, scale),
+    );
   }
-  addon.setIsa(initialIsa);
   const c = ATTN_CASES[1];
   const { blocks, keys, values, q } = makeCache(c, 5);
   t.throws(() => addon.attendTest(q, toF16(keys), values, blocks, c.nq, c.hd, c.bs, c.kvh, c.g, c.visible, 0.1), /same array type/);
