@@ -28,6 +28,9 @@
 //   --threads=N / BENCH_THREADS          threads of both engines and the probe (default 2)
 //   BENCH_BUDGET_SECONDS (default 600)   optional cases that would end past this are skipped
 //   BENCH_DECODE_STEPS (48), BENCH_BATCH_STEPS (16), BENCH_PREFILL_REPS (2), BENCH_PREFILL_TOKENS (512)
+//   BENCH_LONG_CONTEXT (2048; 0: off)    qwen-q8 only: a prompt of this many tokens in steps of
+//                                        512, then 16 decode steps over it (llama.cpp with flash
+//                                        attention, its faster setting at long context)
 //   BENCH_LLAMA_MMAP=auto|0|1            llama.cpp's useMmap (default auto, its default)
 // The last line is JSON: {decode_vs_llamacpp, decode_roofline_fraction, prefill_vs_llamacpp,
 // batch32_vs_single} for qwen-q8, and `figures`: [{name, value, unit, compared_to}].
@@ -39,7 +42,21 @@ import { loadNative, nativeAddonPath } from '../src/engine/native.js';
 import { readModelSpec } from '../src/model/hf-config.js';
 import type { ModelSpec } from '../src/model/spec.js';
 import { BENCH_MODELS, benchModelsDir, ensureCheckpoint, ensureGguf, type BenchModel } from './lib/bench-models.js';
-import { bytesPerToken, chunkBandwidth, chunkProbe, DECODE_CHUNK_STEPS, decodeRooflineFraction, GB, makeWorkload, MB, PROBE_BYTES, type EngineResult, type ReadBytes } from './lib/engine-bench-common.js';
+import {
+  bytesPerToken,
+  chunkBandwidth,
+  chunkProbe,
+  DECODE_CHUNK_STEPS,
+  decodeRooflineFraction,
+  GB,
+  LONG_PREFILL_CHUNK,
+  makeWorkload,
+  MB,
+  PROBE_BYTES,
+  type EngineResult,
+  type LongContextResult,
+  type ReadBytes,
+} from './lib/engine-bench-common.js';
 import { disposeLlamaCpp, getLlamaCpp, measureLlamaCpp, type LlamaCppResult } from './lib/engine-bench-llamacpp.js';
 import { measureOursInChild, type OursResult } from './lib/engine-bench-ours.js';
 import type { Figure } from './lib/figures.js';
@@ -103,6 +120,7 @@ const workload = makeWorkload({
   batchSteps: intOption('BENCH_BATCH_STEPS', 16, 1),
   prefillReps: intOption('BENCH_PREFILL_REPS', 2, 1),
   prefillTokens: intOption('BENCH_PREFILL_TOKENS', 512, 16),
+  longContext: intOption('BENCH_LONG_CONTEXT', 2048, 0),
 });
 
 // ---------------------------------------------------------------------------------
@@ -188,6 +206,14 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
   line(`decode / its roofline`, 100 * fracO, fracL === null ? null : 100 * fracL, '%', target(fracO >= TARGET.rooflineFraction, `ours >= ${100 * TARGET.rooflineFraction}% of roofline`));
   for (const n of [8, 32]) line(`decode, ${n} sequences aggregate`, oursBatch(n), llamaBatch(n), 'tok/s', '');
   line(`32-seq aggregate / 1 stream`, b32O, b32L, 'x', target(b32O >= TARGET.batch32VsSingle, `ours >= ${TARGET.batch32VsSingle}x`), 2);
+  const longO = ours.long;
+  const longL = llama?.long ?? null;
+  if (longO) {
+    const n = longO.context;
+    line(`prefill ${n}-token prompt`, n / longO.prefillSeconds, longL && n / longL.prefillSeconds, 'tok/s', '');
+    line(`decode after ${n} tokens`, longO.decodeSteps / longO.decodeSeconds, longL && longL.decodeSteps / longL.decodeSeconds, 'tok/s', '', 2);
+    log(`  long context: ours ${longO.setup}` + (longL ? `; llama.cpp ${longL.setup}` : ''));
+  }
   log(
     `  timings: prefill ours ${ours.prefill.seconds.map((s) => fmt(s, 2)).join(', ')} s` +
       (llama ? `, llama.cpp ${llama.prefill.seconds.map((s) => fmt(s, 2)).join(', ')} s` : '') +
@@ -225,6 +251,17 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
   fig(`${label} ours decode roofline fraction`, fracO, 'ratio', `roofline ${fmt(roofOurs, 2)} tok/s at ${fmt(chunkBandwidth(ours.decode.chunks), 2)} GB/s`);
   for (const n of [8, 32]) fig(`${label} ours decode ${n} sequences aggregate`, oursBatch(n), 'tok/s', cmpR(oursBatch(n), llamaBatch(n), 'tok/s'));
   fig(`${label} ours 32-sequence aggregate / single stream`, b32O, 'ratio', b32L === null ? null : `llama.cpp ${fmt(b32L, 3)}x`);
+  if (longO) {
+    const n = longO.context;
+    const pre = (r: LongContextResult) => n / r.prefillSeconds;
+    const dec = (r: LongContextResult) => r.decodeSteps / r.decodeSeconds;
+    fig(`${label} ours prefill ${n}-token prompt (steps of ${LONG_PREFILL_CHUNK})`, pre(longO), 'tok/s', longL ? `llama.cpp ${fmt(pre(longL), 2)} tok/s: ${fmt(pre(longO) / pre(longL), 3)}x` : null);
+    fig(`${label} ours decode after ${n} tokens of context`, dec(longO), 'tok/s', longL ? `llama.cpp ${fmt(dec(longL), 2)} tok/s (${longL.setup}): ${fmt(dec(longO) / dec(longL), 3)}x` : null);
+    if (longL) {
+      fig(`${label} llama.cpp prefill ${n}-token prompt`, pre(longL), 'tok/s', null);
+      fig(`${label} llama.cpp decode after ${n} tokens of context`, dec(longL), 'tok/s', null);
+    }
+  }
   if (llama && prefillL !== null && decodeL !== null && fracL !== null) {
     fig(`${label} llama.cpp prefill ${llama.prefill.tokens}-token prompt`, prefillL, 'tok/s', null);
     fig(`${label} llama.cpp decode 1 stream`, decodeL, 'tok/s', null);
@@ -249,7 +286,10 @@ async function main(): Promise<void> {
   log(`cases: ${selected.map((c) => c.id).join(', ')}; budget ${budgetSeconds} s for optional cases; models in ${benchModelsDir()}`);
   log(
     `workload: prefill ${workload.prefillPrompt.length} tokens x ${workload.prefillReps} (after a warm-up prefill); decode ${workload.decodeSteps} steps (+${workload.decodeWarmSteps} warm-up) ` +
-      `after a ${workload.decodePrompt.length}-token prompt; batched ${workload.batchSizes.join(' and ')} sequences x ${workload.batchSteps} steps (+${workload.batchWarmSteps}); greedy`,
+      `after a ${workload.decodePrompt.length}-token prompt; batched ${workload.batchSizes.join(' and ')} sequences x ${workload.batchSteps} steps (+${workload.batchWarmSteps}); greedy` +
+      (workload.longPrompt.length > 0
+        ? `; long context (${REQUIRED} only): a ${workload.longPrompt.length}-token prompt in steps of ${LONG_PREFILL_CHUNK}, then ${workload.longDecodeSteps} decode steps`
+        : ''),
   );
 
   // Models: generated / exported once, then reused.
@@ -288,12 +328,14 @@ async function main(): Promise<void> {
     const spec = readModelSpec(dir);
     const read = bytesPerToken(spec, c.gguf);
     log(`\n[${c.id}] measuring our engine (${c.weights}) ...`);
-    const ours = await measureOursInChild(dir, c.weights, threads, workload);
+    // The long-context figures are measured on the required case only (they take half a minute).
+    const w = c.id === REQUIRED ? workload : { ...workload, longPrompt: [] };
+    const ours = await measureOursInChild(dir, c.weights, threads, w);
     let lres: LlamaCppResult | null = null;
     if (llama) {
       log(`[${c.id}] measuring llama.cpp (${c.gguf}) ...`);
       try {
-        lres = await measureLlamaCpp(ggufs.get(c.id)!, threads, workload, llamaMmap);
+        lres = await measureLlamaCpp(ggufs.get(c.id)!, threads, w, llamaMmap);
       } catch (e) {
         log(`[${c.id}] llama.cpp failed: ${(e as Error).message.split('\n')[0]}`);
       }

@@ -27,7 +27,16 @@ export interface Workload {
   batchPromptLength: number;
   batchWarmSteps: number;
   batchSteps: number;
+  /**
+   * Long context: this prompt (empty: not measured), prefilled in chunks of 512 tokens,
+   * then greedy decode steps over it.
+   */
+  longPrompt: number[];
+  longDecodeSteps: number;
 }
+
+/** Prompt tokens per step of the long-context prefill (the server's default maxBatchTokens). */
+export const LONG_PREFILL_CHUNK = 512;
 
 /** Deterministic ids in [lo, hi). */
 export function tokenIds(n: number, seed: number, lo: number, hi: number): number[] {
@@ -40,7 +49,7 @@ export function tokenIds(n: number, seed: number, lo: number, hi: number): numbe
   return out;
 }
 
-export function makeWorkload(o: { decodeSteps: number; batchSteps: number; prefillReps: number; prefillTokens: number }): Workload {
+export function makeWorkload(o: { decodeSteps: number; batchSteps: number; prefillReps: number; prefillTokens: number; longContext: number }): Workload {
   const tokenLimit = 4000;
   const ids = (n: number, seed: number) => tokenIds(n, seed, 256, tokenLimit);
   return {
@@ -55,6 +64,8 @@ export function makeWorkload(o: { decodeSteps: number; batchSteps: number; prefi
     batchPromptLength: 16,
     batchWarmSteps: 2,
     batchSteps: o.batchSteps,
+    longPrompt: ids(o.longContext, 5),
+    longDecodeSteps: 16,
   };
 }
 
@@ -92,12 +103,23 @@ export interface BatchResult {
   dispatches?: number;
 }
 
+export interface LongContextResult {
+  context: number;
+  prefillSeconds: number;
+  decodeSteps: number;
+  decodeSeconds: number;
+  /** How this engine ran it (KV cache type, attention kernel). */
+  setup: string;
+}
+
 export interface EngineResult {
   engine: 'ours' | 'llama.cpp';
   loadSeconds: number;
   prefill: { tokens: number; seconds: number[]; tokensPerSecond: number };
   decode: { steps: number; seconds: number; tokensPerSecond: number; chunks: DecodeChunk[] };
   batches: BatchResult[];
+  /** Decode after a long prompt (Workload.longPrompt), when one was given. */
+  long?: LongContextResult;
   /** Probe right before and right after the measurements (GB/s), and their mean. */
   bandwidthBefore: number;
   bandwidthAfter: number;

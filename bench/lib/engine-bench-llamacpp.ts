@@ -6,7 +6,19 @@
 // the clocks start.
 
 import type { Llama, LlamaContext, LlamaContextSequence, LlamaModel, Token } from 'node-llama-cpp';
-import { batchPrompt, decodeInChunks, probeBandwidth, procMemory, sleep, type BatchResult, type EngineResult, type ProcMemory, type Workload } from './engine-bench-common.js';
+import {
+  batchPrompt,
+  decodeInChunks,
+  LONG_PREFILL_CHUNK,
+  probeBandwidth,
+  procMemory,
+  sleep,
+  type BatchResult,
+  type EngineResult,
+  type LongContextResult,
+  type ProcMemory,
+  type Workload,
+} from './engine-bench-common.js';
 
 let llamaPromise: Promise<Llama> | null = null;
 
@@ -128,6 +140,22 @@ export async function measureLlamaCpp(file: string, threads: number, w: Workload
 
     await sleep(200);
     const bandwidthAfter = probeBandwidth(threads);
+
+    // Long context: llama.cpp's faster setting there (flash attention on; F16 KV cache).
+    let long: LongContextResult | undefined;
+    if (w.longPrompt.length > 0) {
+      ctx = await model.createContext({ ...ctxOptions(1, w.longPrompt.length + w.longDecodeSteps + 64), flashAttention: true });
+      const seq = ctx.getSequence();
+      const t = performance.now();
+      let last = [await prompt(seq, w.longPrompt)];
+      const prefillSeconds = (performance.now() - t) / 1000;
+      const t2 = performance.now();
+      for (let k = 0; k < w.longDecodeSteps; k++) last = await decodeStep([seq], last);
+      const decodeSeconds = (performance.now() - t2) / 1000;
+      long = { context: w.longPrompt.length, prefillSeconds, decodeSteps: w.longDecodeSteps, decodeSeconds, setup: `KV cache F16, flash attention on, batches of ${LONG_PREFILL_CHUNK}` };
+      await ctx.dispose();
+      ctx = null;
+    }
     const notes = [
       `llama.cpp ${llama.llamaCppRelease.release} (${llama.buildType} build), mmap ${model.useMmap}, KV cache F16, flash attention off, threads ${threads}`,
     ];
@@ -140,6 +168,7 @@ export async function measureLlamaCpp(file: string, threads: number, w: Workload
       prefill: { tokens: w.prefillPrompt.length, seconds: prefillSeconds, tokensPerSecond: (w.prefillPrompt.length * w.prefillReps) / prefillTotal },
       decode: { steps: w.decodeSteps, seconds: decodeSeconds, tokensPerSecond: w.decodeSteps / decodeSeconds, chunks: dec.chunks },
       batches,
+      long,
       bandwidthBefore,
       bandwidthAfter,
       bandwidth: (bandwidthBefore + bandwidthAfter) / 2,

@@ -13,7 +13,9 @@ import {
   probeBandwidth,
   procMemory,
   type BatchResult,
+  LONG_PREFILL_CHUNK,
   type EngineResult,
+  type LongContextResult,
   type ProcMemory,
   type Workload,
 } from './engine-bench-common.js';
@@ -46,6 +48,7 @@ export function blocksNeeded(w: Workload): number {
   const { rounds, perRound } = interleavedSteps(w);
   const steps = Math.max(w.batchSteps, rounds * perRound);
   for (const n of w.batchSizes) for (let i = 0; i < n; i++) b.take(w.batchPromptLength + w.batchWarmSteps + steps);
+  if (w.longPrompt.length > 0) b.take(w.longPrompt.length + w.longDecodeSteps);
   return b.next;
 }
 
@@ -161,12 +164,25 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
 
     const bandwidthAfter = probeBandwidth(threads);
     const memAfter = procMemory();
+
+    // Long context (after the figures above and the memory reading): the prompt in steps
+    // of LONG_PREFILL_CHUNK tokens, then single-stream decode over it.
+    let long: LongContextResult | undefined;
+    if (w.longPrompt.length > 0) {
+      const s = newSeq(w.longPrompt.length + w.longDecodeSteps);
+      const t = performance.now();
+      for (let i = 0; i < w.longPrompt.length; i += LONG_PREFILL_CHUNK) step([s], [w.longPrompt.slice(i, i + LONG_PREFILL_CHUNK)]);
+      const prefillSeconds = (performance.now() - t) / 1000;
+      const decodeSeconds = decodeSteps([s], w.longDecodeSteps);
+      long = { context: w.longPrompt.length, prefillSeconds, decodeSteps: w.longDecodeSteps, decodeSeconds, setup: 'KV cache float32 (the default)' };
+    }
     result = {
       engine: 'ours',
       loadSeconds,
       prefill: { tokens: w.prefillPrompt.length, seconds: prefillSeconds, tokensPerSecond: (w.prefillPrompt.length * w.prefillReps) / prefillTotal },
       decode: { steps: w.decodeSteps, seconds: decodeSeconds, tokensPerSecond: w.decodeSteps / decodeSeconds, chunks: dec.chunks },
       batches,
+      long,
       bandwidthBefore,
       bandwidthAfter,
       bandwidth: (bandwidthBefore + bandwidthAfter) / 2,
