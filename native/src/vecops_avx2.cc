@@ -86,6 +86,7 @@ inline __m256 load_kv256(const void* base, int64_t i, int64_t n, __m256i lanes) 
 template <int NQ, bool F16>
 void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
   const int64_t hd = a.head_dim, bs = a.block_size;
+  constexpr int64_t kElem = F16 ? 2 : 4;
   float m[NQ], l[NQ], corr[NQ];
   alignas(32) float P[NQ][8];
   #pragma GCC unroll 16
@@ -104,7 +105,24 @@ void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
     __m256 s[NQ];
     #pragma GCC unroll 16
     for (int h = 0; h < NQ; h++) s[h] = _mm256_setzero_ps();
+    // The next tile's keys (one line per dimension) and values (contiguous) are prefetched
+    // while this one runs: the cache of a long context streams from memory once per token
+    // and layer, and the hardware prefetchers do not cross the 4 KB page boundaries.
+    const uint8_t* next_k = nullptr;
+    const uint8_t* next_v = nullptr;
+    int64_t next_v_bytes = 0;
+    if (p0 + n < a.visible) {
+      const int64_t p1 = p0 + n, b1 = a.blocks[p1 / bs], i1 = p1 % bs;
+      const int64_t n1 = std::min<int64_t>(std::min<int64_t>(8, bs - i1), a.visible - p1);
+      next_k = static_cast<const uint8_t*>(a.keys) + kv_key_index(b1, a.g, i1, 0, a.kv_heads, hd, bs) * kElem;
+      next_v = static_cast<const uint8_t*>(a.values) + kv_value_index(b1, a.g, i1, 0, a.kv_heads, hd, bs) * kElem;
+      next_v_bytes = n1 * hd * kElem;
+    }
     for (int64_t d = 0; d < hd; d++) {
+      if (next_k != nullptr) {
+        _mm_prefetch(reinterpret_cast<const char*>(next_k + d * bs * kElem), _MM_HINT_T1);
+        if (d * 64 < next_v_bytes) _mm_prefetch(reinterpret_cast<const char*>(next_v + d * 64), _MM_HINT_T1);
+      }
       const __m256 kv = load_kv256<F16>(a.keys, kt + d * bs, n, mask);
       #pragma GCC unroll 16
       for (int h = 0; h < NQ; h++) s[h] = _mm256_fmadd_ps(_mm256_set1_ps(Q[h * hd + d]), kv, s[h]);
