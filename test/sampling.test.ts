@@ -3,7 +3,8 @@
 // distributions and every truncation; and the untruncated draw's frequencies against the
 // softmax.
 import t from 'tap';
-import { sample, type SamplingParams } from '../src/engine/sampling.js';
+import { loadNative } from '../src/engine/native.js';
+import { sample, samplingWeights, type SamplingParams } from '../src/engine/sampling.js';
 import { Rng } from '../src/model/prng.js';
 
 /** The rule in sample()'s documentation, written plainly: rank everything, cut, draw. */
@@ -12,10 +13,9 @@ function oracle(logits: Float32Array, p: SamplingParams, rng: Rng): number {
   let best = 0;
   for (let i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
   if (p.temperature <= 0) return best;
-  let max = -Infinity;
-  for (const v of logits) max = Math.max(max, v);
-  const w = Array.from(logits, (v) => Math.exp((v - max) / p.temperature));
-  const sum = w.reduce((a, b) => a + b, 0);
+  // The weights as sample() computes them (their accuracy is checked below).
+  const w = new Float64Array(n);
+  const sum = samplingWeights(logits, 0, n, p.temperature, w);
   const topK = p.topK > 0 && p.topK < n ? p.topK : n;
   if (topK === n && p.topP >= 1 && !(p.minP > 0)) {
     let r = rng.uniform() * sum;
@@ -102,6 +102,42 @@ t.test('sample() reads the window [off, off + n) only', async (t) => {
       t.equal(id, oracle(inner, p, new Rng(s)), `seed ${s}, topK ${p.topK}: id ${id} of the window`);
     }
   }
+});
+
+t.test('sampling weights: every ISA within float32 rounding of float64 e^x, exact zeros for -inf logits, the sum over the window', async (t) => {
+  const addon = loadNative();
+  const initial = addon.kernelInfo().active;
+  const gen = new Rng(4);
+  for (const isa of ['scalar', 'avx2', 'avx512'] as const) {
+    if (!addon.setIsa(isa)) continue;
+    for (const n of [1, 7, 8, 15, 16, 17, 1000, 151936]) {
+      for (const temperature of [0.05, 0.7, 1, 3]) {
+        const logits = new Float32Array(n + 3).map(() => gen.normal() * 4);
+        if (n > 2) logits[2] = -Infinity;
+        const out = new Float64Array(n);
+        const sum = addon.expWeights(logits, 1, n, temperature, out);
+        let max = -Infinity;
+        for (let i = 1; i <= n; i++) max = Math.max(max, logits[i]);
+        let bad = 0;
+        let want = 0;
+        for (let i = 0; i < n; i++) {
+          const arg = (logits[1 + i] - max) / temperature;
+          const e = Math.exp(arg);
+          want += out[i];
+          // float32: the argument carries about 2e-7 x |arg| of rounding (x - max, then
+          // times 1 / temperature), the exponential about 2 ulp; what underflows may be 0.
+          if (e === 0 ? out[i] !== 0 : !(Math.abs(out[i] - e) <= (3e-7 + 2e-7 * Math.abs(arg)) * e + 1e-37)) bad++;
+        }
+        if (n > 2 && out[1] !== 0) bad++;
+        t.equal(bad, 0, `${isa} n=${n} T=${temperature}: weights within float32 rounding${n > 2 ? ', the -inf logit 0' : ''}`);
+        t.ok(Math.abs(sum - want) <= 1e-12 * want, `${isa} n=${n} T=${temperature}: the sum of the weights`);
+      }
+    }
+  }
+  addon.setIsa(initial);
+  t.throws(() => addon.expWeights(new Float32Array(4), 2, 3, 1, new Float64Array(3)), /logits has 4 elements, needs 5/);
+  t.throws(() => addon.expWeights(new Float32Array(4), 0, 4, 0, new Float64Array(4)), /temperature must be a positive/);
+  t.throws(() => addon.expWeights(new Float32Array(4), 0, 4, 1, new Float64Array(2)), /out has 2 elements/);
 });
 
 t.test('the untruncated draw follows the softmax', async (t) => {

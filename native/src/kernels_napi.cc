@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -234,6 +235,26 @@ Napi::Value SiluMulTest(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// expWeights(logits: Float32Array, off, n, temperature, out: Float64Array) -> sum: the
+// sampling weights out[i] = e^((logits[off + i] - max) / temperature) over the window
+// [off, off + n) (max over it), computed with the active ISA in float32; returns their sum.
+Napi::Value ExpWeights(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int64_t off = int_arg(info, 1, "off", 0, kMaxDim);
+  const int64_t n = int_arg(info, 2, "n", 1, kMaxDim);
+  if (info.Length() < 4 || !info[3].IsNumber()) throw Napi::TypeError::New(env, "temperature must be a number");
+  const double temperature = info[3].As<Napi::Number>().DoubleValue();
+  if (!(temperature > 0) || !std::isfinite(temperature)) throw Napi::RangeError::New(env, "temperature must be a positive finite number");
+  Napi::Float32Array x = f32_arg(info, 0, "logits", static_cast<size_t>(off + n));
+  if (info.Length() < 5 || !info[4].IsTypedArray() || info[4].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
+    throw Napi::TypeError::New(env, "out must be a Float64Array");
+  }
+  Napi::Float64Array out = info[4].As<Napi::Float64Array>();
+  if (out.ElementLength() < static_cast<size_t>(n)) throw Napi::RangeError::New(env, "out has " + std::to_string(out.ElementLength()) + " elements, needs " + std::to_string(n));
+  const double sum = vecops().exp_weights(x.Data() + off, n, static_cast<float>(1.0 / temperature), out.Data());
+  return Napi::Number::New(env, sum);
+}
+
 // gatherActsTest(type, x, n, cols, rows) -> [gathered, prepared]: the bytes of gather_acts
 // of the given rows out of activations prepared from x (n rows), and of prepare_acts of
 // those rows' inputs, each as long as the kernels' layout for that many rows.
@@ -440,6 +461,7 @@ void RegisterKernels(Napi::Env env, Napi::Object exports) {
   exports.Set("matmulTest", Napi::Function::New(env, MatmulTest, "matmulTest"));
   exports.Set("attendTest", Napi::Function::New(env, AttendTest, "attendTest"));
   exports.Set("siluMulTest", Napi::Function::New(env, SiluMulTest, "siluMulTest"));
+  exports.Set("expWeights", Napi::Function::New(env, ExpWeights, "expWeights"));
   exports.Set("gatherActsTest", Napi::Function::New(env, GatherActsTest, "gatherActsTest"));
   exports.Set("poolThrowTest", Napi::Function::New(env, PoolThrowTest, "poolThrowTest"));
   exports.Set("kernelBench", Napi::Function::New(env, KernelBench, "kernelBench"));

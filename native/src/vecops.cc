@@ -33,6 +33,14 @@ void silu_mul_scalar(float* out, const float* gate, const float* up, int64_t n) 
   for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+double exp_weights_scalar(const float* x, int64_t n, float inv_t, double* out) {
+  float mx = x[0];
+  for (int64_t i = 1; i < n; i++) mx = std::max(mx, x[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; i++) sum += out[i] = std::exp((x[i] - mx) * inv_t);
+  return sum;
+}
+
 }  // namespace
 
 namespace {
@@ -77,7 +85,7 @@ void attend_scalar(const AttnArgs& a) {
 }
 
 const VecOps& vecops_scalar() {
-  static const VecOps ops{dot_scalar, axpy_scalar, attend_scalar, silu_mul_scalar};
+  static const VecOps ops{dot_scalar, axpy_scalar, attend_scalar, silu_mul_scalar, exp_weights_scalar};
   return ops;
 }
 

@@ -47,6 +47,9 @@ struct VecOps {
   void (*attend)(const AttnArgs& a);
   // out[i] = silu(gate[i]) * up[i] (SwiGLU), silu(x) = x / (1 + e^-x)
   void (*silu_mul)(float* out, const float* gate, const float* up, int64_t n);
+  // Sampling weights: out[i] = e^((x[i] - max x) * inv_t), computed in float32, stored as
+  // doubles; returns their sum (double). n >= 1.
+  double (*exp_weights)(const float* x, int64_t n, float inv_t, double* out);
 };
 
 // The variant matching the active matrix-kernel ISA (see kernels.h).

@@ -175,6 +175,33 @@ void silu_mul_avx2(float* out, const float* gate, const float* up, int64_t n) {
   for (; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+double exp_weights_avx2(const float* x, int64_t n, float inv_t, double* out) {
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + i));
+  float mx = hmax256(mv);
+  for (; i < n; i++) mx = std::max(mx, x[i]);
+  const __m256 vmx = _mm256_set1_ps(mx), vt = _mm256_set1_ps(inv_t);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 arg = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmx), vt);
+    // Below e^-87.3 (exp256's floor) the weight is 0: a -inf logit stays impossible.
+    const __m256 e = _mm256_and_ps(_mm256_cmp_ps(arg, _mm256_set1_ps(-87.3f), _CMP_GE_OQ), exp256(arg));
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(e));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1));
+    _mm256_storeu_pd(out + i, lo);
+    _mm256_storeu_pd(out + i + 4, hi);
+    s0 = _mm256_add_pd(s0, lo);
+    s1 = _mm256_add_pd(s1, hi);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(s0, s1));
+  double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < n; i++) sum += out[i] = std::exp((x[i] - mx) * inv_t);
+  return sum;
+}
+
 template <bool F16>
 void attend_avx2_as(const AttnArgs& a) {
   // Up to 6 heads at once: their accumulators and the loaded vector fit the 16 ymm registers.
@@ -200,7 +227,7 @@ void attend_avx2(const AttnArgs& a) {
 }  // namespace
 
 const VecOps& vecops_avx2() {
-  static const VecOps ops{dot_avx2, axpy_avx2, attend_avx2, silu_mul_avx2};
+  static const VecOps ops{dot_avx2, axpy_avx2, attend_avx2, silu_mul_avx2, exp_weights_avx2};
   return ops;
 }
 

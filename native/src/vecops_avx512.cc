@@ -165,6 +165,31 @@ void silu_mul_avx512(float* out, const float* gate, const float* up, int64_t n) 
   }
 }
 
+double exp_weights_avx512(const float* x, int64_t n, float inv_t, double* out) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + i));
+  float mx = _mm512_reduce_max_ps(mv);
+  for (; i < n; i++) mx = std::max(mx, x[i]);
+  const __m512 vmx = _mm512_set1_ps(mx), vt = _mm512_set1_ps(inv_t);
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+  i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 arg = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmx), vt);
+    // Below e^-87.3 (exp512's floor) the weight is 0: a -inf logit stays impossible.
+    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(arg, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), exp512(arg));
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(e));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    _mm512_storeu_pd(out + i, lo);
+    _mm512_storeu_pd(out + i + 8, hi);
+    s0 = _mm512_add_pd(s0, lo);
+    s1 = _mm512_add_pd(s1, hi);
+  }
+  double sum = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  for (; i < n; i++) sum += out[i] = std::exp((x[i] - mx) * inv_t);
+  return sum;
+}
+
 template <bool F16>
 void attend_avx512_as(const AttnArgs& a) {
   for (int64_t h0 = 0; h0 < a.nq; h0 += 8) {
@@ -191,7 +216,7 @@ void attend_avx512(const AttnArgs& a) {
 }  // namespace
 
 const VecOps& vecops_avx512() {
-  static const VecOps ops{dot_avx512, axpy_avx512, attend_avx512, silu_mul_avx512};
+  static const VecOps ops{dot_avx512, axpy_avx512, attend_avx512, silu_mul_avx512, exp_weights_avx512};
   return ops;
 }
 

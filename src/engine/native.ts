@@ -354,6 +354,11 @@ export interface NativeAddon {
     visible: number,
     scale: number,
   ): Float32Array;
+  /**
+   * Sampling weights over logits[off, off + n): out[i] = e^((logits[off + i] - max) /
+   * temperature), computed in float32 with the active ISA (0 below e^-87.3); returns their sum.
+   */
+  expWeights(logits: Float32Array, off: number, n: number, temperature: number, out: Float64Array): number;
   /** silu(gate) * up element-wise with the active ISA (the experts' SwiGLU). */
   siluMulTest(gate: Float32Array, up: Float32Array): Float32Array;
   /**
