@@ -93,6 +93,14 @@ t.test('sample() draws what the plain rule draws, for every truncation, with tie
   t.equal(mismatches, 0, `${cases} draws: the same token as the plain rule`);
 });
 
+t.test('a temperature too small for float32 still samples (the largest logit)', async (t) => {
+  const logits = Float32Array.from([0.5, 3, -1, 2.999]);
+  for (const temperature of [1e-40, 1e-31]) {
+    t.equal(sample(logits, { temperature, topK: 0, topP: 1, minP: 0 }, new Rng(1)), 1, `T = ${temperature}`);
+    t.equal(sample(logits, { temperature, topK: 2, topP: 0.9, minP: 0 }, new Rng(1)), 1, `T = ${temperature}, truncated`);
+  }
+});
+
 t.test('sample() reads the window [off, off + n) only', async (t) => {
   const logits = Float32Array.from([100, 0, 1, 2, 3, 100]);
   const inner = logits.subarray(1, 5);
@@ -136,7 +144,8 @@ t.test('sampling weights: every ISA within float32 rounding of float64 e^x, exac
   }
   addon.setIsa(initial);
   t.throws(() => addon.expWeights(new Float32Array(4), 2, 3, 1, new Float64Array(3)), /logits has 4 elements, needs 5/);
-  t.throws(() => addon.expWeights(new Float32Array(4), 0, 4, 0, new Float64Array(4)), /temperature must be a positive/);
+  t.throws(() => addon.expWeights(new Float32Array(4), 0, 4, 0, new Float64Array(4)), /temperature must be a finite number >= 1e-30/);
+  t.throws(() => addon.expWeights(new Float32Array(4), 0, 4, 1e-39, new Float64Array(4)), /temperature must be a finite number >= 1e-30/);
   t.throws(() => addon.expWeights(new Float32Array(4), 0, 4, 1, new Float64Array(2)), /out has 2 elements/);
 });
 

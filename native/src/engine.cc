@@ -41,7 +41,6 @@ void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* y
   for (int64_t i = 0; i < n; i++) y[i] = w[i] * static_cast<float>(x[i] * inv);
 }
 
-
 }  // namespace
 
 void OwnedMat::alloc(WType t, int64_t rows, int64_t cols) {

@@ -244,7 +244,8 @@ Napi::Value ExpWeights(const Napi::CallbackInfo& info) {
   const int64_t n = int_arg(info, 2, "n", 1, kMaxDim);
   if (info.Length() < 4 || !info[3].IsNumber()) throw Napi::TypeError::New(env, "temperature must be a number");
   const double temperature = info[3].As<Napi::Number>().DoubleValue();
-  if (!(temperature > 0) || !std::isfinite(temperature)) throw Napi::RangeError::New(env, "temperature must be a positive finite number");
+  // 1 / temperature must be a finite float32 (the weights are computed in float32).
+  if (!(temperature >= 1e-30) || !std::isfinite(temperature)) throw Napi::RangeError::New(env, "temperature must be a finite number >= 1e-30");
   Napi::Float32Array x = f32_arg(info, 0, "logits", static_cast<size_t>(off + n));
   if (info.Length() < 5 || !info[4].IsTypedArray() || info[4].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
     throw Napi::TypeError::New(env, "out must be a Float64Array");

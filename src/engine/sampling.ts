@@ -1,5 +1,6 @@
 // Next-token sampling from logits: temperature, top-k, top-p, min-p, seeded.
-// Greedy when temperature is 0. Pure: the random source is passed in.
+// Greedy when temperature is 0. The random source is passed in; the scratch arrays are
+// per module instance (each worker thread has its own), and no call is re-entered.
 
 import { Rng } from '../model/prng.js';
 import { loadNative, type NativeAddon } from './native.js';
@@ -53,7 +54,8 @@ export function samplingWeights(logits: ArrayLike<number>, off: number, n: numbe
       addon = null; // no addon built: the plain path
     }
   }
-  if (addon && logits instanceof Float32Array) return addon.expWeights(logits, off, n, temperature, out);
+  // (Below 1e-30 the inverse temperature would overflow float32: the plain path.)
+  if (addon && logits instanceof Float32Array && temperature >= 1e-30) return addon.expWeights(logits, off, n, temperature, out);
   let max = -Infinity;
   for (let i = 0; i < n; i++) max = Math.max(max, logits[off + i]);
   let sum = 0;
