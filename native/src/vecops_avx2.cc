@@ -67,7 +67,6 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// attend() for NQ query heads, as attend_heads512 (vecops_avx512.cc) in tiles of 8 positions.
 // The first n (<= 8) of 8 cache elements from base + i, the others 0 (float32, or float16
 // converted; `lanes` is lanes_below(n)).
 template <bool F16>
@@ -83,6 +82,7 @@ inline __m256 load_kv256(const void* base, int64_t i, int64_t n, __m256i lanes) 
   }
 }
 
+// attend() for NQ query heads, as attend_heads512 (vecops_avx512.cc) in tiles of 8 positions.
 template <int NQ, bool F16>
 void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
   const int64_t hd = a.head_dim, bs = a.block_size;

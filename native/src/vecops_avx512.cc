@@ -58,11 +58,6 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, k);
 }
 
-// attend() for NQ query heads: one pass over the positions in tiles of up to 16 (never
-// across a block boundary), online softmax (running max and sum per head; the output
-// rows are rescaled when the max grows). A tile's scores are one vector per head: the
-// keys of a block are stored transposed, so dimension d of the tile's 16 positions is
-// one load, multiplied with q[h][d] broadcast, for every head at once.
 // Lanes m of 16 cache elements from base + i (float32, or float16 converted).
 template <bool F16>
 inline __m512 load_kv512(const void* base, int64_t i, __mmask16 m) {
@@ -70,6 +65,11 @@ inline __m512 load_kv512(const void* base, int64_t i, __mmask16 m) {
   else return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + i);
 }
 
+// attend() for NQ query heads: one pass over the positions in tiles of up to 16 (never
+// across a block boundary), online softmax (running max and sum per head; the output
+// rows are rescaled when the max grows). A tile's scores are one vector per head: the
+// keys of a block are stored transposed, so dimension d of the tile's 16 positions is
+// one load, multiplied with q[h][d] broadcast, for every head at once.
 template <int NQ, bool F16>
 void attend_heads512(const AttnArgs& a, const float* Q, float* O) {
   const int64_t hd = a.head_dim, bs = a.block_size;
