@@ -76,6 +76,9 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     }
   }
   pool_ = std::make_unique<ThreadPool>(cfg.threads);
+  for (int64_t i = 0; i < cfg.head_dim / 2; i++) {
+    rope_inv_freq_.push_back(1.0 / std::pow(static_cast<double>(cfg.rope_theta), static_cast<double>(2 * i) / static_cast<double>(cfg.head_dim)));
+  }
   const char* prof = std::getenv("MOE_SERVE_PROFILE");
   profiling_ = prof != nullptr && std::string(prof) == "1";
   layers_.resize(static_cast<size_t>(cfg.layers));
@@ -428,11 +431,6 @@ void Engine::attention_block(int64_t layer) {
   const int64_t H = c.hidden, hd = c.head_dim;
   const int64_t q_dim = c.heads * hd, kv_dim = c.kv_heads * hd, qkv_dim = q_dim + 2 * kv_dim;
   const VecOps& ops = vecops();
-  if (rope_inv_freq_.empty()) {
-    for (int64_t i = 0; i < hd / 2; i++) {
-      rope_inv_freq_.push_back(1.0 / std::pow(static_cast<double>(c.rope_theta), static_cast<double>(2 * i) / static_cast<double>(hd)));
-    }
-  }
 
   xn_.resize(static_cast<size_t>(T * H));
   pool_->parallel_for(T, 8, [&](int64_t t, int) { rms_norm_row(x_.data() + t * H, L.input_norm.data(), H, c.rms_eps, xn_.data() + t * H); });
@@ -693,7 +691,9 @@ void Engine::plan_moe(int64_t layer, const int32_t* ids, const float* weights, i
   }
   n_jobs_ = static_cast<int64_t>(n_jobs);
   job_done_.assign(n_jobs, 0);
-  moe_acts_ready_ = false;
+  // Each token's input, quantized once for the layer; each job gathers its tokens' rows
+  // (the same bytes as preparing them per job).
+  prepare_acts(c.wtype, xn_.data(), T, c.hidden, c.hidden, moe_acts_);
   moe_open_ = true;
 }
 
@@ -705,12 +705,7 @@ void Engine::run_jobs(const std::vector<int32_t>& run) {
   if (J == 0) return;
   const auto job = [&](int64_t i) -> FfnJob& { return jobs[static_cast<size_t>(run[static_cast<size_t>(i)])]; };
 
-  // Each token's input is quantized once for the layer (the first call of the layer), then
-  // each job gathers its tokens' rows: the same bytes as preparing them per job.
-  if (!moe_acts_ready_) {
-    prepare_acts(c.wtype, xn_.data(), static_cast<int64_t>(pos_.size()), H, H, moe_acts_);
-    moe_acts_ready_ = true;
-  }
+  // Each job gathers its tokens' rows of moe_acts_ (prepared by plan_moe).
   pool_->parallel_for(J, 1, [&](int64_t ji, int) {
     FfnJob& j = job(ji);
     const int64_t n = static_cast<int64_t>(j.tokens.size());

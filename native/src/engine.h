@@ -245,9 +245,8 @@ class Engine {
   std::vector<FfnJob> jobs_;
   // The MoE block's input of every token, prepared for the expert format once per layer.
   Acts moe_acts_;
-  bool moe_acts_ready_ = false;
   Acts router_acts_;
-  // Rotary frequencies theta^(-2i / head_dim), i < head_dim / 2 (filled by the first layer run).
+  // Rotary frequencies theta^(-2i / head_dim), i < head_dim / 2.
   std::vector<double> rope_inv_freq_;
   // Per step token: cos, then sin, of its position times each frequency (filled at layer 0).
   std::vector<double> rope_cs_;
