@@ -453,6 +453,104 @@ t.test('queued loads start by priority (demand first), FIFO within a priority', 
   t.equal(e.storeStats().loads, 6 + 17);
 });
 
+t.test('background reads yield to demand reads, stop when their slot is taken, and never hold up experts()', async (t) => {
+  // Prefetch-like loads (priority 1 and 2) queued or reading when experts() needs them
+  // (raised to demand, or marked as waited for), others evicted or replaced while they
+  // read, demand loads beside them: every step completes (a lost wake-up here once left a
+  // paused background read waiting for a demand read that no thread was told to start)
+  // and the logits stay bitwise the resident engine's.
+  const fx = await fixture(t, 'qwen2_moe');
+  const spec = fx.spec;
+  const L = spec.numLayers;
+  const E = spec.numExperts;
+  const slots = 10;
+  const { engine: res } = fx.make('q8_0');
+  const { engine: off } = fx.make('q8_0', { slotsPerLayer: slots, ioThreads: 2 });
+  t.ok(2 * spec.topK <= slots, 'a step of two tokens fits its layer slots');
+  // Slow reads (as of experts megabytes in size), so that background reads are still in
+  // flight, and pause, when the demand loads and experts() come.
+  off.throttleLoads(0.3);
+  const occ = Array.from({ length: L }, () => new Int32Array(slots).fill(-1));
+  const rng = new Rng(2024);
+  const before = off.storeStats();
+  let issued = 0;
+  let exact = 0;
+  const STEPS = 80;
+  for (let step = 0; step < STEPS; step++) {
+    const tokens = [1 + (step % 7), 30 + step].map((x) => x % fx.vocabLimit);
+    const { tokens: tk, seqs, blocks } = packParts([{ tokens, start: 0, blocks: [0] }]);
+    res.beginStep(tk, seqs, blocks);
+    off.beginStep(tk, seqs, blocks);
+    for (let l = 0; l < L; l++) {
+      const ra = res.attention(l);
+      off.attention(l);
+      const r = res.route(ra, tokens.length);
+      res.experts(l, r.ids, r.weights, spec.topK);
+      const need = distinct(r.ids);
+      // Background loads: some of the needed experts, and others that the demand loads
+      // below may displace while they are still being read.
+      const load = (x: number, s: number, priority: number) => {
+        off.loadExpert(l, x, s, priority);
+        if (occ[l][s] !== x) issued++;
+        occ[l][s] = x;
+      };
+      for (let i = 0; i < 4; i++) {
+        const x = rng.u32() % E;
+        if (occ[l].includes(x)) continue;
+        const s = rng.u32() % slots;
+        if (need.includes(occ[l][s])) continue;
+        load(x, s, 1 + (rng.u32() % 2));
+      }
+      // Demand loads for the rest, into slots holding nothing the visit needs.
+      for (const x of need) {
+        if (occ[l].includes(x)) continue;
+        const s = occ[l].findIndex((o) => !need.includes(o));
+        load(x, s, 0);
+      }
+      off.experts(l, r.ids, r.weights, spec.topK);
+    }
+    if (sameBits(res.endStep(), off.endStep())) exact++;
+  }
+  t.equal(exact, STEPS, 'every step bitwise equal to the resident engine');
+  for (let l = 0; l < L; l++) for (let s = 0; s < slots; s++) off.evictSlot(l, s);
+  // Let reads still in flight end (evicted ones are discarded or abandoned).
+  for (let spin = 0; ; spin++) {
+    const st = off.storeStats();
+    const ended = st.loads - before.loads + (st.cancelled - before.cancelled) + (st.abandoned! - before.abandoned!);
+    if (ended === issued) break;
+    if (spin > 2000) {
+      t.fail(`${issued} loads issued, ${ended} read, withdrawn or abandoned`);
+      break;
+    }
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  const st = off.storeStats();
+  t.equal(st.failed, 0);
+  const reads = st.loads - before.loads;
+  const abandoned = st.abandoned! - before.abandoned!;
+  const bytes = st.bytesRead - before.bytesRead;
+  t.ok(bytes >= reads * st.slotBytes && bytes <= (reads + abandoned) * st.slotBytes, 'bytes read: the completed reads, and part of each abandoned one');
+  t.ok(st.paused! > before.paused!, `background reads paused for demand reads (${st.paused! - before.paused!} times; ${abandoned} abandoned)`);
+  t.throws(() => off.throttleLoads(-1), /throttleLoads: ms must be a number/);
+
+  // The case that once hung, step by step: a background read in flight (4 slow pieces), a
+  // second one queued behind it (background reads keep one of the two threads free), then
+  // that one raised to demand: the free thread starts it at once, the first read pauses
+  // for it at its next piece, and resumes after it.
+  const { engine: e2 } = fx.make('q8_0', { slotsPerLayer: slots, ioThreads: 2 });
+  e2.throttleLoads(60);
+  const p0 = e2.storeStats().paused!;
+  e2.loadExpert(0, 0, 0, 1);
+  e2.loadExpert(0, 1, 1, 1);
+  t.equal(e2.expertState(0, 1), 1, 'the second background load waits in the queue');
+  e2.loadExpert(0, 1, 1, 0);
+  e2.waitExpert(0, 1);
+  t.equal(e2.expertState(0, 0), 2, 'the raised load finished while the first background read was still in flight');
+  e2.waitExpert(0, 0);
+  t.ok(e2.storeStats().paused! > p0, 'the first background read paused for it');
+  e2.throttleLoads(0);
+});
+
 t.test('random loads, evictions and cancels leave a consistent store; the step after is exact', async (t) => {
   const fx = await fixture(t, 'qwen2_moe');
   const spec = fx.spec;

@@ -179,7 +179,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
                         InstanceMethod("loadExpert", &NativeEngine::LoadExpert), InstanceMethod("cancelLoad", &NativeEngine::CancelLoad),
                         InstanceMethod("evictSlot", &NativeEngine::EvictSlot), InstanceMethod("expertState", &NativeEngine::ExpertState),
                         InstanceMethod("waitExpert", &NativeEngine::WaitExpert), InstanceMethod("storeStats", &NativeEngine::StoreStats),
-                        InstanceMethod("gateLoads", &NativeEngine::GateLoads),
+                        InstanceMethod("gateLoads", &NativeEngine::GateLoads), InstanceMethod("throttleLoads", &NativeEngine::ThrottleLoads),
                         InstanceMethod("close", &NativeEngine::Close)});
   }
 
@@ -375,6 +375,13 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     return info.Env().Undefined();
   }
 
+  Napi::Value ThrottleLoads(const Napi::CallbackInfo& info) {
+    const double ms = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
+    if (!(ms >= 0 && ms <= 10000)) throw std::invalid_argument("throttleLoads: ms must be a number in 0..10000");
+    engine().store().throttle(ms / 1000);
+    return info.Env().Undefined();
+  }
+
   Napi::Value StoreStats(const Napi::CallbackInfo& info) {
     ExpertStore& st = engine().store();
     const moe::StoreStats s = st.stats();
@@ -390,6 +397,8 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     o.Set("cancelled", static_cast<double>(s.cancelled));
     o.Set("discarded", static_cast<double>(s.discarded));
     o.Set("failed", static_cast<double>(s.failed));
+    o.Set("paused", static_cast<double>(s.paused));
+    o.Set("abandoned", static_cast<double>(s.abandoned));
     o.Set("direct", s.direct);
     o.Set("slotBytes", static_cast<double>(st.slot_bytes()));
     return o;

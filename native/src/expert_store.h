@@ -47,6 +47,8 @@ struct StoreStats {
   uint64_t cancelled = 0;  // queued loads withdrawn before they started (cancel, evict, or the slot reassigned)
   uint64_t discarded = 0;  // reads that completed after their slot was emptied or reassigned
   uint64_t failed = 0;     // reads that failed (the error goes to the next wait for that expert)
+  uint64_t paused = 0;     // times a background read paused between chunks for a demand read
+  uint64_t abandoned = 0;  // background reads stopped between chunks: their slot was emptied or reassigned
   std::vector<double> stall_seconds;  // per layer
   // Wall time with at least one read in flight, and the sum of the reads' own durations:
   // bytes_read / busy_seconds is the bandwidth the slow tier delivered as it was used.
@@ -84,10 +86,14 @@ class ExpertStore {
   const uint8_t* slot_data(int64_t layer, int64_t slot) const;
   // Queues a read of (layer, expert) into slot. Queued reads start in order of priority
   // (0 = demand, the default; a larger number waits behind every smaller one), FIFO within
-  // a priority; a read already started is never interrupted. With more than one I/O
-  // thread, reads of priority > 0 occupy at most all threads but one, so that a demand
-  // read always finds a thread free. Loading an expert already
-  // queued in that slot with a smaller priority raises it to that priority.
+  // a priority. With more than one I/O thread, reads of priority > 0 (background) occupy
+  // at most all threads but one, so that a demand read always finds a thread free.
+  // Background reads go in chunks and yield the device: between chunks a background read
+  // pauses while a demand read is in flight or about to start (one read saturates the
+  // slow tier, so sharing it would slow the demand read that compute waits for), unless
+  // something waits for that read itself; and it stops when its slot was emptied or
+  // reassigned meanwhile. Loading an expert already queued in that slot with a smaller
+  // priority raises it to that priority.
   void load(int64_t layer, int64_t expert, int64_t slot, int priority = 0);
   bool cancel(int64_t layer, int64_t expert);
   void evict(int64_t layer, int64_t slot);
@@ -104,6 +110,8 @@ class ExpertStore {
   // For tests and diagnostics: from now on at most n more queued reads start (n < 0: no
   // limit, the default). Reads already started finish either way.
   void gate(int64_t n);
+  // For tests and diagnostics: each piece of a read lasts at least this long (0: off).
+  void throttle(double seconds_per_piece);
 
  private:
   struct Expert {
@@ -115,6 +123,8 @@ class ExpertStore {
     int32_t occupant = -1;  // expert queued, reading or resident here
     uint64_t gen = 0;       // bumped on every change of occupant
     bool busy = false;      // a read into this slot is in flight
+    bool urgent = false;      // a waiter needs the read in flight here (if background, it no longer yields)
+    bool background = false;  // the read in flight here is a background one
   };
   struct Job {
     int64_t layer, expert, slot;
@@ -140,12 +150,21 @@ class ExpertStore {
   void promote_queued(int64_t layer, int64_t expert, int priority);
   bool pick(Job& job);
   void io_main();
-  std::string read_record(int64_t index, uint8_t* dst);  // "" on success, else the error
+  // Reads the record of job into its slot: "" on success, kAbandoned when a background
+  // read found its slot emptied or reassigned between chunks, else the error. A
+  // background read pauses between chunks while a demand read is in flight or waiting
+  // for a thread (mu_ not held on entry).
+  std::string read_record(const Job& job, uint8_t* dst, bool background, size_t* bytes);
+  // A paused background read of job waits (mu_ held).
+  bool yield_to_demand(const Job& job);
+  // Something waits for the read in flight into (layer, slot): it must not pause (mu_ held).
+  void mark_urgent(int64_t layer, int64_t slot);
   void write_record(int64_t index, const uint8_t* src);
   void drop_written_pages();
 
   StoreConfig cfg_;
   size_t slot_bytes_ = 0;
+  size_t chunk_bytes_ = 0;  // piece of a background read between its pauses
   int wfd_ = -1;  // read-write, buffered: writes while loading, read-back of staged experts
   int rfd_ = -1;  // reads of loads: O_DIRECT when accepted, else the same file buffered
   std::atomic<bool> direct_{false};
@@ -162,10 +181,12 @@ class ExpertStore {
   std::vector<Slot> slots_;
   std::deque<Job> queue_;
   uint64_t next_seq_ = 0;
-  int64_t gate_ = -1;
+  std::atomic<double> throttle_{0.0};
+  int64_t gate_ = -1;  // reads that may still start (< 0: any number)
   int reads_in_flight_ = 0;
   std::chrono::steady_clock::time_point busy_since_{};
-  int background_reads_ = 0;  // reads of priority > 0 in flight  // reads that may still start (< 0: any number)
+  int background_reads_ = 0;  // reads of priority > 0 in flight
+  int urgent_background_ = 0;  // of those, reads something waits for (they count as demand reads)
   StoreStats stats_;
   bool stop_ = false;
   std::vector<std::thread> threads_;

@@ -148,7 +148,7 @@ export interface NativeOffloadOptions {
 
 /** Counters of the native expert store since the engine was made. */
 export interface NativeStoreStats {
-  /** Expert reads completed (discarded ones included), and their bytes (slotBytes each). */
+  /** Expert reads completed (discarded ones included), and the bytes read (slotBytes for each completed read, what was read of abandoned ones). */
   loads: number;
   bytesRead: number;
   /**
@@ -166,6 +166,10 @@ export interface NativeStoreStats {
   discarded?: number;
   /** Reads that failed; each error is thrown once by the next waitExpert / experts() for that expert. Always set by the addon. */
   failed?: number;
+  /** Times a background (priority > 0) read paused between its chunks for a demand read. Always set by the addon. */
+  paused?: number;
+  /** Background reads stopped between chunks because their slot was emptied or reassigned (not in `loads`; their bytes are in bytesRead). Always set by the addon. */
+  abandoned?: number;
   /** Whether reads bypass the page cache (O_DIRECT was accepted). */
   direct: boolean;
   /** Bytes of one expert in the file and in a slot (rounded up to the direct-I/O alignment). */
@@ -228,8 +232,10 @@ export interface NativeEngine {
    * Offloading only: queues an asynchronous read of (layer, expert) into `slot` of that
    * layer; whatever the slot held is dropped (no longer resident; a queued load of it is
    * withdrawn). Queued reads start by priority (0, the default, is demand; a larger
-   * number waits behind every smaller one), FIFO within a priority; a read that started
-   * is not interrupted. When the expert is already queued, reading or resident in that
+   * number waits behind every smaller one), FIFO within a priority. A background read
+   * (priority > 0) goes in pieces (up to 1 MiB) and, between them, pauses while a demand
+   * read is in flight or about to start, unless something waits for it; it stops when
+   * its slot is emptied or reassigned meanwhile (storeStats: paused, abandoned). When the expert is already queued, reading or resident in that
    * slot it only raises a queued read to a more urgent priority; throws when it is in
    * another slot. experts() raises the queued reads it waits for to priority 0.
    */
@@ -244,6 +250,8 @@ export interface NativeEngine {
   waitExpert(layer: number, expert: number): number;
   /** Offloading only, for tests and diagnostics: at most n more queued reads start from now on (n < 0: no limit, the default). */
   gateLoads(n: number): void;
+  /** Offloading only, for tests and diagnostics: every piece of a read (a demand read is one piece, a background read several) lasts at least ms milliseconds (0: no throttle, the default), as on a slower device. */
+  throttleLoads(ms: number): void;
   /** Offloading only: the store's counters. */
   storeStats(): NativeStoreStats;
   /** Frees the weights and the KV cache; the engine is unusable after. */

@@ -43,8 +43,10 @@
 //
 // Read priorities. The store starts queued reads by priority: demand loads (0) first,
 // then prefetches for this step's later layers (1), then prefetches for the next step (2);
-// a read in flight is not interrupted, and prefetches occupy at most all I/O threads but
-// one, so a demand read starts at once. At most `maxQueuedPrefetches` prefetches wait.
+// prefetches occupy at most all I/O threads but one, so a demand read starts at once, and
+// a prefetch being read pauses between its pieces while a demand read is in flight (one
+// read saturates the disk: sharing it would slow the read that compute waits for); an
+// expert the visit waits for is never paused. At most `maxQueuedPrefetches` prefetches wait.
 //
 // Next-step prefetch. After each visit of layer l, a policy that forecasts its own next
 // visit (forecast: nextVisitHints) names the experts not resident that it expects at l
