@@ -261,7 +261,8 @@ async function main(): Promise<void> {
       log(
         `${name}: ${r.tokensPerSecond.toFixed(2)} tok/s, hit rate ${c.hitRate.toFixed(3)}, stall-free ${c.stallFree.toFixed(3)}, ` +
           `reads ${(bytes / 1e6).toFixed(0)} MB in ${busy.toFixed(2)} s busy (${busy > 0 ? (bytes / busy / 1e9).toFixed(3) : '-'} GB/s), ` +
-          `${r.seconds.toFixed(2)} s decoding of which ${(stallOf(after) - stallOf(before)).toFixed(2)} s waiting for reads; ` +
+          `${r.seconds.toFixed(2)} s decoding of which ${(stallOf(after) - stallOf(before)).toFixed(2)} s waiting for reads ` +
+          `(prefetch reads paused ${(after.paused ?? 0) - (before.paused ?? 0)} times for demand reads, ${(after.abandoned ?? 0) - (before.abandoned ?? 0)} stopped early); ` +
           `policy ${critical.toFixed(2)} ms/token (visit ${perToken('visit').toFixed(2)}, prefetch ${perToken('prefetch').toFixed(2)}, learn ${perToken('learn').toFixed(2)}; ` +
           `${perToken('idle').toFixed(2)} more while waiting for reads)`,
       );

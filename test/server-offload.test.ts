@@ -66,6 +66,8 @@ t.test('metrics and the expert cache endpoint after requests', { skip }, async (
   t.ok((m.get(`moe_expert_slot_bytes${policy}`) ?? 0) > 0, 'slot bytes');
   t.ok((m.get(`moe_expert_loaded_bytes_total${policy}`) ?? 0) >= (m.get(`moe_expert_loads_total${policy}`) ?? 0) * (m.get(`moe_expert_slot_bytes${policy}`) ?? 0), 'bytes loaded');
   t.ok(sum(m, 'moe_expert_stall_seconds_total') >= 0);
+  // The store's prefetch reads: the series are there (whether a read paused depends on timing).
+  for (const name of ['moe_expert_prefetch_read_pauses_total', 'moe_expert_prefetch_reads_abandoned_total']) t.ok(m.has(`${name}${policy}`), name);
   // The runner's own decisions: every part is a series; the visits and the prefetches took time.
   for (const part of ['visit', 'prefetch', 'learn', 'idle']) t.ok(m.has(`moe_expert_policy_seconds_total{policy="predictive",part="${part}"}`), `policy seconds, ${part}`);
   t.ok((m.get('moe_expert_policy_seconds_total{policy="predictive",part="visit"}') ?? 0) > 0, 'the visits took policy time');

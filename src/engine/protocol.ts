@@ -144,9 +144,12 @@ export interface OffloadStats {
   lookahead: number;
   /** Reads bypass the page cache (O_DIRECT). */
   direct: boolean;
-  /** Expert reads completed by the store, and their bytes. */
+  /** Expert reads completed by the store, and the bytes read (completed reads, and what abandoned prefetch reads read). */
   loads: number;
   bytesLoaded: number;
+  /** Times a prefetch read paused between its pieces for a demand read, and prefetch reads stopped early because their slot was taken. */
+  prefetchPauses?: number;
+  prefetchAbandoned?: number;
   /** Times a failed step left the cache unknown and the runner started over with it empty. */
   cacheResets: number;
   layers: OffloadLayerStats[];

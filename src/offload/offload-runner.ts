@@ -894,6 +894,8 @@ export class OffloadRunner implements ModelRunner {
       direct: s.direct,
       loads: s.loads,
       bytesLoaded: s.bytesRead,
+      prefetchPauses: s.paused ?? 0,
+      prefetchAbandoned: s.abandoned ?? 0,
       cacheResets: this.cacheResets,
       layers: this.layerStats.map((x, l) => ({ ...x, stallSeconds: s.stallSeconds[l] ?? 0 })),
       prediction: this.lookahead > 0 ? this.prediction.snapshot() : [],

@@ -178,7 +178,9 @@ export class ServerMetrics {
     // without offloading exposes no offload samples at all (not zeros).
     const total = (name: string, help: string, pick: (o: OffloadStats) => number) => mirroredPolicyCounter(r, name, help, offload, pick);
     total('moe_expert_loads_total', 'Expert reads completed by the expert store.', (o) => o.loads);
-    total('moe_expert_loaded_bytes_total', 'Bytes of expert reads completed by the expert store.', (o) => o.bytesLoaded);
+    total('moe_expert_loaded_bytes_total', 'Bytes the expert store read from the slow tier (completed reads, and the part read of abandoned prefetch reads).', (o) => o.bytesLoaded);
+    total('moe_expert_prefetch_read_pauses_total', 'Times a prefetch read paused between its pieces so that a demand read had the slow tier to itself.', (o) => o.prefetchPauses ?? 0);
+    total('moe_expert_prefetch_reads_abandoned_total', 'Prefetch reads stopped part way because their slot was taken meanwhile.', (o) => o.prefetchAbandoned ?? 0);
     total('moe_expert_cache_resets_total', 'Times a failed engine step made the expert cache start over empty.', (o) => o.cacheResets);
     // The runner's own decisions, by part: what offloading costs on the critical path.
     {
