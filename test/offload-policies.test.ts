@@ -508,3 +508,34 @@ t.test('forecast: a sequence that sits out a step keeps its history when the cal
   explicit.endSequence(1);
   t.same(explicit.predictor.sequences(), [2], 'sequence 1 dropped by endSequence');
 });
+
+t.test('forecast without its routing predictor (the runner): the same cache decisions and next-visit hints, no predictor updates', async (t) => {
+  const shape = { layers: 3, experts: 16, capacity: 5 };
+  const rng = new Rng(31);
+  const withP = new ForecastPolicy(shape, { prefetchMin: 0.05 });
+  const without = new ForecastPolicy(shape, { prefetchMin: 0.05, routingPredictor: false });
+  let sameDecisions = 0;
+  let sameHints = 0;
+  let hinted = 0;
+  const visits = 60 * shape.layers;
+  for (let step = 0; step < 60; step++) {
+    for (let l = 0; l < shape.layers; l++) {
+      const seqs = [1, 2].map((seq) => ({ seq, experts: Int32Array.from(new Set(Array.from({ length: 3 }, () => (rng.u32() % 6) + (seq === 2 ? rng.u32() % 10 : 0)))) }));
+      const need = [...new Set(seqs.flatMap((s) => [...s.experts]))];
+      const d = [withP, without].map((p) => {
+        p.observeRouting(l, seqs);
+        return p.request(l, need);
+      });
+      if (JSON.stringify(d[0]) === JSON.stringify(d[1])) sameDecisions++;
+      const h = [withP, without].map((p) => p.nextVisitHints(l));
+      if (JSON.stringify(h[0]) === JSON.stringify(h[1])) sameHints++;
+      if (h[0].length > 0) hinted++;
+    }
+  }
+  t.equal(sameDecisions, visits, 'every visit decided alike');
+  t.equal(sameHints, visits, 'every next-visit forecast alike');
+  t.ok(hinted > 0, `next-visit hints were made (${hinted} visits)`);
+  t.same(without.predictor.sequences(), [], 'the predictor was not updated');
+  t.ok(withP.predictor.sequences().length > 0);
+  t.throws(() => without.prefetchHints(0, []), /needs the routing predictor/);
+});

@@ -322,10 +322,13 @@ void ExpertStore::load(int64_t layer, int64_t expert, int64_t slot, int priority
 
 bool ExpertStore::cancel(int64_t layer, int64_t expert) {
   check_expert(layer, expert);
-  std::lock_guard<std::mutex> lock(mu_);
-  Expert& e = ex(layer, expert);
-  if (e.state != kQueued) return false;
-  drop_occupant(layer, e.slot);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Expert& e = ex(layer, expert);
+    if (e.state != kQueued) return false;
+    drop_occupant(layer, e.slot);
+  }
+  work_cv_.notify_all();  // a background read paused for this (demand) load goes on
   return true;
 }
 

@@ -94,6 +94,12 @@ export interface ForecastOptions {
   prefetchMin?: number;
   /** Share a predictor with the engine (prefetch hints, pre-gating); one is created otherwise. */
   predictor?: RoutingPredictor;
+  /**
+   * Keep the predictor behind prefetchHints() up to date (default true). The simulator's
+   * prefetch path reads it; the engine's runner makes its own predictions and turns it off
+   * (prefetchHints() then refuses), which saves its updates at every visit.
+   */
+  routingPredictor?: boolean;
   /** Adagrad step size of the online model (default LEARNING_RATE). */
   learningRate?: number;
 }
@@ -142,6 +148,7 @@ interface Pending {
 export class ForecastPolicy extends SlotCache implements VisitObserver {
   readonly name = 'forecast';
   readonly predictor: RoutingPredictor;
+  private readonly predictorOn: boolean;
   private readonly prefetchOn: boolean;
   private readonly prefetchMin: number;
   private readonly lr: number;
@@ -183,6 +190,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   private readonly scoreAt: Float64Array; // (layer, expert): visit time of the cached score
   private readonly score: Float64Array;
   private readonly p1: Float64Array; // cached P(needed at the next visit)
+  private readonly p1At: Float64Array; // (layer, expert): visit time of a p1 computed without the score
   private inPrefetch = false;
   /** In prefetchNextVisit: victims and hints are compared on the full eviction score. */
   private byScore = false;
@@ -193,6 +201,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     super(shape);
     const { layers: L, experts: E } = shape;
     this.predictor = opts.predictor ?? new RoutingPredictor(shape);
+    this.predictorOn = opts.routingPredictor ?? true;
     this.prefetchOn = opts.prefetch ?? true;
     this.prefetchMin = opts.prefetchMin ?? 0.6;
     this.lr = opts.learningRate ?? LEARNING_RATE;
@@ -221,6 +230,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     this.scoreAt = new Float64Array(L * E).fill(-1);
     this.score = new Float64Array(L * E);
     this.p1 = new Float64Array(L * E);
+    this.p1At = new Float64Array(L * E).fill(-1);
     this.scratch = new Float64Array(E);
     this.flags = new Uint8Array(E);
   }
@@ -253,7 +263,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   endSequence(seq: number): void {
     this.explicitEnds = true;
     this.hist.delete(seq);
-    this.predictor.endSequence(seq);
+    if (this.predictorOn) this.predictor.endSequence(seq);
   }
 
   /** Sequences end only through endSequence (the runner calls this when it drives the policy). */
@@ -262,7 +272,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   }
 
   observeRouting(layer: number, tokens: readonly SeqRouting[]): void {
-    this.predictor.observe(layer, tokens);
+    if (this.predictorOn) this.predictor.observe(layer, tokens);
     // A sequence may bring several tokens to one visit (a prompt chunk, in position order).
     const bySeq = new Map<number, ArrayLike<number>[]>();
     for (const t of tokens) {
@@ -280,7 +290,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
       for (const s of this.visitSeqs[layer]) {
         if (!live.has(s)) {
           this.hist.delete(s);
-          this.predictor.endSequence(s);
+          if (this.predictorOn) this.predictor.endSequence(s);
         }
       }
     }
@@ -437,6 +447,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
 
   prefetchHints(layer: number, tokens: readonly StepToken[]): PrefetchHint[] {
     if (!this.prefetchOn) return [];
+    if (!this.predictorOn) throw new Error('forecast policy: prefetchHints() needs the routing predictor (made with routingPredictor: false)');
     return nextLayerPrefetchHints(this.predictor, layer, tokens, this.prefetchMin, this.scratch);
   }
 
@@ -454,8 +465,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     const hints: PrefetchHint[] = [];
     for (let e = 0; e < E; e++) {
       if (this.slotOfE[layer * E + e] >= 0) continue;
-      this.ensureScore(layer, e, at);
-      const p = this.p1[layer * E + e];
+      const p = this.nextVisitP(layer, e, at);
       if (p >= min) hints.push({ expert: e, priority: p });
     }
     return hints.sort((a, b) => b.priority - a.priority || a.expert - b.expert);
@@ -670,18 +680,27 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   }
 
   private train(p: Pending): void {
+    // predict() and the Adagrad step written out over locals (the policy's hottest loop);
+    // the arithmetic, and its order, are those of predict() and the plain update.
+    const w = this.w;
+    const g2 = this.g2;
+    const lr = this.lr;
+    const feats = p.feats;
+    const H = HORIZONS.length;
     for (let k = 0; k < p.experts.length; k++) {
       const off = k * N_FEAT;
       const d = p.firstUse[k];
-      for (let hi = 0; hi < HORIZONS.length; hi++) {
+      for (let hi = 0; hi < H; hi++) {
         const y = d >= 1 && d <= HORIZONS[hi] ? 1 : 0;
-        const err = this.predict(hi, p.feats, off) - y;
         const wo = hi * N_FEAT;
+        let z = 0;
+        for (let f = 0; f < N_FEAT; f++) z += w[wo + f] * feats[off + f];
+        const err = 1 / (1 + Math.exp(-Math.max(-30, Math.min(30, z)))) - y;
         for (let f = 0; f < N_FEAT; f++) {
-          const g = err * p.feats[off + f];
+          const g = err * feats[off + f];
           if (g === 0) continue;
-          this.g2[wo + f] += g * g;
-          this.w[wo + f] -= (this.lr * g) / Math.sqrt(this.g2[wo + f]);
+          const s = (g2[wo + f] += g * g);
+          w[wo + f] -= (lr * g) / Math.sqrt(s);
         }
       }
     }
@@ -710,6 +729,17 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     }
     this.ensureScore(layer, expert, now);
     return this.score[i];
+  }
+
+  /** P(needed at the next visit) after the visit at `at`: the score's first horizon, computed alone when the score is not cached. */
+  private nextVisitP(layer: number, expert: number, at: number): number {
+    const i = layer * this.experts + expert;
+    if (this.scoreAt[i] !== at && this.p1At[i] !== at) {
+      this.features(layer, expert, at, this.x);
+      this.p1[i] = this.predict(0, this.x);
+      this.p1At[i] = at;
+    }
+    return this.p1[i];
   }
 
   private ensureScore(layer: number, expert: number, at: number): void {

@@ -319,7 +319,12 @@ export class OffloadRunner implements ModelRunner {
   }
 
   private newPolicy(): ExpertCachePolicy {
-    const p = createOnlinePolicy(this.policyName, { layers: this.L, experts: this.E, topK: this.k, capacity: this.slotsByLayer }, { prefetch: this.lookahead > 0 });
+    const p = createOnlinePolicy(this.policyName, { layers: this.L, experts: this.E, topK: this.k, capacity: this.slotsByLayer }, {
+      prefetch: this.lookahead > 0,
+      // The runner predicts for itself (pre-gating, reuse, co-occurrence); the forecast
+      // policy's own predictor serves only the simulator's prefetch path.
+      routingPredictor: false,
+    });
     // Sequences end when the engine releases them, not when they sit out a step (an
     // expert-aware batch policy leaves running sequences out of steps on purpose).
     (p as SequenceAware).useExplicitEnds?.();

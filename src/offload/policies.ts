@@ -20,7 +20,7 @@ export interface OnlinePolicyShape {
 }
 
 /** A fresh online policy by name; errors name the choices. */
-export function createOnlinePolicy(name: string, shape: OnlinePolicyShape, opts: { prefetch?: boolean } = {}): ExpertCachePolicy {
+export function createOnlinePolicy(name: string, shape: OnlinePolicyShape, opts: { prefetch?: boolean; routingPredictor?: boolean } = {}): ExpertCachePolicy {
   if (name === 'belady') {
     throw new Error("expert cache policy belady needs the future accesses (a recorded trace): it runs in the simulator (moe-serve sim), not online; choose one of " + ONLINE_POLICY_NAMES.join(', '));
   }

@@ -218,7 +218,12 @@ export type PolicyName = (typeof POLICY_NAMES)[number];
 export const DEFAULT_POLICY: PolicyName = 'forecast';
 
 /** A fresh policy for a run over `sched` (Belady reads the schedule's future); `capacity`: slots per layer, one number or one per layer. */
-export function createCachePolicy(name: PolicyName, sched: AccessSchedule, capacity: number | readonly number[], opts: { prefetch?: boolean } = {}): ExpertCachePolicy {
+export function createCachePolicy(
+  name: PolicyName,
+  sched: AccessSchedule,
+  capacity: number | readonly number[],
+  opts: { prefetch?: boolean; routingPredictor?: boolean } = {},
+): ExpertCachePolicy {
   const shape = { layers: sched.layers, experts: sched.experts, capacity };
   switch (name) {
     case 'lru':
@@ -232,6 +237,6 @@ export function createCachePolicy(name: PolicyName, sched: AccessSchedule, capac
     case 'predictive':
       return new PredictivePolicy(shape, { prefetch: opts.prefetch });
     case 'forecast':
-      return new ForecastPolicy(shape, { prefetch: opts.prefetch });
+      return new ForecastPolicy(shape, { prefetch: opts.prefetch, routingPredictor: opts.routingPredictor });
   }
 }
