@@ -293,6 +293,7 @@ void ExpertStore::drop_occupant(int64_t layer, int64_t slot) {
 }
 
 void ExpertStore::load(int64_t layer, int64_t expert, int64_t slot, int priority) {
+  bool wake_all = false;
   check_expert(layer, expert);
   check_slot(layer, slot);
   if (priority < 0) throw std::invalid_argument("load priority must be >= 0, got " + std::to_string(priority));
@@ -315,30 +316,39 @@ void ExpertStore::load(int64_t layer, int64_t expert, int64_t slot, int priority
     e.slot = static_cast<int32_t>(slot);
     e.error.clear();
     queue_.push_back(Job{layer, expert, slot, s.gen, priority, next_seq_++});
+    wake_all = paused_ > 0;
   }
-  // All: a paused background read re-checks whether to go on, an idle thread may start this.
-  work_cv_.notify_all();
+  // An idle thread may start this; a paused background read must re-check whether to go on.
+  if (wake_all) {
+    work_cv_.notify_all();
+  } else {
+    work_cv_.notify_one();
+  }
 }
 
 bool ExpertStore::cancel(int64_t layer, int64_t expert) {
   check_expert(layer, expert);
+  bool wake = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     Expert& e = ex(layer, expert);
     if (e.state != kQueued) return false;
     drop_occupant(layer, e.slot);
+    wake = paused_ > 0;
   }
-  work_cv_.notify_all();  // a background read paused for this (demand) load goes on
+  if (wake) work_cv_.notify_all();  // a background read paused for this (demand) load goes on
   return true;
 }
 
 void ExpertStore::evict(int64_t layer, int64_t slot) {
   check_slot(layer, slot);
+  bool wake = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     drop_occupant(layer, slot);
+    wake = paused_ > 0;
   }
-  work_cv_.notify_all();  // a paused background read into the slot stops
+  if (wake) work_cv_.notify_all();  // a paused background read into the slot stops
 }
 
 int ExpertStore::state(int64_t layer, int64_t expert) {
@@ -374,7 +384,7 @@ void ExpertStore::mark_urgent(int64_t layer, int64_t slot) {
   if (s.urgent || !s.busy) return;
   s.urgent = true;
   if (s.background) urgent_background_++;
-  work_cv_.notify_all();  // its read, if paused, goes on
+  if (paused_ > 0) work_cv_.notify_all();  // its read, if paused, goes on
 }
 
 void ExpertStore::acquire(int64_t layer, const int32_t* ids, int64_t n, int32_t* slot_of) {
@@ -480,7 +490,9 @@ std::string ExpertStore::read_record(const Job& job, uint8_t* dst, bool backgrou
       std::unique_lock<std::mutex> lock(mu_);
       if (yield_to_demand(job)) {
         stats_.paused++;
+        paused_++;
         work_cv_.wait(lock, [&] { return !yield_to_demand(job); });
+        paused_--;
       }
       if (stop_ || sl(job.layer, job.slot).gen != job.gen) return kAbandoned;
       if (!sl(job.layer, job.slot).urgent) want = std::min(want, chunk_bytes_);
