@@ -153,8 +153,9 @@ export interface NativeStoreStats {
   bytesRead: number;
   /**
    * Wall seconds with at least one read in flight (failed and discarded reads included),
-   * and the sum of the reads' own durations: bytesRead / busySeconds is the bandwidth the
-   * slow tier delivered as it was used. Always set by the addon.
+   * and the sum of the reads' own durations (a paused background read's pauses included):
+   * bytesRead / busySeconds is the bandwidth the slow tier delivered as it was used.
+   * Always set by the addon.
    */
   busySeconds?: number;
   readSeconds?: number;
