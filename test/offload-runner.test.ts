@@ -737,6 +737,6 @@ t.test('moe-serve generate: --offload-* flags give the same greedy text as the r
   await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-policy', 'lru']), /--offload-policy needs --offload-capacity/);
   await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-split', '1,1,1,1']), /--offload-split needs --offload-capacity/);
   await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-split', '1,-1']), /--offload-split: expert cache split "1,-1": weight 2 \("-1"\) is negative/);
-  await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-split', '1,1']), /setting offloadSplit: expert cache split "1,1": 2 weights, but the model has 4 layers/);
+  await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-split', '1,1']), /^--offload-split: expert cache split "1,1": 2 weights, but the model has 4 layers/, 'generate names its flag');
   await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-policy', 'belady']), /--offload-policy must be one of lru, lfu, lfu-decay, predictive/);
 });

@@ -153,7 +153,7 @@ function offloadFlags(v: Record<string, string | boolean | undefined>): OffloadO
   }
   return {
     capacity: cap,
-    ...(typeof split === 'string' && parseSplit(split).kind !== 'equal' ? { split } : {}),
+    ...(typeof split === 'string' && parseSplit(split).kind !== 'equal' ? { split, splitName: '--offload-split' } : {}),
     policy: choiceOpt(v, 'offload-policy', ONLINE_POLICY_NAMES, DEFAULT_ONLINE_POLICY),
     lookahead: intOpt(v, 'offload-lookahead', 2, 0, 64),
     ioThreads: intOpt(v, 'offload-io-threads', 2, 1, 256),

@@ -199,6 +199,8 @@ export interface OffloadOptions {
   capacity: string;
   /** How the budget is split across layers: "equal" (default) or one weight per layer ("2,2,1,1"). */
   split?: string;
+  /** How errors about the split name it (default "setting offloadSplit"; `generate` names its flag). */
+  splitName?: string;
   /** Expert cache policy by name (lru, lfu, lfu-decay, predictive, forecast; default forecast). */
   policy: string;
   /** Layers ahead to prefetch from pre-gating and recent routing; 0 turns prefetching off. */

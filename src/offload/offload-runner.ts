@@ -144,6 +144,8 @@ export interface OffloadRunnerOptions extends NativeRunnerOptions, OffloadSettin
   capacity: string;
   /** How the budget is split across layers: "equal" (default) or one weight per layer ("2,2,1,1"). */
   split?: string;
+  /** How errors about the split name it (default "setting offloadSplit"). */
+  splitName?: string;
   /** I/O threads of the expert store (default 2). */
   ioThreads?: number;
   /** Directory of the expert file (default: the OS temporary directory). */
@@ -365,8 +367,8 @@ export class OffloadRunner implements ModelRunner {
     try {
       slots = slotsByLayer(o.capacity, o.split ?? 'equal', { layers: spec.numLayers, experts: spec.numExperts, slotBytes });
     } catch (e) {
-      // The split's number of weights can only be checked against the model, here: name the setting.
-      if (e instanceof CapacityError && /^expert cache split/.test(e.message)) throw new CapacityError(`setting offloadSplit: ${e.message}`);
+      // The split's number of weights can only be checked against the model, here: name the setting (or flag).
+      if (e instanceof CapacityError && /^expert cache split/.test(e.message)) throw new CapacityError(`${o.splitName ?? 'setting offloadSplit'}: ${e.message}`);
       throw e;
     }
     const totalSlots = slots.reduce((a, n) => a + n, 0);
