@@ -231,7 +231,7 @@ void q_tile(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, int64_t co
 // depend on which kernel or tile size served a row), fewer instructions per block pair:
 // the scales d_w(b), d_w(b+1) of two rows are converted by one vcvtph2ps and multiplied by
 // d_x(b), d_x(b+1) in one xmm, then spread over each row's two 8-lane halves.
-template <WType WT, int R>
+template <WType WT, int R, Hint H = Hint::T0>
 void q_n1(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, float* y, Prefetch pf) {
   constexpr size_t BB = QBlk<WT>::kBytes;
   __m512 acc[R];
@@ -240,7 +240,7 @@ void q_n1(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, float* y, Pr
   const __m512i idx_hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
   const int64_t nb2 = nb & ~int64_t{1};
   for (int64_t b = 0; b < nb2; b += 2) {
-    pf.upto<Hint::T0>(static_cast<size_t>(b + 2) * (R * BB));
+    pf.upto<H>(static_cast<size_t>(b + 2) * (R * BB));
     const __m512i xv = _mm512_loadu_si512(a.q + b * 32);
     const __m128 d2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(a.d + b)));
     const __m512i corr = _mm512_maskz_permutexvar_epi32(
@@ -276,7 +276,7 @@ void q_n1(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, float* y, Pr
   if (nb2 != nb) {
     // A last single block: lanes 8..15 of every operand are zero, as in q_tile.
     const int64_t b = nb2;
-    pf.upto<Hint::T0>(static_cast<size_t>(nb) * (R * BB));
+    pf.upto<H>(static_cast<size_t>(nb) * (R * BB));
     const __m512i xv = _mm512_maskz_loadu_epi8(0xffffffffull, a.q + b * 32);
     const __m512i corr = _mm512_maskz_set1_epi32(0x0001, a.corr[b]);
     const __m512 dx = _mm512_maskz_mov_ps(0x00ff, _mm512_set1_ps(a.d[b]));
@@ -689,6 +689,23 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
     }
   }
   if (M == QMode::Vnni && x.n == 1) {
+    // Rows of 8 KB or more (Mixtral's down projection: 14336 columns, 15 KB at Q8_0) go one
+    // row per tile, prefetching into L2 8 KB ahead in the row's own linear stream. With
+    // 2-row tiles, two streams 15 KB apart and a linear prefetch into L1 one whole tile
+    // (30 KB, about L1's size) ahead: one thread, 4096 x 14336 at Q8_0 from memory,
+    // 15.6 GB/s against 29 for 14336 x 4096 (rows of 4 KB) in the same run; 1-row tiles
+    // prefetching into L1 reached 18 GB/s at best (4 KB ahead; farther was slower), into
+    // L2 8 KB ahead 28-30 GB/s. Q4_0 there is bound by its nibble unpacking (23-24 GMAC/s
+    // either way). Shorter rows keep 2-row tiles, faster there (14336 x 4096: 6% slower
+    // with 1-row tiles, 2048 x 768: 38%), and their L1 prefetch (L2 was no faster).
+    // q_n1 does the same arithmetic per row whatever R, so results do not change.
+    if (rb >= 8192) {
+      constexpr size_t kAhead = 8192;
+      prefetch_start(w.data + r0 * rb, kAhead, end);
+      for (int64_t r = r0; r < r1; ++r)
+        q_n1<WT, 1, Hint::T1>(w.data + r * rb, rb, nb, a, y + r, Prefetch(w.data + r * rb, rb, kAhead, end));
+      return;
+    }
     const size_t ahead = ahead_for(2 * rb, tile_ahead_target(1));
     prefetch_start(w.data + r0 * rb, ahead, end);
     int64_t r = r0;
