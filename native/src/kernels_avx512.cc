@@ -689,17 +689,19 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
     }
   }
   if (M == QMode::Vnni && x.n == 1) {
-    // Rows of 8 KB or more (Mixtral's down projection: 14336 columns, 15 KB at Q8_0) go one
-    // row per tile, prefetching into L2 8 KB ahead in the row's own linear stream. With
-    // 2-row tiles, two streams 15 KB apart and a linear prefetch into L1 one whole tile
-    // (30 KB, about L1's size) ahead: one thread, 4096 x 14336 at Q8_0 from memory,
-    // 15.6 GB/s against 29 for 14336 x 4096 (rows of 4 KB) in the same run; 1-row tiles
-    // prefetching into L1 reached 18 GB/s at best (4 KB ahead; farther was slower), into
-    // L2 8 KB ahead 28-30 GB/s. Q4_0 there is bound by its nibble unpacking (23-24 GMAC/s
-    // either way). Shorter rows keep 2-row tiles, faster there (14336 x 4096: 6% slower
-    // with 1-row tiles, 2048 x 768: 38%), and their L1 prefetch (L2 was no faster).
+    // Rows of 6 KB or more (Mixtral's down projection: 14336 columns, 15 KB at Q8_0, 8 KB
+    // at Q4_0) go one row per tile, prefetching into L2 8 KB ahead in the row's own linear
+    // stream. With 2-row tiles, two streams a row apart and a linear prefetch into L1 one
+    // whole tile (16-30 KB, up to L1's size) ahead: one thread, 4096 x 14336 at Q8_0 from
+    // memory, 15.6 GB/s against 29 for 14336 x 4096 (rows of 4 KB) in the same run; 1-row
+    // tiles prefetching into L1 reached 18 GB/s at best (4 KB ahead; farther was slower),
+    // into L2 8 KB ahead 28-30 GB/s. Paired runs in one process, 1-row tiles against 2-row
+    // ones: 4096 x 14336 Q8_0 1.79x (two threads 1.37x), Q4_0 1.27x (two threads 1.26x);
+    // 4096 x 5792 Q8_0 (6 KB rows) 1.19x; 4096 x 11008 Q4_0 (6 KB) 1.07x. Shorter rows
+    // keep 2-row tiles, faster there (14336 x 4096 Q8_0, 4 KB rows: 6% slower with 1-row
+    // tiles, 2048 x 768: 38%), and their L1 prefetch (L2 was no faster).
     // q_n1 does the same arithmetic per row whatever R, so results do not change.
-    if (rb >= 8192) {
+    if (rb >= 6144) {
       constexpr size_t kAhead = 8192;
       prefetch_start(w.data + r0 * rb, kAhead, end);
       for (int64_t r = r0; r < r1; ++r)
