@@ -360,56 +360,64 @@ void q_tile_g8(const uint8_t* w0, size_t rb, int64_t nb, const uint8_t* grp, int
   }
 }
 
-// Tokens in lanes, one lane per token (Q8_0, VNNI), for groups of 16 tokens: as q_tile_g8,
-// but each 4-byte piece k (k = 0..7) of a weight block is broadcast and multiplied with
-// the same piece of 16 tokens' blocks. q_tile_g8 gives each token two lanes (8-byte
-// pieces), so its int -> float scaling (vcvtdq2ps, vmulps, vfmadd) follows every 4
-// vpdpbusd; here every 8. On Zen 4 vpdpbusd, vmulps and vfmadd share the two FMA pipes,
-// and with 32 tokens a row's block costs 16 vpdpbusd + 4 float ops instead of 16 + 8 (and
-// 20 instead of 24 zmm activation loads).
-template <int R, int G>
-void q8_tile_g16(const uint8_t* w0, size_t rb, int64_t nb, const uint8_t* grp, size_t bstride, int64_t t0, float* y,
-                 int64_t ldy, int64_t r, Prefetch pf) {
+// Tokens in lanes, one lane per token (Q8_0, VNNI), for pairs of groups of 16 tokens
+// (32 tokens): each 4-byte piece k (k = 0..7) of a weight block is broadcast and
+// multiplied with the same piece of the 16 tokens' blocks of each group. q_tile_g8 gives
+// each token two lanes (8-byte pieces), so its int -> float scaling (vcvtdq2ps, vmulps,
+// vfmadd) follows every 4 vpdpbusd; here every 8. The R rows x 2 groups of a block are
+// R x 2 independent sums of 8 vpdpbusd each, issued piece by piece across all of them
+// (piece k of every row and group, then piece k + 1): consecutive vpdpbusd never depend
+// on each other, and each piece of the activations is loaded once for all R rows.
+// Against issuing them row by row (each sum's 8 vpdpbusd in a row, in two chains of 4,
+// the activations reloaded per row), paired runs in one process, two threads: 2048 x 768
+// with 64 tokens and 768 / 2048 x 2048 with 512 tokens (prefill) 1.09x; 151936 x 2048
+// with 32 tokens (batched decode's LM head) unchanged at ~160 GMAC/s per thread, 69% of
+// vpdpbusd's peak here (233): without the int -> float scaling (vcvtdq2ps, vmulps, vfmadd
+// per row, group and block) it ran at 192, so those three instructions per 8 vpdpbusd,
+// which share its pipes, are most of the rest.
+template <int R>
+void q8_tile_g16(const uint8_t* w0, size_t rb, int64_t nb, const uint8_t* grp, size_t bstride, float* y, int64_t ldy,
+                 int64_t r, Prefetch pf) {
   constexpr size_t BB = QBlk<WType::Q8_0>::kBytes;
-  __m512 acc[R][G];
-  for (int i = 0; i < R; ++i)
-    for (int g = 0; g < G; ++g) acc[i][g] = _mm512_setzero_ps();
+  constexpr size_t G1 = kGroup16BlockBytes;  // offset of the second group's block
+  __m512 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t b = 0; b < nb; ++b) {
     pf.upto<Hint::T1>(static_cast<size_t>(b + 1) * (R * BB));
     const uint8_t* gb = grp + b * bstride;
+    const uint8_t* p = w0 + b * BB;
+    __m512i s[R][2];
+    const __m512i c0 = _mm512_loadu_si512(gb + 576), c1 = _mm512_loadu_si512(gb + G1 + 576);
     for (int i = 0; i < R; ++i) {
-      const uint8_t* p = w0 + i * rb + b * BB;
-      __m512i wv[8];
-      for (int k = 0; k < 8; ++k) {
+      s[i][0] = c0;
+      s[i][1] = c1;
+    }
+    for (int k = 0; k < 8; ++k) {
+      const __m512i x0 = _mm512_loadu_si512(gb + 64 * k), x1 = _mm512_loadu_si512(gb + G1 + 64 * k);
+      for (int i = 0; i < R; ++i) {
         int32_t q;
-        std::memcpy(&q, p + 2 + 4 * k, 4);
-        wv[k] = _mm512_xor_si512(_mm512_set1_epi32(q), flip);  // q + 128, unsigned
-      }
-      uint16_t h;
-      std::memcpy(&h, p, 2);
-      const __m512 dw = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(h)));
-      for (int g = 0; g < G; ++g) {
-        const uint8_t* gg = gb + g * kGroup16BlockBytes;
-        // Two chains of 4, summed: one chain of 8 left the speed bound by vpdpbusd's
-        // latency, not its throughput (one thread, 151936 x 2048 with 32 tokens: 131 -> 160
-        // GMAC/s; four chains of 2 were slower again, their extra additions cost more).
-        __m512i s = _mm512_loadu_si512(gg + 576), s1 = _mm512_setzero_si512();
-        for (int k = 0; k < 8; k += 2) {
-          s = _mm512_dpbusd_epi32(s, wv[k], _mm512_loadu_si512(gg + 64 * k));
-          s1 = _mm512_dpbusd_epi32(s1, wv[k + 1], _mm512_loadu_si512(gg + 64 * k + 64));
-        }
-        s = _mm512_add_epi32(s, s1);
-        const __m512 dx = _mm512_loadu_ps(reinterpret_cast<const float*>(gg + 512));
-        acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dx), acc[i][g]);
+        std::memcpy(&q, p + i * rb + 2 + 4 * k, 4);
+        const __m512i wv = _mm512_xor_si512(_mm512_set1_epi32(q), flip);  // q + 128, unsigned
+        s[i][0] = _mm512_dpbusd_epi32(s[i][0], wv, x0);
+        s[i][1] = _mm512_dpbusd_epi32(s[i][1], wv, x1);
       }
     }
+    const __m512 dx0 = _mm512_loadu_ps(reinterpret_cast<const float*>(gb + 512));
+    const __m512 dx1 = _mm512_loadu_ps(reinterpret_cast<const float*>(gb + G1 + 512));
+    for (int i = 0; i < R; ++i) {
+      uint16_t h;
+      std::memcpy(&h, p + i * rb, 2);
+      const __m512 dw = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(h)));
+      acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][0]), _mm512_mul_ps(dw, dx0), acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][1]), _mm512_mul_ps(dw, dx1), acc[i][1]);
+    }
   }
-  for (int g = 0; g < G; ++g) {
+  for (int g = 0; g < 2; ++g) {
     for (int i = 0; i < R; ++i) {
       alignas(64) float lanes[16];
       _mm512_store_ps(lanes, acc[i][g]);
-      for (int t = 0; t < 16; ++t) y[(t0 + 16 * g + t) * ldy + r + i] = lanes[t];
+      for (int t = 0; t < 16; ++t) y[(16 * g + t) * ldy + r + i] = lanes[t];
     }
   }
 }
@@ -746,10 +754,10 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
           const Prefetch pf(w0, R * rb, t0 == 0 ? ahead : 0, end);
           const int64_t rr = r - rs;
           switch (R) {
-            case 1: q8_tile_g16<1, 2>(w0, rb, nb, grp, bstride16, 0, buf, RS, rr, pf); break;
-            case 2: q8_tile_g16<2, 2>(w0, rb, nb, grp, bstride16, 0, buf, RS, rr, pf); break;
-            case 3: q8_tile_g16<3, 2>(w0, rb, nb, grp, bstride16, 0, buf, RS, rr, pf); break;
-            default: q8_tile_g16<GR, 2>(w0, rb, nb, grp, bstride16, 0, buf, RS, rr, pf); break;
+            case 1: q8_tile_g16<1>(w0, rb, nb, grp, bstride16, buf, RS, rr, pf); break;
+            case 2: q8_tile_g16<2>(w0, rb, nb, grp, bstride16, buf, RS, rr, pf); break;
+            case 3: q8_tile_g16<3>(w0, rb, nb, grp, bstride16, buf, RS, rr, pf); break;
+            default: q8_tile_g16<GR>(w0, rb, nb, grp, bstride16, buf, RS, rr, pf); break;
           }
         }
         const __mmask16 keep = static_cast<__mmask16>((1u << (re - rs)) - 1);
