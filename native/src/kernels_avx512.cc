@@ -809,44 +809,40 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
   });
 }
 
+// 2-row tiles of T tokens with the quantized kernels' linear prefetch (see matmul_q).
+template <FMode M, int T>
+void matmul_f_two_rows(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy, size_t rb) {
+  const uint8_t* end = w.data + r1 * rb;
+  const size_t ahead = ahead_for(2 * rb, tile_ahead_target(T));
+  prefetch_start(w.data + r0 * rb, ahead, end);
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) f_tile<M, 2, T>(w.data + r * rb, rb, x.buf.data(), w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, 2 * rb, ahead, end));
+  if (r < r1) f_tile<M, 1, T>(w.data + r * rb, rb, x.buf.data(), w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, rb, ahead, end));
+}
+
 template <FMode M>
 void matmul_f(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   const size_t rb = row_bytes(w.type, w.cols);
-  if (x.n == 1) {
-    // One token (decode) is memory-bound: the quantized kernels' streaming, here too (see
-    // matmul_q). Before, 4-row tiles without software prefetch; paired runs in one
-    // process, two threads: bf16 2048 x 768 1.87x, 768 x 2048 1.14x, 2048 x 2048 1.24x,
-    // f16 2048 x 768 2.02x, f32 4096 x 2048 1.11x; one thread bf16 151936 x 2048 1.44x,
-    // 14336 x 4096 (8 KB rows, 1-row tiles) 1.36x. The per-row arithmetic is that of any
-    // f_tile, whatever R, so results do not change.
+  // One token (decode) is memory-bound: the quantized kernels' streaming, here too (see
+  // matmul_q): 2-row tiles, and 1-row tiles prefetching into L2 from 6 KB rows on. Before,
+  // 4-row tiles without software prefetch; paired runs in one process, two threads: bf16
+  // 2048 x 768 1.87x, 768 x 2048 1.14x, 2048 x 2048 1.24x, f16 2048 x 768 2.02x, f32
+  // 4096 x 2048 1.11x; one thread bf16 151936 x 2048 1.44x, 14336 x 4096 (8 KB rows, 1-row
+  // tiles) 1.36x. Two tokens (batched decode: a few tokens per expert) go through 2-row
+  // tiles too (one thread: bf16 2048 x 768 2.34x, 768 x 2048 1.24x, 151936 x 2048 1.24x,
+  // f32 2048 x 768 1.82x; two threads bf16 2048 x 768 1.83x, 768 x 2048 1.02x); with 3
+  // and 4 tokens the 4-row tiles stayed (4 tokens, bf16 768 x 2048: 0.89x with 2-row
+  // tiles). The per-row arithmetic is that of any f_tile, whatever R: results do not change.
+  if (x.n == 1 && rb >= 6144) {
     const uint8_t* end = w.data + r1 * rb;
-    if (rb >= 6144) {
-      constexpr size_t kAhead = 8192;
-      prefetch_start(w.data + r0 * rb, kAhead, end);
-      for (int64_t r = r0; r < r1; ++r)
-        f_tile<M, 1, 1, Hint::T1>(w.data + r * rb, rb, x.buf.data(), w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, rb, kAhead, end));
-      return;
-    }
-    const size_t ahead = ahead_for(2 * rb, tile_ahead_target(1));
-    prefetch_start(w.data + r0 * rb, ahead, end);
-    int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) f_tile<M, 2, 1>(w.data + r * rb, rb, x.buf.data(), w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, 2 * rb, ahead, end));
-    if (r < r1) f_tile<M, 1, 1>(w.data + r * rb, rb, x.buf.data(), w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, rb, ahead, end));
+    constexpr size_t kAhead = 8192;
+    prefetch_start(w.data + r0 * rb, kAhead, end);
+    for (int64_t r = r0; r < r1; ++r)
+      f_tile<M, 1, 1, Hint::T1>(w.data + r * rb, rb, x.buf.data(), w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, rb, kAhead, end));
     return;
   }
-  if (x.n == 2 && rb < 6144) {
-    // Two tokens (batched decode: a few tokens per expert) the same way (paired runs, one
-    // thread: bf16 2048 x 768 2.34x, 768 x 2048 1.24x, 151936 x 2048 1.24x, f32 2048 x
-    // 768 1.82x; two threads bf16 2048 x 768 1.83x, 768 x 2048 1.02x). With 3 and 4 tokens
-    // the 4-row tiles stayed (4 tokens, bf16 768 x 2048: 0.89x with 2-row tiles).
-    const uint8_t* end = w.data + r1 * rb;
-    const size_t ahead = ahead_for(2 * rb, tile_ahead_target(2));
-    prefetch_start(w.data + r0 * rb, ahead, end);
-    int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) f_tile<M, 2, 2>(w.data + r * rb, rb, x.buf.data(), w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, 2 * rb, ahead, end));
-    if (r < r1) f_tile<M, 1, 2>(w.data + r * rb, rb, x.buf.data(), w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, rb, ahead, end));
-    return;
-  }
+  if (x.n == 1) return matmul_f_two_rows<M, 1>(w, x, r0, r1, y, ldy, rb);
+  if (x.n == 2 && rb < 6144) return matmul_f_two_rows<M, 2>(w, x, r0, r1, y, ldy, rb);
   for_tiles(tiling_for(x.n), x.n, r0, r1, [&](int R, int T, int64_t r, int64_t t0) {
     dispatch_tile<FTile<M>::template Of>(R, T, w.data + r * rb, rb, x.buf.data(), w.cols, t0, y, ldy, r);
   });
