@@ -79,13 +79,12 @@ struct QBlk<WType::Q4_0> {
   static constexpr size_t kBytes = 18;
   // 64 nibbles 0..15 of blocks b, b+1 in weight order (b+1 zero when `one`).
   static inline __m512i load(const uint8_t* p, bool one) {
-    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
-    const __m128i q1 = one ? _mm_setzero_si128() : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 20));
-    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1);
-    // [q0, q0, q1, q1]: lanes 0/2 take the low nibbles (weights 0..15), 1/3 the high ones.
-    const __m512i v = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0), _mm512_zextsi256_si512(both));
-    const __m512i sh = _mm512_srli_epi16(v, 4);
-    return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, v, sh), _mm512_set1_epi8(0x0f));
+    // [q0, q0, q1, q1] (two 128-bit broadcast loads and one 256-bit insert): lanes 0/2 take
+    // the low nibbles (weights 0..15), 1/3 the high ones (shifted by 4 there only).
+    const __m256i b0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2)));
+    const __m256i b1 = one ? _mm256_setzero_si256() : _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 20)));
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1);
+    return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFF00FF00u, v, 4), _mm512_set1_epi8(0x0f));
   }
 };
 
