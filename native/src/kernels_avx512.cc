@@ -31,9 +31,12 @@
 //   token, see there), the rest through q_tile_g8.
 // - Q8_0 with VNNI and 2..7 tokens (batched decode: a few tokens per expert) uses
 //   q8_rows8 instead: 8 rows in lanes, see there.
-// - Decode with one token (q_n1) is its own kernel: 2 rows per tile, and each pair of
-//   blocks converts the f16 scales of both rows with one vcvtph2ps and multiplies them
-//   by the activation scales in one xmm before spreading them over the lanes.
+// - Decode with one token (q_n1) is its own kernel: 2 rows per tile (1 row per tile with
+//   an L2 prefetch in the row's own stream for rows of 6 KB or more, see matmul_q), and
+//   each pair of blocks converts the f16 scales of both rows with one vcvtph2ps and
+//   multiplies them by the activation scales in one xmm before spreading them over the
+//   lanes.
+// - F32 / F16 / BF16 with one or two tokens stream the same way (matmul_f).
 // GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_*()
 // placeholders (GCC bug 105593, fixed in 13); nothing of ours is uninitialised.
 #if defined(__GNUC__) && !defined(__clang__)
