@@ -22,6 +22,10 @@ constexpr size_t kFlushBytes = size_t{256} << 20;  // written bytes between page
 // records, 256 KiB pieces 25-40% slower). Smaller records go in quarters.
 constexpr size_t kBackgroundChunk = size_t{1} << 20;
 const char* const kAbandoned = "abandoned";
+// The I/O threads' waits (idle, and a background read paused for a demand read) re-check
+// their condition at least this often, whatever they were told: should a wake-up go
+// missing, it costs this long, not a hang of everything waiting for that read.
+constexpr auto kRecheck = std::chrono::milliseconds(50);
 
 std::string errno_text(int e) { return std::string(std::strerror(e)); }
 
@@ -293,7 +297,6 @@ void ExpertStore::drop_occupant(int64_t layer, int64_t slot) {
 }
 
 void ExpertStore::load(int64_t layer, int64_t expert, int64_t slot, int priority) {
-  bool wake_all = false;
   check_expert(layer, expert);
   check_slot(layer, slot);
   if (priority < 0) throw std::invalid_argument("load priority must be >= 0, got " + std::to_string(priority));
@@ -316,14 +319,15 @@ void ExpertStore::load(int64_t layer, int64_t expert, int64_t slot, int priority
     e.slot = static_cast<int32_t>(slot);
     e.error.clear();
     queue_.push_back(Job{layer, expert, slot, s.gen, priority, next_seq_++});
-    wake_all = paused_ > 0;
   }
-  // An idle thread may start this; a paused background read must re-check whether to go on.
-  if (wake_all) {
-    work_cv_.notify_all();
-  } else {
-    work_cv_.notify_one();
-  }
+  // An idle thread may start this, and a paused background read must re-check whether to
+  // go on: all are woken. Waking one when no read was paused lost wake-ups: between this
+  // unlock and the notification, a background read could pause for this very load (its
+  // condition, a demand read that can start, had just become true), and notify_one could
+  // then wake that read, which goes back to waiting, instead of the idle thread that would
+  // start the load. The engine waited for the load, the read for the engine's load, and
+  // the idle thread for work: a decode of the test suite hung so, once in many runs.
+  work_cv_.notify_all();
 }
 
 bool ExpertStore::cancel(int64_t layer, int64_t expert) {
@@ -491,7 +495,8 @@ std::string ExpertStore::read_record(const Job& job, uint8_t* dst, bool backgrou
       if (yield_to_demand(job)) {
         stats_.paused++;
         paused_++;
-        work_cv_.wait(lock, [&] { return !yield_to_demand(job); });
+        while (!work_cv_.wait_for(lock, kRecheck, [&] { return !yield_to_demand(job); })) {
+        }
         paused_--;
       }
       if (stop_ || sl(job.layer, job.slot).gen != job.gen) return kAbandoned;
@@ -527,7 +532,8 @@ void ExpertStore::io_main() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     Job job{};
-    work_cv_.wait(lock, [&] { return stop_ || pick(job); });
+    while (!work_cv_.wait_for(lock, kRecheck, [&] { return stop_ || pick(job); })) {
+    }
     if (stop_) return;
     Slot& s = sl(job.layer, job.slot);
     if (s.gen != job.gen || s.occupant != job.expert) continue;  // cannot happen: withdrawn loads leave the queue
