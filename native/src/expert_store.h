@@ -186,8 +186,8 @@ class ExpertStore {
   int reads_in_flight_ = 0;
   std::chrono::steady_clock::time_point busy_since_{};
   int background_reads_ = 0;  // reads of priority > 0 in flight
-  int urgent_background_ = 0;
-  int paused_ = 0;  // background reads paused now (waiting on work_cv_ inside their read)  // of those, reads something waits for (they count as demand reads)
+  int urgent_background_ = 0;  // of those, reads something waits for (they count as demand reads)
+  int paused_ = 0;              // background reads paused now (waiting on work_cv_ inside their read)
   StoreStats stats_;
   bool stop_ = false;
   std::vector<std::thread> threads_;

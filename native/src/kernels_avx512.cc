@@ -156,6 +156,11 @@ constexpr Hint tile_hint() {
   return T <= 2 ? Hint::T0 : Hint::Nta;
 }
 inline size_t tile_ahead_target(int64_t tokens) { return tokens <= 2 ? 4096 : 8192; }
+// Rows of at least kLongRowBytes go one row per tile, prefetching kLongRowAhead bytes ahead
+// into L2 in the row's own stream (one-token matmuls, and two-token F32/F16/BF16 ones keep
+// 2-row tiles only below it; measured in matmul_q and matmul_f).
+constexpr size_t kLongRowBytes = 6144;
+constexpr size_t kLongRowAhead = 8192;
 
 template <WType WT, QMode M, int R, int T>
 void q_tile(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, int64_t cols, int64_t t0, float* y,
@@ -715,11 +720,10 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
     // keep 2-row tiles, faster there (14336 x 4096 Q8_0, 4 KB rows: 6% slower with 1-row
     // tiles, 2048 x 768: 38%), and their L1 prefetch (L2 was no faster).
     // q_n1 does the same arithmetic per row whatever R, so results do not change.
-    if (rb >= 6144) {
-      constexpr size_t kAhead = 8192;
-      prefetch_start(w.data + r0 * rb, kAhead, end);
+    if (rb >= kLongRowBytes) {
+      prefetch_start(w.data + r0 * rb, kLongRowAhead, end);
       for (int64_t r = r0; r < r1; ++r)
-        q_n1<WT, 1, Hint::T1>(w.data + r * rb, rb, nb, a, y + r, Prefetch(w.data + r * rb, rb, kAhead, end));
+        q_n1<WT, 1, Hint::T1>(w.data + r * rb, rb, nb, a, y + r, Prefetch(w.data + r * rb, rb, kLongRowAhead, end));
       return;
     }
     const size_t ahead = ahead_for(2 * rb, tile_ahead_target(1));
@@ -835,16 +839,15 @@ void matmul_f(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
   // f32 2048 x 768 1.82x; two threads bf16 2048 x 768 1.83x, 768 x 2048 1.02x); with 3
   // and 4 tokens the 4-row tiles stayed (4 tokens, bf16 768 x 2048: 0.89x with 2-row
   // tiles). The per-row arithmetic is that of any f_tile, whatever R: results do not change.
-  if (x.n == 1 && rb >= 6144) {
+  if (x.n == 1 && rb >= kLongRowBytes) {
     const uint8_t* end = w.data + r1 * rb;
-    constexpr size_t kAhead = 8192;
-    prefetch_start(w.data + r0 * rb, kAhead, end);
+    prefetch_start(w.data + r0 * rb, kLongRowAhead, end);
     for (int64_t r = r0; r < r1; ++r)
-      f_tile<M, 1, 1, Hint::T1>(w.data + r * rb, rb, x.buf.data(), w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, rb, kAhead, end));
+      f_tile<M, 1, 1, Hint::T1>(w.data + r * rb, rb, x.buf.data(), w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, rb, kLongRowAhead, end));
     return;
   }
   if (x.n == 1) return matmul_f_two_rows<M, 1>(w, x, r0, r1, y, ldy, rb);
-  if (x.n == 2 && rb < 6144) return matmul_f_two_rows<M, 2>(w, x, r0, r1, y, ldy, rb);
+  if (x.n == 2 && rb < kLongRowBytes) return matmul_f_two_rows<M, 2>(w, x, r0, r1, y, ldy, rb);
   for_tiles(tiling_for(x.n), x.n, r0, r1, [&](int R, int T, int64_t r, int64_t t0) {
     dispatch_tile<FTile<M>::template Of>(R, T, w.data + r * rb, rb, x.buf.data(), w.cols, t0, y, ldy, r);
   });
