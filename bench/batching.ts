@@ -14,8 +14,8 @@
 // seeds. "64 runnable, steps of 8": maxRunning 64, maxBatchTokens 8 and prefillFirst (the
 // 64 prompts are admitted first, 8 per step; then the 64 decoding sequences take turns,
 // 8 tokens a step). Each policy runs on a fresh engine (cold cache, same sequence ids, so
-// the same routing replay): FCFS (round robin) and expert-aware (previous-token routing
-// weighted by the measured reuse rate, the resident set, fairness bound
+// the same routing replay): FCFS (round robin) and expert-aware (each sequence's recent
+// routing, src/scheduler/recent-routing.ts; the resident set; fairness bound
 // BENCH_BATCHING_EXTRA_WAIT steps beyond FCFS: default 1, so that a token's gap is at most
 // 9 steps where FCFS's is 8, inside the 1.2x p99 inter-token latency target).
 //
@@ -30,7 +30,10 @@
 // BENCH_BATCHING_CAPACITY ("0.5"), BENCH_BATCHING_CACHE (lru), BENCH_BATCHING_LOOKAHEAD (0),
 // BENCH_BATCHING_EXTRA_WAIT (1), BENCH_BATCHING_PASSES (2: fcfs, expert-aware, expert-aware,
 // fcfs, to cancel a load drift on a shared machine; 1: fcfs then expert-aware),
-// BENCH_BATCHING_TRACE (real trace), BENCH_THREADS (2), BENCH_OFFLOAD_DIR (expert file dir).
+// BENCH_BATCHING_TRACE (real trace), BENCH_BATCHING_REQUEST_VARIATION and
+// BENCH_BATCHING_TOPICS (synth-trace --request-variation/--topics: per-request expert
+// preferences; default 0, every request routed like the real one), BENCH_THREADS (2),
+// BENCH_OFFLOAD_DIR (expert file dir).
 // The last line is JSON: distinct_experts_reduction, throughput_vs_fcfs, p99_itl_vs_fcfs,
 // loads_per_token_vs_fcfs, and `figures`: [{name, value, unit, compared_to}].
 
@@ -59,6 +62,8 @@ const LOOKAHEAD = Number(env.BENCH_BATCHING_LOOKAHEAD ?? 0);
 const EXTRA_WAIT = Number(env.BENCH_BATCHING_EXTRA_WAIT ?? 1);
 const PASSES = Number(env.BENCH_BATCHING_PASSES ?? 2);
 const THREADS = Number(env.BENCH_THREADS ?? 2);
+const VARIATION = Number(env.BENCH_BATCHING_REQUEST_VARIATION ?? 0);
+const TOPICS = env.BENCH_BATCHING_TOPICS === undefined ? undefined : Number(env.BENCH_BATCHING_TOPICS);
 const TRACE = resolve(env.BENCH_BATCHING_TRACE ?? join(here, '..', '..', 'shared', 'traces', 'qwen3-30b-a3b.trace.csv'));
 const MODEL_ID = 'qwen3-30b-a3b-8l';
 type PolicyName = 'fcfs' | 'expert-aware';
@@ -214,9 +219,9 @@ async function main(): Promise<void> {
   try {
     const trace = join(work, 'synth.trace.csv');
     const ts = performance.now();
-    const synth = await synthesizeTrace({ like: TRACE, out: trace, requests: REQUESTS, tokensPerRequest: Math.max(32, TOKENS + 8), seed: 1 });
+    const synth = await synthesizeTrace({ like: TRACE, out: trace, requests: REQUESTS, tokensPerRequest: Math.max(32, TOKENS + 8), seed: 1, requestVariation: VARIATION, topics: TOPICS });
     log(
-      `batching bench: synthesized ${REQUESTS} requests like ${TRACE} (${synth.header.layers} layers, ${synth.header.experts} experts, top-${synth.header.topK}) in ${((performance.now() - ts) / 1000).toFixed(1)} s`,
+      `batching bench: synthesized ${REQUESTS} requests like ${TRACE} (${synth.header.layers} layers, ${synth.header.experts} experts, top-${synth.header.topK}; request variation ${VARIATION}, ${TOPICS ?? REQUESTS} topics) in ${((performance.now() - ts) / 1000).toFixed(1)} s`,
     );
     log(
       `  model ${modelDir} (q8, ${THREADS} threads), experts offloaded: capacity ${CAPACITY}, cache ${CACHE}, lookahead ${LOOKAHEAD}; ` +

@@ -147,6 +147,7 @@ t.test('CLI: sim --scheduler ... --json', async (t) => {
   t.equal(j.oracle.scheduler, 'oracle');
   t.ok(j.fcfs.distinct_experts_per_step > 0 && j.loads_per_token > 0);
   t.equal(j.capacity_per_layer, 12);
+  t.equal(j.predictor, 'recent', 'default predictor: recent routing, as the server hints');
 
   const errs: string[] = [];
   const origErr = process.stderr.write.bind(process.stderr);
@@ -154,6 +155,10 @@ t.test('CLI: sim --scheduler ... --json', async (t) => {
   try {
     t.equal(await main(['sim', '--scheduler', 'nope', '--trace', file]), 2);
     t.equal(await main(['sim', '--batch', '4', '--trace', file]), 2, '--batch needs --scheduler');
+    t.equal(await main(['sim', '--scheduler', 'expert-aware', '--predictor', 'prev', '--recent-decay', '0.5', '--trace', file]), 2, '--recent-decay needs --predictor recent');
+    t.equal(await main(['sim', '--scheduler', 'expert-aware', '--recent-decay', '1', '--trace', file]), 2, 'decay below 1');
+    t.equal(await main(['synth-trace', '--like', file, '--requests', '2', '--out', join(dir, 'x.csv'), '--topics', '3']), 2, '--topics needs --request-variation');
+    t.equal(await main(['synth-trace', '--like', file, '--requests', '2', '--out', join(dir, 'x.csv'), '--request-variation', '1.5']), 2, 'variation within [0, 1]');
   } finally {
     process.stderr.write = origErr;
   }

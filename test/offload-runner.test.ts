@@ -637,6 +637,24 @@ t.test('routing replay takes the trace ids with the stated mapping, resident and
   const resSet = new Set(seen.map(key));
   t.ok(seenOff.every((e) => resSet.has(key(e)) || e.seq.length < seen.find((s) => s.layer === e.layer)!.seq.length), 'offloaded routing matches (split steps route subsets)');
   t.same(replayA.stats().missingRows > 0, true);
+
+  // Live hints for the batch policy: each sequence's recent routing, the same in both
+  // runners (they saw the same routing), its last token's experts at weight 1.
+  for (let s = 0; s < 3; s++) {
+    const h = ref.routingHints(s);
+    const hOff = runner.routingHints(s);
+    t.ok(h && hOff, `hints for sequence ${s}`);
+    if (!h || !hOff) continue;
+    t.same(hOff, h, `sequence ${s}: offloaded hints equal resident ones`);
+    const lastEv = [...seen].reverse().find((e) => e.layer === 2 && Array.from(e.seq).includes(s))!;
+    const i = Array.from(lastEv.seq).lastIndexOf(s);
+    for (const id of lastEv.ids.subarray(i * 4, i * 4 + 4)) t.equal(h.weights![2][h.experts[2].indexOf(id)], 1, `sequence ${s}: last token's expert ${id} at weight 1`);
+    t.ok(h.experts[2].length > 4, 'older tokens\' experts are hinted too');
+  }
+  ref.release(0);
+  runner.release(0);
+  t.equal(ref.routingHints(0), undefined, 'released: no hints');
+  t.equal(runner.routingHints(0), undefined, 'released: no hints');
 });
 
 // ---- The addon's own expert store ----

@@ -5,6 +5,7 @@ import {
   BATCH_CACHES,
   BATCH_PREDICTORS,
   BATCH_SCHEDULERS,
+  DEFAULT_BATCH_PREDICTOR,
   fairnessVsFcfs,
   runBatchSim,
   type BatchCacheName,
@@ -13,6 +14,7 @@ import {
   type BatchSimResult,
 } from '../offload/batch-sim.js';
 import { EXPERT_AWARE_DEFAULTS } from '../scheduler/expert-aware-policy.js';
+import { RECENT_ROUTING_DECAY } from '../scheduler/recent-routing.js';
 import { CapacityError, EQUAL_SPLIT, parseSplit, splitSlots, splitText, type SplitSpec } from '../offload/capacity.js';
 import { choiceOpt, intOpt, numOpt, parse, required, UsageError } from './args.js';
 
@@ -65,7 +67,7 @@ Batch formation (--scheduler switches to it):
   moe-serve sim --scheduler ${BATCH_SCHEDULERS.join('|')} --trace FILE [--batch N] [--concurrency M]
                 [--capacity C] [--predictor ${BATCH_PREDICTORS.join('|')}] [--cache ${BATCH_CACHES.join('|')}]
                 [--max-extra-wait S] [--max-gap-factor F] [--miss-penalty P]
-                [--pregate-accuracy A] [--no-prefill] [--no-oracle] [--json]
+                [--recent-decay D] [--pregate-accuracy A] [--no-prefill] [--no-oracle] [--json]
 
   M requests (--concurrency, default 64) are runnable; each step the scheduler picks N
   (--batch, default 8) of them, one token each; a finished request's lane takes the next
@@ -80,8 +82,10 @@ Batch formation (--scheduler switches to it):
   layer-ms + distinct x compute + loads x load time, no overlap).
   fcfs          round robin, longest-waiting first
   expert-aware  groups by what is knowable: each request's routing so far (--predictor
-                prev: the previous token's experts, default; recent: decayed frequency
-                over its recent tokens) and the cache's resident set. --predictor
+                recent, the default and what the server uses: the experts of its recent
+                tokens, weighted min(1, count decayed by --recent-decay per token, default
+                ${RECENT_ROUTING_DECAY}); prev: the previous token's experts only) and the
+                cache's resident set. --predictor
                 pregate [--pregate-accuracy A] is a what-if, not knowable from a trace:
                 an emulated pre-gating predictor naming each true expert with
                 probability A (default 0.8), else a wrong one
@@ -118,13 +122,14 @@ export const simCommand = {
       'no-oracle': { type: 'boolean' },
       'pregate-accuracy': { type: 'string' },
       'max-gap-factor': { type: 'string' },
+      'recent-decay': { type: 'string' },
     });
     if (v.help) {
       process.stdout.write(HELP);
       return 0;
     }
     if (v.scheduler !== undefined) return runBatching(v);
-    for (const k of ['batch', 'predictor', 'cache', 'max-extra-wait', 'miss-penalty', 'no-oracle', 'pregate-accuracy', 'max-gap-factor']) {
+    for (const k of ['batch', 'predictor', 'cache', 'max-extra-wait', 'miss-penalty', 'no-oracle', 'pregate-accuracy', 'max-gap-factor', 'recent-decay']) {
       if (v[k] !== undefined) throw new UsageError(`--${k} needs --scheduler`);
     }
     const file = required(v, 'trace');
@@ -275,7 +280,7 @@ async function runBatching(v: Values): Promise<number> {
   const batch = intOpt(v, 'batch', 8, 1, 1 << 16);
   const concurrency = intOpt(v, 'concurrency', 64, 1, 1 << 16);
   const capacity = v.capacity === undefined ? undefined : intOpt(v, 'capacity', 1, 1, 1 << 16);
-  const predictor = choiceOpt(v, 'predictor', BATCH_PREDICTORS, 'prev') as BatchPredictorName;
+  const predictor = choiceOpt(v, 'predictor', BATCH_PREDICTORS, DEFAULT_BATCH_PREDICTOR) as BatchPredictorName;
   const cache = choiceOpt(v, 'cache', BATCH_CACHES, 'lru') as BatchCacheName;
   const policy = {
     maxExtraWaitSteps: intOpt(v, 'max-extra-wait', EXPERT_AWARE_DEFAULTS.maxExtraWaitSteps, 0, 1 << 20),
@@ -290,7 +295,9 @@ async function runBatching(v: Values): Promise<number> {
   };
   const pregateAccuracy = numOpt(v, 'pregate-accuracy', 0.8, 0, 1);
   if (v['pregate-accuracy'] !== undefined && predictor !== 'pregate') throw new UsageError('--pregate-accuracy needs --predictor pregate');
-  const base = { batch, concurrency, capacity, predictor, cache, policy, timing, pregateAccuracy, prefill: !v['no-prefill'] };
+  const recentDecay = v['recent-decay'] === undefined ? undefined : numOpt(v, 'recent-decay', RECENT_ROUTING_DECAY, 0, 0.999);
+  if (recentDecay !== undefined && predictor !== 'recent') throw new UsageError('--recent-decay needs --predictor recent');
+  const base = { batch, concurrency, capacity, predictor, cache, policy, timing, pregateAccuracy, recentDecay, prefill: !v['no-prefill'] };
   // Each run streams the file again: the schedule depends on the scheduler.
   const fcfs = await runBatchSim(file, { ...base, scheduler: 'fcfs' });
   const ours = scheduler === 'fcfs' ? fcfs : await runBatchSim(file, { ...base, scheduler });

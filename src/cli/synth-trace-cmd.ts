@@ -1,8 +1,9 @@
-import { synthesizeTrace, type StatsComparison } from '../offload/synth-trace.js';
-import { intOpt, parse, required } from './args.js';
+import { compareStats, synthesizeTrace, type StatsComparison } from '../offload/synth-trace.js';
+import { intOpt, numOpt, parse, required, UsageError } from './args.js';
 
 const HELP = `usage: moe-serve synth-trace --like FILE --requests N --out FILE [--seed S]
-                             [--tokens-per-request M] [--no-weights] [--json]
+                             [--tokens-per-request M] [--no-weights]
+                             [--request-variation V [--topics T]] [--json]
 
 Writes a many-request moe-trace v1 file whose routing statistics match a real trace
 (--like): per-layer expert popularity, temporal reuse rate per layer (share of the
@@ -17,9 +18,19 @@ a mixture (fitted per-layer weight) of the cross-layer conditional given this to
 experts at l-1 and the layer's popularity. The first P positions are prefill, P within
 +-25% of a real request's prompt length. Deterministic per --seed (default 1).
 
+Requests on different topics route to different experts, which one real request cannot
+show: with --request-variation V (0 to 1, default 0) each request's expert ids at each
+layer are renamed by a random shuffle of a fraction V of the layer's experts, the same
+for all its tokens. Requests draw their renaming from --topics T of them (default: one
+per request), so requests of one topic share favourite experts. Renaming within a request
+leaves its statistics as they were (the comparison above is of the requests before
+renaming); the pooled popularity of the file flattens, and is printed too.
+
 Options:
   --tokens-per-request M  tokens per request, prefill included (default: a real request's)
   --no-weights            leave the weights column empty (default: real per-rank mean weights)
+  --request-variation V   share of each layer's experts renamed per topic (default 0: none)
+  --topics T              renamings the requests draw from (default: one per request)
   --json                  one JSON object with the comparison
 `;
 
@@ -50,6 +61,8 @@ export const synthTraceCommand = {
       seed: { type: 'string' },
       'tokens-per-request': { type: 'string' },
       'no-weights': { type: 'boolean' },
+      'request-variation': { type: 'string' },
+      topics: { type: 'string' },
       json: { type: 'boolean' },
     });
     if (v.help) {
@@ -62,7 +75,11 @@ export const synthTraceCommand = {
     const requests = intOpt(v, 'requests', 1, 1, 1e9);
     const seed = intOpt(v, 'seed', 1, 0, 0xffffffff);
     const tokensPerRequest = v['tokens-per-request'] === undefined ? undefined : intOpt(v, 'tokens-per-request', 1, 1, 1e9);
-    const r = await synthesizeTrace({ like, out, requests, seed, tokensPerRequest, noWeights: !!v['no-weights'] });
+    const requestVariation = numOpt(v, 'request-variation', 0, 0, 1);
+    if (v.topics !== undefined && v['request-variation'] === undefined) throw new UsageError('--topics needs --request-variation');
+    const topics = v.topics === undefined ? undefined : intOpt(v, 'topics', 1, 1, 1e9);
+    const r = await synthesizeTrace({ like, out, requests, seed, tokensPerRequest, noWeights: !!v['no-weights'], requestVariation, topics });
+    const pooled = r.written === r.synth ? null : { vsReal: compareStats(r.real, r.written).popularityTV, vsUniform: compareStats(r.written, r.written).popularityTVUniform };
     const c = r.comparison;
     if (v.json) {
       process.stdout.write(
@@ -85,6 +102,10 @@ export const synthTraceCommand = {
           cooc_pairs: c.coocPairs,
           keep_corr_real: c.keepCorrReal,
           keep_corr_synth: c.keepCorrSynth,
+          request_variation: requestVariation,
+          topics: topics ?? requests,
+          pooled_popularity_tv: pooled?.vsReal ?? c.popularityTV,
+          pooled_popularity_tv_uniform: pooled?.vsUniform ?? compareStats(r.synth, r.synth).popularityTVUniform,
           real_halves: r.realHalves
             ? { popularity_tv: r.realHalves.popularityTV, reuse_mean_abs_diff: r.realHalves.reuseMeanAbsDiff, cooc_mean_abs_diff: r.realHalves.coocMeanAbsDiff }
             : null,
@@ -98,7 +119,13 @@ export const synthTraceCommand = {
         `real         ${like} (${h.model || 'unnamed'}: ${h.layers} layers, ${h.experts} experts, top-${h.topK}): ${r.real.requests} request(s), ${r.real.tokens} tokens`,
         `synthetic    ${out}: ${r.synth.requests} request(s), ${r.synth.tokens} tokens, ${r.rowsWritten} rows, seed ${seed}`,
         '',
-        formatComparison(c, like, out, r.realHalves),
+        formatComparison(c, like, r.written === r.synth ? out : `${out}, its requests before renaming`, r.realHalves),
+        ...(pooled
+          ? [
+              '',
+              `across requests (--request-variation ${requestVariation}, ${topics ?? requests} topics): the file's pooled popularity is at TV ${pooled.vsReal.toFixed(4)} from the real request's, ${pooled.vsUniform.toFixed(4)} from uniform (the real request: ${c.popularityTVUniform.toFixed(4)})`,
+            ]
+          : []),
       ].join('\n') + '\n',
     );
     return 0;

@@ -11,6 +11,7 @@ import { EMBED, FINAL_NORM, LM_HEAD, layerNames } from '../model/tensor-names.js
 import { loadNative, type NativeEngine, type NativeEngineOptions } from './native.js';
 import { logitRows, type KvGeometry, type ModelRunner, type RoutingEvent, type RoutingHint, type StepOutput, type StepSequence } from './runner.js';
 import type { Routing, RoutingReplay, StepTokens } from '../offload/replay.js';
+import { RecentRouting } from '../scheduler/recent-routing.js';
 
 /** Weight formats users choose (`--weights`), and the addon's names for them. */
 export const WEIGHT_FORMATS = { f32: 'f32', bf16: 'bf16', f16: 'f16', q8: 'q8_0', q4: 'q4_0' } as const;
@@ -229,8 +230,8 @@ export function packBatch(batch: StepSequence[]): { tokens: Int32Array; seqs: In
 }
 
 export class NativeRunner implements ModelRunner {
-  /** Routing replay only: per sequence, per layer, the experts of its last token (live hints). */
-  private readonly lastRouting = new Map<number, Int32Array[]>();
+  /** Routing replay only: per sequence, its recent routing (live hints for the batch policy). */
+  private recent: RecentRouting | null = null;
   /** Routing replay only: distinct experts per layer of the last step, mean over layers. */
   private lastDistinct: number | undefined;
 
@@ -299,10 +300,8 @@ export class NativeRunner implements ModelRunner {
     return { logits, rows: logits.length / this.spec.vocabSize };
   }
 
-  /** Each sequence's last token's experts per layer, and the step's distinct experts. */
+  /** Each sequence's recent routing, and the step's distinct experts. */
   private noteRouting(meta: StepTokens, routed: Routing[]): void {
-    const last = new Map<number, number>();
-    for (let t = 0; t < meta.seq.length; t++) last.set(meta.seq[t], t);
     let distinct = 0;
     const seen = new Uint8Array(this.spec.numExperts);
     for (const r of routed) {
@@ -313,13 +312,13 @@ export class NativeRunner implements ModelRunner {
       }
     }
     this.lastDistinct = routed.length > 0 ? distinct / routed.length : undefined;
-    for (const [seq, t] of last) this.lastRouting.set(seq, routed.map((r) => r.ids.slice(t * r.k, (t + 1) * r.k)));
+    const recent = (this.recent ??= new RecentRouting(routed.length));
+    for (let t = 0; t < meta.seq.length; t++) routed.forEach((r, l) => recent.observe(meta.seq[t], l, r.ids, t * r.k, r.k));
   }
 
-  /** Routing replay only: the sequence's last token's experts (its next token often reuses some). */
+  /** Routing replay only: the sequence's recent routing (RecentRouting). */
   routingHints(seqId: number): RoutingHint | undefined {
-    const hist = this.lastRouting.get(seqId);
-    return hist ? { experts: hist.map((ids) => Array.from(ids)) } : undefined;
+    return this.recent?.hint(seqId);
   }
 
   lastStepDistinctExperts(): number | undefined {
@@ -329,7 +328,7 @@ export class NativeRunner implements ModelRunner {
   release(seqId: number): void {
     // KV blocks belong to the scheduler's pool; the engine keeps no per-sequence state
     // (routing replay: only the last routing, for hints).
-    this.lastRouting.delete(seqId);
+    this.recent?.delete(seqId);
   }
 
   close(): void {

@@ -20,8 +20,9 @@
 // Schedulers:
 // - fcfs: round robin (longest-waiting first) through the project's FCFS policy.
 // - expert-aware: ExpertAwarePolicy with what is knowable: each request's routing so far
-//   (predictor 'prev': the previous token's experts; 'recent': decayed frequency over its
-//   recent tokens) and the cache's resident set.
+//   (predictor 'recent', the default and what the server's runners hint: its recent
+//   tokens' experts by decayed count, src/scheduler/recent-routing.ts; 'prev': the
+//   previous token's experts only) and the cache's resident set.
 //   'pregate' emulates a pre-gating predictor of a given accuracy (a what-if: the trace
 //   holds no hidden states), to show how the savings grow with prediction accuracy.
 // - oracle: the same policy told each token's TRUE routing (which no real policy knows),
@@ -40,6 +41,7 @@ import type { SlotCache } from './cache-policy.js';
 import { LfuPolicy } from './lfu.js';
 import { LruPolicy } from './lru.js';
 import { DEFAULT_TIMING, type TimingModel } from './simulator.js';
+import { RECENT_ROUTING_DECAY, RecentRouting } from '../scheduler/recent-routing.js';
 import { NO_EXPERT, readTrace, type TraceHeader, type TraceRequest, type TraceToken } from './trace.js';
 import { requestStream } from './schedule.js';
 
@@ -47,6 +49,8 @@ export const BATCH_SCHEDULERS = ['fcfs', 'oracle', 'expert-aware'] as const;
 export type BatchSchedulerName = (typeof BATCH_SCHEDULERS)[number];
 export const BATCH_PREDICTORS = ['prev', 'recent', 'pregate'] as const;
 export type BatchPredictorName = (typeof BATCH_PREDICTORS)[number];
+/** What the server's runners hint (RecentRouting), so the simulator predicts as the server does. */
+export const DEFAULT_BATCH_PREDICTOR: BatchPredictorName = 'recent';
 export const BATCH_CACHES = ['lru', 'lfu', 'lfu-decay'] as const;
 export type BatchCacheName = (typeof BATCH_CACHES)[number];
 
@@ -63,7 +67,7 @@ export interface BatchSimOptions {
   prefill?: boolean;
   policy?: ExpertAwareOptions;
   timing?: TimingModel;
-  /** Decay per token of the 'recent' predictor (default 0.5). */
+  /** Decay per token of the 'recent' predictor (default RECENT_ROUTING_DECAY). */
   recentDecay?: number;
   /**
    * 'pregate' predictor: an emulated pre-gating predictor (the server's, from hidden
@@ -118,8 +122,6 @@ interface Lane {
   /** Index of the request's first replayed token among all tokens (file order). */
   base: number;
   readyAt: number;
-  /** 'recent' predictor: decayed use per (layer, expert) of this request. */
-  recent?: Map<number, number>[];
 }
 
 function percentile(xs: ArrayLike<number>, p: number): number {
@@ -135,8 +137,9 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
   if (!Number.isInteger(N) || N < 1) throw new Error(`batch must be an integer >= 1, got ${N}`);
   if (!Number.isInteger(M) || M < 1) throw new Error(`concurrency must be an integer >= 1, got ${M}`);
   const withPrefill = o.prefill ?? true;
-  const predictor: BatchPredictorName = o.predictor ?? 'prev';
-  const decay = o.recentDecay ?? 0.5;
+  const predictor: BatchPredictorName = o.predictor ?? DEFAULT_BATCH_PREDICTOR;
+  const decay = o.recentDecay ?? RECENT_ROUTING_DECAY;
+  let recent = null as RecentRouting | null; // created with the header (L)
   const timing = o.timing ?? DEFAULT_TIMING;
 
   let header: TraceHeader | null = typeof src === 'string' ? null : src.header;
@@ -261,33 +264,14 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
       }
       return { predictedExperts: pe };
     }
-    const pe: number[][] = [];
-    const pw: number[][] = [];
-    for (let l = 0; l < L; l++) {
-      const m = lane.recent![l];
-      const ids: number[] = [];
-      const ws: number[] = [];
-      for (const [e, w] of m) {
-        ids.push(e);
-        ws.push(Math.min(1, w * (1 - decay)));
-      }
-      pe.push(ids);
-      pw.push(ws);
-    }
-    return { predictedExperts: pe, predictedWeights: pw };
+    const h = recent?.hint(lane.seqId);
+    return h ? { predictedExperts: h.experts, predictedWeights: h.weights } : undefined;
   };
   const noteRecent = (lane: Lane, tok: TraceToken) => {
-    if (!lane.recent) lane.recent = Array.from({ length: L }, () => new Map<number, number>());
+    recent ??= new RecentRouting(L, decay);
     for (let l = 0; l < L; l++) {
       const b = l * K;
-      if (tok.experts[b] === NO_EXPERT) continue;
-      const m = lane.recent[l];
-      for (const [e, w] of m) {
-        const x = w * decay;
-        if (x < 0.05) m.delete(e);
-        else m.set(e, x);
-      }
-      for (let k = 0; k < K; k++) m.set(tok.experts[b + k], (m.get(tok.experts[b + k]) ?? 0) + 1);
+      if (tok.experts[b] !== NO_EXPERT) recent.observe(lane.seqId, l, tok.experts, b, K);
     }
   };
 
@@ -375,7 +359,10 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
     }
     for (let i = 0; i < M; i++) {
       const lane = lanes[i];
-      if (lane && lane.next === lane.tokens.length) lanes[i] = null;
+      if (lane && lane.next === lane.tokens.length) {
+        recent?.delete(lane.seqId);
+        lanes[i] = null;
+      }
     }
     step++;
   }

@@ -85,6 +85,7 @@ import { CapacityError, expertSlotBytes, slotsByLayer } from './capacity.js';
 import { createOnlinePolicy, DEFAULT_ONLINE_POLICY } from './policies.js';
 import { NeedCalibration, PredictionCounters, topKIds } from './prediction.js';
 import type { RoutingReplay, StepTokens } from './replay.js';
+import { RecentRouting } from '../scheduler/recent-routing.js';
 
 /** The engine calls the runner makes (a NativeEngine built with `offload`, or a test double). */
 export type OffloadEngine = Pick<
@@ -251,6 +252,8 @@ export class OffloadRunner implements ModelRunner {
   private readonly calibration: NeedCalibration;
   /** Per live sequence, per layer: the experts of its last token. */
   private readonly lastRouting = new Map<number, (Int32Array | null)[]>();
+  /** Per live sequence: its recent routing, for the batch policy's hints. */
+  private readonly recent: RecentRouting;
   private readonly pinned: Set<number>[];
   /** The store's slots as the runner filled them: (layer, slot) → expert, (layer, expert) → slot. */
   private readonly slotExpert: Int32Array;
@@ -310,6 +313,7 @@ export class OffloadRunner implements ModelRunner {
     this.unusedPrefetch = new Uint8Array(this.L * this.E);
     this.outstanding = Array.from({ length: this.L }, () => new Set<number>());
     this.prefetchPins = Array.from({ length: this.L }, () => new Set<number>());
+    this.recent = new RecentRouting(this.L);
     this.reuseHits = new Float64Array(this.L);
     this.reusePrev = new Float64Array(this.L);
     this.calibration = new NeedCalibration(Math.max(1, this.lookahead));
@@ -819,6 +823,7 @@ export class OffloadRunner implements ModelRunner {
         this.reusePrev[m] += prev.length;
       }
     }
+    for (let t = 0; t < T; t++) for (let m = 0; m < this.L; m++) this.recent.observe(meta.seq[t], m, routings[m], t * K, K);
     for (const [seq, t] of lastOfSeq) {
       let hist = this.lastRouting.get(seq);
       if (!hist) this.lastRouting.set(seq, (hist = new Array(this.L).fill(null)));
@@ -842,31 +847,13 @@ export class OffloadRunner implements ModelRunner {
 
   release(seqId: number): void {
     this.lastRouting.delete(seqId);
+    this.recent.delete(seqId);
     (this.policy as SequenceAware).endSequence?.(seqId);
   }
 
-  /**
-   * The sequence's experts at each layer for its last token, each with the probability
-   * that the next token reuses it: the layer's reuse rate measured online (the same
-   * estimate prefetching uses), (hits + 1) / (previous experts + 2).
-   */
+  /** The sequence's recent routing (RecentRouting): what the batch policy predicts its next token needs. */
   routingHints(seqId: number): RoutingHint | undefined {
-    const hist = this.lastRouting.get(seqId);
-    if (!hist) return undefined;
-    const experts: number[][] = [];
-    const weights: number[][] = [];
-    for (let m = 0; m < this.L; m++) {
-      const prev = hist[m];
-      if (!prev) {
-        experts.push([]);
-        weights.push([]);
-        continue;
-      }
-      const rho = (this.reuseHits[m] + 1) / (this.reusePrev[m] + 2);
-      experts.push(Array.from(prev));
-      weights.push(new Array<number>(prev.length).fill(rho));
-    }
-    return { experts, weights };
+    return this.recent.hint(seqId);
   }
 
   /** Per layer: 1 for experts that hold a slot (resident, or being read into it). */

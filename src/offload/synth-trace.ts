@@ -669,6 +669,80 @@ export function fitModel(m: SynthModel, real: TraceStats, opts: FitOptions = {})
   return m;
 }
 
+/**
+ * Request-specific expert preferences, as prompts on different topics route to different
+ * experts: per layer, a random subset of round(variation x E) expert ids is shuffled among
+ * itself. One such renaming per topic; each request takes one of `topics` renamings
+ * (uniformly), the same for all its tokens. Renaming experts consistently within a request
+ * leaves every within-request statistic as it was (popularity profile, reuse, keep-count
+ * chain, cross-layer pairs up to the renaming); across requests, the favourite experts
+ * differ between topics and agree within one.
+ */
+export class RequestRenamer {
+  private readonly maps: Uint16Array[] = [];
+  constructor(
+    private readonly header: Pick<TraceHeader, 'layers' | 'experts' | 'topK'>,
+    readonly variation: number,
+    readonly topics: number,
+    private readonly rng: () => number,
+  ) {
+    if (!(variation >= 0 && variation <= 1)) throw new Error(`request variation must be in [0, 1], got ${variation}`);
+    if (!(Number.isInteger(topics) && topics >= 1)) throw new Error(`topics must be an integer >= 1, got ${topics}`);
+  }
+
+  private makeMap(): Uint16Array {
+    const { layers: L, experts: E } = this.header;
+    const rng = this.rng;
+    const m = Math.round(this.variation * E);
+    const map = new Uint16Array(L * E);
+    const ids = new Int32Array(E);
+    const sub = new Int32Array(m);
+    for (let l = 0; l < L; l++) {
+      for (let e = 0; e < E; e++) {
+        ids[e] = e;
+        map[l * E + e] = e;
+      }
+      // The subset: the first m of a partial shuffle; then a shuffle of the subset.
+      for (let i = 0; i < m; i++) {
+        const x = i + Math.floor(rng() * (E - i));
+        const tmp = ids[i];
+        ids[i] = ids[x];
+        ids[x] = tmp;
+        sub[i] = ids[i];
+      }
+      for (let i = m - 1; i > 0; i--) {
+        const x = Math.floor(rng() * (i + 1));
+        const tmp = sub[i];
+        sub[i] = sub[x];
+        sub[x] = tmp;
+      }
+      for (let i = 0; i < m; i++) map[l * E + ids[i]] = sub[i];
+    }
+    return map;
+  }
+
+  /** False when no expert is renamed (variation under 2 experts' worth). */
+  get renames(): boolean {
+    return Math.round(this.variation * this.header.experts) >= 2;
+  }
+
+  /** Renames the request's experts in place with one topic's renaming. */
+  apply(req: TraceRequest): void {
+    if (!this.renames) return;
+    const t = Math.min(this.topics - 1, Math.floor(this.rng() * this.topics));
+    while (this.maps.length <= t) this.maps.push(this.makeMap());
+    const map = this.maps[t];
+    const { layers: L, experts: E, topK: K } = this.header;
+    for (const tok of req.tokens) {
+      for (let l = 0; l < L; l++) {
+        const b = l * K;
+        if (tok.experts[b] === NO_EXPERT) continue;
+        for (let k = 0; k < K; k++) tok.experts[b + k] = map[l * E + tok.experts[b + k]];
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Writing
 
@@ -681,13 +755,24 @@ export interface SynthOptions {
   /** Leave the weights column empty (default: the real per-rank mean weights, when recorded). */
   noWeights?: boolean;
   calibrationRows?: number;
+  /**
+   * Fraction of each layer's experts whose ids are shuffled per request (0 to 1, default
+   * 0): request-specific expert preferences (see relabelRequest).
+   */
+  requestVariation?: number;
+  /** Topics: distinct renamings that requests draw from (default: one per request). */
+  topics?: number;
 }
 
 export interface SynthResult {
   header: TraceHeader;
   real: TraceStats;
+  /** Statistics of each request as generated, before any renaming (what a one-request real trace compares with). */
   synth: TraceStats;
+  /** Comparison of those with the real trace's. */
   comparison: StatsComparison;
+  /** Statistics of the file as written (pooled over requests, after the renaming); the same object as synth without renaming. */
+  written: TraceStats;
   /** The real trace's two halves compared with each other: how closely real data matches itself. */
   realHalves: StatsComparison | null;
   model: SynthModel;
@@ -703,6 +788,8 @@ export async function synthesizeTrace(o: SynthOptions): Promise<SynthResult> {
   const { layers: L, topK: K } = header;
   const weights = o.noWeights || !model.rankWeights ? '' : model.rankWeights.map((w) => w.toFixed(6)).join(' ');
   const synth = new TraceStats(header);
+  const renamer = new RequestRenamer(header, o.requestVariation ?? 0, o.topics ?? Math.max(1, o.requests), makeRng((seed * 2246822519 + 0x9e3779b9) >>> 0));
+  const written = renamer.renames ? new TraceStats(header) : synth;
   const likeName = o.like.split(/[\\/]/).pop() ?? o.like;
   const file = createWriteStream(o.out, { encoding: 'utf8' });
   let rowsWritten = 0;
@@ -715,6 +802,10 @@ export async function synthesizeTrace(o: SynthOptions): Promise<SynthResult> {
     for (let r = 0; r < o.requests; r++) {
       const req = generateRequest(model, rng, r, o.tokensPerRequest);
       synth.add(req);
+      if (renamer.renames) {
+        renamer.apply(req);
+        written.add(req);
+      }
       for (const tok of req.tokens) {
         const pre = `${r},${tok.phase},${tok.position},`;
         for (let l = 0; l < L; l++) {
@@ -736,5 +827,5 @@ export async function synthesizeTrace(o: SynthOptions): Promise<SynthResult> {
     throw e;
   }
   const realHalves = halves[0].tokens > 1 && halves[1].tokens > 1 ? compareStats(halves[0], halves[1]) : null;
-  return { header, real, synth, comparison: compareStats(real, synth), realHalves, model, rowsWritten };
+  return { header, real, synth, comparison: compareStats(real, synth), written, realHalves, model, rowsWritten };
 }
