@@ -327,7 +327,7 @@ export class NativeRunner implements ModelRunner {
 
   release(seqId: number): void {
     // KV blocks belong to the scheduler's pool; the engine keeps no per-sequence state
-    // (routing replay: only the last routing, for hints).
+    // (routing replay: only its recent routing, for hints).
     this.recent?.delete(seqId);
   }
 
