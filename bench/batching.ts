@@ -275,6 +275,7 @@ async function main(): Promise<void> {
         throughput_vs_fcfs: round(throughputVs, 4),
         p99_itl_vs_fcfs: round(p99Vs, 4),
         loads_per_token_vs_fcfs: round(loadsVs, 4),
+        trace: { request_variation: VARIATION, topics: TOPICS ?? REQUESTS },
         figures,
       }),
     );
