@@ -474,6 +474,12 @@ export function buildModel(header: TraceHeader, s: TraceStats): SynthModel {
 }
 
 /** Generates one request. `tokens` overrides the per-request token count (default: a real request's). */
+function swap(a: Int32Array, i: number, j: number): void {
+  const t = a[i];
+  a[i] = a[j];
+  a[j] = t;
+}
+
 export function generateRequest(m: SynthModel, rng: () => number, id: number, tokens?: number): TraceRequest {
   const { layers: L, experts: E, topK: K } = m.header;
   const pick = <T>(xs: T[]): T => xs[Math.min(xs.length - 1, Math.floor(rng() * xs.length))];
@@ -515,10 +521,7 @@ export function generateRequest(m: SynthModel, rng: () => number, id: number, to
         // Keep j of the previous token's experts, chosen uniformly (partial shuffle).
         for (let k = 0; k < K; k++) order[k] = k;
         for (let k = 0; k < j; k++) {
-          const x = k + Math.floor(rng() * (K - k));
-          const tmp = order[k];
-          order[k] = order[x];
-          order[x] = tmp;
+          swap(order, k, k + Math.floor(rng() * (K - k)));
           const e = prev[b + order[k]];
           ex[b + n++] = e;
           chosen[e] = 1;
@@ -704,17 +707,11 @@ export class RequestRenamer {
       }
       // The subset: the first m of a partial shuffle; then a shuffle of the subset.
       for (let i = 0; i < m; i++) {
-        const x = i + Math.floor(rng() * (E - i));
-        const tmp = ids[i];
-        ids[i] = ids[x];
-        ids[x] = tmp;
+        swap(ids, i, i + Math.floor(rng() * (E - i)));
         sub[i] = ids[i];
       }
       for (let i = m - 1; i > 0; i--) {
-        const x = Math.floor(rng() * (i + 1));
-        const tmp = sub[i];
-        sub[i] = sub[x];
-        sub[x] = tmp;
+        swap(sub, i, Math.floor(rng() * (i + 1)));
       }
       for (let i = 0; i < m; i++) map[l * E + ids[i]] = sub[i];
     }
@@ -756,8 +753,8 @@ export interface SynthOptions {
   noWeights?: boolean;
   calibrationRows?: number;
   /**
-   * Fraction of each layer's experts whose ids are shuffled per request (0 to 1, default
-   * 0): request-specific expert preferences (see relabelRequest).
+   * Fraction of each layer's experts whose ids are shuffled per topic (0 to 1, default
+   * 0): request-specific expert preferences (see RequestRenamer).
    */
   requestVariation?: number;
   /** Topics: distinct renamings that requests draw from (default: one per request). */
