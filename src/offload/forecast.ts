@@ -181,16 +181,29 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   private ringHead = 0;
   /** (layer, expert, ring slot) → 1 when the window token in the slot chose the expert at the layer. */
   private readonly members: Uint8Array;
+  /**
+   * The same index as lists: (layer, expert) → the ring slots whose token chose the expert
+   * at the layer (memberSlots[(layer, expert) × KNN_WINDOW + j] for j < memberCount), in no
+   * particular order. An expert is chosen by a few of the window's tokens, so a new token's
+   * overlaps are summed over these lists instead of over the whole window.
+   */
+  private readonly memberSlots: Int16Array;
+  private readonly memberCount: Int32Array;
+  private readonly knnBest = new Int32Array(KNN_K);
   // Model.
   private readonly w: Float64Array; // horizon x N_FEAT
   private readonly g2: Float64Array;
   private readonly pending: Pending[][]; // per layer, oldest first
   private readonly toTrain: Pending[] = []; // labelled, not learned from yet (idle())
   private readonly x = new Float64Array(N_FEAT);
+  private readonly nz = new Int32Array(N_FEAT);
   private readonly scoreAt: Float64Array; // (layer, expert): visit time of the cached score
   private readonly score: Float64Array;
   private readonly p1: Float64Array; // cached P(needed at the next visit)
   private readonly p1At: Float64Array; // (layer, expert): visit time of a p1 computed without the score
+  /** (layer, expert) × N_FEAT: features as of featAt (the visit record() took them after). */
+  private readonly featCache: Float64Array;
+  private readonly featAt: Float64Array;
   private inPrefetch = false;
   /** In prefetchNextVisit: victims and hints are compared on the full eviction score. */
   private byScore = false;
@@ -224,6 +237,8 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     this.voteAhead = new Float64Array(L * E);
     this.knnSim = new Float64Array(L);
     this.members = new Uint8Array(L * E * KNN_WINDOW);
+    this.memberSlots = new Int16Array(L * E * KNN_WINDOW);
+    this.memberCount = new Int32Array(L * E);
     this.w = new Float64Array(HORIZONS.length * N_FEAT);
     this.g2 = new Float64Array(HORIZONS.length * N_FEAT).fill(1e-8);
     this.pending = Array.from({ length: L }, () => []);
@@ -231,6 +246,8 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     this.score = new Float64Array(L * E);
     this.p1 = new Float64Array(L * E);
     this.p1At = new Float64Array(L * E).fill(-1);
+    this.featCache = new Float64Array(L * E * N_FEAT);
+    this.featAt = new Float64Array(L * E).fill(-1);
     this.scratch = new Float64Array(E);
     this.flags = new Uint8Array(E);
   }
@@ -369,7 +386,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
         if (old) {
           for (let l = 0; l < this.layers; l++) {
             const r = old.routing[l];
-            if (r) for (let k = 0; k < r.length; k++) this.members[(l * E + r[k]) * W + slot] = 0;
+            if (r) for (let k = 0; k < r.length; k++) this.unindex(l * E + r[k], slot);
           }
         }
         this.ring[slot] = nt;
@@ -380,7 +397,8 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
       }
       h.chunkToks = toks;
     }
-    const m = this.members;
+    const lists = this.memberSlots;
+    const counts = this.memberCount;
     for (let j = 0; j < n; j++) {
       const tok = toks[j];
       const cur = list[first + j];
@@ -394,11 +412,35 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
       const sim = tok.sim;
       if (sim) {
         for (let k = 0; k < cur.length; k++) {
-          const row = (layer * E + cur[k]) * W;
-          for (let r = 0; r < W; r++) sim[r] += m[row + r];
+          const i = layer * E + cur[k];
+          const base = i * W;
+          for (let j = base, end = base + counts[i]; j < end; j++) sim[lists[j]] += 1;
         }
       }
-      for (let k = 0; k < cur.length; k++) m[(layer * E + cur[k]) * W + tok.slot] = 1;
+      for (let k = 0; k < cur.length; k++) this.index(layer * E + cur[k], tok.slot);
+    }
+  }
+
+  /** Adds ring slot `slot` to the index of (layer, expert) `i`. */
+  private index(i: number, slot: number): void {
+    const flag = i * KNN_WINDOW + slot;
+    if (this.members[flag]) return;
+    this.members[flag] = 1;
+    this.memberSlots[i * KNN_WINDOW + this.memberCount[i]++] = slot;
+  }
+
+  /** Removes ring slot `slot` from the index of (layer, expert) `i`. */
+  private unindex(i: number, slot: number): void {
+    const flag = i * KNN_WINDOW + slot;
+    if (!this.members[flag]) return;
+    this.members[flag] = 0;
+    const base = i * KNN_WINDOW;
+    const last = base + --this.memberCount[i];
+    for (let j = base; j <= last; j++) {
+      if (this.memberSlots[j] === slot) {
+        this.memberSlots[j] = this.memberSlots[last];
+        return;
+      }
     }
   }
 
@@ -410,24 +452,35 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   private knnVote(tok: TokenRec, layer: number, v1: Float64Array, vAhead: Float64Array): number {
     const sim = tok.sim;
     if (!sim) return 0;
-    const best: number[] = [];
+    // The KNN_K most similar, best first (ties: the lower slot first).
+    const ring = this.ring;
+    const best = this.knnBest;
+    let nb = 0;
+    // The similarity first: most window tokens fall short of the K best so far (while
+    // fewer than K are found, only the dissimilar ones).
+    let floor = 0;
     for (let r = 0; r < KNN_WINDOW; r++) {
-      // The similarity first: most window tokens fall short of the K best so far.
       const v = sim[r];
-      if (v <= 0 || (best.length === KNN_K && v <= sim[best[KNN_K - 1]])) continue;
-      const o = this.ring[r];
+      if (v <= floor) continue;
+      const o = ring[r];
       if (!o || o === tok || !o.next || o.next === tok || !o.next.routing[layer]) continue;
-      if (best.length === KNN_K) best.pop();
-      let k = best.length;
-      while (k > 0 && sim[best[k - 1]] < sim[r]) k--;
-      best.splice(k, 0, r);
+      if (nb === KNN_K) nb--;
+      let k = nb;
+      while (k > 0 && sim[best[k - 1]] < v) {
+        best[k] = best[k - 1];
+        k--;
+      }
+      best[k] = r;
+      nb++;
+      if (nb === KNN_K) floor = sim[best[KNN_K - 1]];
     }
-    if (best.length === 0) return 0;
+    if (nb === 0) return 0;
     const w = 1 / KNN_K;
     const seen = this.flags;
-    for (const r of best) {
+    for (let b = 0; b < nb; b++) {
+      const r = best[b];
       seen.fill(0);
-      let o: TokenRec | null = this.ring[r]!.next;
+      let o: TokenRec | null = ring[r]!.next;
       for (let d = 1; d <= KNN_AHEAD && o && o !== tok && o.routing[layer]; d++, o = o.next) {
         for (const e of o.routing[layer]!) {
           if (d === 1) v1[e] += w;
@@ -687,20 +740,33 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     const lr = this.lr;
     const feats = p.feats;
     const H = HORIZONS.length;
+    // A zero feature adds nothing to z and gets no update: each example's loops run over
+    // its nonzero features only (the age one-hot and most votes are zero).
+    const nz = this.nz;
+    const xv = this.x;
     for (let k = 0; k < p.experts.length; k++) {
       const off = k * N_FEAT;
+      let n = 0;
+      for (let f = 0; f < N_FEAT; f++) {
+        const v = feats[off + f];
+        if (v !== 0) {
+          nz[n] = f;
+          xv[n++] = v;
+        }
+      }
       const d = p.firstUse[k];
       for (let hi = 0; hi < H; hi++) {
         const y = d >= 1 && d <= HORIZONS[hi] ? 1 : 0;
         const wo = hi * N_FEAT;
         let z = 0;
-        for (let f = 0; f < N_FEAT; f++) z += w[wo + f] * feats[off + f];
+        for (let j = 0; j < n; j++) z += w[wo + nz[j]] * xv[j];
         const err = 1 / (1 + Math.exp(-Math.max(-30, Math.min(30, z)))) - y;
-        for (let f = 0; f < N_FEAT; f++) {
-          const g = err * feats[off + f];
+        for (let j = 0; j < n; j++) {
+          const g = err * xv[j];
           if (g === 0) continue;
-          const s = (g2[wo + f] += g * g);
-          w[wo + f] -= (lr * g) / Math.sqrt(s);
+          const f = wo + nz[j];
+          const s = (g2[f] += g * g);
+          w[f] -= (lr * g) / Math.sqrt(s);
         }
       }
     }
@@ -713,7 +779,13 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     for (let e = 0; e < E; e++) if (now - this.lastUse[layer * E + e] <= TRAIN_AGE || this.slotOf(layer, e) >= 0) ex.push(e);
     if (ex.length === 0) return;
     const feats = new Float32Array(ex.length * N_FEAT);
-    for (let k = 0; k < ex.length; k++) this.features(layer, ex[k], now, feats, k * N_FEAT);
+    const cache = this.featCache;
+    for (let k = 0; k < ex.length; k++) {
+      const i = layer * E + ex[k];
+      this.features(layer, ex[k], now, cache, i * N_FEAT);
+      this.featAt[i] = now;
+      feats.set(cache.subarray(i * N_FEAT, (i + 1) * N_FEAT), k * N_FEAT);
+    }
     this.pending[layer].push({ at: now, experts: Int32Array.from(ex), feats, firstUse: new Int32Array(ex.length).fill(-1) });
   }
 
@@ -735,8 +807,13 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   private nextVisitP(layer: number, expert: number, at: number): number {
     const i = layer * this.experts + expert;
     if (this.scoreAt[i] !== at && this.p1At[i] !== at) {
-      this.features(layer, expert, at, this.x);
-      this.p1[i] = this.predict(0, this.x);
+      if (this.featAt[i] === at) {
+        // The features were computed after the visit, as examples (record()).
+        this.p1[i] = this.predict(0, this.featCache, i * N_FEAT);
+      } else {
+        this.features(layer, expert, at, this.x);
+        this.p1[i] = this.predict(0, this.x);
+      }
       this.p1At[i] = at;
     }
     return this.p1[i];
