@@ -3,6 +3,7 @@
 // and against a float64 dot product, and the thread pool.
 import t from 'tap';
 import { loadNative, type KernelIsa, type WeightType } from '../src/engine/native.js';
+import { quantizeQ4_0, quantizeQ8_0 } from '../src/model/gguf-writer.js';
 
 const addon = loadNative();
 const ALL_ISAS: KernelIsa[] = ['scalar', 'avx2', 'avx512'];
@@ -257,6 +258,19 @@ t.test('Q8_0 / Q4_0 edge blocks: ties, halves, repeated maxima and non-finite va
       t.ok(Buffer.from(addon.quantizeRows(type, many, 24576, 32)).equals(Buffer.from(wantMany)), `${isa} ${type}: 24576 random blocks as the scalar code`);
     }
     addon.setIsa(initialIsa);
+    // The GGUF writer's quantizers (TypeScript) write the bytes the engine packs, into a
+    // fresh array or the front of a larger reused one.
+    const js = type === 'q8_0' ? quantizeQ8_0 : quantizeQ4_0;
+    t.ok(Buffer.from(js(many)).equals(Buffer.from(wantMany)), `GGUF writer ${type}: 24576 random blocks as the addon`);
+    const reused = new Uint8Array(want.length + 100).fill(0xee);
+    const jsEdge = js(x, reused);
+    t.equal(reused[want.length], 0xee, `GGUF writer ${type}: nothing written past the tensor`);
+    // Except for a NaN in a Q8_0 block (a corrupt tensor): ggml's MAX() drops it, the
+    // writer's Math.max keeps it (scale NaN).
+    const bbw = type === 'q8_0' ? 34 : 18;
+    const same = blocks.filter((blk, b) => (type === 'q4_0' || !blk.some(Number.isNaN)) && hex(jsEdge.subarray(bbw * b, bbw * b + bbw)) === hex(want.subarray(bbw * b, bbw * b + bbw))).length;
+    t.equal(same, blocks.length - (type === 'q8_0' ? 1 : 0), `GGUF writer ${type}: the edge blocks as the addon`);
+    t.throws(() => js(x, new Uint8Array(want.length - 1)), /smaller/, `GGUF writer ${type}: a short output buffer is refused`);
     // And the finite ones as the independent definition.
     const bb = type === 'q8_0' ? 34 : 18;
     for (let b = 0; b < 7; b++) {

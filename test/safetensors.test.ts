@@ -189,7 +189,14 @@ t.test('write then read F32 / F16 / BF16', async (t) => {
     const mismatches = want.filter((w, i) => !sameValue(got[i], w)).length;
     t.equal(mismatches, 0, `${e.name} values`);
     t.equal(ck.bytes(e.name).length, want.length * { F32: 4, F16: 2, BF16: 2 }[e.dtype]);
+    // The same values into a reused buffer at an offset, and nothing around them touched.
+    const into = new Float32Array(want.length + 5).fill(-7);
+    ck.float32Into(e.name, into, 3);
+    t.equal(into.subarray(3, 3 + want.length).filter((v, i) => !sameValue(v, got[i])).length, 0, `${e.name} float32Into values`);
+    t.same([...into.subarray(0, 3), ...into.subarray(3 + want.length)], [-7, -7, -7, -7, -7], `${e.name} float32Into writes its values only`);
+    if (want.length > 0) expectCode(t, () => ck.float32Into(e.name, into, 6), 'ST_CONVERT');
   }
+  expectCode(t, () => ck.float32Into('b.f32', new Float32Array(300), -1), 'ST_CONVERT');
   // Spot checks of rounding through the file.
   const f16 = ck.float32('a.f16');
   t.equal(f16[SPECIAL.indexOf(f32(65520))], Infinity, 'F16 overflow → inf');

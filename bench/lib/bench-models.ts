@@ -67,8 +67,9 @@ export function ensureCheckpoint(m: BenchModel, log: (s: string) => void): strin
 
 /** The GGUF export of the checkpoint in `type`, written on first use. */
 export async function ensureGguf(m: BenchModel, checkpointDir: string, type: GgufExportType, log: (s: string) => void): Promise<string> {
-  // v2: q4_0 exports hold the dense matrices at Q8_0 (the engine's q4 mix).
-  const file = join(benchModelsDir(), `${baseName(m)}.${type}${type === 'q4_0' ? '.v2' : ''}.gguf`);
+  // v2: q4_0 exports hold the dense matrices at Q8_0 (the engine's q4 mix); v3: Q4_0
+  // rounds in float32 as the engine packs it (v2 files differ in a few nibbles).
+  const file = join(benchModelsDir(), `${baseName(m)}.${type}${type === 'q4_0' ? '.v3' : ''}.gguf`);
   if (existsSync(file) && statSync(file).size > 0) return file;
   const tmp = `${file}.tmp-${process.pid}`;
   rmSync(tmp, { force: true });

@@ -231,7 +231,24 @@ export async function exportGguf(modelDir: string, outFile: string, type: GgufEx
 
     // ---- tensors
     const main = MAIN_TYPE[type];
-    const f32 = (name: string) => () => m.weights.float32(name);
+    // The writer encodes each tensor before it asks for the next, so the values of every
+    // tensor go through one reused buffer: allocating a fresh array per tensor made the
+    // export of a 5 GB checkpoint several times slower on virtual machines where first
+    // touches of fresh memory are slow.
+    let scratch = new Float32Array(0);
+    const buffer = (n: number): Float32Array => {
+      if (scratch.length < n) {
+        scratch = new Float32Array(0); // the old one can go before the new one is made
+        scratch = new Float32Array(n);
+      }
+      return scratch.subarray(0, n);
+    };
+    const count = (name: string) => m.weights.info(name).shape.reduce((a, b) => a * b, 1);
+    const f32 = (name: string) => () => {
+      const out = buffer(count(name));
+      m.weights.float32Into(name, out);
+      return out;
+    };
     /** The stored type of a matrix: `main`, or F16 when its rows do not fill quantization blocks. */
     // 4-bit applies to the experts (routed and shared) only; the dense matrices (embeddings,
     // attention, output) are Q8_0, as the engine holds them (see denseFormat).
@@ -251,8 +268,8 @@ export async function exportGguf(modelDir: string, outFile: string, type: GgufEx
       return interleave ? permuteRotaryRows(v, heads, hd, cols) : v;
     };
     const stack = (names: string[], rows: number, cols: number) => () => {
-      const out = new Float32Array(names.length * rows * cols);
-      names.forEach((n, j) => out.set(m.weights.float32(n), j * rows * cols));
+      const out = buffer(names.length * rows * cols);
+      names.forEach((n, j) => m.weights.float32Into(n, out, j * rows * cols));
       return out;
     };
 

@@ -92,52 +92,71 @@ function roundf(x: number): number {
   return x < 0 ? -Math.round(-x) : Math.round(x);
 }
 
-function encodeF32(x: Float32Array): Uint8Array {
-  const out = new Uint8Array(x.length * 4);
-  const dv = new DataView(out.buffer);
+/** An output of n bytes: the front of `out` when given (it must be large enough), else a new array. */
+function outBytes(n: number, out: Uint8Array | undefined): Uint8Array {
+  if (!out) return new Uint8Array(n);
+  if (out.length < n) throw new GgufError(`output buffer of ${out.length} bytes is smaller than ${n}`);
+  return out.subarray(0, n);
+}
+
+function encodeF32(x: Float32Array, into?: Uint8Array): Uint8Array {
+  const out = outBytes(x.length * 4, into);
+  const dv = new DataView(out.buffer, out.byteOffset, out.byteLength);
   for (let i = 0; i < x.length; i++) dv.setFloat32(i * 4, x[i], true);
   return out;
 }
 
-function encodeF16(x: Float32Array): Uint8Array {
-  const out = new Uint8Array(x.length * 2);
-  const dv = new DataView(out.buffer);
+function encodeF16(x: Float32Array, into?: Uint8Array): Uint8Array {
+  const out = outBytes(x.length * 2, into);
+  const dv = new DataView(out.buffer, out.byteOffset, out.byteLength);
   for (let i = 0; i < x.length; i++) dv.setUint16(i * 2, f32ToF16Bits(x[i]), true);
   return out;
 }
 
 /**
  * Q8_0: blocks of 32 values as { f16 d; int8 q[32] } with d = max|x| / 127 and
- * q = round(x / d), so x ≈ d * q.
+ * q = round(x / d) (half away from zero, as C's roundf), so x ≈ d * q. Into `into` when
+ * given (at least 34 bytes per block).
  */
-export function quantizeQ8_0(x: Float32Array): Uint8Array {
+export function quantizeQ8_0(x: Float32Array, into?: Uint8Array): Uint8Array {
   if (x.length % 32 !== 0) throw new GgufError(`Q8_0 needs a multiple of 32 values, got ${x.length}`);
   const nb = x.length / 32;
-  const out = new Uint8Array(nb * 34);
-  const dv = new DataView(out.buffer);
-  for (let b = 0; b < nb; b++) {
-    const base = b * 32;
+  const out = outBytes(nb * 34, into);
+  const q = new Int8Array(out.buffer, out.byteOffset, out.byteLength);
+  // Branch-free on the values' signs: weights have random signs, and a branch per value
+  // made this four times slower.
+  for (let b = 0, base = 0, o = 0; b < nb; b++, base += 32, o += 34) {
     let amax = 0;
     for (let j = 0; j < 32; j++) amax = Math.max(amax, Math.abs(x[base + j]));
     const d = Math.fround(amax / 127);
     const id = d !== 0 ? Math.fround(1 / d) : 0;
-    const o = b * 34;
-    dv.setUint16(o, f32ToF16Bits(d), true);
-    for (let j = 0; j < 32; j++) dv.setInt8(o + 2 + j, roundf(Math.fround(x[base + j] * id)));
+    const h = f32ToF16Bits(d);
+    out[o] = h & 0xff;
+    out[o + 1] = h >>> 8;
+    for (let j = 0; j < 32; j++) {
+      // roundf: |v| <= 127 (NaN: 0), and the float32 |v| plus 0.5 is exact in a double, so
+      // truncating it rounds half away from zero; then the sign (s = -1: negate).
+      const v = Math.fround(x[base + j] * id);
+      const r = (Math.abs(v) + 0.5) | 0;
+      const s = -+(v < 0);
+      q[o + 2 + j] = (r ^ s) - s;
+    }
   }
   return out;
 }
 
 /**
  * Q4_0: blocks of 32 values as { f16 d; uint8 q[16] } where d = m / -8 for the value m of
- * largest magnitude (sign kept), and the 4-bit q = min(15, trunc(x / d + 8.5)) so that
+ * largest magnitude (sign kept), and the 4-bit q = min(15, trunc(x / d + 8.5)) (in float32
+ * arithmetic, as ggml and the engine compute it: a double sum rounds some values on block
+ * boundaries the other way) so that
  * x ≈ d * (q - 8). Byte j holds element j in its low nibble and element j + 16 in its high one.
  */
-export function quantizeQ4_0(x: Float32Array): Uint8Array {
+export function quantizeQ4_0(x: Float32Array, into?: Uint8Array): Uint8Array {
   if (x.length % 32 !== 0) throw new GgufError(`Q4_0 needs a multiple of 32 values, got ${x.length}`);
   const nb = x.length / 32;
-  const out = new Uint8Array(nb * 18);
-  const dv = new DataView(out.buffer);
+  const out = outBytes(nb * 18, into);
+  const dv = new DataView(out.buffer, out.byteOffset, out.byteLength);
   for (let b = 0; b < nb; b++) {
     const base = b * 32;
     let amax = 0;
@@ -154,8 +173,8 @@ export function quantizeQ4_0(x: Float32Array): Uint8Array {
     const o = b * 18;
     dv.setUint16(o, f32ToF16Bits(d), true);
     for (let j = 0; j < 16; j++) {
-      const q0 = Math.min(15, Math.trunc(Math.fround(x[base + j] * id) + 8.5));
-      const q1 = Math.min(15, Math.trunc(Math.fround(x[base + j + 16] * id) + 8.5));
+      const q0 = Math.min(15, Math.trunc(Math.fround(Math.fround(x[base + j] * id) + 8.5)));
+      const q1 = Math.min(15, Math.trunc(Math.fround(Math.fround(x[base + j + 16] * id) + 8.5)));
       out[o + 2 + j] = q0 | (q1 << 4);
     }
   }
@@ -190,17 +209,17 @@ export function dequantizeQ4_0(bytes: Uint8Array): Float32Array {
   return out;
 }
 
-/** Encodes row-major float32 values as a ggml tensor of `type`. */
-export function encodeTensor(type: GgmlType, values: Float32Array): Uint8Array {
+/** Encodes row-major float32 values as a ggml tensor of `type` (into the front of `into` when given). */
+export function encodeTensor(type: GgmlType, values: Float32Array, into?: Uint8Array): Uint8Array {
   switch (type) {
     case GgmlType.F32:
-      return encodeF32(values);
+      return encodeF32(values, into);
     case GgmlType.F16:
-      return encodeF16(values);
+      return encodeF16(values, into);
     case GgmlType.Q8_0:
-      return quantizeQ8_0(values);
+      return quantizeQ8_0(values, into);
     case GgmlType.Q4_0:
-      return quantizeQ4_0(values);
+      return quantizeQ4_0(values, into);
   }
 }
 
@@ -519,6 +538,7 @@ export class GgufWriter {
       while (done < b.length) done += writeSync(fd, b, done, b.length - done, pos + done);
       pos += b.length;
     };
+    let encoded = new Uint8Array(0);
     try {
       put(header);
       const dataOffset = pos;
@@ -529,7 +549,12 @@ export class GgufWriter {
         if (!(values instanceof Float32Array) || values.length !== n) {
           throw new GgufError(`tensor ${t.name}: source gave ${values?.length} values, shape [${t.shape}] needs ${n}`);
         }
-        const enc = encodeTensor(t.type, values);
+        // One output buffer for every tensor (the largest's size).
+        if (encoded.length < t.bytes) {
+          encoded = new Uint8Array(0);
+          encoded = new Uint8Array(t.bytes);
+        }
+        const enc = encodeTensor(t.type, values, encoded);
         put(enc);
         const p = this.pad(enc.length);
         if (p > 0) put(new Uint8Array(p));

@@ -55,9 +55,11 @@ export function specForPreset(arch: Architecture, preset = 'tiny', overrides: Pa
  * 1, so that a forgotten norm weight shows in tests); the LM head a little wider so
  * next-token distributions are peaked as a trained model's are.
  */
-export function initTensor(t: TensorShape, seed: number): Float32Array {
+export function initTensor(t: TensorShape, seed: number, into?: Float32Array): Float32Array {
   const n = t.shape.reduce((a, b) => a * b, 1);
-  const out = new Float32Array(n);
+  if (into && into.length < n) throw new Error(`initTensor: ${t.name} needs ${n} values, the buffer holds ${into.length}`);
+  // Every fill below writes all n values, so a reused buffer needs no clearing.
+  const out = into ? into.subarray(0, n) : new Float32Array(n);
   const rng = new Rng(hashSeed(seed, t.name));
   switch (t.role) {
     case 'embed':
@@ -107,7 +109,11 @@ export function makeModel(opts: MakeModelOptions): ModelSpec {
   const bytesPer = dtype === 'f32' ? 4 : 2;
   const stDtype = ST_DTYPE[dtype];
   const byName = new Map(tensors.map((t) => [t.name, t]));
-  const fill = (name: string) => initTensor(byName.get(name)!, seed);
+  // One buffer for every tensor's values (writeSafetensors writes each before it asks for
+  // the next): fresh memory is slow to touch on some virtual machines.
+  const largest = tensors.reduce((a, t) => Math.max(a, t.shape.reduce((x, y) => x * y, 1)), 0);
+  const scratch = new Float32Array(largest);
+  const fill = (name: string) => initTensor(byName.get(name)!, seed, scratch);
   const entries = (ts: TensorShape[]) => ts.map((t) => ({ name: t.name, dtype: stDtype, shape: t.shape }));
   const meta = { format: 'pt' };
 

@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { f32ToBf16, f32ToF16 } from './safetensors.js';
+import { f32ToF16 } from './safetensors.js';
 
 export interface WriteEntry {
   name: string;
@@ -27,14 +27,23 @@ function elementCount(entry: WriteEntry): number {
   return n;
 }
 
-/** Encodes float32 values as the dtype's little-endian bytes. */
-function encode(values: Float32Array, dtype: WriteEntry['dtype']): Uint8Array {
+/** Encodes float32 values as the dtype's little-endian bytes (16-bit ones into the front of `half`, when it is large enough). */
+function encode(values: Float32Array, dtype: WriteEntry['dtype'], half?: Uint16Array): Uint8Array {
   if (os.endianness() !== 'LE') throw new Error('writeSafetensors: big-endian hosts are not supported');
   if (dtype === 'F32') return new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
-  const out = new Uint16Array(values.length);
-  const convert = dtype === 'BF16' ? f32ToBf16 : f32ToF16;
-  for (let i = 0; i < values.length; i++) out[i] = convert(values[i]);
-  return new Uint8Array(out.buffer);
+  const out = half && half.length >= values.length ? half.subarray(0, values.length) : new Uint16Array(values.length);
+  if (dtype === 'BF16') {
+    // f32ToBf16 over the bit patterns, inlined (a model's worth of values goes through here).
+    const bits = new Uint32Array(values.buffer, values.byteOffset, values.length);
+    for (let i = 0; i < bits.length; i++) {
+      const b = bits[i];
+      // NaN stays a quiet NaN; otherwise round to nearest even (no carry past 2^32).
+      out[i] = (b & 0x7f800000) === 0x7f800000 && (b & 0x007fffff) !== 0 ? (b >>> 16) | 0x0040 : (b + 0x7fff + ((b >>> 16) & 1)) >>> 16;
+    }
+  } else {
+    for (let i = 0; i < values.length; i++) out[i] = f32ToF16(values[i]);
+  }
+  return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
 }
 
 function writeAll(fd: number, bytes: Uint8Array): void {
@@ -89,6 +98,8 @@ export function writeSafetensors(
   try {
     writeAll(fd, prefix);
     writeAll(fd, json);
+    // One buffer for the 16-bit encodings of every tensor (the largest's size).
+    const half = new Uint16Array(entries.some((e) => e.dtype !== 'F32') ? counts.reduce((a, c) => Math.max(a, c), 0) : 0);
     entries.forEach((entry, i) => {
       const values = fill(entry.name, i);
       if (!(values instanceof Float32Array)) {
@@ -99,7 +110,7 @@ export function writeSafetensors(
           `writeSafetensors: tensor "${entry.name}": shape ${JSON.stringify(entry.shape)} needs ${counts[i]} values, fill returned ${values.length}`,
         );
       }
-      writeAll(fd, encode(values, entry.dtype));
+      writeAll(fd, encode(values, entry.dtype, half));
     });
     ok = true;
   } finally {
