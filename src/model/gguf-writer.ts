@@ -87,11 +87,6 @@ export function ggmlTensorBytes(type: GgmlType, shape: readonly number[]): numbe
 // under the names this module's users know.
 export { f16ToF32 as f16BitsToF32, f32ToF16 as f32ToF16Bits } from './safetensors.js';
 
-/** Round half away from zero (C's roundf). */
-function roundf(x: number): number {
-  return x < 0 ? -Math.round(-x) : Math.round(x);
-}
-
 /** An output of n bytes: the front of `out` when given (it must be large enough), else a new array. */
 function outBytes(n: number, out: Uint8Array | undefined): Uint8Array {
   if (!out) return new Uint8Array(n);
