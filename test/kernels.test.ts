@@ -550,6 +550,39 @@ t.test('matmul q8_0, 31..70 tokens over 16-token groups: every ISA vs scalar', a
   t.ok(worst <= 1e-5, `vs scalar: worst |diff| / sum|terms| = ${worst.toExponential(2)} (${checked} runs)`);
 });
 
+// The scalar and AVX2 quantized kernels compute every (row, token) output with the same
+// arithmetic whatever the token count (one-token decode tiles, multi-token tiles, long rows
+// one per tile): a token's outputs are bit-identical alone and inside a batch. (The
+// AVX-512 VNNI groups put tokens in lanes and sum in another order; they are only held
+// to the scalar bound above.)
+t.test('matmul q8_0 / q4_0, scalar and avx2: a token alone and inside batches gives bit-identical outputs', async (t) => {
+  let seed = 3100;
+  for (const isa of ISAS.filter((i) => i === 'scalar' || i === 'avx2')) {
+    addon.setIsa(isa);
+    for (const type of ['q8_0', 'q4_0'] as const) {
+      for (const [rows, cols] of [
+        [37, 2048],
+        [5, 8192],
+        [9, 96],
+      ]) {
+        const w = randomMatrix(seed++, rows * cols, 0.05);
+        const bytes = addon.quantizeRows(type, w, rows, cols);
+        for (const n of [2, 3, 4, 5, 9, 17, 40]) {
+          const x = randomMatrix(seed++, n * cols, 1);
+          const batch = addon.matmulTest(type, bytes, rows, cols, x, n, 2);
+          let differing = 0;
+          for (let tk = 0; tk < n; tk++) {
+            const alone = addon.matmulTest(type, bytes, rows, cols, x.subarray(tk * cols, (tk + 1) * cols), 1, 2);
+            for (let r = 0; r < rows; r++) if (!Object.is(alone[r], batch[tk * rows + r])) differing++;
+          }
+          t.equal(differing, 0, `${isa} ${type} ${rows}x${cols}, ${n} tokens: outputs equal to each token's own`);
+        }
+      }
+    }
+  }
+  addon.setIsa(initialIsa);
+});
+
 t.test('matmul: threads 1 and 2 give identical results, and n = 0 / ldy handling', async (t) => {
   const rows = 1001;
   const cols = 512;
