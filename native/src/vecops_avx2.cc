@@ -78,6 +78,8 @@ inline __m256 load_kv256(const void* base, int64_t i, int64_t n, __m256i lanes) 
     for (int64_t j = 0; j < n; j++) tmp[j] = p[j];
     return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
   } else {
+    // A full tile is a plain load: vmaskmovps costs several times as much on some CPUs.
+    if (n == 8) return _mm256_loadu_ps(static_cast<const float*>(base) + i);
     return _mm256_maskload_ps(static_cast<const float*>(base) + i, lanes);
   }
 }
@@ -142,23 +144,35 @@ void attend_heads256(const AttnArgs& a, const float* Q, float* O) {
       const int64_t cn = std::min<int64_t>(8, hd - c);
       const __m256i cm = lanes_below(cn);
       __m256 acc[NQ];
+      // Whole chunks (every chunk when head_dim is a multiple of 8) with plain loads and
+      // stores; masked stores are slow on AMD CPUs (microcoded).
       #pragma GCC unroll 16
-      for (int h = 0; h < NQ; h++) acc[h] = _mm256_mul_ps(_mm256_maskload_ps(O + h * hd + c, cm), _mm256_set1_ps(corr[h]));
+      for (int h = 0; h < NQ; h++) {
+        const __m256 o = cn == 8 ? _mm256_loadu_ps(O + h * hd + c) : _mm256_maskload_ps(O + h * hd + c, cm);
+        acc[h] = _mm256_mul_ps(o, _mm256_set1_ps(corr[h]));
+      }
       for (int j = 0; j < n; j++) {
         const __m256 v = load_kv256<F16>(a.values, vb + j * hd + c, cn, cm);
         #pragma GCC unroll 16
         for (int h = 0; h < NQ; h++) acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(P[h][j]), v, acc[h]);
       }
-      #pragma GCC unroll 16
-      for (int h = 0; h < NQ; h++) _mm256_maskstore_ps(O + h * hd + c, cm, acc[h]);
+      if (cn == 8) {
+        #pragma GCC unroll 16
+        for (int h = 0; h < NQ; h++) _mm256_storeu_ps(O + h * hd + c, acc[h]);
+      } else {
+        #pragma GCC unroll 16
+        for (int h = 0; h < NQ; h++) _mm256_maskstore_ps(O + h * hd + c, cm, acc[h]);
+      }
     }
     p0 += n;
   }
   #pragma GCC unroll 16
   for (int h = 0; h < NQ; h++) {
     const __m256 inv = _mm256_set1_ps(1.0f / l[h]);
-    for (int64_t c = 0; c < hd; c += 8) {
-      const __m256i cm = lanes_below(std::min<int64_t>(8, hd - c));
+    int64_t c = 0;
+    for (; c + 8 <= hd; c += 8) _mm256_storeu_ps(O + h * hd + c, _mm256_mul_ps(_mm256_loadu_ps(O + h * hd + c), inv));
+    if (c < hd) {
+      const __m256i cm = lanes_below(hd - c);
       _mm256_maskstore_ps(O + h * hd + c, cm, _mm256_mul_ps(_mm256_maskload_ps(O + h * hd + c, cm), inv));
     }
   }
@@ -204,17 +218,20 @@ double exp_weights_avx2(const float* x, int64_t n, float inv_t, double* out) {
 
 template <bool F16>
 void attend_avx2_as(const AttnArgs& a) {
-  // Up to 6 heads at once: their accumulators and the loaded vector fit the 16 ymm registers.
-  for (int64_t h0 = 0; h0 < a.nq; h0 += 6) {
+  // Up to 8 heads at once (a GQA group of 8 reads the cache once): their accumulators, the
+  // loaded vector and a broadcast fit the 16 ymm registers.
+  for (int64_t h0 = 0; h0 < a.nq; h0 += 8) {
     const float* q = a.q + h0 * a.head_dim;
     float* o = a.out + h0 * a.head_dim;
-    switch (std::min<int64_t>(6, a.nq - h0)) {
+    switch (std::min<int64_t>(8, a.nq - h0)) {
       case 1: attend_heads256<1, F16>(a, q, o); break;
       case 2: attend_heads256<2, F16>(a, q, o); break;
       case 3: attend_heads256<3, F16>(a, q, o); break;
       case 4: attend_heads256<4, F16>(a, q, o); break;
       case 5: attend_heads256<5, F16>(a, q, o); break;
-      default: attend_heads256<6, F16>(a, q, o); break;
+      case 6: attend_heads256<6, F16>(a, q, o); break;
+      case 7: attend_heads256<7, F16>(a, q, o); break;
+      default: attend_heads256<8, F16>(a, q, o); break;
     }
   }
 }
