@@ -76,11 +76,12 @@ struct QW<WType::Q4_0> {
 
 inline __m256i corr_lane0(const int32_t* c) { return _mm256_castsi128_si256(_mm_cvtsi32_si128(*c)); }
 
-// Prefetch distance of the tiles: ~2 KB ahead into L1 while a tile runs; rows of kLongRowBytes or more go one per tile, 8 KB ahead into L2 in their own
-// stream.
+// Prefetch distance of the tiles: ~2 KB ahead into L1 while a tile runs. Long rows take
+// the same 2-row tiles: one row per tile prefetching 8 KB ahead into L2 (the AVX-512
+// choice) was no faster for Q8_0 4096 x 14336 and slower for Q4_0 (two threads, paired
+// runs: 11.9 against 16.8 GB/s). Float rows from kLongRowBytes on: see matmul_f.
 constexpr size_t kTileAhead = 2048;
 constexpr size_t kLongRowBytes = 6144;
-constexpr size_t kLongRowAhead = 8192;
 
 template <WType WT, int R, int T, Hint H = Hint::T0>
 void q_tile(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, int64_t cols, int64_t t0, float* y,
@@ -216,12 +217,6 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
   const int64_t nb = w.cols / 32;
   const QActs a = qacts(x);
   const uint8_t* end = w.data + r1 * rb;  // prefetches stop here: later rows are another call's
-  if (x.n == 1 && rb >= kLongRowBytes) {
-    prefetch_start(w.data + r0 * rb, kLongRowAhead, end);
-    for (int64_t r = r0; r < r1; ++r)
-      q_tile<WT, 1, 1, Hint::T1>(w.data + r * rb, rb, nb, a, w.cols, 0, y, ldy, r, Prefetch(w.data + r * rb, rb, kLongRowAhead, end));
-    return;
-  }
   const Tiling tl = tiling_for(x.n);
   const size_t ahead = ahead_for(static_cast<size_t>(tl.rows) * rb, kTileAhead);
   prefetch_start(w.data + r0 * rb, ahead, end);
