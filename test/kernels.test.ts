@@ -550,12 +550,12 @@ t.test('matmul q8_0, 31..70 tokens over 16-token groups: every ISA vs scalar', a
   t.ok(worst <= 1e-5, `vs scalar: worst |diff| / sum|terms| = ${worst.toExponential(2)} (${checked} runs)`);
 });
 
-// The scalar and AVX2 quantized kernels compute every (row, token) output with the same
-// arithmetic whatever the token count (one-token decode tiles, multi-token tiles, long rows
-// one per tile): a token's outputs are bit-identical alone and inside a batch. (The
-// AVX-512 VNNI groups put tokens in lanes and sum in another order; they are only held
-// to the scalar bound above.)
-t.test('matmul q8_0 / q4_0, scalar and avx2: a token alone and inside batches gives bit-identical outputs', async (t) => {
+// The scalar kernel, and the AVX2 per-token tiles (one-token decode tiles and the tiles
+// of up to 5 tokens), compute every (row, token) output with the same arithmetic: a
+// token's outputs are bit-identical alone and inside such a batch. (The token groups of
+// 6 tokens and more, AVX2 and AVX-512 VNNI, put tokens in lanes and add in another order;
+// they are held to the bound against scalar above.)
+t.test('matmul q8_0 / q4_0, scalar and avx2 per-token tiles: a token alone and inside batches gives bit-identical outputs', async (t) => {
   let seed = 3100;
   for (const isa of ISAS.filter((i) => i === 'scalar' || i === 'avx2')) {
     addon.setIsa(isa);
@@ -567,7 +567,7 @@ t.test('matmul q8_0 / q4_0, scalar and avx2: a token alone and inside batches gi
       ]) {
         const w = randomMatrix(seed++, rows * cols, 0.05);
         const bytes = addon.quantizeRows(type, w, rows, cols);
-        for (const n of [2, 3, 4, 5, 9, 17, 40]) {
+        for (const n of isa === 'scalar' ? [2, 3, 4, 5, 9, 17, 40] : [2, 3, 4, 5]) {
           const x = randomMatrix(seed++, n * cols, 1);
           const batch = addon.matmulTest(type, bytes, rows, cols, x, n, 2);
           let differing = 0;
