@@ -291,44 +291,48 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
   const int64_t nb = w.cols / 32;
   const QActs a = qacts(x);
   const uint8_t* end = w.data + r1 * rb;  // prefetches stop here: later rows are another call's
-  // Groups of 8 tokens (a last partial group of 5 or more too, its missing lanes zero) go
-  // through q_tile_g8, the others through the per-token tiles.
-  const int64_t grouped = x.n >= kGroupMin ? (x.n % 8 >= kGroupMin ? (x.n + 7) / 8 * 8 : x.n / 8 * 8) : 0;
-  if (grouped > 0) {
-    constexpr int GR = kGroupRows;
-    const size_t ahead = ahead_for(GR * rb, kTileAhead);
-    prefetch_start(w.data + r0 * rb, ahead, end);
-    const int64_t ng = std::min(grouped, x.n);
-    for (int64_t r = r0; r < r1; r += GR) {
-      const int R = static_cast<int>(std::min<int64_t>(GR, r1 - r));
+  const auto per_token = [&](int64_t t_begin, int64_t rb0, int64_t rb1, size_t ahead) {
+    const int64_t nt = x.n - t_begin;
+    const QActs shifted{a.q + t_begin * w.cols, a.d + t_begin * nb, a.corr + t_begin * nb, nullptr, nullptr};
+    float* ys = y + t_begin * ldy;
+    for_tiles(nt, rb0, rb1, [&](int R, int T, int64_t r, int64_t t0) {
       const uint8_t* w0 = w.data + r * rb;
-      for (int64_t t0 = 0; t0 < grouped; t0 += 8) {
-        const uint8_t* grp = a.groups + (t0 / 8) * nb * kGroupBlockBytes;
-        // Only the first pass streams the rows from memory; the others find them cached.
-        const Prefetch pf(w0, static_cast<size_t>(R) * rb, t0 == 0 ? ahead : 0, end);
-        switch (R) {
-          case 1: q_tile_g8<WT, 1>(w0, rb, nb, grp, t0, ng, y, ldy, r, pf); break;
-          case 2: q_tile_g8<WT, 2>(w0, rb, nb, grp, t0, ng, y, ldy, r, pf); break;
-          default: q_tile_g8<WT, GR>(w0, rb, nb, grp, t0, ng, y, ldy, r, pf); break;
-        }
+      // Only the first token tile over these rows streams them from memory.
+      const Prefetch pf(w0, static_cast<size_t>(R) * rb, t0 == 0 ? ahead : 0, end);
+#define MOE_Q(R_, T_) q_tile<WT, R_, T_>(w0, rb, nb, shifted, w.cols, t0, ys, ldy, r, pf)
+      MOE_AVX2_DISPATCH(MOE_Q)
+#undef MOE_Q
+    });
+  };
+  // Groups of 8 tokens (a last partial group of kGroupMin or more too, its missing lanes
+  // zero) go through q_tile_g8, the other tokens through the per-token tiles over the same
+  // rows while they are cached.
+  const int64_t grouped = x.n >= kGroupMin ? (x.n % 8 >= kGroupMin ? (x.n + 7) / 8 * 8 : x.n / 8 * 8) : 0;
+  if (grouped == 0) {
+    const size_t ahead = ahead_for(static_cast<size_t>(tiling_for(x.n).rows) * rb, kTileAhead);
+    prefetch_start(w.data + r0 * rb, ahead, end);
+    per_token(0, r0, r1, ahead);
+    return;
+  }
+  constexpr int GR = kGroupRows;
+  const size_t ahead = ahead_for(GR * rb, kTileAhead);
+  prefetch_start(w.data + r0 * rb, ahead, end);
+  const int64_t ng = std::min(grouped, x.n);
+  for (int64_t r = r0; r < r1; r += GR) {
+    const int R = static_cast<int>(std::min<int64_t>(GR, r1 - r));
+    const uint8_t* w0 = w.data + r * rb;
+    for (int64_t t0 = 0; t0 < grouped; t0 += 8) {
+      const uint8_t* grp = a.groups + (t0 / 8) * nb * kGroupBlockBytes;
+      // Only the first pass streams the rows from memory; the others find them cached.
+      const Prefetch pf(w0, static_cast<size_t>(R) * rb, t0 == 0 ? ahead : 0, end);
+      switch (R) {
+        case 1: q_tile_g8<WT, 1>(w0, rb, nb, grp, t0, ng, y, ldy, r, pf); break;
+        case 2: q_tile_g8<WT, 2>(w0, rb, nb, grp, t0, ng, y, ldy, r, pf); break;
+        default: q_tile_g8<WT, GR>(w0, rb, nb, grp, t0, ng, y, ldy, r, pf); break;
       }
     }
-    if (grouped >= x.n) return;
+    if (grouped < x.n) per_token(grouped, r, r + R, 0);
   }
-  const int64_t rest = x.n - grouped;
-  const QActs shifted{a.q + grouped * w.cols, a.d + grouped * nb, a.corr + grouped * nb, nullptr, nullptr};
-  float* ys = y + grouped * ldy;
-  const Tiling tl = tiling_for(rest);
-  const size_t ahead = grouped > 0 ? 0 : ahead_for(static_cast<size_t>(tl.rows) * rb, kTileAhead);
-  if (ahead > 0) prefetch_start(w.data + r0 * rb, ahead, end);
-  for_tiles(rest, r0, r1, [&](int R, int T, int64_t r, int64_t t0) {
-    const uint8_t* w0 = w.data + r * rb;
-    // Only the first token tile over these rows streams them from memory.
-    const Prefetch pf(w0, static_cast<size_t>(R) * rb, t0 == 0 ? ahead : 0, end);
-#define MOE_Q(R_, T_) q_tile<WT, R_, T_>(w0, rb, nb, shifted, w.cols, t0, ys, ldy, r, pf)
-    MOE_AVX2_DISPATCH(MOE_Q)
-#undef MOE_Q
-  });
 }
 
 template <FMode M>
