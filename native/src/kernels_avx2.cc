@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <cstring>
 
-#include "kernel_prefetch.h"
 #include "kernels.h"
+#include "kernels_simd.h"
 
 namespace moe {
 namespace kdetail {
@@ -407,12 +407,7 @@ void quantize_acts_row(const float* x, int64_t nb, int8_t* q, float* d, int32_t*
 
 void prepare_avx2(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out) {
   if (t != WType::Q8_0 && t != WType::Q4_0) return prepare_scalar(t, x, n, cols, ldx, out);
-  const QActs a = qacts(out);
-  const int64_t nb = cols / 32;
-  const int32_t mul = t == WType::Q4_0 ? 8 : 128;
-  for (int64_t i = 0; i < n; ++i)
-    quantize_acts_row(x + i * ldx, nb, const_cast<int8_t*>(a.q) + i * cols, const_cast<float*>(a.d) + i * nb,
-                      const_cast<int32_t*>(a.corr) + i * nb, mul);
+  quantize_act_rows(t, x, n, cols, ldx, out, quantize_acts_row);
 }
 
 void matmul_avx2(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy) {

@@ -50,8 +50,8 @@
 #include <cstring>
 
 #include "cpu_features.h"
-#include "kernel_prefetch.h"
 #include "kernels.h"
+#include "kernels_simd.h"
 
 namespace moe {
 namespace kdetail {
@@ -861,12 +861,7 @@ void prepare_avx512(WType t, const float* x, int64_t n, int64_t cols, int64_t ld
     }
     case WType::Q8_0:
     case WType::Q4_0: {
-      const QActs a = qacts(out);
-      const int64_t nb = cols / 32;
-      const int32_t mul = t == WType::Q4_0 ? 8 : 128;
-      for (int64_t i = 0; i < n; ++i)
-        quantize_acts_row(x + i * ldx, nb, const_cast<int8_t*>(a.q) + i * cols, const_cast<float*>(a.d) + i * nb,
-                          const_cast<int32_t*>(a.corr) + i * nb, mul);
+      quantize_act_rows(t, x, n, cols, ldx, out, quantize_acts_row);
       return;
     }
   }

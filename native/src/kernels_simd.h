@@ -1,7 +1,8 @@
-// Software prefetch of weight streams, shared by the SIMD kernel files (kernels_avx2.cc,
-// kernels_avx512.cc). Everything here has internal linkage: each kernel file is compiled
-// with its own instruction-set flags, and an inline function with external linkage could
-// be merged across them by the linker (an AVX-512 copy then called on an AVX2-only CPU).
+// Helpers shared by the SIMD kernel files (kernels_avx2.cc, kernels_avx512.cc): the
+// software prefetch of weight streams, and the row loop of activation quantization.
+// Everything here has internal linkage: each kernel file is compiled with its own
+// instruction-set flags, and an inline function with external linkage could be merged
+// across them by the linker (an AVX-512 copy then called on an AVX2-only CPU).
 #pragma once
 
 #include <xmmintrin.h>
@@ -9,6 +10,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+
+#include "kernels.h"
 
 namespace moe {
 namespace kdetail {
@@ -58,6 +61,18 @@ inline void prefetch_start(const uint8_t* begin, size_t ahead, const uint8_t* en
 inline size_t ahead_for(size_t tile_bytes, size_t target) {
   if (tile_bytes == 0) return 0;
   return std::max<size_t>(1, (target + tile_bytes / 2) / tile_bytes) * tile_bytes;
+}
+
+// Q8_0 / Q4_0 activations: quantize_row(x, nb, q, d, corr, corr_mul) for each of the n
+// rows, into the layout of QActs (kernels.h).
+template <typename QuantizeRow>
+inline void quantize_act_rows(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out, QuantizeRow quantize_row) {
+  const QActs a = qacts(out);
+  const int64_t nb = cols / 32;
+  const int32_t mul = t == WType::Q4_0 ? 8 : 128;
+  for (int64_t i = 0; i < n; ++i)
+    quantize_row(x + i * ldx, nb, const_cast<int8_t*>(a.q) + i * cols, const_cast<float*>(a.d) + i * nb,
+                 const_cast<int32_t*>(a.corr) + i * nb, mul);
 }
 
 }  // namespace
