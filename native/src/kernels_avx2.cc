@@ -91,7 +91,7 @@ constexpr int64_t kGroupMin = 6;
 constexpr int kGroupRows = 3;
 constexpr size_t kLongRowBytes = 6144;
 
-template <WType WT, int R, int T, Hint H = Hint::T0>
+template <WType WT, int R, int T>
 void q_tile(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, int64_t cols, int64_t t0, float* y,
             int64_t ldy, int64_t r, Prefetch pf) {
   constexpr size_t BB = QW<WT>::kBytes;
@@ -103,7 +103,7 @@ void q_tile(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, int64_t co
   const float* xd = a.d + t0 * nb;
   const int32_t* xc = a.corr + t0 * nb;
   for (int64_t b = 0; b < nb; ++b) {
-    pf.template upto<H>(static_cast<size_t>(b + 1) * (R * BB));
+    pf.template upto<Hint::T0>(static_cast<size_t>(b + 1) * (R * BB));
     typename QW<WT>::V wv[R];
     float dw[R];
     for (int i = 0; i < R; ++i) {
@@ -201,7 +201,7 @@ inline __m256 load8(const uint8_t* p) {
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
-template <FMode M, int R, int T, Hint H = Hint::T0>
+template <FMode M, int R, int T>
 void f_tile(const uint8_t* w0, size_t rb, const uint8_t* xbase, int64_t cols, int64_t t0, float* y, int64_t ldy,
             int64_t r, Prefetch pf) {
   constexpr size_t WE = M == FMode::F32 ? 4 : 2;             // weight element bytes
@@ -213,7 +213,7 @@ void f_tile(const uint8_t* w0, size_t rb, const uint8_t* xbase, int64_t cols, in
   const uint8_t* xs = xbase + static_cast<size_t>(t0 * cols) * XE;
   const int64_t full = cols / 8 * 8;
   for (int64_t c = 0; c < full; c += 8) {
-    pf.template upto<H>(static_cast<size_t>(c + 8) * WE * R);
+    pf.template upto<Hint::T0>(static_cast<size_t>(c + 8) * WE * R);
     __m256 wv[R];
     for (int i = 0; i < R; ++i) wv[i] = load8<M>(w0 + i * rb + c * WE);
     for (int t = 0; t < T; ++t) {
