@@ -4,7 +4,9 @@
 // traffic (weight bytes / time per call) against a streaming-read probe measured in the
 // same run with the same threads and the same pool. Each matmul cycles over distinct
 // copies of the matrix (>= 256 MB together, like the experts of a layer) so that the
-// caches do not help. Prefill (n >= 32) is compute-bound: its figure is GMAC/s.
+// caches do not help. Prefill (n >= 32) is compute-bound: its figure is GMAC/s, against
+// the int8 MAC peak measured in the same run (macPeakBench: the active ISA's int8
+// dot-product instructions on registers; float weights are held against it too).
 //
 // Options (environment): BENCH_THREADS (default 2), BENCH_SECONDS per figure (default 0.4),
 // BENCH_CASES: only these cases, e.g. `q8_0:151936x2048:32,q8_0:4096x2048:16` (A/B runs of
@@ -31,6 +33,11 @@ const probeGBs = probe.bytes / probe.seconds / 1e9;
 const probe1 = addon.streamBench(512 * MB, 1, 0.5);
 const probe1GBs = probe1.bytes / probe1.seconds / 1e9;
 console.log(`stream-read probe: ${probeGBs.toFixed(1)} GB/s with ${threads} threads, ${probe1GBs.toFixed(1)} GB/s with 1`);
+// The compute probe: the int8 dot-product instructions of the active ISA on registers.
+const peak = addon.macPeakBench(threads, 0.5);
+const peakGMACs = peak.macs / peak.seconds / 1e9;
+console.log(`int8 MAC peak: ${peakGMACs.toFixed(1)} GMAC/s with ${threads} threads (the ${info.active} kernels' int8 dot product without weight traffic)`);
+figures.push({ name: `int8 MAC peak, ${threads} threads`, value: round(peakGMACs), unit: 'GMAC/s', compared_to: null });
 figures.push({ name: `stream-read probe, ${threads} threads`, value: round(probeGBs), unit: 'GB/s', compared_to: null });
 figures.push({ name: 'stream-read probe, 1 thread', value: round(probe1GBs), unit: 'GB/s', compared_to: null });
 
@@ -54,7 +61,7 @@ function run(type: WeightType, rows: number, cols: number, n: number): void {
   console.log(
     `${label.padEnd(26)} ${(r.seconds * 1e6).toFixed(1).padStart(9)} us  ${gbs.toFixed(1).padStart(6)} GB/s` +
       ` (${(100 * frac).toFixed(0).padStart(3)}% of probe)  ${gmacs.toFixed(1).padStart(7)} GMAC/s` +
-      `  prepare ${(r.prepareSeconds * 1e6).toFixed(1)} us`,
+      ` (${((100 * gmacs) / peakGMACs).toFixed(0).padStart(3)}% of peak)  prepare ${(r.prepareSeconds * 1e6).toFixed(1)} us`,
   );
   if (n <= 8) {
     figures.push({
@@ -68,7 +75,7 @@ function run(type: WeightType, rows: number, cols: number, n: number): void {
       name: `${label} throughput`,
       value: round(gmacs),
       unit: 'GMAC/s',
-      compared_to: `weight traffic ${gbs.toFixed(1)} GB/s = ${(100 * frac).toFixed(1)}% of probe`,
+      compared_to: `int8 MAC peak ${peakGMACs.toFixed(1)} GMAC/s: ${((100 * gmacs) / peakGMACs).toFixed(1)}% (weight traffic ${gbs.toFixed(1)} GB/s = ${(100 * frac).toFixed(1)}% of probe)`,
     });
   }
 }

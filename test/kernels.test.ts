@@ -153,6 +153,27 @@ t.test('kernelInfo and setIsa', async (t) => {
   t.equal(addon.kernelInfo().active, initialIsa, 'a refused name changes nothing');
 });
 
+t.test('int8 MAC peak probe: each ISA runs its own instructions, bad arguments are refused', async (t) => {
+  // MACs of one round of one thread (2^16 iterations): AVX2 4 chains x 32 (vpmaddubsw +
+  // vpmaddwd), AVX-512 12 chains x 64 (vpdpbusd or vpmaddubsw + vpmaddwd), scalar 32
+  // (32-weight block dot products over 1 KiB rows).
+  const perRound: Record<KernelIsa, number> = { avx2: 65536 * 4 * 32, avx512: 65536 * 12 * 64, scalar: 65536 * 32 };
+  for (const isa of ISAS) {
+    addon.setIsa(isa);
+    for (const threads of [1, 2]) {
+      const r = addon.macPeakBench(threads, 0.02);
+      t.ok(r.seconds >= 0.02, `${isa}, ${threads} thread(s): ran ${r.seconds.toFixed(3)} s`);
+      t.ok(r.macs >= threads * perRound[isa], `${isa}, ${threads} thread(s): at least one round per thread (${r.macs} MACs)`);
+      t.equal(r.macs % (threads * perRound[isa]), 0, `${isa}: whole rounds of ${isa}'s probe on every thread`);
+    }
+  }
+  addon.setIsa(initialIsa);
+  t.throws(() => addon.macPeakBench(0, 0.1), /threads/);
+  t.throws(() => addon.macPeakBench(1, 0), /seconds/);
+  t.throws(() => addon.macPeakBench(1, Number.NaN), /seconds/);
+  t.throws(() => addon.macPeakBench(1, 61), /seconds/);
+});
+
 // Quantization at load runs through the active ISA (AVX-512 packs blocks with vector
 // code): every one must give the scalar definition's bytes.
 function eachIsa(t: { teardown(fn: () => void): void }, fn: (isa: KernelIsa) => void): void {

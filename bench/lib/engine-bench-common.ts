@@ -139,6 +139,15 @@ export function probeBandwidth(threads: number): number {
   return r.bytes / r.seconds / 1e9;
 }
 
+/**
+ * int8 multiply-accumulate peak (GMAC/s) with `threads` threads: the active ISA's int8
+ * dot-product instructions on registers (macPeakBench), the compute side of the roofline.
+ */
+export function probeMacPeak(threads: number, seconds = 0.5): number {
+  const r = loadNative().macPeakBench(threads, seconds);
+  return r.macs / r.seconds / 1e9;
+}
+
 export const sleep = (ms: number) => new Promise<void>((res) => setTimeout(res, ms));
 
 /** Steps of single-stream decode between two short probes. */
@@ -282,6 +291,42 @@ export function bytesPerToken(s: ModelSpec, format: 'q8_0' | 'q4_0'): ReadBytes 
   const perExpert = 2 * s.expertIntermediateSize * rowBytes(expertFormat, h) + h * rowBytes(expertFormat, s.expertIntermediateSize);
   const experts = s.topK * perExpert * L;
   return { attention, router, norms, shared, lmHead, embedRow, nonExpert, perExpert, experts, total: nonExpert + experts };
+}
+
+/**
+ * Weight multiply-accumulates of one decoded token: the attention projections, the
+ * router, the shared expert, top-k routed experts per layer and the LM head (attention
+ * over the context is left out: a few hundred positions add well under 1%).
+ */
+export function macsPerToken(s: ModelSpec): number {
+  const h = s.hiddenSize;
+  const q = s.numHeads * s.headDim;
+  const kv = s.numKvHeads * s.headDim;
+  const perLayer = h * (q + 2 * kv) + q * h + h * s.numExperts + 3 * h * s.sharedExpertIntermediateSize + s.topK * 3 * h * s.expertIntermediateSize;
+  return s.numLayers * perLayer + s.vocabSize * h;
+}
+
+/** Expected distinct experts of a layer when `n` tokens each pick k of E uniformly at random (the benchmark's random weights route nearly so). */
+export function expectedDistinct(experts: number, k: number, n: number): number {
+  return experts * (1 - Math.pow(1 - k / experts, n));
+}
+
+/** Roofline of a decode step of `n` sequences: the larger of weight traffic at `gbps` and weight MACs at `gmacs`. */
+export interface StepRoofline {
+  bytes: number;
+  macs: number;
+  memorySeconds: number;
+  computeSeconds: number;
+  /** Aggregate tokens/s at the roofline. */
+  tokensPerSecond: number;
+}
+
+export function stepRoofline(s: ModelSpec, read: ReadBytes, n: number, gbps: number, gmacs: number): StepRoofline {
+  const bytes = read.nonExpert + n * read.embedRow - read.embedRow + s.numLayers * expectedDistinct(s.numExperts, s.topK, n) * read.perExpert;
+  const macs = n * macsPerToken(s);
+  const memorySeconds = bytes / (gbps * 1e9);
+  const computeSeconds = macs / (gmacs * 1e9);
+  return { bytes, macs, memorySeconds, computeSeconds, tokensPerSecond: n / Math.max(memorySeconds, computeSeconds) };
 }
 
 // ---------------------------------------------------------------------------------

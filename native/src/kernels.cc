@@ -616,6 +616,34 @@ void matmul_parallel(ThreadPool& pool, const WMat& w, const Acts& x, float* y, i
   });
 }
 
+uint64_t int8_mac_peak(int64_t iters, int64_t* macs) {
+  switch (current()) {
+    case Isa::Avx512: return kdetail::int8_peak_avx512(iters, macs);
+    case Isa::Avx2: return kdetail::int8_peak_avx2(iters, macs);
+    case Isa::Scalar: break;
+  }
+  // The portable build has no int8 dot-product instruction to probe: its kernels' inner
+  // loop (int32 += int8 * int8 over a block, vectorised by the compiler for the baseline
+  // ISA) on two 1 KiB rows that stay in L1, 32 blocks per round.
+  alignas(64) int8_t a[1024], b[1024];
+  for (int i = 0; i < 1024; ++i) {
+    a[i] = static_cast<int8_t>((i * 37) % 255 - 127);
+    b[i] = static_cast<int8_t>((i * 91) % 255 - 127);
+  }
+  uint64_t out = 0;
+  for (int64_t i = 0; i < iters; i += 32) {
+    const int8_t* pa = a;
+    __asm__ volatile("" : "+r"(pa) : : "memory");
+    for (int blk = 0; blk < 32; ++blk) {
+      int32_t s = 0;
+      for (int j = 0; j < 32; ++j) s += static_cast<int32_t>(pa[32 * blk + j]) * static_cast<int32_t>(b[32 * blk + j]);
+      out += static_cast<uint32_t>(s);
+    }
+  }
+  *macs = (iters + 31) / 32 * 1024;
+  return out;
+}
+
 uint64_t stream_read(const uint8_t* p, size_t bytes) {
   switch (current()) {
     case Isa::Avx512: return kdetail::stream_avx512(p, bytes);

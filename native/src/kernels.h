@@ -84,6 +84,16 @@ void acts_dequantize(const Acts& x, int64_t t, float* dst);
 // returns a value depending on every byte (so the loads are not optimised away).
 uint64_t stream_read(const uint8_t* p, size_t bytes);
 
+// Integer multiply-accumulate probe (the active ISA): `iters` rounds of the int8 dot
+// product instructions the quantized kernels are built on (AVX2: vpmaddubsw + vpmaddwd +
+// vpaddd; AVX-512: vpdpbusd with VNNI, else vpmaddubsw + vpmaddwd + vpaddd) in
+// independent chains on registers, with no loads, stores or scaling: the core's int8 MAC
+// rate for those instructions, an upper bound of what a compute-bound quantized matmul
+// can reach. Scalar: the portable kernels' 32-weight block dot product as the compiler
+// vectorises it for the baseline ISA, on rows that stay in L1. Sets *macs to the MACs
+// done; returns a value depending on every result (so the work is not optimised away).
+uint64_t int8_mac_peak(int64_t iters, int64_t* macs);
+
 // IEEE binary16 / bfloat16 conversions (round to nearest even; NaN stays NaN).
 uint16_t f32_to_f16(float f);
 float f16_to_f32(uint16_t h);
@@ -146,9 +156,11 @@ void prepare_scalar(WType t, const float* x, int64_t n, int64_t cols, int64_t ld
 void matmul_avx2(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
 void prepare_avx2(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
 uint64_t stream_avx2(const uint8_t* p, size_t bytes);
+uint64_t int8_peak_avx2(int64_t iters, int64_t* macs);
 void matmul_avx512(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
 void prepare_avx512(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
 uint64_t stream_avx512(const uint8_t* p, size_t bytes);
+uint64_t int8_peak_avx512(int64_t iters, int64_t* macs);
 
 }  // namespace kdetail
 }  // namespace moe

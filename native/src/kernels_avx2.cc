@@ -437,5 +437,26 @@ uint64_t stream_avx2(const uint8_t* p, size_t bytes) {
   return out;
 }
 
+uint64_t int8_peak_avx2(int64_t iters, int64_t* macs) {
+  // Four chains, each with its own operand; the empty asm makes the operands opaque every
+  // round (no instruction), so no round can be folded or hoisted out of the loop. The
+  // accumulators' dependency is one vpaddd per round: the probe is throughput-bound.
+  __m256i acc[4], a[4];
+  for (int c = 0; c < 4; ++c) {
+    acc[c] = _mm256_set1_epi32(c);
+    a[c] = _mm256_set1_epi8(static_cast<char>(3 + c));
+  }
+  const __m256i b = _mm256_set1_epi8(-5), ones16 = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < iters; ++i) {
+    __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]));
+    for (int c = 0; c < 4; ++c) acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(a[c], b), ones16));
+  }
+  const __m256i s = _mm256_xor_si256(_mm256_xor_si256(acc[0], acc[1]), _mm256_xor_si256(acc[2], acc[3]));
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
+  *macs = iters * 4 * 32;
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+
 }  // namespace kdetail
 }  // namespace moe

@@ -451,6 +451,45 @@ Napi::Value StreamBench(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// macPeakBench(threads, seconds) -> {macs, seconds, checksum}
+// The compute probe: every thread of a pool of `threads` runs int8_mac_peak (the active
+// ISA's int8 multiply-accumulate instructions on registers) in rounds, until `seconds`.
+Napi::Value MacPeakBench(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int64_t threads = int_arg(info, 0, "threads", 1, 256);
+  if (info.Length() < 2 || !info[1].IsNumber()) throw Napi::TypeError::New(env, "seconds must be a number");
+  const double seconds = info[1].As<Napi::Number>().DoubleValue();
+  if (!(seconds > 0 && seconds <= 60)) throw Napi::RangeError::New(env, "seconds must be in (0, 60]");
+  ThreadPool pool(static_cast<int>(threads));
+  std::vector<uint64_t> sink(static_cast<size_t>(threads) * 8, 0);
+  std::vector<int64_t> done(static_cast<size_t>(threads) * 8, 0);
+  constexpr int64_t kIters = int64_t{1} << 16;  // a round: about a millisecond per thread
+  auto round = [&] {
+    pool.parallel_for(threads, 1, [&](int64_t, int th) {
+      int64_t macs = 0;
+      sink[static_cast<size_t>(th) * 8] += int8_mac_peak(kIters, &macs);
+      done[static_cast<size_t>(th) * 8] += macs;
+    });
+  };
+  round();  // warm-up (clocks, pool start)
+  std::fill(done.begin(), done.end(), 0);
+  const Clock::time_point start = Clock::now();
+  double elapsed = 0;
+  do {
+    round();
+    elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  } while (elapsed < seconds);
+  double macs = 0;
+  for (int64_t v : done) macs += static_cast<double>(v);
+  uint64_t s = 0;
+  for (uint64_t v : sink) s += v;
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("macs", macs);
+  o.Set("seconds", elapsed);
+  o.Set("checksum", static_cast<double>(s & 0xffff));
+  return o;
+}
+
 }  // namespace
 
 void RegisterKernels(Napi::Env env, Napi::Object exports) {
@@ -467,6 +506,7 @@ void RegisterKernels(Napi::Env env, Napi::Object exports) {
   exports.Set("poolThrowTest", Napi::Function::New(env, PoolThrowTest, "poolThrowTest"));
   exports.Set("kernelBench", Napi::Function::New(env, KernelBench, "kernelBench"));
   exports.Set("streamBench", Napi::Function::New(env, StreamBench, "streamBench"));
+  exports.Set("macPeakBench", Napi::Function::New(env, MacPeakBench, "macPeakBench"));
 }
 
 }  // namespace moe

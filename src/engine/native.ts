@@ -292,6 +292,14 @@ export interface KernelBenchResult {
   checksum: number;
 }
 
+/** Result of macPeakBench: the int8 multiply-accumulate probe. */
+export interface MacPeakResult {
+  /** Multiply-accumulates done by all threads together. */
+  macs: number;
+  seconds: number;
+  checksum: number;
+}
+
 /** Result of streamBench: the memory-bandwidth probe. */
 export interface StreamBenchResult {
   passes: number;
@@ -397,6 +405,12 @@ export interface NativeAddon {
   /** Memory-bandwidth probe: `threads` stream-read a buffer of `bytes` for at least `seconds`. */
   /** keep: hold the probe buffer for the next call of the same size (probes between chunks of a measurement). */
   streamBench(bytes: number, threads: number, seconds: number, keep?: boolean): StreamBenchResult;
+  /**
+   * Compute probe: `threads` threads run the active ISA's int8 dot-product instructions
+   * (those the quantized kernels use) on registers for at least `seconds` (at most 60):
+   * the int8 MAC rate a compute-bound quantized matmul cannot exceed.
+   */
+  macPeakBench(threads: number, seconds: number): MacPeakResult;
   /** The CPU engine (native/src/engine.h). */
   NativeEngine: new (options: NativeEngineOptions) => NativeEngine;
 }

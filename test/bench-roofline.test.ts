@@ -1,0 +1,54 @@
+// The engine benchmark's roofline arithmetic (bench/lib/engine-bench-common.ts): weight
+// MACs per token, expected distinct experts of a batch and the per-step roofline, against
+// hand-computed values for a small spec.
+import t from 'tap';
+import { bytesPerToken, expectedDistinct, macsPerToken, stepRoofline } from '../bench/lib/engine-bench-common.js';
+import type { ModelSpec } from '../src/model/spec.js';
+
+const spec = {
+  arch: 'qwen3_moe',
+  vocabSize: 1000,
+  hiddenSize: 64,
+  numLayers: 2,
+  numHeads: 4,
+  numKvHeads: 2,
+  headDim: 16,
+  numExperts: 8,
+  topK: 2,
+  expertIntermediateSize: 32,
+  sharedExpertIntermediateSize: 0,
+  qkvBias: false,
+  qkNorm: 'per_head',
+} as unknown as ModelSpec;
+
+t.test('weight MACs per token', async (t) => {
+  // Per layer: q 64x64, k and v 64x32 each, o 64x64, router 64x8, 2 experts x 3 x 64x32.
+  const perLayer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 64 * 8 + 2 * 3 * 64 * 32;
+  t.equal(macsPerToken(spec), 2 * perLayer + 1000 * 64);
+  const shared = { ...spec, sharedExpertIntermediateSize: 48 } as ModelSpec;
+  t.equal(macsPerToken(shared) - macsPerToken(spec), 2 * 3 * 64 * 48, 'a shared expert adds its three matrices per layer');
+});
+
+t.test('expected distinct experts of n uniformly routed tokens', async (t) => {
+  t.equal(expectedDistinct(8, 2, 0), 0);
+  t.equal(expectedDistinct(8, 2, 1), 2);
+  t.ok(Math.abs(expectedDistinct(8, 2, 2) - (2 + 2 * (6 / 8))) < 1e-12, 'two tokens: 2 + 2 x P(new)');
+  t.ok(expectedDistinct(128, 8, 32) < 128 && expectedDistinct(128, 8, 32) > 110);
+  t.ok(Math.abs(expectedDistinct(128, 8, 10000) - 128) < 1e-9, 'every expert once enough tokens route');
+});
+
+t.test('step roofline: the larger of weight traffic and weight MACs', async (t) => {
+  const read = bytesPerToken(spec, 'q8_0');
+  const one = stepRoofline(spec, read, 1, 10, 1e9);
+  t.equal(one.bytes, read.total, 'one token reads what bytesPerToken counts');
+  t.equal(one.macs, macsPerToken(spec));
+  t.ok(one.memorySeconds > one.computeSeconds);
+  t.equal(one.tokensPerSecond, 1 / one.memorySeconds, 'memory-bound at a huge MAC rate');
+  const slow = stepRoofline(spec, read, 4, 10, 1e-3);
+  t.equal(slow.macs, 4 * macsPerToken(spec));
+  t.ok(slow.computeSeconds > slow.memorySeconds);
+  t.equal(slow.tokensPerSecond, 4 / slow.computeSeconds, 'compute-bound at a tiny MAC rate');
+  const four = stepRoofline(spec, read, 4, 10, 1e9);
+  const expertBytes = four.bytes - (read.nonExpert + 3 * read.embedRow);
+  t.ok(Math.abs(expertBytes - 2 * expectedDistinct(8, 2, 4) * read.perExpert) < 1e-6, 'experts read once per step for all tokens');
+});
