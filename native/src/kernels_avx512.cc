@@ -976,29 +976,33 @@ void bf16_to_f32_avx512(const uint8_t* src, int64_t n, float* dst) {
 
 uint64_t int8_peak_avx512(int64_t iters, int64_t* macs) {
   // See int8_peak_avx2. With VNNI the accumulators are vpdpbusd's own chains (latency
-  // about 5 cycles): twelve of them keep two issue ports busy.
+  // about 5 cycles): twelve of them keep two issue ports busy; they share four operands,
+  // which cannot fold because each instruction adds into its own chain. Without VNNI the
+  // products are separate instructions, so every chain has its own operand (as in AVX2).
   static const bool vnni = cpu_features().avx512vnni;
   constexpr int C = 12;
   __m512i acc[C], a[4];
   for (int c = 0; c < C; ++c) acc[c] = _mm512_set1_epi32(c);
   for (int c = 0; c < 4; ++c) a[c] = _mm512_set1_epi8(static_cast<char>(3 + c));
   const __m512i b = _mm512_set1_epi8(-5), ones16 = _mm512_set1_epi16(1);
+  int chains = C;
   if (vnni) {
     for (int64_t i = 0; i < iters; ++i) {
       __asm__ volatile("" : "+v"(a[0]), "+v"(a[1]), "+v"(a[2]), "+v"(a[3]));
       for (int c = 0; c < C; ++c) acc[c] = _mm512_dpbusd_epi32(acc[c], a[c & 3], b);
     }
   } else {
+    chains = 4;
     for (int64_t i = 0; i < iters; ++i) {
       __asm__ volatile("" : "+v"(a[0]), "+v"(a[1]), "+v"(a[2]), "+v"(a[3]));
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_add_epi32(acc[c], _mm512_madd_epi16(_mm512_maddubs_epi16(a[c & 3], b), ones16));
+      for (int c = 0; c < 4; ++c) acc[c] = _mm512_add_epi32(acc[c], _mm512_madd_epi16(_mm512_maddubs_epi16(a[c], b), ones16));
     }
   }
   __m512i s = acc[0];
   for (int c = 1; c < C; ++c) s = _mm512_xor_si512(s, acc[c]);
   alignas(64) uint64_t lanes[8];
   _mm512_store_si512(lanes, s);
-  *macs = iters * C * 64;
+  *macs = iters * chains * 64;
   uint64_t out = 0;
   for (uint64_t v : lanes) out += v;
   return out;
