@@ -6,13 +6,16 @@
 // copies of the matrix (>= 256 MB together, like the experts of a layer) so that the
 // caches do not help. Prefill (n >= 32) is compute-bound: its figure is GMAC/s, against
 // the int8 MAC peak measured in the same run (macPeakBench: the active ISA's int8
-// dot-product instructions on registers; float weights are held against it too).
+// dot-product instructions on registers, the best of a few short runs; float weights are
+// held against it too). A shared VM's speed drifts over minutes: a kernel can still land
+// above a peak measured in a slow spell.
 //
 // Options (environment): BENCH_THREADS (default 2), BENCH_SECONDS per figure (default 0.4),
 // BENCH_CASES: only these cases, e.g. `q8_0:151936x2048:32,q8_0:4096x2048:16` (A/B runs of
 // one kernel without the two minutes of the full table).
 // The last line is JSON: [{name, value, unit, compared_to}].
 import { loadNative, type WeightType } from '../src/engine/native.js';
+import { probeMacPeak } from './lib/engine-bench-common.js';
 import type { Figure } from './lib/figures.js';
 
 const MB = 1 << 20;
@@ -34,8 +37,7 @@ const probe1 = addon.streamBench(512 * MB, 1, 0.5);
 const probe1GBs = probe1.bytes / probe1.seconds / 1e9;
 console.log(`stream-read probe: ${probeGBs.toFixed(1)} GB/s with ${threads} threads, ${probe1GBs.toFixed(1)} GB/s with 1`);
 // The compute probe: the int8 dot-product instructions of the active ISA on registers.
-const peak = addon.macPeakBench(threads, 0.5);
-const peakGMACs = peak.macs / peak.seconds / 1e9;
+const peakGMACs = probeMacPeak(threads);
 console.log(`int8 MAC peak: ${peakGMACs.toFixed(1)} GMAC/s with ${threads} threads (the ${info.active} kernels' int8 dot product without weight traffic)`);
 figures.push({ name: `int8 MAC peak, ${threads} threads`, value: round(peakGMACs), unit: 'GMAC/s', compared_to: null });
 figures.push({ name: `stream-read probe, ${threads} threads`, value: round(probeGBs), unit: 'GB/s', compared_to: null });
@@ -100,4 +102,9 @@ if (only.length > 0) {
   }
 }
 
+// The peak again: the percentages above use the first one; a much higher second one means
+// the machine was in a slow spell at the start.
+const peakAfter = probeMacPeak(threads);
+console.log(`int8 MAC peak after the kernels: ${peakAfter.toFixed(1)} GMAC/s (before: ${peakGMACs.toFixed(1)})`);
+figures.push({ name: `int8 MAC peak after the kernels, ${threads} threads`, value: round(peakAfter), unit: 'GMAC/s', compared_to: `before the kernels ${peakGMACs.toFixed(1)} GMAC/s` });
 console.log(JSON.stringify(figures));
