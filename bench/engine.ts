@@ -153,7 +153,7 @@ interface CaseOutcome {
   ours: OursResult;
   llama: LlamaCppResult | null;
   read: ReadBytes;
-  /** int8 MAC peak (GMAC/s) measured right after our engine's run. */
+  /** int8 MAC peak (GMAC/s): the larger of the probes before the cases and right after our engine's run. */
   gmacs: number;
 }
 
