@@ -329,7 +329,7 @@ export interface StepRoofline {
 }
 
 export function stepRoofline(s: ModelSpec, read: ReadBytes, n: number, gbps: number, gmacs: number): StepRoofline {
-  const bytes = read.nonExpert + n * read.embedRow - read.embedRow + s.numLayers * expectedDistinct(s.numExperts, s.topK, n) * read.perExpert;
+  const bytes = read.nonExpert + (n - 1) * read.embedRow + s.numLayers * expectedDistinct(s.numExperts, s.topK, n) * read.perExpert;
   const macs = n * macsPerToken(s);
   const memorySeconds = bytes / (gbps * 1e9);
   const computeSeconds = macs / (gmacs * 1e9);
