@@ -572,8 +572,9 @@ t.test('matmul q8_0, 31..70 tokens over 16-token groups: every ISA vs scalar', a
   t.ok(worst <= 1e-5, `vs scalar: worst |diff| / sum|terms| = ${worst.toExponential(2)} (${checked} runs)`);
 });
 
-// The scalar kernel, and the AVX2 per-token tiles (one-token decode tiles and the tiles
-// of up to 5 tokens), compute every (row, token) output with the same arithmetic: a
+// The scalar kernel, and the AVX2 per-token tiles (one-token decode tiles, two blocks per
+// iteration, and the tiles of up to 5 tokens; odd block counts: 96 and 160 columns, one
+// block: 32), compute every (row, token) output with the same arithmetic: a
 // token's outputs are bit-identical alone and inside such a batch. (The token groups of
 // 6 tokens and more, AVX2 and AVX-512 VNNI, put tokens in lanes and add in another order;
 // they are held to the bound against scalar above.)
@@ -586,6 +587,8 @@ t.test('matmul q8_0 / q4_0, scalar and avx2 per-token tiles: a token alone and i
         [37, 2048],
         [5, 8192],
         [9, 96],
+        [6, 32],
+        [3, 160],
       ]) {
         const w = randomMatrix(seed++, rows * cols, 0.05);
         const bytes = addon.quantizeRows(type, w, rows, cols);

@@ -125,6 +125,70 @@ void q_tile(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, int64_t co
     for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r + i] = hsum(acc[i][t]);
 }
 
+// The decode tile (one token, two rows), two blocks per iteration: the iteration's four
+// f16 weight scales go through one vcvtph2ps and one vmulps with the token's two block
+// scales, and each product is broadcast from a stack copy, instead of one scalar
+// conversion, multiply and broadcast per (row, block). On a Zen 1 core (AVX2, 256-bit
+// operations split in two) the per-block scale handling was the bulk of the decode tile's
+// work after the integer dot product: in-cache, one thread, this tile runs 17-19% faster
+// than q_tile<WT, 2, 1> (10.9-11.2 against 9.4 GB/s). Per (row, block) it does the same
+// integer dot product, the same float product of the two scales and the same FMA, in the
+// same order, so its results are bitwise those of q_tile<WT, 2, 1>.
+template <WType WT>
+void q_tile_decode2(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, int64_t cols, int64_t t0, float* y, int64_t ldy,
+                    int64_t r, Prefetch pf) {
+  constexpr size_t BB = QW<WT>::kBytes;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const int8_t* xq = a.q + t0 * cols;
+  const float* xd = a.d + t0 * nb;
+  const int32_t* xc = a.corr + t0 * nb;
+  const uint8_t* w1 = w0 + rb;
+  const auto scale_bits = [](const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return static_cast<int>(h);
+  };
+  alignas(16) float sc[4];
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    pf.template upto<Hint::T0>(static_cast<size_t>(b + 2) * (2 * BB));
+    const uint8_t* p0 = w0 + b * BB;
+    const uint8_t* p1 = w1 + b * BB;
+    // Scales (row 0, block b), (row 1, b), (row 0, b + 1), (row 1, b + 1), times the
+    // token's scales of blocks b, b, b + 1, b + 1.
+    __m128i h = _mm_cvtsi32_si128(scale_bits(p0));
+    h = _mm_insert_epi16(h, scale_bits(p1), 1);
+    h = _mm_insert_epi16(h, scale_bits(p0 + BB), 2);
+    h = _mm_insert_epi16(h, scale_bits(p1 + BB), 3);
+    const __m128 dx = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xd + b)));
+    _mm_store_ps(sc, _mm_mul_ps(_mm_cvtph_ps(h), _mm_unpacklo_ps(dx, dx)));
+    for (int k = 0; k < 2; ++k) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (b + k) * 32));
+      const __m256i corr = WT == WType::Q4_0 ? corr_lane0(xc + b + k) : _mm256_setzero_si256();
+      const __m256i s0 = QW<WT>::dot(QW<WT>::load(p0 + k * BB), xv, corr, ones16);
+      const __m256i s1 = QW<WT>::dot(QW<WT>::load(p1 + k * BB), xv, corr, ones16);
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(sc + 2 * k), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(sc + 2 * k + 1), acc1);
+    }
+  }
+  if (b < nb) {
+    // An odd last block, as q_tile does it.
+    pf.template upto<Hint::T0>(static_cast<size_t>(nb) * (2 * BB));
+    const uint8_t* p0 = w0 + b * BB;
+    const uint8_t* p1 = w1 + b * BB;
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32));
+    const float dx = xd[b];
+    const __m256i corr = WT == WType::Q4_0 ? corr_lane0(xc + b) : _mm256_setzero_si256();
+    const __m256i s0 = QW<WT>::dot(QW<WT>::load(p0), xv, corr, ones16);
+    const __m256i s1 = QW<WT>::dot(QW<WT>::load(p1), xv, corr, ones16);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(f16_at(p0) * dx), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(f16_at(p1) * dx), acc1);
+  }
+  y[t0 * ldy + r] = hsum(acc0);
+  y[t0 * ldy + r + 1] = hsum(acc1);
+}
+
 // Tokens in lanes, for groups of 8 tokens (the activations' token-interleaved copy, see
 // kernels.h): each 8-byte piece k of a weight block is broadcast to the four 64-bit lanes
 // and multiplied with the same piece of four tokens' blocks, so one vpmaddubsw serves four
@@ -299,6 +363,10 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
       const uint8_t* w0 = w.data + r * rb;
       // Only the first token tile over these rows streams them from memory.
       const Prefetch pf(w0, static_cast<size_t>(R) * rb, t0 == 0 ? ahead : 0, end);
+      if (R == 2 && T == 1) {
+        q_tile_decode2<WT>(w0, rb, nb, shifted, w.cols, t0, ys, ldy, r, pf);
+        return;
+      }
 #define MOE_Q(R_, T_) q_tile<WT, R_, T_>(w0, rb, nb, shifted, w.cols, t0, ys, ldy, r, pf)
       MOE_AVX2_DISPATCH(MOE_Q)
 #undef MOE_Q
