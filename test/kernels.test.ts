@@ -625,6 +625,34 @@ t.test('matmul: threads 1 and 2 give identical results, and n = 0 / ldy handling
   t.throws(() => addon.quantizeRows('q4_0', w, 1, 33), /multiple of 32/);
 });
 
+// The AVX2 decode tile moves the sign of x onto the weights (kernels.h: Q8_0), exact only
+// for weights in [-127, 127]: the quantizer never writes -128, and matmulTest refuses it.
+t.test('q8_0 weights: the quantizer writes none of -128, and matmulTest refuses it', async (t) => {
+  const rows = 64;
+  const cols = 256;
+  const w = randomMatrix(77, rows * cols, 0.05);
+  // Blocks whose extreme is negative, positive, and blocks of one repeated value.
+  for (let b = 0; b < (rows * cols) / 32; b += 3) w[b * 32 + (b % 32)] = b % 2 ? -1 : 1;
+  for (let j = 0; j < 32; j++) w[j] = -0.25;
+  const bytes = addon.quantizeRows('q8_0', w, rows, cols);
+  let minQ = 0;
+  let maxQ = 0;
+  for (let b = 0; b < bytes.length / 34; b++) {
+    for (let j = 0; j < 32; j++) {
+      const q = (bytes[b * 34 + 2 + j] << 24) >> 24;
+      minQ = Math.min(minQ, q);
+      maxQ = Math.max(maxQ, q);
+    }
+  }
+  t.equal(minQ, -127, 'the most negative weight of a block is -127');
+  t.equal(maxQ, 127, 'the most positive is 127');
+  const x = randomMatrix(78, cols, 1);
+  t.equal(addon.matmulTest('q8_0', bytes, rows, cols, x, 1, 2).length, rows, 'the quantizer\'s bytes are accepted');
+  const bad = Uint8Array.from(bytes);
+  bad[5 * 34 + 2 + 7] = 0x80;
+  t.throws(() => addon.matmulTest('q8_0', bad, rows, cols, x, 1, 2), /\[-127, 127\]: block 5 holds -128/);
+});
+
 t.test('thread pool: an exception in a worker reaches the caller', async (t) => {
   for (let i = 0; i < 3; i++) {
     t.throws(() => addon.poolThrowTest(2, 4000), /worker 1 failed on item \d+/);

@@ -12,7 +12,9 @@ namespace moe {
 
 // Storage formats of a weight matrix. Quantized formats use ggml's block layouts, so
 // that GGUF files and llama.cpp see byte-identical weights:
-//   Q8_0: blocks of 32 weights: { f16 d; int8 q[32]; }        34 bytes, w = d * q
+//   Q8_0: blocks of 32 weights: { f16 d; int8 q[32]; }        34 bytes, w = d * q, with q in
+//         [-127, 127]: ggml's quantizer and quantize_rows never write -128 (q = round(x * 127 /
+//         amax)), and the AVX2 decode kernel relies on it; matmulTest refuses such weights.
 //   Q4_0: blocks of 32 weights: { f16 d; uint8 q[16]; }       18 bytes, w = d * (nibble - 8);
 //         byte j holds weight j in its low nibble and weight j+16 in its high nibble.
 enum class WType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4 };

@@ -159,6 +159,16 @@ Napi::Value MatmulTest(const Napi::CallbackInfo& info) {
   check_cols(env, t, cols);
   Napi::Uint8Array w = u8_arg(info, 1, "weights", static_cast<size_t>(rows) * row_bytes(t, cols));
   Napi::Float32Array x = f32_arg(info, 4, "x", static_cast<size_t>(n * cols));
+  if (t == WType::Q8_0) {
+    // The format's weights are in [-127, 127] (kernels.h).
+    const size_t blocks = static_cast<size_t>(rows) * static_cast<size_t>(cols / 32);
+    for (size_t b = 0; b < blocks; ++b) {
+      const uint8_t* q = w.Data() + b * 34 + 2;
+      for (int j = 0; j < 32; ++j) {
+        if (q[j] == 0x80) throw Napi::RangeError::New(env, "q8_0 weights must be in [-127, 127]: block " + std::to_string(b) + " holds -128");
+      }
+    }
+  }
   Acts acts;
   prepare_acts(t, x.Data(), n, cols, cols, acts);
   Napi::Float32Array y = Napi::Float32Array::New(env, static_cast<size_t>(n * rows));
