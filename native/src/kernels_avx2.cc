@@ -242,15 +242,19 @@ void q_tile_g8(const uint8_t* w0, size_t rb, int64_t nb, const uint8_t* grp, int
         const __m128i m = _mm_set1_epi8(0x0f);
         const __m128i lo = _mm_and_si128(q, m), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
         const __m128i piece[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
+        // The four pieces' vpmaddubsw sums add up in int16 before one vpmaddwd: each is at
+        // most 2 * 15 * 127 = 3810 in magnitude, four at most 15240 (no saturation), so the
+        // int32 lanes are those of four vpmaddwd, with a quarter of them.
+        __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
         for (int k = 0; k < 4; ++k) {
           const __m256i wb = _mm256_broadcastq_epi64(piece[k]);
           const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 64 * k));
           const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 64 * k + 32));
-          s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(wb, x0), ones16));
-          s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(wb, x1), ones16));
+          m0 = _mm256_add_epi16(m0, _mm256_maddubs_epi16(wb, x0));
+          m1 = _mm256_add_epi16(m1, _mm256_maddubs_epi16(wb, x1));
         }
-        s0 = _mm256_add_epi32(s0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 320)));
-        s1 = _mm256_add_epi32(s1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 352)));
+        s0 = _mm256_add_epi32(_mm256_madd_epi16(m0, ones16), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 320)));
+        s1 = _mm256_add_epi32(_mm256_madd_epi16(m1, ones16), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 352)));
       }
       const __m256 dw = _mm256_set1_ps(f16_at(p));
       acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(dw, d_lo), acc[i][0]);
