@@ -3,8 +3,10 @@
 // the sign of w), then vpmaddwd to int32 (no saturation: |w| <= 127, |x| <= 127); Q4_0: the
 // unsigned nibbles times x, plus the -8 * sum(x) correction (see "Quantized" below).
 // Decode (one token) streams its rows in 2-row tiles with a software prefetch ahead of
-// them (see tiling_for); 6 tokens and more go in groups of 8 with tokens in lanes
-// (q_tile_g8). Activations are quantized with AVX2 too, to the scalar bytes.
+// them (see tiling_for), two blocks per iteration (q_tile_decode2: vector scales, and for
+// Q8_0 |x| x (w with the sign of x), the same products); 6 tokens and more go in groups of
+// 8 with tokens in lanes (q_tile_g8). Activations are quantized with AVX2 too, to the
+// scalar bytes.
 #include <immintrin.h>
 
 #include <algorithm>
