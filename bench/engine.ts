@@ -19,7 +19,8 @@
 //     after our engine's run (this VM has slow spells of 0.6x at times): with the
 //     bandwidth it gives each batch size its roofline, the larger of weight traffic (the
 //     experts its tokens activate, uniform routing as the random weights route) and weight
-//     MACs at that peak. Batched decode turns compute-bound early on a core with a slow
+//     MACs at that peak (Q4_0 experts at the peak of their token-group kernel's mix,
+//     macPeakBench(.., "q4_0"), which can pass it). Batched decode turns compute-bound early on a core with a slow
 //     int8 path, so this says how far the 32-sequence target can be reached on this host;
 //   - the resident memory of the process running our engine, after load, against the
 //     engine's weights + KV cache. Our engine is measured in a fresh child process per case
@@ -155,6 +156,8 @@ interface CaseOutcome {
   read: ReadBytes;
   /** int8 MAC peak (GMAC/s): the larger of the probes before the cases and right after our engine's run. */
   gmacs: number;
+  /** The routed experts' peak: gmacs, or for Q4_0 experts the Q4_0 token-group mix's probe (taken the same way). */
+  expertGmacs: number;
 }
 
 /** Decode tokens/s at the bandwidth the engine's decode chunks saw (decodeRooflineFraction's figure as a rate). */
@@ -163,7 +166,7 @@ function roofline(r: EngineResult, read: ReadBytes): number {
 }
 
 function report(o: CaseOutcome, spec: ModelSpec): void {
-  const { c, ours, llama, read, gmacs } = o;
+  const { c, ours, llama, read, gmacs, expertGmacs } = o;
   const label = `${c.model.preset} ${c.gguf}`;
   log(`\n== ${label}: ${spec.arch}, hidden ${spec.hiddenSize}, ${spec.numExperts} experts top-${spec.topK} width ${spec.expertIntermediateSize}, ` +
     `${spec.numLayers} layers, vocab ${spec.vocabSize}, ${threads} threads ==`);
@@ -211,8 +214,9 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
   // Batched decode against its own roofline: weight traffic (the experts its tokens
   // activate) at the bandwidth probe, or weight MACs at the int8 MAC peak, whichever is
   // slower. Once the MACs dominate, more sequences per step cannot raise the aggregate.
-  const roof = (n: number) => stepRoofline(spec, read, n, ours.bandwidth, gmacs);
-  log(`int8 MAC peak (${threads} threads, the ${ours.info.isa} kernels' int8 dot product without weight traffic): ${fmt(gmacs)} GMAC/s; ${fmt(roof(1).macs / 1e9, 2)} GMAC of weights per token`);
+  const roof = (n: number) => stepRoofline(spec, read, n, ours.bandwidth, gmacs, expertGmacs);
+  const expertPeak = expertGmacs !== gmacs ? `; the Q4_0 experts' token-group mix ${fmt(expertGmacs)} GMAC/s` : '';
+  log(`int8 MAC peak (${threads} threads, the ${ours.info.isa} kernels' int8 dot product without weight traffic): ${fmt(gmacs)} GMAC/s${expertPeak}; ${fmt(roof(1).macs / 1e9, 2)} GMAC of weights per token`);
   for (const n of [1, 8, 32]) {
     const r = roof(n);
     const got = n === 1 ? decodeO : oursBatch(n);
@@ -279,10 +283,12 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
   for (const n of [8, 32]) fig(`${label} ours decode ${n} sequences aggregate`, oursBatch(n), 'tok/s', cmpR(oursBatch(n), llamaBatch(n), 'tok/s'));
   fig(`${label} ours 32-sequence aggregate / single stream`, b32O, 'ratio', b32L === null ? null : `llama.cpp ${fmt(b32L, 3)}x`);
   fig(`${label} int8 MAC peak`, gmacs, 'GMAC/s', `the ${ours.info.isa} kernels' int8 dot product without weight traffic, ${threads} threads`);
+  if (expertGmacs !== gmacs) fig(`${label} int8 MAC peak, Q4_0 token-group mix`, expertGmacs, 'GMAC/s', `the routed experts' peak (${ours.info.isa}), ${threads} threads`);
   for (const n of [8, 32]) {
     const r = roof(n);
+    const peaks = expertGmacs !== gmacs ? `${fmt(gmacs, 2)} GMAC/s, the experts' at ${fmt(expertGmacs, 2)}` : `${fmt(gmacs, 2)} GMAC/s`;
     fig(`${label} ours decode ${n} sequences / its roofline`, oursBatch(n) / r.tokensPerSecond, 'ratio',
-      `roofline ${fmt(r.tokensPerSecond, 2)} tok/s: max(${MB(r.bytes)} at ${fmt(ours.bandwidth, 2)} GB/s, ${fmt(r.macs / 1e9, 2)} GMAC at ${fmt(gmacs, 2)} GMAC/s)`);
+      `roofline ${fmt(r.tokensPerSecond, 2)} tok/s: max(${MB(r.bytes)} at ${fmt(ours.bandwidth, 2)} GB/s, ${fmt(r.macs / 1e9, 2)} GMAC at ${peaks})`);
   }
   fig(`${label} 32-sequence roofline / ours single stream`, b32Limit, 'ratio', `ours single stream ${fmt(decodeO, 2)} tok/s`);
   if (longO) {
@@ -344,7 +350,8 @@ async function main(): Promise<void> {
   if (llama) log(`llama.cpp ${llama.llamaCppRelease.release} (${llama.buildType}), cpuMathCores ${llama.cpuMathCores}; ${llama.systemInfo.replace(/\s+/g, ' ').trim()}`);
 
   const macPeakAtStart = probeMacPeak(threads);
-  log(`int8 MAC peak before the cases: ${fmt(macPeakAtStart)} GMAC/s (${threads} threads)`);
+  const macPeakQ4AtStart = selected.some((c) => c.gguf === 'q4_0') ? probeMacPeak(threads, 8, 0.15, 'q4_0') : 0;
+  log(`int8 MAC peak before the cases: ${fmt(macPeakAtStart)} GMAC/s (${threads} threads)${macPeakQ4AtStart > 0 ? `; Q4_0 token-group mix ${fmt(macPeakQ4AtStart)} GMAC/s` : ''}`);
   const t0 = performance.now();
   const elapsed = () => (performance.now() - t0) / 1000;
   const outcomes: CaseOutcome[] = [];
@@ -370,6 +377,8 @@ async function main(): Promise<void> {
     // The larger of the probes before the cases and right after this one: a probe can land
     // in one of this VM's slow spells, and the limit must hold for the whole run.
     const gmacs = Math.max(macPeakAtStart, probeMacPeak(threads));
+    // Q4_0 experts: their kernels' own mix (it can pass the Q8_0 one), probed the same way.
+    const expertGmacs = c.gguf === 'q4_0' ? Math.max(macPeakQ4AtStart, probeMacPeak(threads, 8, 0.15, 'q4_0')) : gmacs;
     let lres: LlamaCppResult | null = null;
     if (llama) {
       log(`[${c.id}] measuring llama.cpp (${c.gguf}) ...`);
@@ -379,7 +388,7 @@ async function main(): Promise<void> {
         log(`[${c.id}] llama.cpp failed: ${(e as Error).message.split('\n')[0]}`);
       }
     }
-    const o = { c, ours, llama: lres, read, gmacs };
+    const o = { c, ours, llama: lres, read, gmacs, expertGmacs };
     outcomes.push(o);
     report(o, spec);
     lastSeconds = (performance.now() - tc) / 1000;
@@ -397,7 +406,7 @@ async function main(): Promise<void> {
     const { ours, llama: l, read } = main;
     summary.decode_roofline_fraction = round(decodeRooflineFraction(ours.decode.chunks, read.total), 4);
     summary.batch32_vs_single = round(ours.batches.find((b) => b.sequences === 32)!.tokensPerSecond / ours.decode.tokensPerSecond, 3);
-    summary.batch32_roofline_vs_single = round(stepRoofline(readModelSpec(dirs.get(main.c.model.key)!), read, 32, ours.bandwidth, main.gmacs).tokensPerSecond / ours.decode.tokensPerSecond, 3);
+    summary.batch32_roofline_vs_single = round(stepRoofline(readModelSpec(dirs.get(main.c.model.key)!), read, 32, ours.bandwidth, main.gmacs, main.expertGmacs).tokensPerSecond / ours.decode.tokensPerSecond, 3);
     if (l) {
       summary.decode_vs_llamacpp = round(ours.decode.tokensPerSecond / l.decode.tokensPerSecond, 3);
       summary.prefill_vs_llamacpp = round(ours.prefill.tokensPerSecond / l.prefill.tokensPerSecond, 3);

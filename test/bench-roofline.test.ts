@@ -2,7 +2,7 @@
 // MACs per token, expected distinct experts of a batch and the per-step roofline, against
 // hand-computed values for a small spec.
 import t from 'tap';
-import { bytesPerToken, expectedDistinct, macsPerToken, stepRoofline } from '../bench/lib/engine-bench-common.js';
+import { bytesPerToken, expectedDistinct, expertMacsPerToken, macsPerToken, stepRoofline } from '../bench/lib/engine-bench-common.js';
 import type { ModelSpec } from '../src/model/spec.js';
 
 const spec = {
@@ -51,4 +51,18 @@ t.test('step roofline: the larger of weight traffic and weight MACs', async (t) 
   const four = stepRoofline(spec, read, 4, 10, 1e9);
   const expertBytes = four.bytes - (read.nonExpert + 3 * read.embedRow);
   t.ok(Math.abs(expertBytes - 2 * expectedDistinct(8, 2, 4) * read.perExpert) < 1e-6, 'experts read once per step for all tokens');
+});
+
+t.test('step roofline: routed experts at their own MAC peak', async (t) => {
+  // 2 layers x top-2 x 3 matrices of 64 x 32.
+  t.equal(expertMacsPerToken(spec), 2 * 2 * 3 * 64 * 32);
+  const read = bytesPerToken(spec, 'q4_0');
+  const same = stepRoofline(spec, read, 4, 10, 1e-3);
+  t.equal(stepRoofline(spec, read, 4, 10, 1e-3, 1e-3).computeSeconds, same.computeSeconds, 'the expert peak defaults to the other one');
+  const q4 = stepRoofline(spec, read, 4, 10, 1e-3, 2e-3);
+  const experts = 4 * expertMacsPerToken(spec);
+  const rest = 4 * macsPerToken(spec) - experts;
+  t.ok(Math.abs(q4.computeSeconds - (rest / 1e6 + experts / 2e6)) < 1e-9 * q4.computeSeconds, 'other MACs at gmacs, expert MACs at expertGmacs');
+  t.equal(q4.macs, same.macs, 'the MAC count does not change');
+  t.ok(q4.tokensPerSecond > same.tokensPerSecond, 'a faster expert peak raises a compute-bound roofline');
 });

@@ -168,11 +168,22 @@ t.test('int8 MAC peak probe: each ISA runs its own instructions, bad arguments a
       t.equal(r.macs % (threads * perRound[isa]), 0, `${isa}: whole rounds of ${isa}'s probe on every thread`);
     }
   }
+  // The Q4_0 token-group mix: AVX2 has its own (4 chains x 128: four vpmaddubsw per
+  // vpmaddwd); the other ISAs' Q4_0 kernels use their default mix, and so does the probe.
+  const perRoundQ4: Record<KernelIsa, number> = { ...perRound, avx2: 65536 * 4 * 128 };
+  for (const isa of ISAS) {
+    addon.setIsa(isa);
+    const r = addon.macPeakBench(2, 0.02, 'q4_0');
+    t.ok(r.macs >= 2 * perRoundQ4[isa] && r.macs % (2 * perRoundQ4[isa]) === 0, `${isa}: whole rounds of the q4_0 mix's probe (${r.macs} MACs)`);
+    t.equal(addon.macPeakBench(1, 0.02, 'q8_0').macs % perRound[isa], 0, `${isa}: "q8_0" is the default probe`);
+  }
   addon.setIsa(initialIsa);
   t.throws(() => addon.macPeakBench(0, 0.1), /threads/);
   t.throws(() => addon.macPeakBench(1, 0), /seconds/);
   t.throws(() => addon.macPeakBench(1, Number.NaN), /seconds/);
   t.throws(() => addon.macPeakBench(1, 61), /seconds/);
+  t.throws(() => addon.macPeakBench(1, 0.01, 'q5_0' as 'q4_0'), /mix must be "q8_0" or "q4_0", got "q5_0"/);
+  t.throws(() => addon.macPeakBench(1, 0.01, 4 as unknown as 'q4_0'), /mix must be/);
 });
 
 // Quantization at load runs through the active ISA (AVX-512 packs blocks with vector

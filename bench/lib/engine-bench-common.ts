@@ -146,10 +146,10 @@ export function probeBandwidth(threads: number): number {
  * (seen here: 19 against 31 GMAC/s minutes apart), and a limit must not sit below what
  * the kernels reach.
  */
-export function probeMacPeak(threads: number, rounds = 8, seconds = 0.15): number {
+export function probeMacPeak(threads: number, rounds = 8, seconds = 0.15, mix: 'q8_0' | 'q4_0' = 'q8_0'): number {
   let best = 0;
   for (let i = 0; i < rounds; i++) {
-    const r = loadNative().macPeakBench(threads, seconds);
+    const r = loadNative().macPeakBench(threads, seconds, mix);
     best = Math.max(best, r.macs / r.seconds / 1e9);
   }
   return best;
@@ -313,12 +313,21 @@ export function macsPerToken(s: ModelSpec): number {
   return s.numLayers * perLayer + s.vocabSize * h;
 }
 
+/** Weight MACs of one token in its routed experts (top-k of each layer). */
+export function expertMacsPerToken(s: ModelSpec): number {
+  return s.numLayers * s.topK * 3 * s.hiddenSize * s.expertIntermediateSize;
+}
+
 /** Expected distinct experts of a layer when `n` tokens each pick k of E uniformly at random (the benchmark's random weights route nearly so). */
 export function expectedDistinct(experts: number, k: number, n: number): number {
   return experts * (1 - Math.pow(1 - k / experts, n));
 }
 
-/** Roofline of a decode step of `n` sequences: the larger of weight traffic at `gbps` and weight MACs at `gmacs`. */
+/**
+ * Roofline of a decode step of `n` sequences: the larger of weight traffic at `gbps` and
+ * weight MACs at `gmacs` (the routed experts' MACs at `expertGmacs`: a format whose
+ * kernels have a faster instruction mix, Q4_0 on AVX2, has its own peak).
+ */
 export interface StepRoofline {
   bytes: number;
   macs: number;
@@ -328,11 +337,12 @@ export interface StepRoofline {
   tokensPerSecond: number;
 }
 
-export function stepRoofline(s: ModelSpec, read: ReadBytes, n: number, gbps: number, gmacs: number): StepRoofline {
+export function stepRoofline(s: ModelSpec, read: ReadBytes, n: number, gbps: number, gmacs: number, expertGmacs = gmacs): StepRoofline {
   const bytes = read.nonExpert + (n - 1) * read.embedRow + s.numLayers * expectedDistinct(s.numExperts, s.topK, n) * read.perExpert;
   const macs = n * macsPerToken(s);
+  const expertMacs = n * expertMacsPerToken(s);
   const memorySeconds = bytes / (gbps * 1e9);
-  const computeSeconds = macs / (gmacs * 1e9);
+  const computeSeconds = (macs - expertMacs) / (gmacs * 1e9) + expertMacs / (expertGmacs * 1e9);
   return { bytes, macs, memorySeconds, computeSeconds, tokensPerSecond: n / Math.max(memorySeconds, computeSeconds) };
 }
 

@@ -616,6 +616,11 @@ void matmul_parallel(ThreadPool& pool, const WMat& w, const Acts& x, float* y, i
   });
 }
 
+uint64_t int8_mac_peak_q4_groups(int64_t iters, int64_t* macs) {
+  if (current() == Isa::Avx2) return kdetail::int8_peak_q4_groups_avx2(iters, macs);
+  return int8_mac_peak(iters, macs);
+}
+
 uint64_t int8_mac_peak(int64_t iters, int64_t* macs) {
   switch (current()) {
     case Isa::Avx512: return kdetail::int8_peak_avx512(iters, macs);

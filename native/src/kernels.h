@@ -95,6 +95,10 @@ uint64_t stream_read(const uint8_t* p, size_t bytes);
 // vectorises it for the baseline ISA, on rows that stay in L1. Sets *macs to the MACs
 // done; returns a value depending on every result (so the work is not optimised away).
 uint64_t int8_mac_peak(int64_t iters, int64_t* macs);
+// The same for the instruction mix of the Q4_0 token-group kernel where it differs (AVX2:
+// four vpmaddubsw summed in int16, then one vpmaddwd + vpaddd, per 128 MACs; it can pass
+// int8_mac_peak's rate). Elsewhere the Q4_0 kernels use int8_mac_peak's mix, and this is it.
+uint64_t int8_mac_peak_q4_groups(int64_t iters, int64_t* macs);
 
 // IEEE binary16 / bfloat16 conversions (round to nearest even; NaN stays NaN).
 uint16_t f32_to_f16(float f);
@@ -159,6 +163,7 @@ void matmul_avx2(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y,
 void prepare_avx2(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
 uint64_t stream_avx2(const uint8_t* p, size_t bytes);
 uint64_t int8_peak_avx2(int64_t iters, int64_t* macs);
+uint64_t int8_peak_q4_groups_avx2(int64_t iters, int64_t* macs);
 void matmul_avx512(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
 void prepare_avx512(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
 uint64_t stream_avx512(const uint8_t* p, size_t bytes);

@@ -546,5 +546,33 @@ uint64_t int8_peak_avx2(int64_t iters, int64_t* macs) {
   return lanes[0] + lanes[1] + lanes[2] + lanes[3];
 }
 
+uint64_t int8_peak_q4_groups_avx2(int64_t iters, int64_t* macs) {
+  // As int8_peak_avx2, in q_tile_g8's Q4_0 mix: per chain and round, four vpmaddubsw (each
+  // its own operand pair: the nibble-sized a[c] and one of four b) summed with vpaddw,
+  // then one vpmaddwd and one vpaddd: 128 MACs.
+  __m256i acc[4], a[4], b[4];
+  for (int c = 0; c < 4; ++c) {
+    acc[c] = _mm256_set1_epi32(c);
+    a[c] = _mm256_set1_epi8(static_cast<char>(3 + c));
+    b[c] = _mm256_set1_epi8(static_cast<char>(-5 - c));
+  }
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < iters; ++i) {
+    __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]));
+    for (int c = 0; c < 4; ++c) {
+      __m256i m = _mm256_maddubs_epi16(a[c], b[0]);
+      m = _mm256_add_epi16(m, _mm256_maddubs_epi16(a[c], b[1]));
+      m = _mm256_add_epi16(m, _mm256_maddubs_epi16(a[c], b[2]));
+      m = _mm256_add_epi16(m, _mm256_maddubs_epi16(a[c], b[3]));
+      acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(m, ones16));
+    }
+  }
+  const __m256i s = _mm256_xor_si256(_mm256_xor_si256(acc[0], acc[1]), _mm256_xor_si256(acc[2], acc[3]));
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
+  *macs = iters * 4 * 128;
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+
 }  // namespace kdetail
 }  // namespace moe

@@ -461,15 +461,23 @@ Napi::Value StreamBench(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// macPeakBench(threads, seconds) -> {macs, seconds, checksum}
+// macPeakBench(threads, seconds, mix = "q8_0") -> {macs, seconds, checksum}
 // The compute probe: every thread of a pool of `threads` runs int8_mac_peak (the active
-// ISA's int8 multiply-accumulate instructions on registers) in rounds, until `seconds`.
+// ISA's int8 multiply-accumulate instructions on registers) in rounds, until `seconds`;
+// mix "q4_0": int8_mac_peak_q4_groups (the Q4_0 token-group kernel's mix).
 Napi::Value MacPeakBench(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const int64_t threads = int_arg(info, 0, "threads", 1, 256);
   if (info.Length() < 2 || !info[1].IsNumber()) throw Napi::TypeError::New(env, "seconds must be a number");
   const double seconds = info[1].As<Napi::Number>().DoubleValue();
   if (!(seconds > 0 && seconds <= 60)) throw Napi::RangeError::New(env, "seconds must be in (0, 60]");
+  bool q4 = false;
+  if (info.Length() > 2 && !info[2].IsUndefined()) {
+    if (!info[2].IsString()) throw Napi::TypeError::New(env, "mix must be \"q8_0\" or \"q4_0\"");
+    const std::string mix = info[2].As<Napi::String>().Utf8Value();
+    if (mix != "q8_0" && mix != "q4_0") throw Napi::RangeError::New(env, "mix must be \"q8_0\" or \"q4_0\", got \"" + mix + "\"");
+    q4 = mix == "q4_0";
+  }
   ThreadPool pool(static_cast<int>(threads));
   std::vector<uint64_t> sink(static_cast<size_t>(threads) * 8, 0);
   std::vector<int64_t> done(static_cast<size_t>(threads) * 8, 0);
@@ -477,7 +485,7 @@ Napi::Value MacPeakBench(const Napi::CallbackInfo& info) {
   auto round = [&] {
     pool.parallel_for(threads, 1, [&](int64_t, int th) {
       int64_t macs = 0;
-      sink[static_cast<size_t>(th) * 8] += int8_mac_peak(kIters, &macs);
+      sink[static_cast<size_t>(th) * 8] += q4 ? int8_mac_peak_q4_groups(kIters, &macs) : int8_mac_peak(kIters, &macs);
       done[static_cast<size_t>(th) * 8] += macs;
     });
   };

@@ -408,9 +408,11 @@ export interface NativeAddon {
   /**
    * Compute probe: `threads` threads run the active ISA's int8 dot-product instructions
    * (those the quantized kernels use) on registers for at least `seconds` (at most 60):
-   * the int8 MAC rate a compute-bound quantized matmul cannot exceed.
+   * the int8 MAC rate a compute-bound quantized matmul cannot exceed. `mix` "q4_0": the
+   * instruction mix of the Q4_0 token-group kernel where it differs (AVX2: four vpmaddubsw
+   * per vpmaddwd), whose rate can pass the default ("q8_0") one.
    */
-  macPeakBench(threads: number, seconds: number): MacPeakResult;
+  macPeakBench(threads: number, seconds: number, mix?: 'q8_0' | 'q4_0'): MacPeakResult;
   /** The CPU engine (native/src/engine.h). */
   NativeEngine: new (options: NativeEngineOptions) => NativeEngine;
 }
