@@ -350,7 +350,7 @@ async function main(): Promise<void> {
   if (llama) log(`llama.cpp ${llama.llamaCppRelease.release} (${llama.buildType}), cpuMathCores ${llama.cpuMathCores}; ${llama.systemInfo.replace(/\s+/g, ' ').trim()}`);
 
   const macPeakAtStart = probeMacPeak(threads);
-  const macPeakQ4AtStart = selected.some((c) => c.gguf === 'q4_0') ? probeMacPeak(threads, 8, 0.15, 'q4_0') : 0;
+  const macPeakQ4AtStart = selected.some((c) => c.gguf === 'q4_0') ? probeMacPeak(threads, 'q4_0') : 0;
   log(`int8 MAC peak before the cases: ${fmt(macPeakAtStart)} GMAC/s (${threads} threads)${macPeakQ4AtStart > 0 ? `; Q4_0 token-group mix ${fmt(macPeakQ4AtStart)} GMAC/s` : ''}`);
   const t0 = performance.now();
   const elapsed = () => (performance.now() - t0) / 1000;
@@ -378,7 +378,7 @@ async function main(): Promise<void> {
     // in one of this VM's slow spells, and the limit must hold for the whole run.
     const gmacs = Math.max(macPeakAtStart, probeMacPeak(threads));
     // Q4_0 experts: their kernels' own mix (it can pass the Q8_0 one), probed the same way.
-    const expertGmacs = c.gguf === 'q4_0' ? Math.max(macPeakQ4AtStart, probeMacPeak(threads, 8, 0.15, 'q4_0')) : gmacs;
+    const expertGmacs = c.gguf === 'q4_0' ? Math.max(macPeakQ4AtStart, probeMacPeak(threads, 'q4_0')) : gmacs;
     let lres: LlamaCppResult | null = null;
     if (llama) {
       log(`[${c.id}] measuring llama.cpp (${c.gguf}) ...`);

@@ -41,7 +41,7 @@ console.log(`stream-read probe: ${probeGBs.toFixed(1)} GB/s with ${threads} thre
 const peakGMACs = probeMacPeak(threads);
 // Q4_0's token groups (6 tokens and more) have an instruction mix of their own on AVX2
 // (four vpmaddubsw per vpmaddwd) that can pass the Q8_0 peak: their lines use this one.
-const peakQ4GMACs = probeMacPeak(threads, 8, 0.15, 'q4_0');
+const peakQ4GMACs = probeMacPeak(threads, 'q4_0');
 console.log(`int8 MAC peak: ${peakGMACs.toFixed(1)} GMAC/s with ${threads} threads (the ${info.active} kernels' int8 dot product without weight traffic); Q4_0 token-group mix ${peakQ4GMACs.toFixed(1)} GMAC/s`);
 figures.push({ name: `int8 MAC peak, ${threads} threads`, value: round(peakGMACs), unit: 'GMAC/s', compared_to: null });
 figures.push({ name: `int8 MAC peak, Q4_0 token-group mix, ${threads} threads`, value: round(peakQ4GMACs), unit: 'GMAC/s', compared_to: null });

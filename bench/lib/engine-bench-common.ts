@@ -141,12 +141,12 @@ export function probeBandwidth(threads: number): number {
 
 /**
  * int8 multiply-accumulate peak (GMAC/s) with `threads` threads: the active ISA's int8
- * dot-product instructions on registers (macPeakBench), the compute side of the roofline.
- * The best of `rounds` short runs: on these shared VMs one run can land in a slow spell
+ * dot-product instructions on registers (macPeakBench; `mix` "q4_0": the Q4_0 token-group
+ * kernel's mix), the compute side of the roofline. The best of `rounds` short runs: on these shared VMs one run can land in a slow spell
  * (seen here: 19 against 31 GMAC/s minutes apart), and a limit must not sit below what
  * the kernels reach.
  */
-export function probeMacPeak(threads: number, rounds = 8, seconds = 0.15, mix: 'q8_0' | 'q4_0' = 'q8_0'): number {
+export function probeMacPeak(threads: number, mix: 'q8_0' | 'q4_0' = 'q8_0', rounds = 8, seconds = 0.15): number {
   let best = 0;
   for (let i = 0; i < rounds; i++) {
     const r = loadNative().macPeakBench(threads, seconds, mix);
