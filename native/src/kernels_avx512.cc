@@ -31,11 +31,13 @@
 //   token, see there), the rest through q_tile_g8.
 // - Q8_0 with VNNI and 2..7 tokens (batched decode: a few tokens per expert) uses
 //   q8_rows8 instead: 8 rows in lanes, see there.
-// - Decode with one token (q_n1) is its own kernel: 2 rows per tile (1 row per tile with
-//   an L2 prefetch in the row's own stream for rows of 6 KB or more, see matmul_q), and
-//   each pair of blocks converts the f16 scales of both rows with one vcvtph2ps and
-//   multiplies them by the activation scales in one xmm before spreading them over the
-//   lanes.
+// - Decode with one token (q_n1) is its own kernel: 2 rows per tile (1 row per tile for
+//   Q8_0 rows of 2 KB or more, with a non-temporal prefetch 8 KB ahead in the row's own
+//   stream, and for Q4_0 rows of 6 KB or more, into L2; see matmul_q), and each pair of
+//   blocks converts the f16 scales of both rows with one vcvtph2ps and multiplies them by
+//   the activation scales in one xmm before spreading them over the lanes. One-row tiles
+//   take four blocks per iteration, their four scales gathered from the loaded bytes by
+//   one vpermt2w.
 // - F32 / F16 / BF16 with one or two tokens stream the same way (matmul_f).
 // GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_*()
 // placeholders (GCC bug 105593, fixed in 13); nothing of ours is uninitialised.
@@ -114,6 +116,8 @@ inline size_t tile_ahead_target(int64_t tokens) { return tokens <= 2 ? 4096 : 81
 // 2-row tiles only below it; measured in matmul_q and matmul_f).
 constexpr size_t kLongRowBytes = 6144;
 constexpr size_t kLongRowAhead = 8192;
+// One-token Q8_0 (VNNI) rows of at least this many bytes go one row per tile (matmul_q).
+constexpr size_t kQ8OneRowBytes = 2048;
 
 template <WType WT, QMode M, int R, int T>
 void q_tile(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, int64_t cols, int64_t t0, float* y,
@@ -199,7 +203,41 @@ void q_n1(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, float* y, Pr
   const __m512i idx = idx_pair();
   const __m512i idx_hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
   const int64_t nb2 = nb & ~int64_t{1};
-  for (int64_t b = 0; b < nb2; b += 2) {
+  const int64_t nb4 = nb & ~int64_t{3};
+  int64_t b0 = 0;
+  if constexpr (R == 1) {
+    // Four blocks per iteration: their f16 scales are words 0, BB/2, BB, 3BB/2 of the 64-byte
+    // loads at the group's start (and 64 bytes on, Q8_0), gathered by one vpermt2w (Q4_0's
+    // 72-byte group: one vpermw, nothing read past the group), converted and multiplied by
+    // d_x(b..b+3) in one xmm; the two block pairs then run as below, in the same order, so
+    // results stay those of the two-block loop (and of q_tile). One thread, 768 x 2048 in
+    // cache: 34-36 -> 44 GB/s, what the 2-row tiles reach (from memory, two threads: the
+    // same within noise; the compute it frees is for the other thread and the prefetches).
+    constexpr int hw = static_cast<int>(BB / 2);
+    const __m512i sidx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                          3 * hw, 2 * hw, hw, 0);
+    for (; b0 < nb4; b0 += 4) {
+      pf.upto<H>(static_cast<size_t>(b0 + 4) * BB);
+      const uint8_t* p = w0 + b0 * BB;
+      const __m512i lo = _mm512_loadu_si512(p);
+      __m512i h4;
+      if constexpr (WT == WType::Q8_0) h4 = _mm512_permutex2var_epi16(lo, sidx, _mm512_loadu_si512(p + 64));
+      else h4 = _mm512_permutexvar_epi16(sidx, lo);
+      const __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm512_castsi512_si128(h4)), _mm_loadu_ps(a.d + b0));
+      const __m128i c4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.corr + b0));
+      for (int h = 0; h < 2; ++h) {
+        const int64_t b = b0 + 2 * h;
+        const __m512i ix = h == 0 ? idx : idx_hi;
+        const __m512i xv = _mm512_loadu_si512(a.q + b * 32);
+        const __m512i corr = _mm512_maskz_permutexvar_epi32(0x0101, ix, _mm512_castsi128_si512(c4));
+        const __m512 sc = _mm512_permutexvar_ps(ix, _mm512_castps128_ps512(f));
+        __m512i v = QBlk<WT>::load(p + 2 * h * BB, false);
+        if constexpr (WT == WType::Q8_0) v = _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));
+        acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, v, xv)), sc, acc[0]);
+      }
+    }
+  }
+  for (int64_t b = b0; b < nb2; b += 2) {
     pf.upto<H>(static_cast<size_t>(b + 2) * (R * BB));
     const __m512i xv = _mm512_loadu_si512(a.q + b * 32);
     const __m128 d2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(a.d + b)));
@@ -673,6 +711,19 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
     // keep 2-row tiles, faster there (14336 x 4096 Q8_0, 4 KB rows: 6% slower with 1-row
     // tiles, 2048 x 768: 38%), and their L1 prefetch (L2 was no faster).
     // q_n1 does the same arithmetic per row whatever R, so results do not change.
+    // Q8_0 rows of 2 KB or more (2048 columns and up: the attention projections, the LM
+    // head, the experts' gate and up projections) go one row per tile too, prefetching
+    // 8 KB ahead with the non-temporal hint (the weights are read once per step). Zen 5,
+    // two threads from memory, paired runs in one process against 2-row tiles with the
+    // T0 prefetch 4 KB ahead: 151936 x 2048 1.16-1.41x, 2048 x 4096 1.11-1.21x, 768 x 2048
+    // 1.09-1.25x, 4096 x 14336 1.00-1.05x (against its former T1 hint). Q4_0 stays as it
+    // was: its unpacking makes it compute-bound here, and 1-row tiles were 0.87x.
+    if (WT == WType::Q8_0 && rb >= kQ8OneRowBytes) {
+      prefetch_start(w.data + r0 * rb, kLongRowAhead, end);
+      for (int64_t r = r0; r < r1; ++r)
+        q_n1<WT, 1, Hint::Nta>(w.data + r * rb, rb, nb, a, y + r, Prefetch(w.data + r * rb, rb, kLongRowAhead, end));
+      return;
+    }
     if (rb >= kLongRowBytes) {
       prefetch_start(w.data + r0 * rb, kLongRowAhead, end);
       for (int64_t r = r0; r < r1; ++r)
