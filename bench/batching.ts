@@ -30,6 +30,10 @@
 // BENCH_BATCHING_CAPACITY ("0.5"), BENCH_BATCHING_CACHE (lru), BENCH_BATCHING_LOOKAHEAD (0),
 // BENCH_BATCHING_EXTRA_WAIT (1), BENCH_BATCHING_PASSES (2: fcfs, expert-aware, expert-aware,
 // fcfs, to cancel a load drift on a shared machine; 1: fcfs then expert-aware),
+// BENCH_BATCHING_WARMUP (1: one FCFS pass first, not counted; 0: none. The first engine
+// of a process run can be much slower than the ones after it, seen here: 36.6 tok/s
+// against 69.3 for the same FCFS pass at the end of the run; the ABBA order cancels only
+// a drift linear in time, and credited that start to expert-aware as x1.42),
 // BENCH_BATCHING_TRACE (real trace), BENCH_BATCHING_REQUEST_VARIATION and
 // BENCH_BATCHING_TOPICS (synth-trace --request-variation/--topics: per-request expert
 // preferences; default 0, every request routed like the real one), BENCH_THREADS (2),
@@ -61,6 +65,7 @@ const CACHE = env.BENCH_BATCHING_CACHE ?? 'lru';
 const LOOKAHEAD = Number(env.BENCH_BATCHING_LOOKAHEAD ?? 0);
 const EXTRA_WAIT = Number(env.BENCH_BATCHING_EXTRA_WAIT ?? 1);
 const PASSES = Number(env.BENCH_BATCHING_PASSES ?? 2);
+const WARMUP = (env.BENCH_BATCHING_WARMUP ?? '1') !== '0';
 const THREADS = Number(env.BENCH_THREADS ?? 2);
 const VARIATION = Number(env.BENCH_BATCHING_REQUEST_VARIATION ?? 0);
 const TOPICS = env.BENCH_BATCHING_TOPICS === undefined ? undefined : Number(env.BENCH_BATCHING_TOPICS);
@@ -230,14 +235,18 @@ async function main(): Promise<void> {
     const tokenizer = await MoeTokenizer.load(modelDir);
     const order: PolicyName[] = PASSES >= 2 ? ['fcfs', 'expert-aware', 'expert-aware', 'fcfs'] : ['fcfs', 'expert-aware'];
     const runs: RunResult[] = [];
-    for (const p of order) {
+    const warmupTps: number[] = [];
+    const warmups: PolicyName[] = WARMUP ? ['fcfs'] : [];
+    for (const [i, p] of [...warmups, ...order].entries()) {
+      const warm = i < warmups.length;
       const r = await runPolicy(p, modelDir, tokenizer, trace, work);
       log(
-        `  ${p.padEnd(12)} ${r.tps.toFixed(2)} tok/s (${r.tokens} tokens in ${r.wallS.toFixed(1)} s), itl p50 ${pct(r.itl, 50).toFixed(0)} p99 ${pct(r.itl, 99).toFixed(0)} ms, ` +
+        `  ${warm ? `warm-up, not counted: ${p}` : p.padEnd(12)} ${r.tps.toFixed(2)} tok/s (${r.tokens} tokens in ${r.wallS.toFixed(1)} s), itl p50 ${pct(r.itl, 50).toFixed(0)} p99 ${pct(r.itl, 99).toFixed(0)} ms, ` +
           `distinct experts/step ${r.distinctPerStep.toFixed(2)} over ${r.steps} steps, loads/token ${r.loadsPerToken.toFixed(2)}, regrouped ${r.regrouped}, due ${r.duePicks}, ` +
           `extra wait mean ${r.extraWaitMean.toFixed(2)} steps, policy cost ${((r.pickSeconds / r.wallS) * 100).toFixed(3)}% of wall`,
       );
-      runs.push(r);
+      if (warm) warmupTps.push(r.tps);
+      else runs.push(r);
     }
     const fcfs = mergeRuns(runs.filter((r) => r.policy === 'fcfs'));
     const ours = mergeRuns(runs.filter((r) => r.policy === 'expert-aware'));
@@ -255,6 +264,7 @@ async function main(): Promise<void> {
       fig(`${n}_loads_per_token`, r.loadsPerToken, 'loads', vs ? vs('loads_per_token') : null);
       fig(`${n}_extra_wait_mean`, r.extraWaitMean, 'steps', null);
     }
+    for (const [i, v] of warmupTps.entries()) fig(`warmup_run${i + 1}_throughput`, v, 'tokens/s', 'not counted: the first engine of the run');
     fig('expert_aware_regrouped_picks', ours.regrouped, 'picks', null);
     fig('expert_aware_policy_cost', ours.pickSeconds / ours.wallS, 'fraction', 'expert_aware_wall_time');
     const distinctReduction = 1 - ours.distinctPerStep / fcfs.distinctPerStep;
