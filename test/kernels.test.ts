@@ -471,10 +471,11 @@ function cases(type: WeightType): Case[] {
   // Rows of 6 KB or more at n = 1 (one row per tile in the AVX-512 Q8_0 / Q4_0 kernel).
   const long = type === 'q4_0' ? 11008 : 8192;
   out.push({ rows: 3, cols: long, n: 1 }, { rows: 4, cols: long, n: 1 });
-  // One-row tiles take four blocks per iteration (Q8_0 rows of 2 KB or more, Q4_0 of 6 KB
-  // or more): block counts of each remainder mod 4 after them.
+  // One-row tiles take four blocks per iteration (every Q8_0 row with one token, Q4_0 rows
+  // of 6 KB or more): block counts of each remainder mod 4 after them, and short rows.
   const wide = type === 'q4_0' ? 11008 : 2048;
   for (const extra of [1, 2, 3]) out.push({ rows: 3, cols: wide + 32 * extra, n: 1 });
+  for (const cols of [64, 96, 128, 160]) out.push({ rows: 5, cols, n: 1 });
   return out;
 }
 

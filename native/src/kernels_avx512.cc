@@ -32,8 +32,8 @@
 // - Q8_0 with VNNI and 2..7 tokens (batched decode: a few tokens per expert) uses
 //   q8_rows8 instead: 8 rows in lanes, see there.
 // - Decode with one token (q_n1) is its own kernel: 2 rows per tile (1 row per tile for
-//   Q8_0 rows of 2 KB or more, with a non-temporal prefetch 8 KB ahead in the row's own
-//   stream, and for Q4_0 rows of 6 KB or more, into L2; see matmul_q), and each pair of
+//   Q8_0, with a non-temporal prefetch 8 KB ahead in the row's own stream, and for Q4_0
+//   rows of 6 KB or more, into L2; see matmul_q), and each pair of
 //   blocks converts the f16 scales of both rows with one vcvtph2ps and multiplies them by
 //   the activation scales in one xmm before spreading them over the lanes. One-row tiles
 //   take four blocks per iteration, their four scales gathered from the loaded bytes by
@@ -116,8 +116,6 @@ inline size_t tile_ahead_target(int64_t tokens) { return tokens <= 2 ? 4096 : 81
 // 2-row tiles only below it; measured in matmul_q and matmul_f).
 constexpr size_t kLongRowBytes = 6144;
 constexpr size_t kLongRowAhead = 8192;
-// One-token Q8_0 (VNNI) rows of at least this many bytes go one row per tile (matmul_q).
-constexpr size_t kQ8OneRowBytes = 2048;
 
 template <WType WT, QMode M, int R, int T>
 void q_tile(const uint8_t* w0, size_t rb, int64_t nb, const QActs& a, int64_t cols, int64_t t0, float* y,
@@ -711,14 +709,15 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
     // keep 2-row tiles, faster there (14336 x 4096 Q8_0, 4 KB rows: 6% slower with 1-row
     // tiles, 2048 x 768: 38%), and their L1 prefetch (L2 was no faster).
     // q_n1 does the same arithmetic per row whatever R, so results do not change.
-    // Q8_0 rows of 2 KB or more (2048 columns and up: the attention projections, the LM
-    // head, the experts' gate and up projections) go one row per tile too, prefetching
-    // 8 KB ahead with the non-temporal hint (the weights are read once per step). Zen 5,
-    // two threads from memory, paired runs in one process against 2-row tiles with the
-    // T0 prefetch 4 KB ahead: 151936 x 2048 1.16-1.41x, 2048 x 4096 1.11-1.21x, 768 x 2048
-    // 1.09-1.25x, 4096 x 14336 1.00-1.05x (against its former T1 hint). Q4_0 stays as it
-    // was: its unpacking makes it compute-bound here, and 1-row tiles were 0.87x.
-    if (WT == WType::Q8_0 && rb >= kQ8OneRowBytes) {
+    // Q8_0 rows go one row per tile, prefetching 8 KB ahead with the non-temporal hint
+    // (the weights are read once per step). Zen 5, two threads from memory, paired runs
+    // in one process against 2-row tiles with the T0 prefetch 4 KB ahead: 151936 x 2048
+    // 1.16-1.41x, 2048 x 4096 1.11-1.21x, 768 x 2048 1.09-1.25x, 4096 x 14336 1.00-1.05x
+    // (against its former T1 hint); with the four-block loop of one-row tiles, rows under
+    // 2 KB too: 4096 x 1024 1.14x, 20480 x 768 1.10x, 2048 x 768 1.02x, 2048 x 512 1.02x.
+    // Q4_0 stays as it was: its unpacking makes it compute-bound here, and 1-row tiles
+    // were 0.87x (0.97x with the four-block loop).
+    if (WT == WType::Q8_0) {
       prefetch_start(w.data + r0 * rb, kLongRowAhead, end);
       for (int64_t r = r0; r < r1; ++r)
         q_n1<WT, 1, Hint::Nta>(w.data + r * rb, rb, nb, a, y + r, Prefetch(w.data + r * rb, rb, kLongRowAhead, end));
