@@ -33,11 +33,11 @@
 //   q8_rows8 instead: 8 rows in lanes, see there.
 // - Decode with one token (q_n1) is its own kernel: 2 rows per tile (1 row per tile for
 //   Q8_0, with a non-temporal prefetch 8 KB ahead in the row's own stream, and for Q4_0
-//   rows of 6 KB or more, into L2; see matmul_q), and each pair of
-//   blocks converts the f16 scales of both rows with one vcvtph2ps and multiplies them by
-//   the activation scales in one xmm before spreading them over the lanes. One-row tiles
-//   take four blocks per iteration, their four scales gathered from the loaded bytes by
-//   one vpermt2w.
+//   rows of 6 KB or more, into L2; see matmul_q), and each pair of blocks converts the
+//   f16 scales of both rows with one vcvtph2ps and multiplies them by the activation
+//   scales in one xmm before spreading them over the lanes. One-row tiles take four
+//   blocks per iteration, their four scales gathered from the loaded bytes by one
+//   vpermt2w.
 // - F32 / F16 / BF16 with one or two tokens stream the same way (matmul_f).
 // GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_*()
 // placeholders (GCC bug 105593, fixed in 13); nothing of ours is uninitialised.
@@ -709,9 +709,10 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
     // keep 2-row tiles, faster there (14336 x 4096 Q8_0, 4 KB rows: 6% slower with 1-row
     // tiles, 2048 x 768: 38%), and their L1 prefetch (L2 was no faster).
     // q_n1 does the same arithmetic per row whatever R, so results do not change.
-    // Q8_0 rows go one row per tile, prefetching 8 KB ahead with the non-temporal hint
-    // (the weights are read once per step). Zen 5, two threads from memory, paired runs
-    // in one process against 2-row tiles with the T0 prefetch 4 KB ahead: 151936 x 2048
+    // Since then (the measurements above are Zen 4's; they still hold Q4_0), Q8_0 rows
+    // all go one row per tile, prefetching 8 KB ahead with the non-temporal hint (the
+    // weights are read once per step). Zen 5, two threads from memory, paired runs in
+    // one process against 2-row tiles with the T0 prefetch 4 KB ahead: 151936 x 2048
     // 1.16-1.41x, 2048 x 4096 1.11-1.21x, 768 x 2048 1.09-1.25x, 4096 x 14336 1.00-1.05x
     // (against its former T1 hint); with the four-block loop of one-row tiles, rows under
     // 2 KB too: 4096 x 1024 1.14x, 20480 x 768 1.10x, 2048 x 768 1.02x, 2048 x 512 1.02x.
