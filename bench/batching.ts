@@ -19,6 +19,14 @@
 // BENCH_BATCHING_EXTRA_WAIT steps beyond FCFS: default 1, so that a token's gap is at most
 // 9 steps where FCFS's is 8, inside the 1.2x p99 inter-token latency target).
 //
+// The yardstick, in the same run: the batching simulator (src/offload/batch-sim.ts) on
+// exactly the routing the server replays (replayedRequests: the synthesized trace mapped
+// onto the model's layers, BENCH_BATCHING_TOKENS positions per request), with the same
+// lanes, step size, cache and fairness bound, for FCFS, the oracle (each token's true
+// routing, which no policy knows) and expert-aware: what the oracle saves there is what
+// any grouping can save on this workload. Its FCFS loads per token are the server's
+// (the simulator's cache is the offload runner's LRU over the same visits).
+//
 // Measured per policy: generated tokens/s (client wall time from the first request to the
 // last token), inter-token latency p50/p99 (client side, SSE), distinct experts per
 // step (mean over layers; from /metrics, decode steps and the admission steps), expert
@@ -39,7 +47,9 @@
 // preferences; default 0, every request routed like the real one), BENCH_THREADS (2),
 // BENCH_OFFLOAD_DIR (expert file dir).
 // The last line is JSON: distinct_experts_reduction, throughput_vs_fcfs, p99_itl_vs_fcfs,
-// loads_per_token_vs_fcfs, and `figures`: [{name, value, unit, compared_to}].
+// loads_per_token_vs_fcfs, and `figures`: [{name, value, unit, compared_to}], the
+// simulator's among them (sim_*; distinct_reduction_share_of_oracle: the measured
+// distinct-experts saving over the simulated oracle's).
 
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -49,7 +59,15 @@ import { Pool } from 'undici';
 import { startEngine } from '../src/engine/engine-client.js';
 import type { EngineOptions } from '../src/engine/protocol.js';
 import { MoeTokenizer } from '../src/model/tokenizer.js';
+import { batchReport } from '../src/cli/sim-cmd.js';
+import { WEIGHT_FORMATS } from '../src/engine/native-runner.js';
+import { readModelSpec } from '../src/model/hf-config.js';
+import { BATCH_CACHES, runBatchSim, type BatchCacheName } from '../src/offload/batch-sim.js';
+import { expertSlotBytes, slotsPerLayer } from '../src/offload/capacity.js';
+import { replayedRequests } from '../src/offload/replay.js';
+import { DEFAULT_TIMING } from '../src/offload/simulator.js';
 import { synthesizeTrace } from '../src/offload/synth-trace.js';
+import { loadTrace } from '../src/offload/trace.js';
 import { buildApp } from '../src/server/app.js';
 import { BENCH_MODELS, ensureCheckpoint } from './lib/bench-models.js';
 import type { Figure } from './lib/figures.js';
@@ -217,6 +235,42 @@ function mergeRuns(rs: RunResult[]): RunResult {
   };
 }
 
+/** Simulator figures of one scheduler against FCFS (batchReport's shape). */
+interface SimFigures {
+  distinct: number;
+  loads: number;
+  p99GapVsFcfs: number;
+  throughputVsFcfs: number;
+}
+
+/**
+ * The yardstick in the same run: the batching simulator on exactly the routing the server
+ * replays (the synthesized trace mapped onto the model's layers, TOKENS positions per
+ * request), with the bench's step size, lanes, cache and fairness bound, for FCFS, the
+ * oracle (true routing, which no policy knows) and expert-aware (recent routing, as the
+ * server predicts). What the oracle saves is what any grouping can save here.
+ */
+async function simulateYardstick(trace: string, modelDir: string): Promise<{ fcfs: SimFigures; oracle: SimFigures; ours: SimFigures; slots: number } | string> {
+  if (!(BATCH_CACHES as readonly string[]).includes(CACHE)) return `the simulator has no ${CACHE} cache (it has ${BATCH_CACHES.join(', ')})`;
+  if (LOOKAHEAD > 0) return 'the simulator does not prefetch (lookahead > 0)';
+  const spec = readModelSpec(modelDir);
+  const slots = slotsPerLayer(CAPACITY, { layers: spec.numLayers, experts: spec.numExperts, slotBytes: expertSlotBytes(WEIGHT_FORMATS.q8, spec.hiddenSize, spec.expertIntermediateSize).slotBytes });
+  const { header, requests } = await loadTrace(trace);
+  // Sequences beyond the file's requests would replay them again (i mod R): the
+  // simulator's lanes take each request once, so it needs one request per stream.
+  if (requests.length < REQUESTS) return `the trace holds ${requests.length} requests for ${REQUESTS} streams`;
+  const src = replayedRequests(header, requests.slice(0, REQUESTS), { layers: spec.numLayers, experts: spec.numExperts }, TOKENS);
+  const base = { batch: STEP, concurrency: REQUESTS, capacity: slots, cache: CACHE as BatchCacheName, policy: { maxExtraWaitSteps: EXTRA_WAIT, missPenalty: 2 } };
+  const fcfs = await runBatchSim(src, { ...base, scheduler: 'fcfs' });
+  const oracle = await runBatchSim(src, { ...base, scheduler: 'oracle' });
+  const ours = await runBatchSim(src, { ...base, scheduler: 'expert-aware' });
+  const pick = (r: typeof fcfs): SimFigures => {
+    const o = batchReport(trace, r, fcfs, null) as Record<string, number>;
+    return { distinct: o.distinct_experts_per_step, loads: o.loads_per_token, p99GapVsFcfs: o.p99_gap_vs_fcfs, throughputVsFcfs: o.throughput_vs_fcfs };
+  };
+  return { fcfs: pick(fcfs), oracle: pick(oracle), ours: pick(ours), slots };
+}
+
 async function main(): Promise<void> {
   const t0 = performance.now();
   const modelDir = ensureCheckpoint(BENCH_MODELS.qwen, log);
@@ -232,6 +286,18 @@ async function main(): Promise<void> {
       `  model ${modelDir} (q8, ${THREADS} threads), experts offloaded: capacity ${CAPACITY}, cache ${CACHE}, lookahead ${LOOKAHEAD}; ` +
         `${REQUESTS} concurrent streams, 1-token prompts, ${TOKENS} tokens each (ignore_eos), maxRunning ${REQUESTS}, maxBatchTokens ${STEP}, prefillFirst; expert-aware extra-wait bound ${EXTRA_WAIT} step(s)`,
     );
+    const yard = await simulateYardstick(trace, modelDir);
+    if (typeof yard === 'string') log(`  simulator yardstick skipped: ${yard}`);
+    else {
+      const line = (name: string, r: SimFigures) =>
+        `    ${name.padEnd(13)} distinct/step ${r.distinct.toFixed(2)} (${((r.distinct / yard.fcfs.distinct - 1) * 100).toFixed(1)}%), loads/token ${r.loads.toFixed(2)} (x${(r.loads / yard.fcfs.loads).toFixed(3)}), ` +
+        `p99 gap x${r.p99GapVsFcfs.toFixed(3)}, simulated throughput x${r.throughputVsFcfs.toFixed(3)}`;
+      log(
+        `  simulator on the routing the server replays (${TOKENS} positions per request), ${REQUESTS} lanes in steps of ${STEP}, ${CACHE} cache of ${yard.slots} experts per layer, ` +
+          `extra wait <= ${EXTRA_WAIT} step(s); simulated time: loads at ${DEFAULT_TIMING.loadBandwidth / 1e9} GB/s, experts at ${DEFAULT_TIMING.computeBandwidth / 1e9} GB/s, ${DEFAULT_TIMING.layerBaseSeconds * 1e3} ms per layer:\n` +
+          [line('fcfs', yard.fcfs), line('oracle', yard.oracle), line('expert-aware', yard.ours)].join('\n'),
+      );
+    }
     const tokenizer = await MoeTokenizer.load(modelDir);
     const order: PolicyName[] = PASSES >= 2 ? ['fcfs', 'expert-aware', 'expert-aware', 'fcfs'] : ['fcfs', 'expert-aware'];
     const runs: RunResult[] = [];
@@ -271,6 +337,23 @@ async function main(): Promise<void> {
     const throughputVs = ours.tps / fcfs.tps;
     const p99Vs = pct(ours.itl, 99) / pct(fcfs.itl, 99);
     const loadsVs = ours.loadsPerToken / fcfs.loadsPerToken;
+    if (typeof yard !== 'string') {
+      const timing = 'simulated time (DEFAULT_TIMING)';
+      fig('sim_fcfs_distinct_experts_per_step', yard.fcfs.distinct, 'experts', null);
+      fig('sim_fcfs_loads_per_token', yard.fcfs.loads, 'loads', null);
+      for (const [n, r] of [['oracle', yard.oracle], ['expert_aware', yard.ours]] as const) {
+        fig(`sim_${n}_distinct_experts_reduction`, 1 - r.distinct / yard.fcfs.distinct, 'fraction', 'sim_fcfs_distinct_experts_per_step');
+        fig(`sim_${n}_loads_per_token_vs_fcfs`, r.loads / yard.fcfs.loads, 'ratio', 'sim_fcfs_loads_per_token');
+        fig(`sim_${n}_p99_gap_vs_fcfs`, r.p99GapVsFcfs, 'ratio', 'sim_fcfs p99 inter-token gap (steps)');
+        fig(`sim_${n}_throughput_vs_fcfs`, r.throughputVsFcfs, 'ratio', timing);
+      }
+      const oracleSaves = 1 - yard.oracle.distinct / yard.fcfs.distinct;
+      if (oracleSaves > 0) fig('distinct_reduction_share_of_oracle', distinctReduction / oracleSaves, 'ratio', 'sim_oracle_distinct_experts_reduction');
+      log(
+        `  measured distinct-experts saving ${(distinctReduction * 100).toFixed(1)}% against the simulated oracle's ${(oracleSaves * 100).toFixed(1)}% on the same routing and bounds; ` +
+          `the oracle's simulated throughput x${yard.oracle.throughputVsFcfs.toFixed(3)} is what grouping alone can reach here`,
+      );
+    }
     fig('distinct_experts_reduction', distinctReduction, 'fraction', 'fcfs_distinct_experts_per_step');
     fig('throughput_vs_fcfs', throughputVs, 'ratio', 'fcfs_throughput');
     fig('p99_itl_vs_fcfs', p99Vs, 'ratio', 'fcfs_itl_p99');

@@ -19,7 +19,8 @@ import { CapacityError, expertSlotBytes, parseCapacity, parseSplit, slotsByLayer
 import { OffloadRunner } from '../src/offload/offload-runner.js';
 import { createOnlinePolicy } from '../src/offload/policies.js';
 import { measurePregating, NeedCalibration, PredictionCounters, scoreTopK, topKIds } from '../src/offload/prediction.js';
-import { RoutingReplay } from '../src/offload/replay.js';
+import { replayedRequests, RoutingReplay } from '../src/offload/replay.js';
+import { loadTrace, NO_EXPERT } from '../src/offload/trace.js';
 import { FakeOffloadStore } from './helpers/fake-offload-store.js';
 import { tempDir, writeModel } from './helpers/models.js';
 import { NO_OFFLOAD_SKIP } from './helpers/offload.js';
@@ -655,6 +656,43 @@ t.test('routing replay takes the trace ids with the stated mapping, resident and
   runner.release(0);
   t.equal(ref.routingHints(0), undefined, 'released: no hints');
   t.equal(runner.routingHints(0), undefined, 'released: no hints');
+});
+
+t.test('replayedRequests: the routing the replay gives sequences 0..R-1, as requests a simulator runs', async (t) => {
+  const { path, rows } = writeTrace(tempDir(t));
+  const { header, requests } = await loadTrace(path);
+  const shape = { layers: 4, experts: 40 };
+  const positions = 7; // request 0 has 5 tokens, request 1 has 3: both wrap
+  const sim = replayedRequests(header, requests, shape, positions);
+  t.same([sim.header.layers, sim.header.experts, sim.header.topK], [4, 40, 4]);
+  t.equal(sim.requests.length, 2);
+  const replay = new RoutingReplay(header, requests, shape, path);
+  let compared = 0;
+  let skipped = 0;
+  for (let r = 0; r < 2; r++) {
+    t.equal(sim.requests[r].tokens.length, positions, `request ${r}: one token per position`);
+    for (let p = 0; p < positions; p++) {
+      const tok = sim.requests[r].tokens[p];
+      t.equal(tok.position, p);
+      for (let l = 0; l < shape.layers; l++) {
+        const row = Array.from(tok.experts.subarray(l * 4, l * 4 + 4));
+        const live = replay.route(l, new Float32Array(shape.experts), { seq: Int32Array.of(r), pos: Int32Array.of(p) });
+        const traced = rows.get(`${r}/${p % (r === 0 ? 5 : 3)}/${l % 3}`);
+        if (!traced) {
+          // The replay routes a missing row by the router; the simulator skips the visit.
+          t.same(row, [NO_EXPERT, NO_EXPERT, NO_EXPERT, NO_EXPERT], `request ${r} position ${p} layer ${l}: missing row stays missing`);
+          skipped++;
+          continue;
+        }
+        t.same(row, Array.from(live.ids), `request ${r} position ${p} layer ${l}: the replay's ids`);
+        compared++;
+      }
+    }
+  }
+  t.ok(compared > 40 && skipped > 0, `${compared} routings equal the replay's, ${skipped} missing rows`);
+  // Fewer experts than the trace's ids: a folded row needs the router, which no simulator has.
+  t.throws(() => replayedRequests(header, requests, { layers: 4, experts: 32 }, 3), /fold onto 2 of 4 distinct experts of 32/);
+  t.throws(() => replayedRequests(header, requests, shape, 0), /positions must be an integer >= 1/);
 });
 
 // ---- The addon's own expert store ----

@@ -17,7 +17,7 @@
 //   chosen ids (renormalised over them), in the same order.
 
 import type { TraceHeader, TraceRequest } from './trace.js';
-import { loadTrace, NO_EXPERT } from './trace.js';
+import { loadTrace, NO_EXPERT, type TraceToken } from './trace.js';
 
 /** Sequence and position of each token of a step, in batch order. */
 export interface StepTokens {
@@ -137,4 +137,59 @@ export class RoutingReplay {
     }
     return { ids, weights, k: K };
   }
+}
+
+/**
+ * What sequences 0..R-1 (R = the trace's requests) see under RoutingReplay when each runs
+ * positions 0..positions-1 of a model of `shape`, as trace requests a simulator can run
+ * (one token per position, phase 'decode'): so that `moe-serve sim` and the batching
+ * simulator can replay exactly the routing an end-to-end benchmark gives the engine.
+ * Model layer l takes trace layer (l mod L_trace), expert e becomes (e mod E_model), k =
+ * min(top_k, E_model); positions past a request's end wrap as in the replay. The replay
+ * fills some ids from the model's router (two ids folded onto one expert, or a row the
+ * trace lacks), which no simulator knows: a folded row is an error here, and a missing
+ * row stays missing (the simulator skips that layer visit where the engine would run the
+ * router's choice).
+ */
+export function replayedRequests(
+  header: TraceHeader,
+  requests: readonly TraceRequest[],
+  shape: ReplayShape,
+  positions: number,
+): { header: TraceHeader; requests: TraceRequest[] } {
+  if (!Number.isInteger(positions) || positions < 1) throw new Error(`positions must be an integer >= 1, got ${positions}`);
+  if (!(shape.layers >= 1 && shape.experts >= 1)) throw new Error('routing replay: the model needs at least one layer and one expert');
+  const L = shape.layers;
+  const E = shape.experts;
+  const Kt = header.topK;
+  const K = Math.min(Kt, E);
+  const chosen = new Uint8Array(E);
+  const out = requests.map((req, r) => {
+    if (req.tokens.length === 0) throw new Error(`routing replay: request ${req.id} has no tokens`);
+    const tokens: TraceToken[] = [];
+    for (let p = 0; p < positions; p++) {
+      const src = req.tokens[p % req.tokens.length];
+      const experts = new Uint16Array(L * K).fill(NO_EXPERT);
+      for (let l = 0; l < L; l++) {
+        const tl = l % header.layers;
+        if (src.experts[tl * Kt] === NO_EXPERT) continue;
+        let n = 0;
+        for (let i = 0; i < Kt && n < K; i++) {
+          const e = src.experts[tl * Kt + i] % E;
+          if (chosen[e]) continue;
+          chosen[e] = 1;
+          experts[l * K + n++] = e;
+        }
+        for (let i = 0; i < n; i++) chosen[experts[l * K + i]] = 0;
+        if (n < K) {
+          throw new Error(
+            `routing replay: request ${r} position ${p} layer ${l}: the trace's ids fold onto ${n} of ${K} distinct experts of ${E}; the engine fills the rest from its router, which a simulator cannot know`,
+          );
+        }
+      }
+      tokens.push({ position: p, phase: 'decode', experts });
+    }
+    return { id: r, tokens, prefillTokens: 0 };
+  });
+  return { header: { ...header, layers: L, experts: E, topK: K }, requests: out };
 }
