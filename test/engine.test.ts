@@ -320,6 +320,18 @@ t.test('sampler: penalties, vocabulary limit, stop and length', async (t) => {
   const l2 = Float32Array.from([-1, -1.5, -3, -1.2]);
   t.equal(neg.next(l2, 0, 4).token?.id, 0, 'the prompt token 3 is pushed down: -1.2 → -2.4');
   t.equal(neg.next(l2, 0, 4).token?.id, 1, 'a negative logit is multiplied: -1 → -2');
+  const bias = (logitBias: [number, number][], frequency = 0) => greedy({ penalties: { frequency, presence: 0, repetition: 1, logitBias } });
+  t.same(picks(bias([[2, 0.6]]), 2), [2, 2], 'logit bias: added to the logit (1.5 + 0.6 > 2)');
+  t.same(picks(bias([[0, -100]]), 2), [1, 1], 'logit bias -100: the token is never picked');
+  t.same(picks(bias([[2, 0.45]], 0.3), 3), [0, 2, 1], 'the bias comes on top of the frequency penalty');
+  t.same(picks(bias([[5, 100]]), 2), [0, 0], 'a bias on an id past the vocabulary limit changes nothing');
+  const biasedLp = greedy({ logprobs: 1, penalties: { frequency: 0, presence: 0, repetition: 1, logitBias: [[1, 5]] } }).next(logits, 0, V).token!;
+  t.equal(biasedLp.id, 1);
+  t.same(
+    biasedLp.top!.map((x) => x.id),
+    [0],
+    'logprobs stay those of the raw logits',
+  );
   const stop = greedy({ stopTokenIds: [0] });
   t.same(stop.next(logits, 0, V), { token: null, finish: 'stop' });
   const two = greedy({ maxTokens: 2 });

@@ -219,3 +219,55 @@ t.test('penalties and user are accepted', async (t) => {
   });
   t.equal(r.usage!.completion_tokens <= 8, true);
 });
+
+t.test('logit_bias: +100 forces a token, -100 bans one, logprobs stay raw; response_format text; bad values are 400s', async (t) => {
+  const prompt = 'The experts of a mixture';
+  // A plain word piece of the vocabulary (not special, not an end-of-sequence token).
+  let forced = -1;
+  for (let id = 300; id < 400; id++) {
+    const text = server.tokenizer.decode([id]);
+    if (/^[a-z]{3,}$/.test(text)) {
+      forced = id;
+      break;
+    }
+  }
+  t.ok(forced >= 0, `token ${forced} (${JSON.stringify(server.tokenizer.decode([forced]))}) to force`);
+  for (const sampling of [{ temperature: 0 }, { temperature: 1, seed: 7 }]) {
+    const r = await client.completions.create({ model: MODEL_ID, prompt, max_tokens: 4, ...sampling, logit_bias: { [forced]: 100 } });
+    t.equal(r.choices[0].text, server.tokenizer.decode([forced, forced, forced, forced]), `+100 forces the token (${JSON.stringify(sampling)})`);
+  }
+  const streamed = await client.chat.completions.create({ model: MODEL_ID, messages, max_tokens: 3, temperature: 0, logit_bias: { [forced]: 100 }, stream: true });
+  let text = '';
+  for await (const chunk of streamed) text += chunk.choices[0]?.delta?.content ?? '';
+  t.equal(text, server.tokenizer.decode([forced, forced, forced]), 'streamed chat too');
+
+  // -100 on the greedy first token: the runner-up comes first; the reported logprobs are
+  // the raw logits' (the banned token still tops them).
+  const base = await client.completions.create({ model: MODEL_ID, prompt, max_tokens: 1, temperature: 0, logprobs: 2 });
+  const top = Object.entries(base.choices[0].logprobs!.top_logprobs![0]).sort((a, b) => b[1] - a[1]);
+  const first = top[0][0];
+  const ids = server.tokenizer.encode(first, { addSpecialTokens: false });
+  t.equal(ids.length, 1, `the greedy token ${JSON.stringify(first)} is one token`);
+  const banned = await client.completions.create({ model: MODEL_ID, prompt, max_tokens: 1, temperature: 0, logprobs: 2, logit_bias: { [ids[0]]: -100 } });
+  t.equal(banned.choices[0].text, top[1][0], 'the runner-up is chosen');
+  t.same(Object.keys(banned.choices[0].logprobs!.top_logprobs![0]).sort(), top.map((x) => x[0]).sort(), 'raw logprobs: the same top two');
+  t.equal((await client.completions.create({ model: MODEL_ID, prompt, max_tokens: 1, temperature: 0, logit_bias: {} })).choices[0].text, first, 'an empty map changes nothing');
+
+  const text200 = await client.chat.completions.create({ model: MODEL_ID, messages, max_tokens: 2, temperature: 0, response_format: { type: 'text' } });
+  t.equal(text200.choices.length, 1, 'response_format text is accepted');
+  const bad = async (body: Record<string, unknown>, param: RegExp, message: RegExp) => {
+    const e = await client.chat.completions.create({ model: MODEL_ID, messages, max_tokens: 2, ...body } as never).then(
+      () => null,
+      (err: unknown) => err as InstanceType<typeof OpenAI.APIError>,
+    );
+    t.equal(e?.status, 400, `${JSON.stringify(body)}: 400`);
+    t.match(e?.param, param);
+    t.match((e?.error as { message?: string } | undefined)?.message, message);
+  };
+  await bad({ logit_bias: { '999999': 1 } }, /^logit_bias$/, /Token id 999999 in 'logit_bias' is out of range/);
+  await bad({ logit_bias: { abc: 1 } }, /^logit_bias$/, /keys are token ids/);
+  await bad({ logit_bias: { '-3': 1 } }, /^logit_bias$/, /keys are token ids/);
+  await bad({ logit_bias: { [forced]: 101 } }, /^logit_bias/, /must be <= 100/);
+  await bad({ logit_bias: { [forced]: 'x' } }, /^logit_bias/, /expected number/);
+  await bad({ response_format: { type: 'json_object' } }, /^response_format$/, /not supported/);
+});

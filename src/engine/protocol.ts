@@ -20,6 +20,12 @@ export interface GenerationRequest {
     presence: number;
     /** HF / vLLM semantics over prompt and output tokens: positive logits divided, negative multiplied; 1 = off. */
     repetition: number;
+    /**
+     * OpenAI logit_bias: (token id, bias) pairs added to those tokens' logits before
+     * sampling (after the other penalties); ids below the vocabulary, bias in [-100, 100].
+     * Absent or empty: none.
+     */
+    logitBias?: [number, number][];
   };
   /** Token ids that finish the request with reason 'stop' (not emitted). */
   stopTokenIds: number[];

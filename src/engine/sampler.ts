@@ -39,7 +39,7 @@ export class RequestSampler {
     this.rng = new Rng(req.seed ?? randomInt(0x100000000));
     this.stopIds = new Set(req.stopTokenIds);
     const p = req.penalties;
-    this.penalized = p.frequency !== 0 || p.presence !== 0 || p.repetition !== 1;
+    this.penalized = p.frequency !== 0 || p.presence !== 0 || p.repetition !== 1 || (p.logitBias?.length ?? 0) > 0;
     if (p.repetition !== 1) for (const id of req.promptTokens) this.seen.add(id);
   }
 
@@ -63,7 +63,7 @@ export class RequestSampler {
     return { token, finish: this.generated >= this.maxTokens ? 'length' : null };
   }
 
-  /** A copy of the logits with the repetition penalty (HF), then frequency and presence (OpenAI). */
+  /** A copy of the logits with the repetition penalty (HF), then frequency and presence, then the logit bias (OpenAI). */
   private applyPenalties(raw: Float32Array): Float32Array {
     if (!this.scratch || this.scratch.length !== raw.length) this.scratch = new Float32Array(raw.length);
     const l = this.scratch;
@@ -80,6 +80,7 @@ export class RequestSampler {
         if (id < l.length) l[id] -= frequency * count + presence;
       }
     }
+    for (const [id, bias] of this.req.penalties.logitBias ?? []) if (id < l.length) l[id] += bias;
     return l;
   }
 }

@@ -72,6 +72,12 @@ export function chatRoute(app: FastifyInstance, ctx: RouteContext): void {
       const m = ctx.mapping();
       checkModel(body, m.model);
       checkStreamOptions(body);
+      if (body.response_format != null && body.response_format.type !== 'text') {
+        throw Errors.unsupported(
+          'response_format',
+          `'response_format' of type ${JSON.stringify(body.response_format.type)} is not supported: the server has no constrained decoding and produces plain text ({"type": "text"}).`,
+        );
+      }
       if (body.top_logprobs != null && body.logprobs !== true) {
         throw Errors.invalidValue('top_logprobs', "'top_logprobs' requires 'logprobs' to be true.");
       }

@@ -20,6 +20,8 @@ export interface CommonBody {
   frequency_penalty?: number | null;
   presence_penalty?: number | null;
   repetition_penalty?: number | null;
+  /** Token id (decimal string) -> bias added to its logit before sampling, in [-100, 100]. */
+  logit_bias?: Record<string, number> | null;
   stop?: string | string[] | null;
   /** vLLM extension: keep generating past end-of-sequence tokens, up to max_tokens. */
   ignore_eos?: boolean | null;
@@ -34,6 +36,7 @@ export interface ChatBody extends CommonBody {
   messages: { role: string; content: string | { type: 'text'; text: string }[] | null; name?: string }[];
   logprobs?: boolean | null;
   top_logprobs?: number | null;
+  response_format?: { type: string; [k: string]: unknown } | null;
 }
 
 export interface CompletionBody extends CommonBody {
@@ -169,6 +172,7 @@ export function choiceSpecs(
   if (prompts.length * n > 128) throw Errors.invalidValue('n', `At most 128 choices per request; ${prompts.length} prompts × n=${n} asks for ${prompts.length * n}.`);
   const topK = body.top_k ?? 0;
   const stop = stopList(body);
+  const logitBias = logitBiasOf(body, model);
   const specs: ChoiceSpec[] = [];
   prompts.forEach((prompt, p) => {
     const maxTokens = maxTokensFor(body, prompt, model, prompts.length > 1 ? `${param}[${p}]` : param);
@@ -189,6 +193,7 @@ export function choiceSpecs(
           frequency: body.frequency_penalty ?? 0,
           presence: body.presence_penalty ?? 0,
           repetition: body.repetition_penalty ?? 1,
+          ...(logitBias.length > 0 ? { logitBias } : {}),
         },
         stopTokenIds: body.ignore_eos === true ? [] : model.eosTokenIds,
         logprobs,
@@ -197,4 +202,23 @@ export function choiceSpecs(
     }
   });
   return specs;
+}
+
+/**
+ * The logit_bias map as (id, bias) pairs in id order: keys are token ids as decimal
+ * integers naming tokens of the vocabulary (the schema has checked the biases' range).
+ */
+export function logitBiasOf(body: CommonBody, model: ModelInfo): [number, number][] {
+  const out: [number, number][] = [];
+  for (const [key, bias] of Object.entries(body.logit_bias ?? {})) {
+    if (!/^(0|[1-9][0-9]{0,15})$/.test(key)) {
+      throw Errors.invalidValue('logit_bias', `Invalid key ${JSON.stringify(key.slice(0, 40))} in 'logit_bias': keys are token ids, decimal integers.`);
+    }
+    const id = Number(key);
+    if (id >= model.vocabSize) {
+      throw Errors.invalidValue('logit_bias', `Token id ${key} in 'logit_bias' is out of range (the vocabulary has ${model.vocabSize} ids).`);
+    }
+    out.push([id, bias]);
+  }
+  return out.sort((a, b) => a[0] - b[0]);
 }

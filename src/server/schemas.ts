@@ -16,6 +16,12 @@ const commonParams = {
   frequency_penalty: num(-2, 2),
   presence_penalty: num(-2, 2),
   repetition_penalty: { type: ['number', 'null'], exclusiveMinimum: 0, maximum: 2 },
+  // Token id (decimal, as a JSON key) -> bias in [-100, 100]; the keys are checked in code.
+  logit_bias: {
+    type: ['object', 'null'],
+    additionalProperties: { type: 'number', minimum: -100, maximum: 100 },
+    maxProperties: 1024,
+  },
   stop: { type: ['string', 'array', 'null'], items: { type: 'string' }, maxItems: 4 },
   ignore_eos: nullable('boolean'),
   seed: { type: ['integer', 'null'], minimum: -9007199254740991, maximum: 9007199254740991 },
@@ -55,6 +61,12 @@ export const chatRequestSchema = {
     ...commonParams,
     messages: { type: 'array', minItems: 1, items: message },
     max_completion_tokens: { type: ['integer', 'null'], minimum: 1 },
+    // Only plain text is produced: {"type": "text"} is accepted, other types are refused in code.
+    response_format: {
+      type: ['object', 'null'],
+      required: ['type'],
+      properties: { type: { type: 'string' } },
+    },
     logprobs: nullable('boolean'),
     top_logprobs: { type: ['integer', 'null'], minimum: 0, maximum: 20 },
   },
