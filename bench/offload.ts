@@ -18,7 +18,10 @@
 //     and what the runs' reads got: bytes over the time reads were in flight), overlapped
 //     with the resident compute time (the larger of the two), as tokens/s;
 //   - cache figures: hit rate, loads (demand + prefetch) against Belady's, prefetches
-//     used / wasted, stall-free fraction of layer visits, pre-gating recall/precision.
+//     used / wasted, stall-free fraction of layer visits, pre-gating recall/precision;
+//   - what reads cost the compute: a decode-sized matmul from memory alone and while the
+//     store reads a fill of experts (on a virtual disk served on the guest's CPU budget
+//     the compute slows while reads are in flight), and the offload limit with that cost.
 // Options (environment): BENCH_THREADS (2), BENCH_OFFLOAD_DECODE (96 decode tokens),
 // BENCH_OFFLOAD_TRACE (trace file), BENCH_OFFLOAD_CAPACITY ("0.25": fraction of experts),
 // BENCH_OFFLOAD_DIR (expert file directory; default the OS temporary directory),
@@ -146,6 +149,42 @@ function slowTierBandwidth(engine: NativeEngine, spec: ModelSpec, slots: readonl
   const bytes = engine.storeStats().bytesRead - bytesBefore;
   for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < slots[l]; s++) engine.evictSlot(l, s);
   return bytes / seconds;
+}
+
+/**
+ * What slow-tier reads cost the compute on this host: a decode-sized matmul streamed from
+ * memory (the experts' gate/up shape, every thread) timed alone and while the store reads
+ * a full fill of experts through its I/O threads, alternately, REPS times each; medians in
+ * GB/s of weights, with the slow tier's rate during the timed window. On a machine whose
+ * disk reads cost CPU time (a virtual disk served by the host on the guest's budget) the
+ * second is lower, and the compute of offloaded decode slows while reads are in flight.
+ */
+function readInterference(engine: NativeEngine, spec: ModelSpec, slots: readonly number[]): { quiet: number; reading: number; readRate: number } {
+  const native = loadNative();
+  const REPS = 3;
+  const SECONDS = 0.2;
+  const rows = 2 * spec.expertIntermediateSize;
+  const cols = spec.hiddenSize;
+  const rate = () => {
+    const r = native.kernelBench('q8_0', rows, cols, 1, THREADS, 512 << 20, SECONDS);
+    return r.bytesPerCall / r.seconds / 1e9;
+  };
+  const quiet: number[] = [];
+  const reading: number[] = [];
+  const readRate: number[] = [];
+  for (let k = 0; k < REPS; k++) {
+    quiet.push(rate());
+    const expertOf = (l: number, s: number) => (s + (k + 2) * slots[l]) % spec.numExperts;
+    for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < slots[l]; s++) engine.loadExpert(l, expertOf(l, s), s);
+    const b0 = engine.storeStats().bytesRead;
+    const t0 = performance.now();
+    reading.push(rate());
+    readRate.push((engine.storeStats().bytesRead - b0) / ((performance.now() - t0) / 1000) / 1e9);
+    for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < slots[l]; s++) engine.waitExpert(l, expertOf(l, s));
+    for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < slots[l]; s++) engine.evictSlot(l, s);
+  }
+  const med = (v: number[]) => [...v].sort((a, b) => a - b)[v.length >> 1];
+  return { quiet: med(quiet), reading: med(reading), readRate: med(readRate) };
 }
 
 function cacheFigures(prefix: string, st: OffloadStats, decodeLoadsFrom: { loads: number }): { hitRate: number; loads: number; stallFree: number } {
@@ -284,6 +323,7 @@ async function main(): Promise<void> {
     const ondemand = both(a1, a2);
     const ours = both(b1, b2);
     const diskBw1 = slowTierBandwidth(engine, spec, slots, 1);
+    const interference = readInterference(engine, spec, slots);
     const memBw1 = probeBandwidth(THREADS);
     const runs = [a1, b1, b2, a2];
     const inRunBw = runs.reduce((s, x) => s + x.bytes, 0) / Math.max(1e-9, runs.reduce((s, x) => s + x.busy, 0));
@@ -306,6 +346,22 @@ async function main(): Promise<void> {
     const limitTps = DECODE / limitSeconds;
     const limitInRunTps = DECODE / Math.max((belady * slotBytes) / inRunBw, resident.seconds);
 
+    // The limit above takes overlapped reads as free for the compute. Where reads cost
+    // CPU time, the compute runs at `f` of its speed while they are in flight: with r the
+    // read time of Belady's loads and C the resident compute time, a token takes
+    // max(r, C + r (1 - f)) at best (the compute left after the reads runs at full speed).
+    const f = Math.min(1, interference.reading / interference.quiet);
+    const limitReadCostTps = DECODE / Math.max(ioSeconds, resident.seconds + ioSeconds * (1 - f));
+    log(
+      `compute while the slow tier reads: ${interference.reading.toFixed(2)} GB/s against ${interference.quiet.toFixed(2)} alone (x${f.toFixed(3)}; reads ran at ${interference.readRate.toFixed(2)} GB/s meanwhile); ` +
+        `the offload limit with that cost: ${limitReadCostTps.toFixed(2)} tok/s, ours ${(ours.tps / limitReadCostTps).toFixed(3)} of it`,
+    );
+    figure('compute_alone', interference.quiet, 'GB/s', 'decode-sized matmul from memory, all threads');
+    figure('compute_while_reading', interference.reading, 'GB/s', 'compute_alone');
+    figure('reads_while_computing', interference.readRate, 'GB/s', 'slow_tier_bandwidth');
+    figure('compute_under_reads_fraction', f, 'ratio', 'compute_alone');
+    figure('offload_limit_with_read_cost', limitReadCostTps, 'tok/s', 'belady loads at slow_tier_bandwidth, compute slowed to compute_under_reads_fraction while they are read');
+    figure('offload_limit_with_read_cost_fraction', ours.tps / limitReadCostTps, 'ratio', 'offload_limit_with_read_cost');
     figure('memory_bandwidth', memBw, 'GB/s');
     figure('slow_tier_bandwidth_cold', diskBw0 / 1e9, 'GB/s', 'memory_bandwidth');
     figure('slow_tier_bandwidth_reread', diskBw1 / 1e9, 'GB/s', 'memory_bandwidth');
