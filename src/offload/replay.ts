@@ -19,6 +19,22 @@
 import type { TraceHeader, TraceRequest } from './trace.js';
 import { loadTrace, NO_EXPERT, type TraceToken } from './trace.js';
 
+/**
+ * A trace row's ids on a model of E experts: e mod E in rank order, ids folded onto an
+ * expert already taken skipped, at most k of them, written to out[off..] and marked in
+ * `chosen`. Returns how many (fewer than k when ids fold).
+ */
+function foldRow(row: ArrayLike<number>, E: number, k: number, chosen: Uint8Array, out: Int32Array | Uint16Array, off: number): number {
+  let n = 0;
+  for (let i = 0; i < row.length && n < k; i++) {
+    const e = row[i] % E;
+    if (chosen[e]) continue;
+    chosen[e] = 1;
+    out[off + n++] = e;
+  }
+  return n;
+}
+
 /** Sequence and position of each token of a step, in batch order. */
 export interface StepTokens {
   seq: Int32Array;
@@ -107,14 +123,7 @@ export class RoutingReplay {
       const z = routerLogits.subarray(t * E, (t + 1) * E);
       let n = 0;
       if (row[0] === NO_EXPERT) this.s.missingRows++;
-      else {
-        for (let i = 0; i < Kt && n < K; i++) {
-          const e = row[i] % E;
-          if (chosen[e]) continue;
-          chosen[e] = 1;
-          ids[t * K + n++] = e;
-        }
-      }
+      else n = foldRow(row, E, K, chosen, ids, t * K);
       this.s.filledIds += K - n;
       // Fill from the router: best remaining logits, lowest id first on ties.
       while (n < K) {
@@ -173,13 +182,7 @@ export function replayedRequests(
       for (let l = 0; l < L; l++) {
         const tl = l % header.layers;
         if (src.experts[tl * Kt] === NO_EXPERT) continue;
-        let n = 0;
-        for (let i = 0; i < Kt && n < K; i++) {
-          const e = src.experts[tl * Kt + i] % E;
-          if (chosen[e]) continue;
-          chosen[e] = 1;
-          experts[l * K + n++] = e;
-        }
+        const n = foldRow(src.experts.subarray(tl * Kt, (tl + 1) * Kt), E, K, chosen, experts, l * K);
         for (let i = 0; i < n; i++) chosen[experts[l * K + i]] = 0;
         if (n < K) {
           throw new Error(
