@@ -377,6 +377,12 @@ async function main(): Promise<void> {
     for (const p of ours.stats.prediction) {
       log(`pre-gating under replay (the weights' routers against the trace's routing), ${p.distance} layer(s) ahead: recall ${p.recall.toFixed(3)}, precision ${p.precision.toFixed(3)}`);
     }
+    {
+      const visits = ours.stats.layers.reduce((a, l) => a + l.visits, 0);
+      const skipped = ours.stats.pregatingSkipped ?? 0;
+      log(`ours skipped pre-gating on ${skipped} of its ${visits} layer visits (its recent precision near chance; probe steps keep measuring it)`);
+      figure('ours_pregating_skipped_fraction', visits > 0 ? skipped / visits : 0, 'fraction', 'layer visits of ours_run2');
+    }
     for (const p of ours.stats.coPrediction ?? []) {
       log(`co-occurrence forecast under replay (learned online), ${p.distance} layer(s) ahead: recall ${p.recall.toFixed(3)}, precision ${p.precision.toFixed(3)}`);
       figure(`cooccurrence_recall_d${p.distance}`, p.recall, 'fraction', `chance ${replay.k}/${E}`);

@@ -242,7 +242,8 @@ for (const arch of ['qwen3_moe', 'mixtral'] as const) {
           const ref = resident(x, nSeq);
           t.teardown(() => ref.close());
           const slots = size === 'small' ? x.spec.topK + 2 : Math.floor(x.spec.numExperts * 0.75);
-          const { runner, store } = faked(x, nSeq, slots, { policy, lookahead });
+          // Pre-gating at every step (pregatingMinLift 0), however well the double predicts.
+          const { runner, store } = faked(x, nSeq, slots, { policy, lookahead, pregatingMinLift: 0 });
           t.teardown(() => runner.close());
           const bad = compare(ref, runner, x.vocabLimit, nSeq, 12);
           t.same(bad, [], 'every step bitwise equal');
@@ -418,26 +419,74 @@ t.test('need calibration: overconfident probabilities come down, calibrated ones
   t.equal(c.calibrate(3, 0.5), 0.5, 'beyond the distances: the model value');
 });
 
-t.test('replayed routing that pre-gating cannot predict: prefetching mostly stops', async (t) => {
+t.test('replayed routing that pre-gating cannot predict: prefetching mostly stops, and so does pre-gating', async (t) => {
   const x = await model(t, 'qwen3_moe', 4);
   const { path } = writeTrace(tempDir(t));
-  const run = async (replay: boolean) => {
+  const run = async (replay: boolean, pregatingMinLift?: number) => {
     const rp = replay ? await RoutingReplay.load(path, { layers: 4, experts: 32 }) : undefined;
-    const { runner } = faked(x, 3, 12, { policy: 'lru', lookahead: 2, replay: rp });
+    const { runner, store } = faked(x, 3, 12, { policy: 'lru', lookahead: 2, replay: rp, pregatingMinLift });
     const ref = resident(x, 3, { replay: replay ? await RoutingReplay.load(path, { layers: 4, experts: 32 }) : undefined });
     t.same(compare(ref, runner, x.vocabLimit, 3, 40, 6), []);
     const st = runner.offloadStats();
     const issued = st.layers.reduce((a, l) => a + l.prefetchIssued, 0);
     const used = st.layers.reduce((a, l) => a + l.prefetchUsed, 0);
+    t.same(runner.audit(), []);
     runner.close();
     ref.close();
-    return { issued, used, precision: st.prediction[0].precision };
+    const chance = (rp ? rp.k : x.spec.topK) / x.spec.numExperts;
+    return { issued, used, precision: st.prediction[0].precision, lift: st.prediction[0].precision / chance, predictions: st.prediction[0].predicted, calls: store.calls.predictRouter, skipped: st.pregatingSkipped ?? -1 };
   };
   const own = await run(false);
   const replayed = await run(true);
-  t.comment(`own routing: ${own.issued} prefetches, ${own.used} used (precision ${own.precision.toFixed(2)}); replayed: ${replayed.issued}, ${replayed.used} used (precision ${replayed.precision.toFixed(2)})`);
+  const always = await run(true, 0);
+  t.comment(
+    `own routing: ${own.issued} prefetches, ${own.used} used (precision ${own.precision.toFixed(2)}, ${own.lift.toFixed(2)}x chance), ${own.calls} predictRouter calls; ` +
+      `replayed: ${replayed.issued}, ${replayed.used} used (precision ${replayed.precision.toFixed(2)}), ${replayed.calls} calls, ${replayed.skipped} visits skipped; ` +
+      `pre-gating always: ${always.calls} calls (precision ${always.precision.toFixed(2)}, ${always.lift.toFixed(2)}x chance)`,
+  );
   t.ok(replayed.precision < own.precision, 'pre-gating predicts the model, not the trace');
   t.ok(replayed.used / Math.max(1, replayed.issued) >= 0.3 || replayed.issued < own.issued / 2, 'prefetches from poor predictions are few or still mostly useful');
+  // The default pregatingMinLift is 1.5.
+  t.equal(always.skipped, 0, 'pregatingMinLift 0: never skipped');
+  t.ok(always.lift < 1.5, `replayed: precision ${always.lift.toFixed(2)}x chance`);
+  t.ok(replayed.skipped > 0, 'replayed: visits skipped pre-gating');
+  t.ok(replayed.calls < always.calls / 2, `replayed: ${replayed.calls} predictRouter calls, against ${always.calls} when pre-gating always runs`);
+  // Probe steps keep measuring it (every 16th step runs every distance).
+  t.ok(replayed.predictions > always.predictions / 8 && replayed.predictions < always.predictions, 'probe steps still measure it');
+});
+
+t.test('pre-gating that predicts keeps running at every distance', async (t) => {
+  const x = await model(t, 'qwen3_moe', 4);
+  const E = x.spec.numExperts;
+  const K = x.spec.topK;
+  const ref = resident(x, 3);
+  t.teardown(() => ref.close());
+  // A first run records each step's routing; in the second, the double's pre-gating gives
+  // the step's true routing of the next layers (logits with the true top-k on top).
+  const recorded: Int32Array[][] = [];
+  const first = faked(x, 3, 12, { policy: 'lru', lookahead: 2, onRouting: (e) => (e.layer === 0 ? recorded.push([e.ids.slice()]) : recorded[recorded.length - 1].push(e.ids.slice())) });
+  t.same(compare(ref, first.runner, x.vocabLimit, 3, 40, 6), []);
+  first.runner.close();
+  let done = 0;
+  const prediction = (from: number, to: number): Float32Array => {
+    const step = recorded[done];
+    const T = step[0].length / K;
+    const out = new Float32Array((to - from) * T * E);
+    for (let m = from + 1; m <= to; m++) for (let i = 0; i < step[m].length; i++) out[((m - from - 1) * T + Math.floor(i / K)) * E + step[m][i]] = 1;
+    return out;
+  };
+  const inner = resident(x, 3).engine;
+  t.teardown(() => inner.close());
+  const store = new FakeOffloadStore(inner, { layers: 4, experts: E }, 12, { prediction });
+  const runner = new OffloadRunner(x.spec, { blockSize: BLOCK, numBlocks: 3 * BLOCKS_PER_SEQ }, store, 12, { policy: 'lru', lookahead: 2, onRouting: (e) => (done += e.layer === 0 ? 1 : 0) });
+  t.teardown(() => runner.close());
+  t.same(compare(ref, runner, x.vocabLimit, 3, 40, 6), [], 'every step bitwise equal');
+  t.equal(done, recorded.length, 'the same steps');
+  const st = runner.offloadStats();
+  t.same(st.prediction.map((p) => p.precision), [1, 1], 'the double predicts exactly');
+  t.equal(st.pregatingSkipped, 0, 'never skipped');
+  // Every layer with a later one predicts, every step.
+  t.equal(store.calls.predictRouter, 3 * recorded.length);
 });
 
 t.test('replayed routing that follows across layers: the co-occurrence forecast learns it and its prefetches are used', async (t) => {
@@ -506,7 +555,8 @@ t.test('queued prefetches a closer prediction no longer supports are withdrawn b
   // Reads never start on their own, and each predictRouter call gives different noise:
   // distance-2 prefetches are often not predicted again at distance 1.
   // Pre-gating alone: the co-occurrence forecast would support some of them again.
-  const { runner, store } = faked(x, 3, 16, { policy: 'lru', lookahead: 2, prefetchMinProbability: 0.2, maxQueuedPrefetches: 64, coOccurrence: false }, 0, true);
+  // Pre-gating at every step although it predicts nothing (pregatingMinLift 0).
+  const { runner, store } = faked(x, 3, 16, { policy: 'lru', lookahead: 2, prefetchMinProbability: 0.2, maxQueuedPrefetches: 64, coOccurrence: false, pregatingMinLift: 0 }, 0, true);
   t.teardown(() => runner.close());
   t.same(compare(ref, runner, x.vocabLimit, 3, 20, 2), []);
   t.ok(store.calls.cancelledAhead > 0, `${store.calls.cancelledAhead} withdrawn ahead of their visit`);

@@ -161,6 +161,8 @@ export interface OffloadStats {
   layers: OffloadLayerStats[];
   /** Pre-gating quality per lookahead distance (predicted top-k vs the routing used). */
   prediction: { distance: number; predicted: number; actual: number; hits: number; recall: number; precision: number }[];
+  /** Layer visits whose pre-gating was skipped at some distance: its recent precision was near chance (OffloadSettings.pregatingMinLift). */
+  pregatingSkipped?: number;
   /** The same for the same-token co-occurrence forecast (layer m - d's experts to layer m's), learned online. */
   coPrediction?: { distance: number; predicted: number; actual: number; hits: number; recall: number; precision: number }[];
   /**

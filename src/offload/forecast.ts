@@ -251,7 +251,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     this.p1 = new Float64Array(L * E);
     this.p1At = new Float64Array(L * E).fill(-1);
     this.featCache = new Float64Array(L * E * N_FEAT);
-    this.featAt = new Float64Array(L * E).fill(-1);
+    this.featAt = new Float64Array(L * E).fill(-2);
     this.scratch = new Float64Array(E);
     this.flags = new Uint8Array(E);
   }
@@ -785,10 +785,8 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     const feats = new Float32Array(ex.length * N_FEAT);
     const cache = this.featCache;
     for (let k = 0; k < ex.length; k++) {
-      const i = layer * E + ex[k];
-      this.features(layer, ex[k], now, cache, i * N_FEAT);
-      this.featAt[i] = now;
-      feats.set(cache.subarray(i * N_FEAT, (i + 1) * N_FEAT), k * N_FEAT);
+      const off = this.featuresAt(layer, ex[k], now);
+      feats.set(cache.subarray(off, off + N_FEAT), k * N_FEAT);
     }
     this.pending[layer].push({ at: now, experts: Int32Array.from(ex), feats, firstUse: new Int32Array(ex.length).fill(-1) });
   }
@@ -807,17 +805,26 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     return this.score[i];
   }
 
+  /**
+   * Offset in featCache of (layer, expert)'s features after the layer's visit at `at`,
+   * computed on first use: the eviction scores, the examples (record()) and the next-visit
+   * forecasts of one visit share them (the layer's state does not change until its next
+   * visit, and features() decays the counts to `at` the first time either way).
+   */
+  private featuresAt(layer: number, expert: number, at: number): number {
+    const i = layer * this.experts + expert;
+    if (this.featAt[i] !== at) {
+      this.features(layer, expert, at, this.featCache, i * N_FEAT);
+      this.featAt[i] = at;
+    }
+    return i * N_FEAT;
+  }
+
   /** P(needed at the next visit) after the visit at `at`: the score's first horizon, computed alone when the score is not cached. */
   private nextVisitP(layer: number, expert: number, at: number): number {
     const i = layer * this.experts + expert;
     if (this.scoreAt[i] !== at && this.p1At[i] !== at) {
-      if (this.featAt[i] === at) {
-        // The features were computed after the visit, as examples (record()).
-        this.p1[i] = this.predict(0, this.featCache, i * N_FEAT);
-      } else {
-        this.features(layer, expert, at, this.x);
-        this.p1[i] = this.predict(0, this.x);
-      }
+      this.p1[i] = this.predict(0, this.featCache, this.featuresAt(layer, expert, at));
       this.p1At[i] = at;
     }
     return this.p1[i];
@@ -826,10 +833,10 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   private ensureScore(layer: number, expert: number, at: number): void {
     const i = layer * this.experts + expert;
     if (this.scoreAt[i] === at) return;
-    this.features(layer, expert, at, this.x);
+    const off = this.featuresAt(layer, expert, at);
     let s = 0;
     for (let h = 0; h < HORIZONS.length; h++) {
-      const p = this.predict(h, this.x);
+      const p = this.predict(h, this.featCache, off);
       if (h === 0) this.p1[i] = p;
       s += p;
     }

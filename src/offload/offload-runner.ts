@@ -41,6 +41,14 @@
 // withdrawn before its read starts, like one its visit shows unneeded. Each prefetch is
 // pinned until its visit, so that later prefetches for the same visit cannot take its slot.
 //
+// Pre-gating pays only where it predicts. Once a distance has made
+// PREGATING_EVIDENCE_TOKENS tokens' predictions, its pre-gating runs only while its recent
+// precision is at least pregatingMinLift times chance (top-k / experts). Under routing
+// replay the model's routers do not predict the trace: pre-gating stops there, and so does
+// the cost of reading the next layers' routers each layer. One step in
+// PREGATING_PROBE_STEPS runs it at every distance, so that it resumes when it predicts
+// again. Co-occurrence and each sequence's previous experts prefetch either way.
+//
 // Read priorities. The store starts queued reads by priority: demand loads (0) first,
 // then prefetches for this step's later layers (1), then prefetches for the next step (2);
 // prefetches occupy at most all I/O threads but one, so a demand read starts at once, and
@@ -132,6 +140,14 @@ export interface OffloadSettings {
   residentFirst?: boolean;
   /** Prefetch also from same-token co-occurrence across layers, learned online (default true). */
   coOccurrence?: boolean;
+  /**
+   * Pre-gating at a distance runs only while its recent precision is at least this many
+   * times chance (top-k / experts), once it has made PREGATING_EVIDENCE_TOKENS tokens'
+   * predictions; every PREGATING_PROBE_STEPS-th step runs it anyway, to keep measuring
+   * (default 1.5; 0: always run it). The other predictions (co-occurrence, each sequence's
+   * previous experts) prefetch either way.
+   */
+  pregatingMinLift?: number;
   /** Routing replay (the trace's experts instead of the router's). */
   replay?: RoutingReplay;
   /** Called with every layer's routing of the steps that completed. */
@@ -186,6 +202,12 @@ const PRIORITY_DEMAND = 0;
 const PRIORITY_PREFETCH = 1;
 const PRIORITY_NEXT_STEP = 2;
 
+/** Tokens' worth of recent pre-gating predictions at a distance before it may be skipped as useless. */
+const PREGATING_EVIDENCE_TOKENS = 32;
+/** While skipped, pre-gating still runs at every distance on one step in this many. */
+const PREGATING_PROBE_STEPS = 16;
+const NO_IDS = new Int32Array(0);
+
 /** Policies that forecast their own next visit of a layer (forecast). */
 interface NextVisitForecaster {
   nextVisitHints?(layer: number, min?: number): PrefetchHint[];
@@ -237,6 +259,11 @@ export class OffloadRunner implements ModelRunner {
   private readonly coN: Float32Array;
   private readonly coScratch: Float64Array;
   private readonly coOccurrence: boolean;
+  private readonly pregatingMinLift: number;
+  /** Steps run (pre-gating probes every PREGATING_PROBE_STEPS-th). */
+  private steps = 0;
+  /** Layer visits whose pre-gating was skipped at one distance or more. */
+  private pregatingSkipped = 0;
   /** Distances with co-occurrence counts: min(lookahead, CO_MAX_DISTANCE). */
   private readonly coDistance: number;
   /** (layer, expert): prefetched and not used yet (mirrors the policy's own flag). */
@@ -307,6 +334,8 @@ export class OffloadRunner implements ModelRunner {
     this.coDistance = Math.min(this.lookahead, CO_MAX_DISTANCE);
     const D = Math.max(1, this.coDistance);
     this.coOccurrence = this.lookahead > 0 && (o.coOccurrence ?? true);
+    this.pregatingMinLift = o.pregatingMinLift ?? 1.5;
+    if (!(this.pregatingMinLift >= 0)) throw new Error(`pre-gating minimum lift must be a number >= 0, got ${o.pregatingMinLift}`);
     this.coCounts = new Float32Array(this.coOccurrence ? this.L * D * this.E * this.E : 0);
     this.coN = new Float32Array(this.coOccurrence ? this.L * D * this.E : 0);
     this.coScratch = new Float64Array(this.E);
@@ -444,6 +473,7 @@ export class OffloadRunner implements ModelRunner {
       lastOfSeq.set(meta.seq[t], t);
     }
     let distinctSum = 0;
+    const probe = this.steps++ % PREGATING_PROBE_STEPS === 0;
     e.beginStep(tokens, seqs, blocks);
     for (let l = 0; l < L; l++) {
       const routerLogits = e.attention(l);
@@ -456,11 +486,12 @@ export class OffloadRunner implements ModelRunner {
       distinctSum += distinct.length;
       // Pre-gating reads the hidden state before any of the layer's experts run; its
       // prefetches are issued after the visit's demand loads, which the store serves first.
-      const to = Math.min(L - 1, l + this.lookahead);
+      const ahead = Math.min(L - 1, l + this.lookahead);
+      const to = this.pregatingTo(l, ahead, probe);
       const pred = to > l ? e.predictRouter(l, to) : null;
       const { ran, stalled: streamStalled } = this.serveLayer(l, distinct, meta, ids, w);
       const tp = performance.now();
-      if (pred) this.prefetchAfter(l, to, pred, ids, T, predicted, firstOfSeq);
+      if (ahead > l) this.prefetchAfter(l, ahead, to, pred, ids, T, predicted, firstOfSeq);
       if (this.nextStep) this.prefetchNextVisit(l);
       this.policyTime.prefetch += performance.now() - tp;
       const st = this.layerStats[l];
@@ -597,19 +628,41 @@ export class OffloadRunner implements ModelRunner {
     this.pinned[l].delete(expert);
   }
 
-  /** Pre-gating after layer l's attention (`pred`: logits of layers l+1 .. to): predictions, and prefetches from them. */
-  private prefetchAfter(l: number, to: number, pred: Float32Array, cur: Int32Array, T: number, predicted: Predicted[][], firstOfSeq: Map<number, number>): void {
+  /**
+   * The last layer pre-gating predicts after layer l's attention (l: none), up to `ahead`:
+   * the farthest distance whose pre-gating still pays (pregatingMinLift), or `ahead` on a
+   * probe step.
+   */
+  private pregatingTo(l: number, ahead: number, probe: boolean): number {
+    if (ahead <= l || probe || this.pregatingMinLift === 0) return ahead;
+    const chance = this.k / this.E;
+    let to = l;
+    for (let d = 1; d <= ahead - l; d++) {
+      const r = this.prediction.recent(d);
+      if (r.predicted < PREGATING_EVIDENCE_TOKENS * this.k || r.precision >= this.pregatingMinLift * chance) to = l + d;
+    }
+    if (to < ahead) this.pregatingSkipped++;
+    return to;
+  }
+
+  /**
+   * Predictions for layers l+1 .. ahead after layer l's attention, and prefetches from them:
+   * pre-gating (`pred`: logits of layers l+1 .. to, null when to = l), co-occurrence, and
+   * each sequence's previous experts.
+   */
+  private prefetchAfter(l: number, ahead: number, to: number, pred: Float32Array | null, cur: Int32Array, T: number, predicted: Predicted[][], firstOfSeq: Map<number, number>): void {
     const E = this.E;
     const K = this.k;
-    if (pred.length !== (to - l) * T * E) throw new Error(`predictRouter(${l}, ${to}) returned ${pred.length} logits, expected ${(to - l) * T * E}`);
+    const n = pred ? pred.length : 0;
+    if (n !== (to - l) * T * E) throw new Error(`predictRouter(${l}, ${to}) returned ${n} logits, expected ${(to - l) * T * E}`);
     let room = this.maxQueued - this.queuedPrefetches();
-    for (let d = 1; d <= to - l; d++) {
+    for (let d = 1; d <= ahead - l; d++) {
       const m = l + d;
-      const ids = topKIds(pred.subarray((d - 1) * T * E, d * T * E), T, E, K);
+      const ids = pred && d <= to - l ? topKIds(pred.subarray((d - 1) * T * E, d * T * E), T, E, K) : NO_IDS;
       const co = this.coForecast(m, d, cur, T);
       const pAny = this.needProbability(m, d, ids, co, T, firstOfSeq);
       // Co-occurrence quality is counted on steps where every token has a forecast.
-      predicted[m].push({ distance: d, ids, coIds: co && T <= CO_MAX_TOKENS ? topKIds(co, T, E, K) : new Int32Array(0), pAny });
+      predicted[m].push({ distance: d, ids, coIds: co && T <= CO_MAX_TOKENS ? topKIds(co, T, E, K) : NO_IDS, pAny });
       // Earlier prefetches for m (from further away) that this closer prediction no longer
       // supports and whose reads have not started are withdrawn, freeing their I/O.
       if (d < this.lookahead) room += this.withdrawUnsupported(m, d, pAny);
@@ -694,7 +747,8 @@ export class OffloadRunner implements ModelRunner {
 
   /**
    * Model probability (before calibration) that the visit of layer m needs each expert,
-   * from pre-gating at distance d and each sequence's previous experts at m.
+   * from pre-gating at distance d (none when `predIds` is empty), co-occurrence and each
+   * sequence's previous experts at m.
    */
   private needProbability(m: number, d: number, predIds: Int32Array, co: Float32Array | null, T: number, firstOfSeq: Map<number, number>): Float64Array {
     const E = this.E;
@@ -702,7 +756,7 @@ export class OffloadRunner implements ModelRunner {
     const a = this.prediction.precision(d);
     const rho = (this.reuseHits[m] + 1) / (this.reusePrev[m] + 2);
     const pNot = new Float64Array(E).fill(1);
-    for (let t = 0; t < T; t++) for (let i = 0; i < K; i++) pNot[predIds[t * K + i]] *= 1 - a;
+    if (predIds.length > 0) for (let t = 0; t < T; t++) for (let i = 0; i < K; i++) pNot[predIds[t * K + i]] *= 1 - a;
     if (co) for (let t = 0; t < T; t++) for (let x = 0; x < E; x++) pNot[x] *= 1 - co[t * E + x];
     for (const seq of firstOfSeq.keys()) {
       const prev = this.lastRouting.get(seq)?.[m];
@@ -805,7 +859,7 @@ export class OffloadRunner implements ModelRunner {
       const used = routings[m];
       let need: Uint8Array | null = null;
       for (const p of predicted[m]) {
-        this.prediction.add(p.distance, p.ids, K, used, K, T);
+        if (p.ids.length > 0) this.prediction.add(p.distance, p.ids, K, used, K, T);
         if (p.coIds.length > 0) this.coPrediction.add(p.distance, p.coIds, K, used, K, T);
         if (!need) {
           need = new Uint8Array(this.E);
@@ -893,6 +947,7 @@ export class OffloadRunner implements ModelRunner {
       cacheResets: this.cacheResets,
       layers: this.layerStats.map((x, l) => ({ ...x, stallSeconds: s.stallSeconds[l] ?? 0 })),
       prediction: this.lookahead > 0 ? this.prediction.snapshot() : [],
+      pregatingSkipped: this.pregatingSkipped,
       coPrediction: this.coOccurrence ? this.coPrediction.snapshot() : [],
       policySeconds: {
         visit: this.policyTime.visit / 1000,

@@ -63,16 +63,27 @@ export function scoreTopK(predicted: Int32Array, kp: number, used: Int32Array, k
   return { predicted: tokens * kp, actual: tokens * ka, hits };
 }
 
-/** Running counters per distance 1..maxDistance. */
+/** Decay of PredictionCounters' recent counters per add(). */
+export const RECENT_DECAY = 0.99;
+
+/**
+ * Running counters per distance 1..maxDistance: over everything added, and over the
+ * recent additions (each add() first scales the recent counters by RECENT_DECAY, so
+ * they cover about the last 1 / (1 - RECENT_DECAY) additions).
+ */
 export class PredictionCounters {
   private readonly predicted: Float64Array;
   private readonly actual: Float64Array;
   private readonly hits: Float64Array;
+  private readonly recentPredicted: Float64Array;
+  private readonly recentHits: Float64Array;
 
   constructor(readonly maxDistance: number) {
     this.predicted = new Float64Array(maxDistance + 1);
     this.actual = new Float64Array(maxDistance + 1);
     this.hits = new Float64Array(maxDistance + 1);
+    this.recentPredicted = new Float64Array(maxDistance + 1);
+    this.recentHits = new Float64Array(maxDistance + 1);
   }
 
   add(distance: number, predicted: Int32Array, kp: number, used: Int32Array, ka: number, tokens: number): void {
@@ -81,11 +92,19 @@ export class PredictionCounters {
     this.predicted[distance] += s.predicted;
     this.actual[distance] += s.actual;
     this.hits[distance] += s.hits;
+    this.recentPredicted[distance] = this.recentPredicted[distance] * RECENT_DECAY + s.predicted;
+    this.recentHits[distance] = this.recentHits[distance] * RECENT_DECAY + s.hits;
   }
 
   /** P(used | predicted) at a distance, with a prior of 0.5 while evidence is thin. */
   precision(distance: number): number {
     return (this.hits[distance] + 1) / (this.predicted[distance] + 2);
+  }
+
+  /** Precision of the recent additions at a distance, and their (decayed) number of predictions. */
+  recent(distance: number): { precision: number; predicted: number } {
+    const n = this.recentPredicted[distance];
+    return { precision: n > 0 ? this.recentHits[distance] / n : 0, predicted: n };
   }
 
   snapshot(): PredictionStats[] {

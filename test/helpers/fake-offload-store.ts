@@ -8,7 +8,8 @@
 // computes), and experts() completes the ones it needs (counting a stall).
 // predictRouter is approximated by repeating the current layer's router logits (the
 // resident engine of this build may not have it), which is a deterministic, imperfect
-// predictor: enough to exercise prefetching and its counters.
+// predictor: enough to exercise prefetching and its counters; or it is noise, or what a
+// test gives.
 
 import type { NativeEngine, NativeStoreStats } from '../../src/engine/native.js';
 import type { OffloadEngine } from '../../src/offload/offload-runner.js';
@@ -45,7 +46,14 @@ export class FakeOffloadStore implements OffloadEngine {
     shape: { layers: number; experts: number },
     /** Slots per layer: one number for every layer, or one per layer. */
     slots: number | readonly number[],
-    readonly opts: { readsPerLayer?: number; slotBytes?: number; /** predictRouter returns noise (a useless predictor). */ noisyPrediction?: boolean } = {},
+    readonly opts: {
+      readsPerLayer?: number;
+      slotBytes?: number;
+      /** predictRouter returns noise (a useless predictor). */
+      noisyPrediction?: boolean;
+      /** predictRouter returns what this gives (e.g. logits of the true routing, from a resident run of the same step). */
+      prediction?: (from: number, to: number) => Float32Array;
+    } = {},
   ) {
     this.L = shape.layers;
     this.E = shape.experts;
@@ -119,7 +127,7 @@ export class FakeOffloadStore implements OffloadEngine {
     for (let d = 0; d < to - from; d++) out.set(this.lastLogits, d * this.lastLogits.length);
     if (this.opts.noisyPrediction) for (let i = 0; i < out.length; i++) out[i] = (((i + 1) * 2654435761 + this.noise++ * 40503) >>> 0) / 2 ** 32;
     if (this.lastLogits.length !== this.tokens * this.E) throw new Error('predictRouter before attention');
-    return out;
+    return this.opts.prediction ? this.opts.prediction(from, to) : out;
   }
 
   loadExpert(layer: number, expert: number, slot: number, priority = 0): void {
