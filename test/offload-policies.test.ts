@@ -6,7 +6,9 @@ import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { BeladyPolicy } from '../src/offload/belady.js';
 import type { ExpertCachePolicy, SlotCache } from '../src/offload/cache-policy.js';
-import { ForecastPolicy } from '../src/offload/forecast.js';
+import { ForecastPolicy, type ForecastModel } from '../src/offload/forecast.js';
+import { fitForecastPrior, priorModule } from '../src/offload/forecast-fit.js';
+import { FORECAST_PRIOR } from '../src/offload/forecast-prior.js';
 import { LfuPolicy } from '../src/offload/lfu.js';
 import { LruPolicy } from '../src/offload/lru.js';
 import { buildSchedule } from '../src/offload/schedule.js';
@@ -337,7 +339,9 @@ t.test("oracle prefetch: told each next layer's experts, stall-free bounds what 
 
 t.test('forecast on the real traces: loads vs belady at 2x the active experts (issue 5 target 1.25)', async (t) => {
   t.equal(DEFAULT_POLICY, 'forecast');
-  // Measured 1.258 (qwen3) and 1.261 (gemma4) at concurrency 1; the target of 1.25 is not met.
+  // Measured 1.258 (qwen3, out of sample: the shipped prior was fitted on gemma4) and
+  // 1.258 (gemma4, in sample; 1.2545 from a prior fitted on qwen3) at concurrency 1; the
+  // target of 1.25 is not met.
   const bound: Record<string, number> = { 'qwen3-30b-a3b': 1.265, 'gemma4-26b-a4b': 1.27 };
   for (const f of TRACES) {
     const { header, requests } = await loadTrace(f);
@@ -538,4 +542,58 @@ t.test('forecast without its routing predictor (the runner): the same cache deci
   t.same(without.predictor.sequences(), [], 'the predictor was not updated');
   t.ok(withP.predictor.sequences().length > 0);
   t.throws(() => without.prefetchHints(0, []), /needs the routing predictor/);
+});
+
+t.test('forecast prior: the default starts from FORECAST_PRIOR, null from zero, a prior of another shape is refused', async (t) => {
+  const shape = { layers: 2, experts: 16, capacity: 4 };
+  const dflt = new ForecastPolicy(shape).model();
+  t.same(dflt.w, FORECAST_PRIOR.w, 'weights of the prior');
+  t.same(dflt.g2, FORECAST_PRIOR.g2, 'Adagrad sums of the prior');
+  t.ok(FORECAST_PRIOR.w.some((x) => x !== 0), 'a fitted prior, not zeros');
+  const zero = new ForecastPolicy(shape, { prior: null }).model();
+  t.ok(zero.w.every((x) => x === 0), 'prior: null starts from zero');
+  const bad: ForecastModel = { ...FORECAST_PRIOR, features: FORECAST_PRIOR.features + 1 };
+  t.throws(() => new ForecastPolicy(shape, { prior: bad }), /forecast prior: made for 4 horizons x 28 features, the model has 4 x 27 \(fit it again/);
+  t.throws(() => new ForecastPolicy(shape, { prior: { ...FORECAST_PRIOR, w: FORECAST_PRIOR.w.map((x, i) => (i === 3 ? NaN : x)) } }), /finite/);
+});
+
+t.test('forecast prior: fitted on one real trace, it lowers the loads on the other (out of sample)', async (t) => {
+  const [qwen, gemma] = TRACES;
+  for (const [fitOn, evalOn] of [
+    [gemma, qwen],
+    [qwen, gemma],
+  ]) {
+    const runs: number[] = [];
+    const prior = await fitForecastPrior([fitOn], { epochs: 1, onRun: (_f, _e, loads) => runs.push(loads) });
+    t.equal(runs.length, 1);
+    t.equal(prior.w.length, 4 * prior.features);
+    t.ok([...prior.w, ...prior.g2].every(Number.isFinite));
+    const { header, requests } = await loadTrace(evalOn);
+    const sched = await buildSchedule(header, requests, { concurrency: 1 });
+    const cap = 4 * header.topK;
+    const shape = { layers: header.layers, experts: header.experts, capacity: cap };
+    const cold = simulate(sched, new ForecastPolicy(shape, { prior: null })).loads;
+    const warm = simulate(sched, new ForecastPolicy(shape, { prior })).loads;
+    const name = (f: string) => f.split('/').pop();
+    t.comment(`${name(evalOn)} at 4x: ${cold} loads from zero, ${warm} from a prior fitted on ${name(fitOn)} (${((warm / cold - 1) * 100).toFixed(1)}%)`);
+    // Measured -1.5% (qwen3) and -1.2% (gemma4); the prior's Adagrad sums alone (weights
+    // zero) give -0.2% and -0.3%: the weights carry it.
+    t.ok(warm <= 0.9925 * cold, `${name(evalOn)}: the prior from ${name(fitOn)} lowers the loads by 0.75% or more`);
+  }
+});
+
+t.test('forecast prior: the module the fit writes holds the model', async (t) => {
+  const dir = tempDir(t);
+  const trace = join(dir, 'small.csv');
+  writeFileSync(trace, syntheticTrace(6));
+  const model = await fitForecastPrior([trace], { epochs: 2 });
+  t.ok(model.w.some((x) => x !== 0), 'it learned');
+  const again = await fitForecastPrior([trace], { epochs: 1, start: model });
+  t.not(again.w.join(), model.w.join(), 'a fit from a start goes on learning');
+  const file = join(dir, 'prior.ts');
+  writeFileSync(file, priorModule(model, ['test']).replace("from './forecast.js'", "from '" + join(import.meta.dirname, '..', 'src', 'offload', 'forecast.js') + "'"));
+  const m = (await import(file)) as { FORECAST_PRIOR: ForecastModel };
+  t.same(m.FORECAST_PRIOR, model, 'the same numbers, exactly');
+  await t.rejects(fitForecastPrior([], {}), /no trace/);
+  await t.rejects(fitForecastPrior([trace], { epochs: 0 }), /epochs must be an integer >= 1/);
 });

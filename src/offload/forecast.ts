@@ -22,11 +22,15 @@
 //     (next token, and within 4 tokens);
 //   with several sequences in the batch, the forecasts of the sequences are combined as
 //   P(any of them needs e).
-// The weights are learned online (Adagrad on the logistic loss) from zero: after each
-// visit the policy records the features of the layer's residents and recently used
-// experts; their labels (used within h visits?) are known h visits later, and only then
-// does the model learn from them. Nothing is read from the future and no constant was
-// fitted to a trace: the model starts knowing nothing about a model's routing.
+// The weights are learned online (Adagrad on the logistic loss): after each visit the
+// policy records the features of the layer's residents and recently used experts; their
+// labels (used within h visits?) are known h visits later, and only then does the model
+// learn from them. Nothing is read from the future. The weights (and Adagrad's sums)
+// start from a prior, FORECAST_PRIOR (forecast-prior.ts): what this online learning had
+// reached after replaying a real routing trace of another model (Gemma 4 26B-A4B) three
+// times. The features describe an expert's own history and the routing around it, not
+// expert ids, so what they mean carries across models: a policy no longer starts each
+// run knowing nothing. `prior: null` starts from zero.
 //
 // Online use. request()/prefetch() are the ExpertCachePolicy interface. The per-token
 // routing (which sequence chose which experts, in router rank order) arrives through the
@@ -51,6 +55,7 @@ import type { VisitObserver } from './simulator.js';
 import type { StepToken } from './schedule.js';
 import { NO_EXPERT } from './trace.js';
 import { nextLayerPrefetchHints } from './predictive.js';
+import { FORECAST_PRIOR } from './forecast-prior.js';
 
 /** Horizons (visits of the layer) of the reuse forecasts summed by the eviction score. */
 const HORIZONS = [1, 2, 4, 8];
@@ -106,6 +111,16 @@ export interface ForecastOptions {
   routingPredictor?: boolean;
   /** Adagrad step size of the online model (default LEARNING_RATE). */
   learningRate?: number;
+  /** Starting weights and Adagrad sums (default FORECAST_PRIOR; null: zero, an untrained model). */
+  prior?: ForecastModel | null;
+}
+
+/** The online model's state: weights and Adagrad sums, HORIZONS x N_FEAT each (forecast-prior.ts). */
+export interface ForecastModel {
+  horizons: readonly number[];
+  features: number;
+  w: readonly number[];
+  g2: readonly number[];
 }
 
 /** One sequence's routing at one layer, as the engine knows it when the layer runs. */
@@ -245,6 +260,16 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     this.memberCount = new Int32Array(L * E);
     this.w = new Float64Array(HORIZONS.length * N_FEAT);
     this.g2 = new Float64Array(HORIZONS.length * N_FEAT).fill(1e-8);
+    const prior = opts.prior === undefined ? FORECAST_PRIOR : opts.prior;
+    if (prior) {
+      const n = HORIZONS.length * N_FEAT;
+      if (prior.features !== N_FEAT || prior.horizons.join() !== HORIZONS.join() || prior.w.length !== n || prior.g2.length !== n) {
+        throw new Error(`forecast prior: made for ${prior.horizons.length} horizons x ${prior.features} features, the model has ${HORIZONS.length} x ${N_FEAT} (fit it again: scripts/fit-forecast-prior.ts)`);
+      }
+      if (![...prior.w, ...prior.g2].every(Number.isFinite) || !prior.g2.every((x) => x > 0)) throw new Error('forecast prior: weights must be finite and Adagrad sums > 0');
+      this.w.set(prior.w);
+      this.g2.set(prior.g2);
+    }
     this.pending = Array.from({ length: L }, () => []);
     this.scoreAt = new Float64Array(L * E).fill(-1);
     this.score = new Float64Array(L * E);
@@ -254,6 +279,12 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     this.featAt = new Float64Array(L * E).fill(-2);
     this.scratch = new Float64Array(E);
     this.flags = new Uint8Array(E);
+  }
+
+  /** The online model as it is now (a prior for later runs: scripts/fit-forecast-prior.ts). */
+  model(): ForecastModel {
+    this.idle();
+    return { horizons: [...HORIZONS], features: N_FEAT, w: Array.from(this.w), g2: Array.from(this.g2) };
   }
 
   // ---- routing input -------------------------------------------------------------
