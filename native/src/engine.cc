@@ -258,6 +258,12 @@ void Engine::set_tensor(const std::string& role, int64_t layer, int64_t expert, 
   if (role == "router") {
     expect(c.experts, H);
     L.router = to_f32(src, st, rows, cols);
+    if (H % block_cols(WType::Q8_0) == 0) {
+      L.router_q8.resize(row_bytes(WType::Q8_0, H) * static_cast<size_t>(c.experts));
+      quantize_rows(WType::Q8_0, L.router.data(), c.experts, H, L.router_q8.data());
+    } else {
+      L.router_q8.clear();
+    }
     return;
   }
   if (role == "shared_gate_scalar") return vec(L.shared_gate, H);
@@ -335,7 +341,7 @@ size_t Engine::weight_bytes() const {
   size_t b = embed_.size_bytes() + (cfg_.tie_embeddings ? 0 : lm_head_.size_bytes()) + final_norm_.size() * 4;
   for (const auto& L : layers_) {
     b += (L.input_norm.size() + L.post_norm.size() + L.qkv_bias.size() + L.q_norm.size() + L.k_norm.size() + L.router.size() + L.shared_gate.size()) * 4;
-    b += L.qkv.size_bytes() + L.o.size_bytes() + L.shared.bytes.size();
+    b += L.qkv.size_bytes() + L.o.size_bytes() + L.shared.bytes.size() + L.router_q8.size();
     b += L.expert_arena.size();  // none when offloading
   }
   if (store_) b += store_->arena_bytes();
@@ -802,6 +808,11 @@ void Engine::predict_router(int64_t from, int64_t to, std::vector<float>& out) {
     const LayerWeights& L = layers_[static_cast<size_t>(j)];
     float* dst = out.data() + (j - from - 1) * T * E;
     pool_->parallel_for(T, 8, [&](int64_t t, int) { rms_norm_row(x_.data() + t * H, L.post_norm.data(), H, c.rms_eps, pred_xn_.data() + t * H); });
+    if (!L.router_q8.empty()) {
+      prepare_acts(WType::Q8_0, pred_xn_.data(), T, H, H, pred_acts_);
+      matmul_parallel(*pool_, WMat{WType::Q8_0, E, H, L.router_q8.data()}, pred_acts_, dst, E);
+      continue;
+    }
     pool_->parallel_for(T * chunks, 1, [&](int64_t item, int) {
       const int64_t t = item / chunks;
       const int64_t e0 = (item % chunks) * kExpertChunk, e1 = std::min(E, e0 + kExpertChunk);

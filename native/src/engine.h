@@ -84,6 +84,7 @@ struct LayerWeights {
   std::vector<float> q_norm;      // (head_dim) per head, or (q_dim); empty when none
   std::vector<float> k_norm;      // (head_dim) per head, or (kv_dim)
   std::vector<float> router;      // (experts, hidden), float32
+  std::vector<uint8_t> router_q8; // pre-gating's copy of router in Q8_0 (empty when hidden % 32 != 0)
   std::vector<ExpertMat> experts; // [experts], views of expert_arena; none resident when offloading
   HostBuffer expert_arena;        // the routed experts, expert after expert (one mapping: huge pages)
   std::vector<ExpertMat> slot_views; // offloading: views of the layer's slots (no storage of their own)
@@ -164,7 +165,9 @@ class Engine {
                   int64_t n_subset = 0);
   // Pre-gating, after attention(from) and before its experts complete: the routers of
   // layers from+1..to on the current residual normalised by each one's MoE input norm,
-  // (to - from, T, experts) into `out`.
+  // (to - from, T, experts) into `out`. A prediction: it reads Q8_0 copies of the routers
+  // (a quarter of the float32 bytes, read again at every layer that predicts), with
+  // 8-bit activations; the step's own routing keeps the float32 router.
   void predict_router(int64_t from, int64_t to, std::vector<float>& out);
   // The residual stream (T, hidden) of the current or last step.
   const std::vector<float>& residual() const;
@@ -261,6 +264,7 @@ class Engine {
   int64_t n_jobs_ = 0;
   int64_t shared_job_ = -1;
   std::vector<float> pred_xn_;          // predict_router's normalised rows
+  Acts pred_acts_;                      // and their 8-bit form
 
   std::unique_ptr<ExpertStore> store_;  // offloading only
 };

@@ -74,7 +74,8 @@ export function denseFormat(weights: WeightFormat): WeightFormat {
 /**
  * Bytes of the weights the engine holds (its own count, info().weightBytes, exactly):
  * norms, biases and routers in float32, routed and shared experts in the chosen format,
- * the other matrices in its dense format. With `routedExperts: false`, the routed
+ * the other matrices in its dense format, and pre-gating's Q8_0 copy of each router
+ * (when the hidden size is a multiple of 32). With `routedExperts: false`, the routed
  * experts are left out (offloading holds them in slots).
  */
 export function weightBytes(spec: ModelSpec, weights: WeightFormat, routedExperts = true): number {
@@ -89,7 +90,9 @@ export function weightBytes(spec: ModelSpec, weights: WeightFormat, routedExpert
   const f32Params = spec.numLayers * (2 * h + spec.numExperts * h + (spec.sharedExpertIntermediateSize > 0 ? h : 0) + qkvBias + qkNorm) + h;
   const sharedParams = spec.numLayers * 3 * h * spec.sharedExpertIntermediateSize;
   const denseParams = c.nonExpertParams - f32Params - sharedParams;
+  const routerCopies = h % 32 === 0 ? spec.numLayers * spec.numExperts * (h / 32) * 34 : 0;
   return (
+    routerCopies +
     (routedExperts ? c.expertParams : 0) * BYTES_PER_WEIGHT[weights] +
     sharedParams * BYTES_PER_WEIGHT[weights] +
     denseParams * BYTES_PER_WEIGHT[denseFormat(weights)] +
