@@ -34,7 +34,7 @@ const model = await fitForecastPrior(traces, {
 });
 const provenance = [
   `scripts/fit-forecast-prior.ts ${traces.map((t) => `--trace ${basename(t)}`).join(' ')} --epochs ${epochs} --capacity-factor ${capacityFactor}`,
-  `(traces from shared/traces; the policy's own online learning over them, from zero, one request at a time)`,
+  `(the policy's own online learning over these traces, from zero, one request at a time, cache at ${capacityFactor}x top-k)`,
 ];
 writeFileSync(values.out!, priorModule(model, provenance));
 process.stdout.write(`wrote ${values.out}\n`);

@@ -1,7 +1,7 @@
 // The forecast policy's starting model (forecast.ts: ForecastOptions.prior). Written by
 // scripts/fit-forecast-prior.ts; do not edit by hand. Provenance:
 //   scripts/fit-forecast-prior.ts --trace gemma4-26b-a4b.trace.csv --epochs 3 --capacity-factor 2
-//   (traces from shared/traces; the policy's own online learning over them, from zero, one request at a time)
+//   (the policy's own online learning over these traces, from zero, one request at a time, cache at 2x top-k)
 
 import type { ForecastModel } from './forecast.js';
 
