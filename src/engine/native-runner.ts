@@ -90,7 +90,7 @@ export function weightBytes(spec: ModelSpec, weights: WeightFormat, routedExpert
   const f32Params = spec.numLayers * (2 * h + spec.numExperts * h + (spec.sharedExpertIntermediateSize > 0 ? h : 0) + qkvBias + qkNorm) + h;
   const sharedParams = spec.numLayers * 3 * h * spec.sharedExpertIntermediateSize;
   const denseParams = c.nonExpertParams - f32Params - sharedParams;
-  const routerCopies = h % 32 === 0 ? spec.numLayers * spec.numExperts * (h / 32) * 34 : 0;
+  const routerCopies = h % 32 === 0 ? spec.numLayers * spec.numExperts * h * BYTES_PER_WEIGHT.q8 : 0;
   return (
     routerCopies +
     (routedExperts ? c.expertParams : 0) * BYTES_PER_WEIGHT[weights] +

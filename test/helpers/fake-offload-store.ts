@@ -123,11 +123,12 @@ export class FakeOffloadStore implements OffloadEngine {
   predictRouter(from: number, to: number): Float32Array {
     this.calls.predictRouter++;
     if (!(to > from)) throw new Error(`predictRouter(${from}, ${to}): to must be above from`);
+    if (this.lastLogits.length !== this.tokens * this.E) throw new Error('predictRouter before attention');
+    if (this.opts.prediction) return this.opts.prediction(from, to);
     const out = new Float32Array((to - from) * this.lastLogits.length);
     for (let d = 0; d < to - from; d++) out.set(this.lastLogits, d * this.lastLogits.length);
     if (this.opts.noisyPrediction) for (let i = 0; i < out.length; i++) out[i] = (((i + 1) * 2654435761 + this.noise++ * 40503) >>> 0) / 2 ** 32;
-    if (this.lastLogits.length !== this.tokens * this.E) throw new Error('predictRouter before attention');
-    return this.opts.prediction ? this.opts.prediction(from, to) : out;
+    return out;
   }
 
   loadExpert(layer: number, expert: number, slot: number, priority = 0): void {
