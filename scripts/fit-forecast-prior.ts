@@ -26,12 +26,18 @@ if (traces.length === 0) {
 }
 const epochs = Number(values.epochs);
 const capacityFactor = Number(values['capacity-factor']);
-const model = await fitForecastPrior(traces, {
-  epochs,
-  capacityFactor,
-  start: null,
-  onRun: (t, e, loads) => process.stdout.write(`epoch ${e + 1}: ${basename(t)}: ${loads} loads\n`),
-});
+let model;
+try {
+  model = await fitForecastPrior(traces, {
+    epochs,
+    capacityFactor,
+    start: null,
+    onRun: (t, e, loads) => process.stdout.write(`epoch ${e + 1}: ${basename(t)}: ${loads} loads\n`),
+  });
+} catch (err) {
+  process.stderr.write(`fit-forecast-prior: ${(err as Error).message}\n`);
+  process.exit(1);
+}
 const provenance = [
   `scripts/fit-forecast-prior.ts ${traces.map((t) => `--trace ${basename(t)}`).join(' ')} --epochs ${epochs} --capacity-factor ${capacityFactor}`,
   `(the policy's own online learning over these traces, from zero, one request at a time, cache at ${capacityFactor}x top-k)`,
