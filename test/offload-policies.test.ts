@@ -544,6 +544,86 @@ t.test('forecast without its routing predictor (the runner): the same cache deci
   t.throws(() => without.prefetchHints(0, []), /needs the routing predictor/);
 });
 
+t.test('forecast: examples whose features are taken at idle() (as the runner does while reads are in flight) teach the same model', async (t) => {
+  // The runner calls idle() while a visit waits for reads; between a visit and that call
+  // the next-visit prefetches change the layer's residents. Taking the examples' features
+  // there, or at the next request(), must leave every decision and the model the same.
+  const shape = { layers: 3, experts: 48, capacity: 8 };
+  const rng = new Rng(47);
+  const plain = new ForecastPolicy(shape, { prefetchMin: 0.05, routingPredictor: false });
+  const idling = new ForecastPolicy(shape, { prefetchMin: 0.05, routingPredictor: false });
+  const visits = 200 * shape.layers;
+  let same = 0;
+  let prefetched = 0;
+  for (let step = 0; step < 200; step++) {
+    for (let l = 0; l < shape.layers; l++) {
+      const seqs = [1, 2].map((seq) => ({ seq, experts: Int32Array.from(new Set(Array.from({ length: 3 }, () => (rng.u32() % 6) + (seq === 2 ? rng.u32() % 40 : 0)))) }));
+      const need = [...new Set(seqs.flatMap((s) => [...s.experts]))];
+      const idleAt = rng.u32() % 3; // before the prefetch, after it, or not at all
+      const out = [plain, idling].map((p) => {
+        p.observeRouting(l, seqs);
+        const d = p.request(l, need);
+        if (p === idling && idleAt === 0) p.idle();
+        const issued = p.prefetchNextVisit(l, p.nextVisitHints(l), 2);
+        if (p === idling && idleAt === 1) p.idle();
+        return JSON.stringify([d, issued]);
+      });
+      if (out[0] === out[1]) same++;
+      if (JSON.parse(out[0])[1].length > 0) prefetched++;
+    }
+  }
+  t.equal(same, visits, 'every visit and next-visit prefetch decided alike');
+  t.ok(prefetched > 20, `next-visit prefetches changed the residents between visits (${prefetched} visits)`);
+  const a = plain.model();
+  const b = idling.model();
+  t.same(b.w, a.w, 'the same weights');
+  t.same(b.g2, a.g2, 'the same Adagrad sums');
+  t.not(JSON.stringify(a.w), JSON.stringify(FORECAST_PRIOR.w), 'the model learned from the examples');
+});
+
+t.test("forecast: next-visit hints skip experts by a bound of their forecast, and are the full forecast's", async (t) => {
+  const { header, requests } = await loadTrace(TRACES[0]);
+  const sched = await buildSchedule(header, requests, { concurrency: 1 });
+  const p = new ForecastPolicy({ layers: header.layers, experts: header.experts, capacity: 2 * header.topK }, { routingPredictor: false });
+  const min = 0.3;
+  const logit = (x: number) => Math.log(x / (1 - x));
+  const bound = (p as unknown as { nextVisitBound(l: number, e: number, at: number): number }).nextVisitBound.bind(p);
+  let visits = 0;
+  let same = 0;
+  let hinted = 0;
+  let checked = 0;
+  let below = 0; // forecasts whose bound is not above them
+  let skipped = 0;
+  for (let step = 0; step < sched.numSteps; step++) {
+    for (let l = 0; l < header.layers; l++) {
+      p.observe(step, l, sched.steps[step]);
+      const need = sched.set(l, step);
+      if (need.length === 0) continue;
+      p.request(l, need);
+      const at = (p as unknown as { visits: Int32Array }).visits[l] - 1;
+      // The bounds as of the visit, before any forecast of it is cached.
+      const bounds = new Map<number, number>();
+      for (let e = 0; e < header.experts; e++) if (p.slotOf(l, e) < 0) bounds.set(e, bound(l, e, at));
+      const pruned = p.nextVisitHints(l, min);
+      const full = p.nextVisitHints(l, 1e-300); // no bound can skip at this threshold
+      const want = full.filter((h) => h.priority >= min);
+      visits++;
+      if (JSON.stringify(pruned) === JSON.stringify(want)) same++;
+      if (pruned.length > 0) hinted++;
+      for (const h of full) {
+        const b = bounds.get(h.expert)!;
+        checked++;
+        if (h.priority > 1e-12 && h.priority < 1 - 1e-12 && b < logit(h.priority) - 1e-9) below++;
+        if (b < logit(min) - 1e-9) skipped++;
+      }
+    }
+  }
+  t.equal(same, visits, `every visit's hints are the full forecast's (${visits} visits)`);
+  t.ok(hinted > visits / 10, `hints were made (${hinted} visits)`);
+  t.equal(below, 0, `the bound is above every forecast (${checked} checked)`);
+  t.ok(skipped > checked / 2, `most non-resident experts are skipped by the bound (${skipped} of ${checked})`);
+});
+
 t.test('forecast prior: the default starts from FORECAST_PRIOR, null from zero, a prior of another shape is refused', async (t) => {
   const shape = { layers: 2, experts: 16, capacity: 4 };
   const dflt = new ForecastPolicy(shape).model();

@@ -158,6 +158,7 @@ interface SeqHistory {
 /** Training examples of one visit: features at time `at`, labelled as visits pass. */
 interface Pending {
   at: number;
+  layer: number;
   experts: Int32Array;
   feats: Float32Array; // experts.length x N_FEAT
   /** Visits from `at` to each expert's first use after it; -1 while not used. */
@@ -214,6 +215,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   private readonly g2: Float64Array;
   private readonly pending: Pending[][]; // per layer, oldest first
   private readonly toTrain: Pending[] = []; // labelled, not learned from yet (idle())
+  private readonly featuresDue: Pending[] = []; // recorded, features not taken yet (idle())
   private readonly x = new Float64Array(N_FEAT);
   private readonly nz = new Int32Array(N_FEAT);
   private readonly scoreAt: Float64Array; // (layer, expert): visit time of the cached score
@@ -551,12 +553,48 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     const at = this.visits[layer] - 1;
     if (at < 0) return [];
     const hints: PrefetchHint[] = [];
+    // An expert whose logit is bounded below the threshold's is skipped without its
+    // features (most are: they are the cost of this loop). The bound is exact, so the
+    // hints are those of the full forecast; the margin covers the sums' rounding.
+    const zMin = min > 0 && min < 1 ? Math.log(min / (1 - min)) : -Infinity;
+    const prune = zMin > -29;
     for (let e = 0; e < E; e++) {
-      if (this.slotOfE[layer * E + e] >= 0) continue;
+      const i = layer * E + e;
+      if (this.slotOfE[i] >= 0) continue;
+      if (prune && this.scoreAt[i] !== at && this.p1At[i] !== at && this.nextVisitBound(layer, e, at) < zMin - 1e-9) continue;
       const p = this.nextVisitP(layer, e, at);
       if (p >= min) hints.push({ expert: e, priority: p });
     }
     return hints.sort((a, b) => b.priority - a.priority || a.expert - b.expert);
+  }
+
+  /**
+   * An upper bound of the logit of P(needed at the next visit) (the first horizon's model)
+   * of (layer, expert) after the visit at `at`: features() exactly, but for the decayed
+   * use counts, each bounded by the lifetime count (decay only lowers them; log1p >= 0),
+   * so that the bound needs no decay or featCache entry.
+   */
+  private nextVisitBound(layer: number, expert: number, at: number): number {
+    const i = layer * this.experts + expert;
+    const w = this.w; // horizon 0: the first N_FEAT weights
+    const H = HALF_LIVES.length;
+    const life = Math.log1p(this.counts[i * H + H - 1]);
+    let z = w[F_BIAS];
+    for (let j = 0; j < H; j++) if (w[F_COUNT + j] > 0) z += w[F_COUNT + j] * life;
+    const age = at - this.lastUse[i];
+    let b = 0;
+    while (b < AGE_EDGES.length && age > AGE_EDGES[b]) b++;
+    z += w[F_AGE + b];
+    const ps = this.pSame[i];
+    const pc = this.pCross[i];
+    const p2 = this.pSame2[i];
+    z += w[F_TRANS] * ps + (w[F_TRANS + 1] * Math.log(ps + P_EPS)) / 4;
+    z += w[F_TRANS + 2] * pc + (w[F_TRANS + 3] * Math.log(pc + P_EPS)) / 4;
+    z += w[F_TRANS + 4] * p2 + (w[F_TRANS + 5] * Math.log(p2 + P_EPS)) / 4;
+    z += w[F_TRANS + 6] * ps * pc * 4;
+    if (age <= 2) z += w[F_TRANS + 7] * ps * 2;
+    z += w[F_KNN] * this.vote1[i] + w[F_KNN + 1] * this.voteAhead[i] + w[F_KNN + 2] * this.vote1[i] * this.knnSim[layer];
+    return z;
   }
 
   /**
@@ -601,6 +639,24 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     const d = super.request(layer, experts);
     this.record(layer, this.visits[layer] - 1);
     return d;
+  }
+
+  /**
+   * Takes the features of the visits recorded since the last call (see record()): at
+   * idle(), while the engine waits for a read, or at the next request() at the latest.
+   */
+  private takeFeatures(): void {
+    const q = this.featuresDue;
+    const cache = this.featCache;
+    for (let j = 0; j < q.length; j++) {
+      const p = q[j];
+      const ex = p.experts;
+      for (let k = 0; k < ex.length; k++) {
+        const off = this.featuresAt(p.layer, ex[k], p.at);
+        p.feats.set(cache.subarray(off, off + N_FEAT), k * N_FEAT);
+      }
+    }
+    q.length = 0;
   }
 
   protected override beforeVisit(layer: number, experts: ArrayLike<number>, now: number): void {
@@ -712,8 +768,17 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
   private features(layer: number, expert: number, now: number, x: Float64Array | Float32Array, off = 0): void {
     const i = layer * this.experts + expert;
     const H = HALF_LIVES.length;
-    this.decayTo(i, now);
-    for (let j = 0; j < H; j++) x[off + F_COUNT + j] = Math.log1p(this.counts[i * H + j]);
+    // The counts decayed to `now`, read without writing them back: they change only when
+    // the expert is used (beforeVisit), so their value does not depend on when, or
+    // whether, features were taken in between.
+    const dt = now - this.countAt[i];
+    if (dt <= 0) {
+      for (let j = 0; j < H; j++) x[off + F_COUNT + j] = Math.log1p(this.counts[i * H + j]);
+    } else if (dt < DECAY_TABLE_VISITS) {
+      for (let j = 0; j < H; j++) x[off + F_COUNT + j] = Math.log1p(this.counts[i * H + j] * DECAY[dt * H + j]);
+    } else {
+      for (let j = 0; j < H; j++) x[off + F_COUNT + j] = Math.log1p(Number.isFinite(HALF_LIVES[j]) ? this.counts[i * H + j] * Math.pow(2, -dt / HALF_LIVES[j]) : this.counts[i * H + j]);
+    }
     for (let j = 0; j < N_AGE; j++) x[off + F_AGE + j] = 0;
     const age = now - this.lastUse[i];
     let b = 0;
@@ -762,6 +827,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
 
   /** Learns from the examples labelled since the last call (see learnFrom). */
   idle(): void {
+    this.takeFeatures();
     const q = this.toTrain;
     for (let i = 0; i < q.length; i++) this.train(q[i]);
     q.length = 0;
@@ -807,19 +873,21 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     }
   }
 
-  /** After a visit: the layer's residents and recent experts become examples to label later. */
+  /**
+   * After a visit: the layer's residents and recent experts become examples to label
+   * later. Which experts is decided now (prefetches may change the residents before the
+   * layer's next visit); their features, most of the cost, are taken later (takeFeatures):
+   * nothing they read changes before the layer's next visit, whose request() takes them
+   * first, so the examples are the same either way.
+   */
   private record(layer: number, now: number): void {
     const E = this.experts;
     const ex: number[] = [];
     for (let e = 0; e < E; e++) if (now - this.lastUse[layer * E + e] <= TRAIN_AGE || this.slotOf(layer, e) >= 0) ex.push(e);
     if (ex.length === 0) return;
-    const feats = new Float32Array(ex.length * N_FEAT);
-    const cache = this.featCache;
-    for (let k = 0; k < ex.length; k++) {
-      const off = this.featuresAt(layer, ex[k], now);
-      feats.set(cache.subarray(off, off + N_FEAT), k * N_FEAT);
-    }
-    this.pending[layer].push({ at: now, experts: Int32Array.from(ex), feats, firstUse: new Int32Array(ex.length).fill(-1) });
+    const p: Pending = { at: now, layer, experts: Int32Array.from(ex), feats: new Float32Array(ex.length * N_FEAT), firstUse: new Int32Array(ex.length).fill(-1) };
+    this.pending[layer].push(p);
+    this.featuresDue.push(p);
   }
 
   protected touch(): void {}
