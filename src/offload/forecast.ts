@@ -906,9 +906,9 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
 
   /**
    * Offset in featCache of (layer, expert)'s features after the layer's visit at `at`,
-   * computed on first use: the eviction scores, the examples (record()) and the next-visit
-   * forecasts of one visit share them (the layer's state does not change until its next
-   * visit, and features() decays the counts to `at` the first time either way).
+   * computed on first use: the eviction scores, the examples (takeFeatures()) and the
+   * next-visit forecasts of one visit share them (the layer's state does not change until
+   * its next visit, and features() changes no state).
    */
   private featuresAt(layer: number, expert: number, at: number): number {
     const i = layer * this.experts + expert;
