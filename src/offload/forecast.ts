@@ -67,6 +67,13 @@ const DECAY = Float64Array.from({ length: DECAY_TABLE_VISITS * HALF_LIVES.length
   const hl = HALF_LIVES[k % HALF_LIVES.length];
   return Number.isFinite(hl) ? Math.pow(2, -Math.floor(k / HALF_LIVES.length) / hl) : 1;
 });
+/** The factor that decays a count of half-life HALF_LIVES[j] over dt visits (1 when dt <= 0, and for the lifetime count). */
+function decayFactor(dt: number, j: number): number {
+  if (dt <= 0) return 1;
+  if (dt < DECAY_TABLE_VISITS) return DECAY[dt * HALF_LIVES.length + j];
+  const hl = HALF_LIVES[j];
+  return Number.isFinite(hl) ? Math.pow(2, -dt / hl) : 1;
+}
 /** Upper bounds of the recency buckets (visits since the last use, 0 = this visit). */
 const AGE_EDGES = [0, 1, 2, 4, 8, 16, 64];
 const N_AGE = AGE_EDGES.length + 1;
@@ -570,30 +577,20 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
 
   /**
    * An upper bound of the logit of P(needed at the next visit) (the first horizon's model)
-   * of (layer, expert) after the visit at `at`: features() exactly, but for the decayed
-   * use counts, each bounded by the lifetime count (decay only lowers them; log1p >= 0),
-   * so that the bound needs no decay or featCache entry.
+   * of (layer, expert) after the visit at `at`: the other features exactly, and the decayed
+   * use counts each bounded by the lifetime count (decay only lowers them; log1p >= 0), so
+   * that the bound needs no decay or featCache entry.
    */
   private nextVisitBound(layer: number, expert: number, at: number): number {
     const i = layer * this.experts + expert;
     const w = this.w; // horizon 0: the first N_FEAT weights
     const H = HALF_LIVES.length;
     const life = Math.log1p(this.counts[i * H + H - 1]);
-    let z = w[F_BIAS];
+    let z = 0;
     for (let j = 0; j < H; j++) if (w[F_COUNT + j] > 0) z += w[F_COUNT + j] * life;
-    const age = at - this.lastUse[i];
-    let b = 0;
-    while (b < AGE_EDGES.length && age > AGE_EDGES[b]) b++;
-    z += w[F_AGE + b];
-    const ps = this.pSame[i];
-    const pc = this.pCross[i];
-    const p2 = this.pSame2[i];
-    z += w[F_TRANS] * ps + (w[F_TRANS + 1] * Math.log(ps + P_EPS)) / 4;
-    z += w[F_TRANS + 2] * pc + (w[F_TRANS + 3] * Math.log(pc + P_EPS)) / 4;
-    z += w[F_TRANS + 4] * p2 + (w[F_TRANS + 5] * Math.log(p2 + P_EPS)) / 4;
-    z += w[F_TRANS + 6] * ps * pc * 4;
-    if (age <= 2) z += w[F_TRANS + 7] * ps * 2;
-    z += w[F_KNN] * this.vote1[i] + w[F_KNN + 1] * this.voteAhead[i] + w[F_KNN + 2] * this.vote1[i] * this.knnSim[layer];
+    const x = this.x;
+    this.otherFeatures(layer, expert, at, x, 0);
+    for (let f = F_AGE; f < N_FEAT; f++) z += w[f] * x[f];
     return z;
   }
 
@@ -755,11 +752,7 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     const H = HALF_LIVES.length;
     const dt = now - this.countAt[i];
     if (dt > 0) {
-      if (dt < DECAY_TABLE_VISITS) {
-        for (let j = 0; j < H; j++) this.counts[i * H + j] *= DECAY[dt * H + j];
-      } else {
-        for (let j = 0; j < H; j++) if (Number.isFinite(HALF_LIVES[j])) this.counts[i * H + j] *= Math.pow(2, -dt / HALF_LIVES[j]);
-      }
+      for (let j = 0; j < H; j++) this.counts[i * H + j] *= decayFactor(dt, j);
       this.countAt[i] = now;
     }
   }
@@ -772,13 +765,13 @@ export class ForecastPolicy extends SlotCache implements VisitObserver {
     // the expert is used (beforeVisit), so their value does not depend on when, or
     // whether, features were taken in between.
     const dt = now - this.countAt[i];
-    if (dt <= 0) {
-      for (let j = 0; j < H; j++) x[off + F_COUNT + j] = Math.log1p(this.counts[i * H + j]);
-    } else if (dt < DECAY_TABLE_VISITS) {
-      for (let j = 0; j < H; j++) x[off + F_COUNT + j] = Math.log1p(this.counts[i * H + j] * DECAY[dt * H + j]);
-    } else {
-      for (let j = 0; j < H; j++) x[off + F_COUNT + j] = Math.log1p(Number.isFinite(HALF_LIVES[j]) ? this.counts[i * H + j] * Math.pow(2, -dt / HALF_LIVES[j]) : this.counts[i * H + j]);
-    }
+    for (let j = 0; j < H; j++) x[off + F_COUNT + j] = Math.log1p(this.counts[i * H + j] * decayFactor(dt, j));
+    this.otherFeatures(layer, expert, now, x, off);
+  }
+
+  /** The features after the use counts (F_AGE onwards) of (layer, expert) after the visit at `now`. */
+  private otherFeatures(layer: number, expert: number, now: number, x: Float64Array | Float32Array, off: number): void {
+    const i = layer * this.experts + expert;
     for (let j = 0; j < N_AGE; j++) x[off + F_AGE + j] = 0;
     const age = now - this.lastUse[i];
     let b = 0;
