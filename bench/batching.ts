@@ -5,7 +5,8 @@
 // Q8_0 in memory; bench/lib/bench-models.ts), routed experts offloaded with half of each
 // layer's experts in the fast tier (capacity 0.5, demand-loaded LRU without prefetch by
 // default, as in `moe-serve sim`, so the effect of grouping on loads is not mixed with
-// prefetching), and every token's experts replayed from a many-request trace synthesized
+// prefetching; with the server's schedule-aware eviction, offloadPlanSteps, for both
+// policies), and every token's experts replayed from a many-request trace synthesized
 // from the real one (synthesizeTrace --like ../shared/traces/qwen3-30b-a3b.trace.csv,
 // written to a temporary file): random weights route almost uniformly, real models do not.
 //
@@ -36,6 +37,8 @@
 // Options (environment): BENCH_BATCHING_TOKENS (max_tokens per request, default 12),
 // BENCH_BATCHING_REQUESTS (64), BENCH_BATCHING_STEP (maxBatchTokens, 8),
 // BENCH_BATCHING_CAPACITY ("0.5"), BENCH_BATCHING_CACHE (lru), BENCH_BATCHING_LOOKAHEAD (0),
+// BENCH_BATCHING_PLAN_STEPS (the offloadPlanSteps setting, default 4: eviction keeps what the
+// sequences due in the next steps used recently, src/offload/upcoming.ts; 0: plain LRU),
 // BENCH_BATCHING_EXTRA_WAIT (1), BENCH_BATCHING_PASSES (2: fcfs, expert-aware, expert-aware,
 // fcfs, to cancel a load drift on a shared machine; 1: fcfs then expert-aware),
 // BENCH_BATCHING_WARMUP (1: one FCFS pass first, not counted; 0: none. The first engine
@@ -63,6 +66,7 @@ import { batchReport } from '../src/cli/sim-cmd.js';
 import { WEIGHT_FORMATS } from '../src/engine/native-runner.js';
 import { readModelSpec } from '../src/model/hf-config.js';
 import { BATCH_CACHES, runBatchSim, type BatchCacheName } from '../src/offload/batch-sim.js';
+import { DEFAULT_PLAN_STEPS } from '../src/offload/upcoming.js';
 import { expertSlotBytes, slotsPerLayer } from '../src/offload/capacity.js';
 import { replayedRequests } from '../src/offload/replay.js';
 import { DEFAULT_TIMING } from '../src/offload/simulator.js';
@@ -81,6 +85,7 @@ const STEP = Number(env.BENCH_BATCHING_STEP ?? 8);
 const CAPACITY = env.BENCH_BATCHING_CAPACITY ?? '0.5';
 const CACHE = env.BENCH_BATCHING_CACHE ?? 'lru';
 const LOOKAHEAD = Number(env.BENCH_BATCHING_LOOKAHEAD ?? 0);
+const PLAN_STEPS = Number(env.BENCH_BATCHING_PLAN_STEPS ?? DEFAULT_PLAN_STEPS);
 const EXTRA_WAIT = Number(env.BENCH_BATCHING_EXTRA_WAIT ?? 1);
 const PASSES = Number(env.BENCH_BATCHING_PASSES ?? 2);
 const WARMUP = (env.BENCH_BATCHING_WARMUP ?? '1') !== '0';
@@ -146,7 +151,7 @@ async function runPolicy(policy: PolicyName, modelDir: string, tokenizer: MoeTok
     policy,
     policyOptions: { maxExtraWaitSteps: EXTRA_WAIT, missPenalty: 2 },
     prefillFirst: true,
-    offload: { capacity: CAPACITY, policy: CACHE, lookahead: LOOKAHEAD, ioThreads: 2, dir: expertDir },
+    offload: { capacity: CAPACITY, policy: CACHE, lookahead: LOOKAHEAD, planSteps: PLAN_STEPS, ioThreads: 2, dir: expertDir },
     replayTrace: trace,
   };
   const t0 = performance.now();
@@ -260,7 +265,7 @@ async function simulateYardstick(trace: string, modelDir: string): Promise<{ fcf
   // simulator's lanes take each request once, so it needs one request per stream.
   if (requests.length < REQUESTS) return `the trace holds ${requests.length} requests for ${REQUESTS} streams`;
   const src = replayedRequests(header, requests.slice(0, REQUESTS), { layers: spec.numLayers, experts: spec.numExperts }, TOKENS);
-  const base = { batch: STEP, concurrency: REQUESTS, capacity: slots, cache: CACHE as BatchCacheName, policy: { maxExtraWaitSteps: EXTRA_WAIT, missPenalty: 2 } };
+  const base = { batch: STEP, concurrency: REQUESTS, capacity: slots, cache: CACHE as BatchCacheName, planSteps: PLAN_STEPS, policy: { maxExtraWaitSteps: EXTRA_WAIT, missPenalty: 2 } };
   const fcfs = await runBatchSim(src, { ...base, scheduler: 'fcfs' });
   const oracle = await runBatchSim(src, { ...base, scheduler: 'oracle' });
   const ours = await runBatchSim(src, { ...base, scheduler: 'expert-aware' });
@@ -283,7 +288,7 @@ async function main(): Promise<void> {
       `batching bench: synthesized ${REQUESTS} requests like ${TRACE} (${synth.header.layers} layers, ${synth.header.experts} experts, top-${synth.header.topK}; request variation ${VARIATION}, ${TOPICS ?? REQUESTS} topics) in ${((performance.now() - ts) / 1000).toFixed(1)} s`,
     );
     log(
-      `  model ${modelDir} (q8, ${THREADS} threads), experts offloaded: capacity ${CAPACITY}, cache ${CACHE}, lookahead ${LOOKAHEAD}; ` +
+      `  model ${modelDir} (q8, ${THREADS} threads), experts offloaded: capacity ${CAPACITY}, cache ${CACHE}, lookahead ${LOOKAHEAD}, plan steps ${PLAN_STEPS}; ` +
         `${REQUESTS} concurrent streams, 1-token prompts, ${TOKENS} tokens each (ignore_eos), maxRunning ${REQUESTS}, maxBatchTokens ${STEP}, prefillFirst; expert-aware extra-wait bound ${EXTRA_WAIT} step(s)`,
     );
     const yard = await simulateYardstick(trace, modelDir);
@@ -369,6 +374,7 @@ async function main(): Promise<void> {
         p99_itl_vs_fcfs: round(p99Vs, 4),
         loads_per_token_vs_fcfs: round(loadsVs, 4),
         trace: { request_variation: VARIATION, topics: TOPICS ?? REQUESTS },
+        cache: { policy: CACHE, plan_steps: PLAN_STEPS },
         figures,
       }),
     );

@@ -39,6 +39,7 @@ export interface ServeSettings {
   offloadSplit: string;
   offloadPolicy: 'lru' | 'lfu' | 'lfu-decay' | 'predictive' | 'forecast';
   offloadLookahead: number;
+  offloadPlanSteps: number;
   offloadIoThreads: number;
   offloadDir: string;
   offloadReplayTrace: string;
@@ -86,7 +87,7 @@ export class ConfigError extends Error {
 const KEYS: readonly (keyof ServeSettings)[] = [
   'config', 'model', 'demo', 'modelId', 'host', 'port', 'apiKeys', 'bodyLimitBytes', 'drainGraceSeconds',
   'allowSpecialTokensInChat', 'runner', 'weights', 'threads',
-  'offloadCapacity', 'offloadSplit', 'offloadPolicy', 'offloadLookahead', 'offloadIoThreads', 'offloadDir', 'offloadReplayTrace',
+  'offloadCapacity', 'offloadSplit', 'offloadPolicy', 'offloadLookahead', 'offloadPlanSteps', 'offloadIoThreads', 'offloadDir', 'offloadReplayTrace',
   'kvBlockSize', 'kvBlocks', 'kvCacheType', 'maxBatchTokens', 'maxRunning', 'maxWaiting',
   'policy', 'policyMaxExtraWaitSteps', 'policyMaxExtraWaitMs', 'policyMaxGapFactor', 'policyMissPenalty', 'prefillFirst', 'logLevel', 'cacheDir',
 ];

@@ -6,45 +6,18 @@ import { join } from 'node:path';
 import t from 'tap';
 import { main } from '../src/cli/main.js';
 import { fairnessVsFcfs, runBatchSim, type BatchSimOptions } from '../src/offload/batch-sim.js';
-import { makeRng } from '../src/offload/synth-trace.js';
-import type { TraceHeader, TraceRequest, TraceToken } from '../src/offload/trace.js';
+import type { TraceHeader, TraceRequest } from '../src/offload/trace.js';
 import { tempDir } from './helpers/models.js';
+import { topicTrace } from './helpers/topic-trace.js';
 
 const L = 4;
 const E = 32;
 const K = 2;
 const header: TraceHeader = { model: 'toy', layers: L, experts: E, topK: K, source: 'test' };
 
-/**
- * Requests belong to one of 4 "topics"; a topic uses its own 8 experts per layer and a
- * token keeps its predecessor's experts with probability 0.7. Grouping by topic saves
- * distinct experts, and the previous token predicts the topic.
- */
+/** Requests on 4 topics, a token keeping its predecessor's experts with probability 0.7 (helpers/topic-trace.ts). */
 function structured(requests: number, tokens: number, seed = 1): TraceRequest[] {
-  const rng = makeRng(seed);
-  const out: TraceRequest[] = [];
-  for (let r = 0; r < requests; r++) {
-    const topic = Math.floor(rng() * 4);
-    const toks: TraceToken[] = [];
-    let prev: Uint16Array | null = null;
-    const n = tokens + Math.floor(rng() * tokens);
-    for (let p = 0; p < n; p++) {
-      const ex = new Uint16Array(L * K);
-      for (let l = 0; l < L; l++) {
-        const chosen = new Set<number>();
-        for (let k = 0; k < K; k++) {
-          let e = prev && rng() < 0.7 ? prev[l * K + k] : topic * 8 + Math.floor(rng() * 8);
-          while (chosen.has(e)) e = topic * 8 + Math.floor(rng() * 8);
-          chosen.add(e);
-          ex[l * K + k] = e;
-        }
-      }
-      toks.push({ position: p, phase: 'decode', experts: ex });
-      prev = ex;
-    }
-    out.push({ id: r, tokens: toks, prefillTokens: 0 });
-  }
-  return out;
+  return topicTrace(requests, tokens, { layers: L, topK: K, keep: 0.7, seed, varyLength: true });
 }
 
 function toCsv(reqs: TraceRequest[]): string {

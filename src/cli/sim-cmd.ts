@@ -15,6 +15,7 @@ import {
 } from '../offload/batch-sim.js';
 import { EXPERT_AWARE_DEFAULTS } from '../scheduler/expert-aware-policy.js';
 import { RECENT_ROUTING_DECAY } from '../scheduler/recent-routing.js';
+import { DEFAULT_PLAN_STEPS } from '../offload/upcoming.js';
 import { CapacityError, EQUAL_SPLIT, parseSplit, splitSlots, splitText, type SplitSpec } from '../offload/capacity.js';
 import { choiceOpt, intOpt, numOpt, parse, required, UsageError } from './args.js';
 
@@ -66,7 +67,7 @@ Options:
 Batch formation (--scheduler switches to it):
   moe-serve sim --scheduler ${BATCH_SCHEDULERS.join('|')} --trace FILE [--batch N] [--concurrency M]
                 [--capacity C] [--predictor ${BATCH_PREDICTORS.join('|')}] [--cache ${BATCH_CACHES.join('|')}]
-                [--max-extra-wait S] [--max-gap-factor F] [--miss-penalty P]
+                [--max-extra-wait S] [--max-gap-factor F] [--miss-penalty P] [--plan-steps D]
                 [--recent-decay D] [--pregate-accuracy A] [--no-prefill] [--no-oracle] [--json]
 
   M requests (--concurrency, default 64) are runnable; each step the scheduler picks N
@@ -94,6 +95,10 @@ Batch formation (--scheduler switches to it):
   --max-gap-factor F  also keep each token's gap within F x its FCFS gap (default: off)
   --miss-penalty P    extra cost of a non-resident expert vs a resident one (default ${EXPERT_AWARE_DEFAULTS.missPenalty})
   --no-oracle         with expert-aware, skip the oracle run (else reported for the share of its savings)
+  --plan-steps D      schedule-aware eviction, for every scheduler alike: the cache keeps the
+                      experts that the requests expected in the next D steps (those that did
+                      not run, in FCFS order, N per step) used recently (their recent
+                      routing, as the server's offloadPlanSteps; default ${DEFAULT_PLAN_STEPS}, 0: off)
 `;
 
 export const simCommand = {
@@ -123,13 +128,14 @@ export const simCommand = {
       'pregate-accuracy': { type: 'string' },
       'max-gap-factor': { type: 'string' },
       'recent-decay': { type: 'string' },
+      'plan-steps': { type: 'string' },
     });
     if (v.help) {
       process.stdout.write(HELP);
       return 0;
     }
     if (v.scheduler !== undefined) return runBatching(v);
-    for (const k of ['batch', 'predictor', 'cache', 'max-extra-wait', 'miss-penalty', 'no-oracle', 'pregate-accuracy', 'max-gap-factor', 'recent-decay']) {
+    for (const k of ['batch', 'predictor', 'cache', 'max-extra-wait', 'miss-penalty', 'no-oracle', 'pregate-accuracy', 'max-gap-factor', 'recent-decay', 'plan-steps']) {
       if (v[k] !== undefined) throw new UsageError(`--${k} needs --scheduler`);
     }
     const file = required(v, 'trace');
@@ -297,7 +303,8 @@ async function runBatching(v: Values): Promise<number> {
   if (v['pregate-accuracy'] !== undefined && predictor !== 'pregate') throw new UsageError('--pregate-accuracy needs --predictor pregate');
   const recentDecay = v['recent-decay'] === undefined ? undefined : numOpt(v, 'recent-decay', RECENT_ROUTING_DECAY, 0, 0.999);
   if (recentDecay !== undefined && predictor !== 'recent') throw new UsageError('--recent-decay needs --predictor recent');
-  const base = { batch, concurrency, capacity, predictor, cache, policy, timing, pregateAccuracy, recentDecay, prefill: !v['no-prefill'] };
+  const planSteps = intOpt(v, 'plan-steps', DEFAULT_PLAN_STEPS, 0, 1 << 16);
+  const base = { batch, concurrency, capacity, predictor, cache, policy, timing, pregateAccuracy, recentDecay, planSteps, prefill: !v['no-prefill'] };
   // Each run streams the file again: the schedule depends on the scheduler.
   const fcfs = await runBatchSim(file, { ...base, scheduler: 'fcfs' });
   const ours = scheduler === 'fcfs' ? fcfs : await runBatchSim(file, { ...base, scheduler });
@@ -357,6 +364,7 @@ export function batchReport(file: string, ours: BatchSimResult, fcfs: BatchSimRe
     concurrency: ours.concurrency,
     capacity_per_layer: ours.capacity,
     cache: ours.cache,
+    plan_steps: ours.planSteps,
     ...o,
     distinct_vs_fcfs: fc.distinct_experts_per_step > 0 ? o.distinct_experts_per_step / fc.distinct_experts_per_step : 1,
     loads_vs_fcfs: fc.loads_per_token > 0 ? o.loads_per_token / fc.loads_per_token : 1,
@@ -386,7 +394,8 @@ function formatBatchReport(out: Record<string, unknown>): string {
   const n = (x: number, d = 3) => x.toFixed(d);
   const lines = [
     `trace        ${out.trace} (${out.model || 'unnamed'}: ${out.layers} layers, ${out.experts} experts, top-${out.top_k}), ${out.requests} requests`,
-    `batching     ${out.concurrency} runnable, ${out.batch} per step; ${out.cache} cache of ${out.capacity_per_layer} experts per layer`,
+    `batching     ${out.concurrency} runnable, ${out.batch} per step; ${out.cache} cache of ${out.capacity_per_layer} experts per layer, ` +
+      (out.plan_steps ? `keeping what the next ${out.plan_steps} step(s) are expected to need` : 'no schedule-aware eviction'),
     '',
     'scheduler                  distinct/step  vs fcfs  loads/token  vs fcfs  extra wait p99/max (all)    p99 gap vs fcfs  pick us (mean/p99)',
   ];

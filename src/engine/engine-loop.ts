@@ -183,6 +183,7 @@ export class EngineLoop {
 
     let logits: Float32Array;
     try {
+      this.runner.planUpcoming?.(out.upcoming);
       const res = this.runner.step(out.batch);
       const want = out.entries.filter((e) => e.wantLogits).length;
       if (res.rows !== want) throw new Error(`the runner returned ${res.rows} logit rows for ${want} sequences`);

@@ -213,6 +213,8 @@ export interface OffloadOptions {
   policy: string;
   /** Layers ahead to prefetch from pre-gating and recent routing; 0 turns prefetching off. */
   lookahead: number;
+  /** Steps ahead whose sequences' expected experts eviction keeps (upcoming.ts; default 4, 0: off). */
+  planSteps?: number;
   /** I/O threads of the expert store. */
   ioThreads: number;
   /** Directory of the expert file (default: the OS temporary directory). */

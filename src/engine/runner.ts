@@ -66,6 +66,12 @@ export interface ModelRunner {
    * read into it). The arrays may be reused by the next call: read them at once.
    */
   residentExperts?(): Uint8Array[];
+  /**
+   * What the next steps will run (SchedulerOutput.upcoming: sequence ids per step, the
+   * next one first), told before each step; runners that cache experts keep what those
+   * sequences are expected to need (upcoming.ts). An empty list: nothing known.
+   */
+  planUpcoming?(steps: readonly (readonly number[])[]): void;
   /** Distinct experts per layer of the last completed step, mean over layers (runners that see the routing). */
   lastStepDistinctExperts?(): number | undefined;
 }

@@ -12,7 +12,10 @@
 // - The step's visit of layer l needs the union of its tokens' experts at l: distinct
 //   experts per step is that union's size, mean over layers. The expert cache (per-layer
 //   LRU by default, `capacity` slots per layer, demand loads only) serves the union;
-//   loads per token = demand loads / tokens run.
+//   loads per token = demand loads / tokens run. As the server's (offloadPlanSteps), the
+//   cache is told before each step which lanes the next planSteps steps run (the ones that
+//   waited, in FCFS order, N per step) and keeps what they used recently (upcoming.ts):
+//   for every scheduler alike, so the comparison of schedulers stays like for like.
 // - Fairness: a token's wait is the number of steps from ready to run. Extra wait is a
 //   token's wait minus its wait in the FCFS run of the same trace (same request and
 //   position); its inter-token gap is wait + 1 steps.
@@ -38,12 +41,14 @@ import { ExpertAwarePolicy, type ExpertAwareOptions } from '../scheduler/expert-
 import { FcfsPolicy } from '../scheduler/fcfs-policy.js';
 import type { BatchPolicy, PolicyCandidate, SequenceHints } from '../scheduler/policy.js';
 import type { SlotCache } from './cache-policy.js';
+import { ForecastPolicy } from './forecast.js';
 import { LfuPolicy } from './lfu.js';
 import { LruPolicy } from './lru.js';
 import { DEFAULT_TIMING, type TimingModel } from './simulator.js';
 import { RECENT_ROUTING_DECAY, RecentRouting } from '../scheduler/recent-routing.js';
 import { NO_EXPERT, readTrace, type TraceHeader, type TraceRequest, type TraceToken } from './trace.js';
 import { requestStream } from './schedule.js';
+import { DEFAULT_PLAN_STEPS, upcomingWeights } from './upcoming.js';
 
 export const BATCH_SCHEDULERS = ['fcfs', 'oracle', 'expert-aware'] as const;
 export type BatchSchedulerName = (typeof BATCH_SCHEDULERS)[number];
@@ -51,7 +56,7 @@ export const BATCH_PREDICTORS = ['prev', 'recent', 'pregate'] as const;
 export type BatchPredictorName = (typeof BATCH_PREDICTORS)[number];
 /** What the server's runners hint (RecentRouting), so the simulator predicts as the server does. */
 export const DEFAULT_BATCH_PREDICTOR: BatchPredictorName = 'recent';
-export const BATCH_CACHES = ['lru', 'lfu', 'lfu-decay'] as const;
+export const BATCH_CACHES = ['lru', 'lfu', 'lfu-decay', 'forecast'] as const;
 export type BatchCacheName = (typeof BATCH_CACHES)[number];
 
 export interface BatchSimOptions {
@@ -69,6 +74,12 @@ export interface BatchSimOptions {
   timing?: TimingModel;
   /** Decay per token of the 'recent' predictor (default RECENT_ROUTING_DECAY). */
   recentDecay?: number;
+  /**
+   * Schedule-aware eviction (upcoming.ts): the cache keeps the experts that the sequences
+   * expected in the next planSteps steps (the ones that did not run, in FCFS order, N per
+   * step) used recently, by their RecentRouting. Default DEFAULT_PLAN_STEPS; 0: off.
+   */
+  planSteps?: number;
   /**
    * 'pregate' predictor: an emulated pre-gating predictor (the server's, from hidden
    * states, which a trace does not hold) that names each true expert of the token with
@@ -89,6 +100,7 @@ export interface BatchSimResult {
   concurrency: number;
   capacity: number;
   cache: BatchCacheName;
+  planSteps: number;
   requests: number;
   steps: number;
   /** Steps with a full batch (N tokens). */
@@ -164,8 +176,18 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
   const capacity = Math.min(E, o.capacity ?? Math.max(1, Math.floor(E / 2)));
   const cacheName: BatchCacheName = o.cache ?? 'lru';
   const shape = { layers: L, experts: E, capacity };
-  const cache: SlotCache = cacheName === 'lru' ? new LruPolicy(shape) : cacheName === 'lfu' ? new LfuPolicy(shape) : new LfuPolicy(shape, { halfLife: 4 });
+  // forecast: the server's default policy, demand-only here (no prefetch), told each
+  // visit's per-request routing; requests end explicitly (they sit out steps).
+  const forecast = cacheName === 'forecast' ? new ForecastPolicy(shape, { prefetch: false }) : null;
+  forecast?.useExplicitEnds();
+  const cache: SlotCache =
+    forecast ?? (cacheName === 'lru' ? new LruPolicy(shape) : cacheName === 'lfu' ? new LfuPolicy(shape) : new LfuPolicy(shape, { halfLife: 4 }));
   const resident = Array.from({ length: L }, () => new Uint8Array(E));
+  const planSteps = o.planSteps ?? DEFAULT_PLAN_STEPS;
+  if (!Number.isInteger(planSteps) || planSteps < 0) throw new Error(`plan steps must be an integer >= 0, got ${planSteps}`);
+  // The cache's own view of each request's recent routing (whatever the scheduler predicts from).
+  const planRecent = planSteps > 0 ? new RecentRouting(L, decay) : null;
+  const upcoming = new Float64Array(planSteps > 0 ? L * E : 0);
 
   const policy: BatchPolicy = o.scheduler === 'fcfs' ? new FcfsPolicy() : new ExpertAwarePolicy(o.policy);
   const aware = policy instanceof ExpertAwarePolicy ? policy : null;
@@ -267,11 +289,10 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
     const h = recent?.hint(lane.seqId);
     return h ? { predictedExperts: h.experts, predictedWeights: h.weights } : undefined;
   };
-  const noteRecent = (lane: Lane, tok: TraceToken) => {
-    recent ??= new RecentRouting(L, decay);
+  const noteRecent = (into: RecentRouting, lane: Lane, tok: TraceToken) => {
     for (let l = 0; l < L; l++) {
       const b = l * K;
-      if (tok.experts[b] !== NO_EXPERT) recent.observe(lane.seqId, l, tok.experts, b, K);
+      if (tok.experts[b] !== NO_EXPERT) into.observe(lane.seqId, l, tok.experts, b, K);
     }
   };
 
@@ -315,6 +336,20 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
 
     // Run the step.
     const ran: Lane[] = picks.map((p) => bySeq.get(p.seqId)!);
+    if (planRecent) {
+      // The lanes that wait, in FCFS order (live's), N per step: what the next steps run.
+      const ranSet = new Set(ran);
+      const next: number[][] = [];
+      for (const lane of live) {
+        if (ranSet.has(lane)) continue;
+        if (next.length === 0 || next[next.length - 1].length === N) {
+          if (next.length === planSteps) break;
+          next.push([]);
+        }
+        next[next.length - 1].push(lane.seqId);
+      }
+      cache.setUpcoming(upcomingWeights(upcoming, L, E, next, (seq) => planRecent.hint(seq), planSteps) ? upcoming : null);
+    }
     let distinctSum = 0;
     for (let l = 0; l < L; l++) {
       let n = 0;
@@ -334,6 +369,13 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
         seconds += timing.layerBaseSeconds;
         continue;
       }
+      if (forecast) {
+        const b = l * K;
+        forecast.observeRouting(
+          l,
+          ran.map((lane) => ({ seq: lane.seqId, experts: lane.tokens[lane.next].experts[b] === NO_EXPERT ? [] : lane.tokens[lane.next].experts.subarray(b, b + K) })),
+        );
+      }
       const d = cache.request(l, union.subarray(0, n));
       for (const ev of d.evictions) resident[l][ev.expert] = 0;
       for (const ld of d.loads) resident[l][ld.expert] = 1;
@@ -352,7 +394,8 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
       const w = step - lane.readyAt;
       setWait(lane.base + lane.next, w, isSteady);
       if (w > maxWait) maxWait = w;
-      if (predictor === 'recent' && o.scheduler === 'expert-aware') noteRecent(lane, lane.tokens[lane.next]);
+      if (predictor === 'recent' && o.scheduler === 'expert-aware') noteRecent(recent ??= new RecentRouting(L, decay), lane, lane.tokens[lane.next]);
+      if (planRecent) noteRecent(planRecent, lane, lane.tokens[lane.next]);
       lane.next++;
       lane.readyAt = step + 1;
       tokensRun++;
@@ -361,6 +404,8 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
       const lane = lanes[i];
       if (lane && lane.next === lane.tokens.length) {
         recent?.delete(lane.seqId);
+        planRecent?.delete(lane.seqId);
+        forecast?.endSequence(lane.seqId);
         lanes[i] = null;
       }
     }
@@ -376,6 +421,7 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
     concurrency: M,
     capacity,
     cache: cacheName,
+    planSteps,
     requests,
     steps: step,
     fullSteps,

@@ -88,6 +88,18 @@ export interface ExpertCachePolicy {
    * work also does it at its next request(), so decisions never depend on the call.
    */
   idle?(): void;
+  /**
+   * Optional: what the next steps are expected to need, from the scheduler's order of the
+   * running sequences that did not run this step and their recent routing: per
+   * (layer × experts + expert), a weight > 0 for an expert one of them is expected to use
+   * (larger: surer, or sooner). Until the next call, eviction takes a resident of weight 0
+   * before any of positive weight, and a lower weight before a higher one; the policy's own
+   * rank decides among equal weights, and a prefetch never displaces a weighted expert (a
+   * SlotCache may instead add the weight to its rank: upcomingScale).
+   * null: no such knowledge (every weight 0). The array is read, not copied: the caller
+   * keeps it unchanged until its next call.
+   */
+  setUpcoming?(weights: Float64Array | null): void;
 }
 
 export interface PolicyShape {
@@ -127,6 +139,15 @@ export abstract class SlotCache implements ExpertCachePolicy {
   protected readonly visits: Int32Array; // per layer: visits so far (the current time)
   private readonly mark: Uint32Array; // (layer, expert): stamp of the visit that needs it
   private stamp = 0;
+  /** setUpcoming()'s weights, or null. */
+  private upcoming: Float64Array | null = null;
+  /**
+   * How eviction uses the upcoming weights: null, evict weighted experts last (for ranks
+   * that are not comparable with a weight, as LRU's times); a number, add it × the weight
+   * to keepScore (for a policy whose score is a forecast of use, which already sees part of
+   * what the weights say).
+   */
+  protected upcomingScale: number | null = null;
   protected readonly s: CacheStats = { hits: 0, misses: 0, prefetchIssued: 0, prefetchUsed: 0, prefetchWasted: 0, prefetchCancelled: 0 };
 
   constructor(shape: PolicyShape) {
@@ -229,6 +250,13 @@ export abstract class SlotCache implements ExpertCachePolicy {
     this.remove(layer, expert);
   }
 
+  setUpcoming(weights: Float64Array | null): void {
+    if (weights !== null && weights.length !== this.layers * this.experts) {
+      throw new Error(`upcoming weights: ${weights.length} values for ${this.layers} layers x ${this.experts} experts`);
+    }
+    this.upcoming = weights;
+  }
+
   pin(layer: number, expert: number): boolean {
     const i = layer * this.experts + expert;
     if (this.slotOfE[i] < 0) return false;
@@ -290,8 +318,10 @@ export abstract class SlotCache implements ExpertCachePolicy {
     }
     let best = -1;
     let bestScore = Infinity;
+    let bestUp = Infinity;
     let fallback = -1;
     let fallbackScore = Infinity;
+    const up = this.upcoming;
     for (let s = 0; s < C; s++) {
       const e = this.slotE[base + s];
       if (this.pinned[layer * E + e]) continue;
@@ -300,10 +330,20 @@ export abstract class SlotCache implements ExpertCachePolicy {
         if (sc < fallbackScore) (fallbackScore = sc), (fallback = s);
         continue;
       }
-      if (sc < bestScore) (bestScore = sc), (best = s);
+      // The upcoming steps' expected experts: added to the rank (upcomingScale), or else
+      // evicted last (lowest weight first), the policy's rank deciding among equal weights.
+      let u = up === null ? 0 : up[layer * E + e];
+      let r = sc;
+      if (this.upcomingScale !== null) {
+        r += this.upcomingScale * u;
+        u = 0;
+      }
+      if (u < bestUp || (u === bestUp && r < bestScore)) (bestUp = u), (bestScore = r), (best = s);
     }
     if (best < 0 && Number.isFinite(floor)) return -1;
     if (best >= 0 && Number.isFinite(floor) && bestScore >= floor) return -1;
+    // A prefetch (any floor but a demand load's -Infinity) never displaces an upcoming expert.
+    if (best >= 0 && floor !== -Infinity && bestUp > 0) return -1;
     const s = best >= 0 ? best : fallback;
     if (s < 0) return -1;
     const victim = this.slotE[base + s];

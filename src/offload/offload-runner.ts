@@ -94,6 +94,7 @@ import { createOnlinePolicy, DEFAULT_ONLINE_POLICY } from './policies.js';
 import { NeedCalibration, PredictionCounters, topKIds } from './prediction.js';
 import type { RoutingReplay, StepTokens } from './replay.js';
 import { RecentRouting } from '../scheduler/recent-routing.js';
+import { DEFAULT_PLAN_STEPS, upcomingWeights } from './upcoming.js';
 
 /** The engine calls the runner makes (a NativeEngine built with `offload`, or a test double). */
 export type OffloadEngine = Pick<
@@ -148,6 +149,12 @@ export interface OffloadSettings {
    * previous experts) prefetch either way.
    */
   pregatingMinLift?: number;
+  /**
+   * Schedule-aware eviction (upcoming.ts): keep what the sequences of the next planSteps
+   * steps (planUpcoming) are expected to need, by their recent routing (default
+   * DEFAULT_PLAN_STEPS; 0: off).
+   */
+  planSteps?: number;
   /** Routing replay (the trace's experts instead of the router's). */
   replay?: RoutingReplay;
   /** Called with every layer's routing of the steps that completed. */
@@ -281,6 +288,10 @@ export class OffloadRunner implements ModelRunner {
   private readonly lastRouting = new Map<number, (Int32Array | null)[]>();
   /** Per live sequence: its recent routing, for the batch policy's hints. */
   private readonly recent: RecentRouting;
+  readonly planSteps: number;
+  /** planUpcoming()'s weights (the policy reads them until the next call). */
+  private readonly upcoming: Float64Array;
+  private upcomingOn = false;
   private readonly pinned: Set<number>[];
   /** The store's slots as the runner filled them: (layer, slot) → expert, (layer, expert) → slot. */
   private readonly slotExpert: Int32Array;
@@ -343,6 +354,9 @@ export class OffloadRunner implements ModelRunner {
     this.outstanding = Array.from({ length: this.L }, () => new Set<number>());
     this.prefetchPins = Array.from({ length: this.L }, () => new Set<number>());
     this.recent = new RecentRouting(this.L);
+    this.planSteps = o.planSteps ?? DEFAULT_PLAN_STEPS;
+    if (!Number.isInteger(this.planSteps) || this.planSteps < 0) throw new Error(`offload plan steps must be an integer >= 0, got ${o.planSteps}`);
+    this.upcoming = new Float64Array(this.planSteps > 0 ? this.L * this.E : 0);
     this.reuseHits = new Float64Array(this.L);
     this.reusePrev = new Float64Array(this.L);
     this.calibration = new NeedCalibration(Math.max(1, this.lookahead));
@@ -389,6 +403,7 @@ export class OffloadRunner implements ModelRunner {
     for (let i = 0; i < this.unusedPrefetch.length; i++) if (this.unusedPrefetch[i]) this.layerStats[Math.floor(i / this.E)].prefetchWasted++;
     this.emptyStore();
     this.policy = this.newPolicy();
+    this.upcomingOn = false; // the next planUpcoming() tells the new policy
     this.cacheResets++;
   }
 
@@ -903,6 +918,14 @@ export class OffloadRunner implements ModelRunner {
     this.lastRouting.delete(seqId);
     this.recent.delete(seqId);
     (this.policy as SequenceAware).endSequence?.(seqId);
+  }
+
+  planUpcoming(steps: readonly (readonly number[])[]): void {
+    if (this.planSteps === 0 || this.closed) return;
+    const any = upcomingWeights(this.upcoming, this.L, this.E, steps, (seq) => this.recent.hint(seq), this.planSteps);
+    if (!any && !this.upcomingOn) return;
+    this.upcomingOn = any;
+    this.policy.setUpcoming?.(any ? this.upcoming : null);
   }
 
   /** The sequence's recent routing (RecentRouting): what the batch policy predicts its next token needs. */

@@ -110,6 +110,12 @@ export interface SchedulerOutput {
   preempted: { requestId: string; seqId: number }[];
   /** Tokens in the batch. */
   numTokens: number;
+  /**
+   * What the next steps run if nothing changes (for the expert cache, upcoming.ts): the
+   * running sequences that sat out this step, longest-waiting first, cut into steps of
+   * maxBatchTokens tokens; upcoming[0] is the next step's.
+   */
+  upcoming: number[][];
 }
 
 export interface FinishedRequest {
@@ -206,7 +212,7 @@ export class Scheduler {
 
   /** Forms the next step's batch; an empty batch when nothing is runnable. */
   schedule(): SchedulerOutput {
-    const out: SchedulerOutput = { batch: [], entries: [], preempted: [], numTokens: 0 };
+    const out: SchedulerOutput = { batch: [], entries: [], preempted: [], numTokens: 0, upcoming: [] };
     if (this.running.length + this.waiting.length === 0) return out;
     // Running sequences longest-waiting first (stable: admission order among equals), so
     // that running sequences whose tokens exceed the budget take turns (round robin)
@@ -294,7 +300,26 @@ export class Scheduler {
       if (s.firstScheduledAt === null) s.firstScheduledAt = t;
     }
     if (out.batch.length > 0) this.counters.steps++;
+    out.upcoming = this.upcomingSteps(scheduled, waited);
     return out;
+  }
+
+  /** SchedulerOutput.upcoming: the running sequences not in `scheduled`, longest-waiting first, maxBatchTokens tokens per step. */
+  private upcomingSteps(scheduled: ReadonlySet<Sequence>, waited: (s: Sequence) => number): number[][] {
+    const rest = this.running.filter((s) => !scheduled.has(s));
+    rest.sort((a, b) => waited(b) - waited(a)); // stable: admission order among equals
+    const steps: number[][] = [];
+    const N = this.config.maxBatchTokens;
+    let room = 0;
+    for (const s of rest) {
+      if (room === 0) {
+        steps.push([]);
+        room = N;
+      }
+      steps[steps.length - 1].push(s.seqId);
+      room -= Math.min(room, Math.max(1, s.tokens.length - s.computed));
+    }
+    return steps;
   }
 
   /**

@@ -55,6 +55,7 @@ export function engineOptions(s: Readonly<ServeSettings>, modelDir: string, mode
             ...(parseSplit(s.offloadSplit).kind !== 'equal' ? { split: s.offloadSplit } : {}),
             policy: s.offloadPolicy,
             lookahead: s.offloadLookahead,
+            planSteps: s.offloadPlanSteps,
             ioThreads: s.offloadIoThreads,
             ...(s.offloadDir !== '' ? { dir: s.offloadDir } : {}),
           },
@@ -82,7 +83,7 @@ export async function startServer(s: Readonly<ServeSettings>, log: (line: string
   log(`starting the engine (runner ${s.runner}${s.runner === 'native' ? `, weights ${s.weights}` : ''}, ${s.kvBlocks} KV blocks of ${s.kvBlockSize} tokens${s.runner === 'native' ? ` (${s.kvCacheType})` : ''}, up to ${s.maxRunning} running / ${s.maxWaiting} waiting)`);
   if (s.offloadCapacity !== '') {
     const split = parseSplit(s.offloadSplit);
-    log(`expert offloading: capacity ${s.offloadCapacity} split across layers ${split.kind === 'equal' ? 'equally' : `by the weights ${splitText(split)}`}, policy ${s.offloadPolicy}, lookahead ${s.offloadLookahead}, ${s.offloadIoThreads} I/O threads, expert file in ${s.offloadDir || 'the OS temporary directory'}`);
+    log(`expert offloading: capacity ${s.offloadCapacity} split across layers ${split.kind === 'equal' ? 'equally' : `by the weights ${splitText(split)}`}, policy ${s.offloadPolicy}, lookahead ${s.offloadLookahead}, plan steps ${s.offloadPlanSteps}, ${s.offloadIoThreads} I/O threads, expert file in ${s.offloadDir || 'the OS temporary directory'}`);
   }
   if (s.offloadReplayTrace !== '') log(`routing replay from ${s.offloadReplayTrace}`);
   const engine = startEngine(engineOptions(s, modelDir, modelId));
