@@ -151,7 +151,6 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
   const withPrefill = o.prefill ?? true;
   const predictor: BatchPredictorName = o.predictor ?? DEFAULT_BATCH_PREDICTOR;
   const decay = o.recentDecay ?? RECENT_ROUTING_DECAY;
-  let recent = null as RecentRouting | null; // created with the header (L)
   const timing = o.timing ?? DEFAULT_TIMING;
 
   let header: TraceHeader | null = typeof src === 'string' ? null : src.header;
@@ -185,8 +184,10 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
   const resident = Array.from({ length: L }, () => new Uint8Array(E));
   const planSteps = o.planSteps ?? DEFAULT_PLAN_STEPS;
   if (!Number.isInteger(planSteps) || planSteps < 0) throw new Error(`plan steps must be an integer >= 0, got ${planSteps}`);
-  // The cache's own view of each request's recent routing (whatever the scheduler predicts from).
-  const planRecent = planSteps > 0 ? new RecentRouting(L, decay) : null;
+  // Each request's recent routing: the expert-aware policy's 'recent' predictor and the
+  // cache's plan read the same one.
+  const recent = (predictor === 'recent' && o.scheduler === 'expert-aware') || planSteps > 0 ? new RecentRouting(L, decay) : null;
+  const planRecent = planSteps > 0 ? recent : null;
   const upcoming = new Float64Array(planSteps > 0 ? L * E : 0);
 
   const policy: BatchPolicy = o.scheduler === 'fcfs' ? new FcfsPolicy() : new ExpertAwarePolicy(o.policy);
@@ -394,8 +395,7 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
       const w = step - lane.readyAt;
       setWait(lane.base + lane.next, w, isSteady);
       if (w > maxWait) maxWait = w;
-      if (predictor === 'recent' && o.scheduler === 'expert-aware') noteRecent(recent ??= new RecentRouting(L, decay), lane, lane.tokens[lane.next]);
-      if (planRecent) noteRecent(planRecent, lane, lane.tokens[lane.next]);
+      if (recent) noteRecent(recent, lane, lane.tokens[lane.next]);
       lane.next++;
       lane.readyAt = step + 1;
       tokensRun++;
@@ -404,7 +404,6 @@ export async function runBatchSim(src: RequestSource, o: BatchSimOptions): Promi
       const lane = lanes[i];
       if (lane && lane.next === lane.tokens.length) {
         recent?.delete(lane.seqId);
-        planRecent?.delete(lane.seqId);
         forecast?.endSequence(lane.seqId);
         lanes[i] = null;
       }
