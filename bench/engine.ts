@@ -40,6 +40,7 @@
 //                                        512, then 16 decode steps over it (llama.cpp with flash
 //                                        attention, its faster setting at long context)
 //   BENCH_LLAMA_MMAP=auto|0|1            llama.cpp's useMmap (default auto, its default)
+//   MOE_SERVE_KV_CACHE_TYPE=f32|f16      our KV cache, as the server's setting (default f16, as llama.cpp's)
 // The last line is JSON: {decode_vs_llamacpp, decode_roofline_fraction, prefill_vs_llamacpp,
 // batch32_vs_single, batch32_roofline_vs_single} for qwen-q8, and `figures`: [{name, value, unit, compared_to}].
 

@@ -8,12 +8,13 @@ import { loadSettings } from '../src/config.js';
 import { engineOptions } from '../src/server/server.js';
 import { MODEL_ID, startTestServer, tinyModelDir } from './helpers/server-harness.js';
 
-t.test('kvCacheType: default f32, f16 from a flag or the environment, anything else refused', async (t) => {
-  t.equal(loadSettings({ env: {} }).kvCacheType, 'f32');
-  t.equal(loadSettings({ env: {}, flags: { kvCacheType: 'f16' } }).kvCacheType, 'f16');
-  t.equal(loadSettings({ env: { MOE_SERVE_KV_CACHE_TYPE: 'f16' } }).kvCacheType, 'f16');
+t.test('kvCacheType: default f16, f32 from a flag or the environment, anything else refused', async (t) => {
+  t.equal(loadSettings({ env: {} }).kvCacheType, 'f16');
+  t.equal(loadSettings({ env: {}, flags: { kvCacheType: 'f32' } }).kvCacheType, 'f32');
+  t.equal(loadSettings({ env: { MOE_SERVE_KV_CACHE_TYPE: 'f32' } }).kvCacheType, 'f32');
   t.throws(() => loadSettings({ env: { MOE_SERVE_KV_CACHE_TYPE: 'q8' } }), /setting kvCacheType \(from MOE_SERVE_KV_CACHE_TYPE\) must be one of f32, f16/);
-  t.equal(engineOptions(loadSettings({ env: { MOE_SERVE_KV_CACHE_TYPE: 'f16' } }), '/m', 'm').kvCacheType, 'f16');
+  t.equal(engineOptions(loadSettings({ env: {} }), '/m', 'm').kvCacheType, 'f16');
+  t.equal(engineOptions(loadSettings({ env: { MOE_SERVE_KV_CACHE_TYPE: 'f32' } }), '/m', 'm').kvCacheType, 'f32');
 });
 
 async function greedy(url: string, prompt: string): Promise<{ text: string; tokens: number }> {

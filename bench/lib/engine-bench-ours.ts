@@ -3,6 +3,7 @@
 
 import { fork } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { loadSettings } from '../../src/config.js';
 import { NativeRunner, type WeightFormat } from '../../src/engine/native-runner.js';
 import type { StepSequence } from '../../src/engine/runner.js';
 import {
@@ -21,6 +22,13 @@ import {
 } from './engine-bench-common.js';
 
 export const KV_BLOCK_SIZE = 16;
+/**
+ * The KV cache type: the server's setting (kvCacheType, default f16 as llama.cpp's cache,
+ * which the bench compares with), MOE_SERVE_KV_CACHE_TYPE=f32 as for the server.
+ */
+const KV_ENV = process.env.MOE_SERVE_KV_CACHE_TYPE;
+const KV_CACHE_TYPE = loadSettings({ env: KV_ENV ? { MOE_SERVE_KV_CACHE_TYPE: KV_ENV } : {} }).kvCacheType;
+const KV_SETUP = `KV cache ${KV_CACHE_TYPE} (${KV_ENV ? 'MOE_SERVE_KV_CACHE_TYPE' : "the server's default"})`;
 
 /** Hands out disjoint ranges of KV block ids, one per sequence. */
 class BlockRanges {
@@ -74,7 +82,7 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
   const kvBlocks = blocksNeeded(w);
   const t0 = performance.now();
   // Each step's logits are read at once (greedy choice), as the server's engine loop does: one reused buffer.
-  const runner = await NativeRunner.open(dir, { weights, threads, kvBlockSize: KV_BLOCK_SIZE, kvBlocks, reuseLogits: true });
+  const runner = await NativeRunner.open(dir, { weights, threads, kvBlockSize: KV_BLOCK_SIZE, kvBlocks, kvCacheType: KV_CACHE_TYPE, reuseLogits: true });
   const loadSeconds = (performance.now() - t0) / 1000;
   let result: OursResult;
   try {
@@ -174,7 +182,7 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
       for (let i = 0; i < w.longPrompt.length; i += LONG_PREFILL_CHUNK) step([s], [w.longPrompt.slice(i, i + LONG_PREFILL_CHUNK)]);
       const prefillSeconds = (performance.now() - t) / 1000;
       const decodeSeconds = decodeSteps([s], w.longDecodeSteps);
-      long = { context: w.longPrompt.length, prefillSeconds, decodeSteps: w.longDecodeSteps, decodeSeconds, setup: 'KV cache float32 (the default)' };
+      long = { context: w.longPrompt.length, prefillSeconds, decodeSteps: w.longDecodeSteps, decodeSeconds, setup: KV_SETUP };
     }
     result = {
       engine: 'ours',
@@ -186,7 +194,7 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
       bandwidthBefore,
       bandwidthAfter,
       bandwidth: (bandwidthBefore + bandwidthAfter) / 2,
-      notes: [`isa ${info.isa}, ${info.threads} threads, KV cache float32 (${kvBlocks} blocks of ${KV_BLOCK_SIZE})`],
+      notes: [`isa ${info.isa}, ${info.threads} threads, ${KV_SETUP}, ${kvBlocks} blocks of ${KV_BLOCK_SIZE}`],
       info,
       memBefore,
       memLoaded,
