@@ -133,6 +133,8 @@ interface RunResult {
   regrouped: number;
   duePicks: number;
   pickSeconds: number;
+  /** Seconds in the scheduler's whole call (hints, resident set, pick, plan), every policy. */
+  scheduleSeconds: number;
   extraWaitMean: number;
 }
 
@@ -208,6 +210,7 @@ async function runPolicy(policy: PolicyName, modelDir: string, tokenizer: MoeTok
       regrouped: m.get(`moe_batch_regrouped_picks_total${l}`) ?? 0,
       duePicks: m.get(`moe_batch_due_picks_total${l}`) ?? 0,
       pickSeconds: m.get(`moe_batch_policy_pick_seconds_total${l}`) ?? 0,
+      scheduleSeconds: m.get(`moe_batch_schedule_seconds_total${l}`) ?? 0,
       extraWaitMean: extraTokens > 0 ? (m.get(`moe_batch_extra_wait_steps_sum${l}`) ?? 0) / extraTokens : 0,
     };
   } finally {
@@ -236,6 +239,7 @@ function mergeRuns(rs: RunResult[]): RunResult {
     regrouped: rs.reduce((s, r) => s + r.regrouped, 0),
     duePicks: rs.reduce((s, r) => s + r.duePicks, 0),
     pickSeconds: rs.reduce((s, r) => s + r.pickSeconds, 0),
+    scheduleSeconds: rs.reduce((s, r) => s + r.scheduleSeconds, 0),
     extraWaitMean: rs.reduce((s, r) => s + r.extraWaitMean, 0) / rs.length,
   };
 }
@@ -314,7 +318,7 @@ async function main(): Promise<void> {
       log(
         `  ${warm ? `warm-up, not counted: ${p}` : p.padEnd(12)} ${r.tps.toFixed(2)} tok/s (${r.tokens} tokens in ${r.wallS.toFixed(1)} s), itl p50 ${pct(r.itl, 50).toFixed(0)} p99 ${pct(r.itl, 99).toFixed(0)} ms, ` +
           `distinct experts/step ${r.distinctPerStep.toFixed(2)} over ${r.steps} steps, loads/token ${r.loadsPerToken.toFixed(2)}, regrouped ${r.regrouped}, due ${r.duePicks}, ` +
-          `extra wait mean ${r.extraWaitMean.toFixed(2)} steps, policy cost ${((r.pickSeconds / r.wallS) * 100).toFixed(3)}% of wall`,
+          `extra wait mean ${r.extraWaitMean.toFixed(2)} steps, policy cost ${((r.pickSeconds / r.wallS) * 100).toFixed(3)}% of wall (scheduling in all ${((r.scheduleSeconds / r.wallS) * 100).toFixed(3)}%)`,
       );
       if (warm) warmupTps.push(r.tps);
       else runs.push(r);
@@ -338,6 +342,7 @@ async function main(): Promise<void> {
     for (const [i, v] of warmupTps.entries()) fig(`warmup_run${i + 1}_throughput`, v, 'tokens/s', 'not counted: the first engine of the run');
     fig('expert_aware_regrouped_picks', ours.regrouped, 'picks', null);
     fig('expert_aware_policy_cost', ours.pickSeconds / ours.wallS, 'fraction', 'expert_aware_wall_time');
+    fig('expert_aware_schedule_cost', ours.scheduleSeconds / ours.wallS, 'fraction', `expert_aware_wall_time (fcfs: ${round(fcfs.scheduleSeconds / fcfs.wallS, 5)})`);
     const distinctReduction = 1 - ours.distinctPerStep / fcfs.distinctPerStep;
     const throughputVs = ours.tps / fcfs.tps;
     const p99Vs = pct(ours.itl, 99) / pct(fcfs.itl, 99);

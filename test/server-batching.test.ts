@@ -79,6 +79,8 @@ t.test('engine loop: FCFS never asks for hints; expert-aware gets them every ste
     t.equal(events.filter((e) => e.type === 'finished' && e.reason === 'length').length, 6, `${policy}: every request finished`);
     const st = loop.stats().batching!;
     t.equal(st.policy, policy);
+    // Every policy's scheduling time is counted, and it holds the expert-aware pick's.
+    t.ok(st.scheduleSeconds > 0 && st.scheduleSeconds >= st.pickSeconds, `${policy}: scheduling ${st.scheduleSeconds} s >= pick ${st.pickSeconds} s`);
     if (policy === 'fcfs') {
       t.same(calls, { hints: 0, resident: 0 }, 'fcfs: no hint work');
       t.equal(hinted, 0);
@@ -157,6 +159,8 @@ for (const policy of ['expert-aware', 'fcfs'] as const) {
     t.ok((m.get(`moe_batch_extra_wait_steps_count${l}`) ?? 0) > 0, 'extra-wait histogram observed');
     const regrouped = m.get(`moe_batch_regrouped_picks_total${l}`) ?? 0;
     const pickSeconds = m.get(`moe_batch_policy_pick_seconds_total${l}`) ?? 0;
+    const scheduleSeconds = m.get(`moe_batch_schedule_seconds_total${l}`) ?? 0;
+    t.ok(scheduleSeconds > 0 && scheduleSeconds >= pickSeconds, `scheduling ${scheduleSeconds} s on /metrics, pick ${pickSeconds} s`);
     if (policy === 'expert-aware') {
       t.ok(regrouped > 0, `regrouped picks ${regrouped}`);
       t.ok(pickSeconds > 0, `policy cost ${pickSeconds} s`);

@@ -69,6 +69,7 @@ export class EngineLoop {
       duePicks: 0,
       pickSeconds: 0,
       pickCalls: 0,
+      scheduleSeconds: 0,
       extraWaitBuckets: [...EXTRA_WAIT_BUCKETS],
       extraWaitCounts: EXTRA_WAIT_BUCKETS.map(() => 0),
       extraWaitSum: 0,
@@ -161,7 +162,9 @@ export class EngineLoop {
     const p = this.policy as PolicyCounters;
     const callsBefore = p.pickCalls;
     try {
+      const t0 = performance.now();
       out = this.scheduler.schedule();
+      this.batching.scheduleSeconds += (performance.now() - t0) / 1000;
       // Due picks of the step's (last) pick() call.
       if (p.pickCalls !== callsBefore && typeof p.lastDue === 'number') this.batching.duePicks += p.lastDue;
     } catch (e) {

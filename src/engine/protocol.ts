@@ -105,6 +105,12 @@ export interface BatchingStats {
   pickSeconds: number;
   pickCalls: number;
   /**
+   * Seconds spent forming steps, every policy: the scheduler's whole schedule() call, with
+   * what an expert-aware policy reads beyond FCFS (the runner's routing hints and resident
+   * experts), its pick() and the plan of the next steps.
+   */
+  scheduleSeconds: number;
+  /**
    * Decode tokens' extra wait in steps beyond round-robin FCFS's (the scheduler's
    * WaitStats): cumulative counts per bucket, sum, tokens.
    */

@@ -271,6 +271,11 @@ export class ServerMetrics {
     total('moe_batch_due_picks_total', 'Sequences picked first because they reached the policy\'s extra-wait bound.', (b) => b.duePicks);
     total('moe_batch_policy_pick_seconds_total', "Time spent in the batch policy's pick (policies that measure it: expert-aware).", (b) => b.pickSeconds);
     total('moe_batch_policy_picks_total', "Calls of the batch policy's pick (policies that measure it: expert-aware).", (b) => b.pickCalls);
+    total(
+      'moe_batch_schedule_seconds_total',
+      "Time spent forming steps, every policy: the scheduler's whole call, with the routing hints and resident experts an expert-aware policy reads, its pick and the plan of the next steps.",
+      (b) => b.scheduleSeconds,
+    );
   }
 
   get contentType(): string {
