@@ -26,3 +26,30 @@ t.test('decayed counts: the last token certain, older ones by their decayed coun
   t.throws(() => new RecentRouting(2, 1), /decay must be in \[0, 1\)/);
   t.throws(() => new RecentRouting(2, -0.1));
 });
+
+t.test("a sequence's hint is kept until its own next routing, and equals a fresh one", async (t) => {
+  const r = new RecentRouting(3, 0.7);
+  const fresh = new RecentRouting(3, 0.7);
+  const both = (seq: number, layer: number, ids: number[]) => {
+    r.observe(seq, layer, ids);
+    fresh.observe(seq, layer, ids);
+  };
+  for (let l = 0; l < 3; l++) {
+    both(1, l, [l, 5, 6]);
+    both(2, l, [7, 8, l + 10]);
+  }
+  const h1 = r.hint(1)!;
+  const h2 = r.hint(2)!;
+  t.equal(r.hint(1), h1, 'asked again: the same hint, not rebuilt');
+  both(2, 1, [8, 9, 20]);
+  t.equal(r.hint(1), h1, "another sequence's routing leaves it alone");
+  const h2b = r.hint(2)!;
+  t.not(h2b, h2, "the sequence's own routing renews it");
+  t.same(h2b, fresh.hint(2), 'the renewed hint is the one computed from scratch');
+  t.ok(h2b.experts[1].includes(9) && !h2.experts[1].includes(9), 'and it holds the new token');
+  t.same(r.hint(1), fresh.hint(1));
+  r.delete(1);
+  t.equal(r.hint(1), undefined, 'a deleted sequence has no hint');
+  r.observe(1, 0, [3]);
+  t.same(r.hint(1)!.experts, [[3], [], []], 'a sequence seen again starts over');
+});

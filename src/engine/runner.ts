@@ -78,8 +78,8 @@ export interface ModelRunner {
 
 /** A sequence's predicted experts for its next token, per layer. */
 export interface RoutingHint {
-  experts: number[][];
-  weights?: number[][];
+  readonly experts: readonly (readonly number[])[];
+  readonly weights?: readonly (readonly number[])[];
 }
 
 /** One layer's routing as a runner applied it (for tests and tracing). */

@@ -28,6 +28,12 @@ const FLOOR = 0.05;
 
 export class RecentRouting {
   private readonly seqs = new Map<number, Map<number, number>[]>();
+  /**
+   * hint()'s result per sequence until its next routing: a sequence that sits out a step
+   * keeps its hint, and the scheduler (every runnable sequence, every step) and the
+   * expert cache's plan (the ones that wait) ask for it again.
+   */
+  private readonly hints = new Map<number, RoutingHint>();
 
   constructor(
     readonly layers: number,
@@ -43,6 +49,7 @@ export class RecentRouting {
       hist = Array.from({ length: this.layers }, () => new Map<number, number>());
       this.seqs.set(seq, hist);
     }
+    this.hints.delete(seq);
     const m = hist[layer];
     for (const [e, w] of m) {
       const x = w * this.decay;
@@ -52,8 +59,13 @@ export class RecentRouting {
     for (let i = from; i < from + k; i++) m.set(ids[i], (m.get(ids[i]) ?? 0) + 1);
   }
 
-  /** Predicted experts per layer with weights min(1, decayed count); undefined before any routing. */
+  /**
+   * Predicted experts per layer with weights min(1, decayed count); undefined before any
+   * routing. The same object comes back until the sequence's next routing: read only.
+   */
   hint(seq: number): RoutingHint | undefined {
+    const cached = this.hints.get(seq);
+    if (cached) return cached;
     const hist = this.seqs.get(seq);
     if (!hist) return undefined;
     const experts: number[][] = [];
@@ -68,7 +80,9 @@ export class RecentRouting {
       experts.push(ids);
       weights.push(ws);
     }
-    return { experts, weights };
+    const h: RoutingHint = { experts, weights };
+    this.hints.set(seq, h);
+    return h;
   }
 
   has(seq: number): boolean {
@@ -77,6 +91,7 @@ export class RecentRouting {
 
   delete(seq: number): void {
     this.seqs.delete(seq);
+    this.hints.delete(seq);
   }
 
   get size(): number {
