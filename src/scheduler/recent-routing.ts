@@ -26,8 +26,19 @@ import type { RoutingHint } from '../engine/runner.js';
 export const RECENT_ROUTING_DECAY = 0.7;
 const FLOOR = 0.05;
 
+/**
+ * One layer's decayed counts of a sequence: experts in first-use order (an expert dropped
+ * and used again goes to the end) and their counts, parallel. Plain arrays, not a Map: a
+ * sequence uses a few dozen experts per layer, and these are read and decayed at every
+ * step for every layer.
+ */
+interface LayerCounts {
+  ids: number[];
+  counts: number[];
+}
+
 export class RecentRouting {
-  private readonly seqs = new Map<number, Map<number, number>[]>();
+  private readonly seqs = new Map<number, LayerCounts[]>();
   /**
    * hint()'s result per sequence until its next routing: a sequence that sits out a step
    * keeps its hint, and the scheduler (every runnable sequence, every step) and the
@@ -46,17 +57,32 @@ export class RecentRouting {
   observe(seq: number, layer: number, ids: ArrayLike<number>, from = 0, k = ids.length - from): void {
     let hist = this.seqs.get(seq);
     if (!hist) {
-      hist = Array.from({ length: this.layers }, () => new Map<number, number>());
+      hist = Array.from({ length: this.layers }, () => ({ ids: [], counts: [] }));
       this.seqs.set(seq, hist);
     }
     this.hints.delete(seq);
     const m = hist[layer];
-    for (const [e, w] of m) {
-      const x = w * this.decay;
-      if (x < FLOOR) m.delete(e);
-      else m.set(e, x);
+    const es = m.ids;
+    const cs = m.counts;
+    // Decay, dropping counts under FLOOR, the rest kept in order.
+    let n = 0;
+    for (let j = 0; j < es.length; j++) {
+      const x = cs[j] * this.decay;
+      if (x < FLOOR) continue;
+      es[n] = es[j];
+      cs[n++] = x;
     }
-    for (let i = from; i < from + k; i++) m.set(ids[i], (m.get(ids[i]) ?? 0) + 1);
+    es.length = n;
+    cs.length = n;
+    for (let i = from; i < from + k; i++) {
+      const e = ids[i];
+      const j = es.indexOf(e);
+      if (j >= 0) cs[j] += 1;
+      else {
+        es.push(e);
+        cs.push(1);
+      }
+    }
   }
 
   /**
@@ -71,14 +97,8 @@ export class RecentRouting {
     const experts: number[][] = [];
     const weights: number[][] = [];
     for (const m of hist) {
-      const ids: number[] = [];
-      const ws: number[] = [];
-      for (const [e, w] of m) {
-        ids.push(e);
-        ws.push(Math.min(1, w));
-      }
-      experts.push(ids);
-      weights.push(ws);
+      experts.push(m.ids.slice());
+      weights.push(m.counts.map((w) => Math.min(1, w)));
     }
     const h: RoutingHint = { experts, weights };
     this.hints.set(seq, h);
