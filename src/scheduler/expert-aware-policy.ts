@@ -87,6 +87,8 @@ export class ExpertAwarePolicy implements BatchPolicy {
   private q = new Float64Array(0);
   private cost = new Float64Array(0);
   private demand = new Float64Array(0);
+  private termJ = new Int32Array(0);
+  private termP = new Float64Array(0);
 
   constructor(opts: ExpertAwareOptions = {}) {
     this.maxExtraWaitSteps = opts.maxExtraWaitSteps ?? EXPERT_AWARE_DEFAULTS.maxExtraWaitSteps;
@@ -264,7 +266,40 @@ export class ExpertAwarePolicy implements BatchPolicy {
       this.lastDue++;
     }
 
-    // 2. Greedy on the expected union.
+    // 2. Greedy on the expected union. Each candidate's terms, flat and in the order the
+    // score sums them (layer by layer, hint order): (layer, expert) index and probability,
+    // or -1 - l for a layer without a prediction. Read at every greedy round.
+    const termStart = new Int32Array(R + 1);
+    let nTerms = 0;
+    for (let i = 0; i < R; i++) {
+      termStart[i] = nTerms;
+      const pe = running[i].c.hints?.predictedExperts;
+      for (let l = 0; l < L; l++) nTerms += Math.max(1, pe?.[l]?.length ?? 0);
+    }
+    termStart[R] = nTerms;
+    if (this.termJ.length < nTerms) {
+      this.termJ = new Int32Array(nTerms);
+      this.termP = new Float64Array(nTerms);
+    }
+    const termJ = this.termJ;
+    const termP = this.termP;
+    for (let i = 0; i < R; i++) {
+      const pe = running[i].c.hints?.predictedExperts;
+      const pw = running[i].c.hints?.predictedWeights;
+      let t = termStart[i];
+      for (let l = 0; l < L; l++) {
+        const set = pe?.[l];
+        if (!set || set.length === 0) {
+          termJ[t++] = -1 - l;
+          continue;
+        }
+        const w = pw?.[l];
+        for (let k = 0; k < set.length; k++) {
+          termJ[t] = l * E + set[k];
+          termP[t++] = w ? w[k] : 1;
+        }
+      }
+    }
     while (tokens > 0) {
       // Expected picks after this one that use an expert another candidate predicts: an
       // expert many candidates share is amortized over them (this also seeds the first pick).
@@ -273,24 +308,16 @@ export class ExpertAwarePolicy implements BatchPolicy {
       let bestScore = Infinity;
       for (let i = 0; i < R; i++) {
         if (taken[i]) continue;
-        const c = running[i].c;
-        const n = Math.min(c.pendingTokens, tokens);
-        const pe = c.hints?.predictedExperts;
-        const pw = c.hints?.predictedWeights;
+        const n = Math.min(running[i].c.pendingTokens, tokens);
         let s = 0;
-        for (let l = 0; l < L; l++) {
-          const set = pe?.[l];
-          if (!set || set.length === 0) {
-            s += Kavg * meanCost[l];
+        for (let t = termStart[i], end = termStart[i + 1]; t < end; t++) {
+          const j = termJ[t];
+          if (j < 0) {
+            s += Kavg * meanCost[-1 - j];
             continue;
           }
-          const w = pw?.[l];
-          const base = l * E;
-          for (let k = 0; k < set.length; k++) {
-            const j = base + set[k];
-            const p = w ? w[k] : 1;
-            s += (p * q[j] * cost[j]) / (1 + shareRate * Math.max(0, demand[j] - p));
-          }
+          const p = termP[t];
+          s += (p * q[j] * cost[j]) / (1 + shareRate * Math.max(0, demand[j] - p));
         }
         s /= n;
         if (s < bestScore - 1e-12) {
