@@ -107,7 +107,8 @@ export interface BatchingStats {
   /**
    * Seconds spent forming steps, every policy: the scheduler's whole schedule() call, with
    * what an expert-aware policy reads beyond FCFS (the runner's routing hints and resident
-   * experts), its pick() and the plan of the next steps.
+   * experts), its pick() and the list of the next steps' sequences (not the runner's
+   * planUpcoming, which turns that list into the cache's weights).
    */
   scheduleSeconds: number;
   /**

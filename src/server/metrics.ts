@@ -273,7 +273,7 @@ export class ServerMetrics {
     total('moe_batch_policy_picks_total', "Calls of the batch policy's pick (policies that measure it: expert-aware).", (b) => b.pickCalls);
     total(
       'moe_batch_schedule_seconds_total',
-      "Time spent forming steps, every policy: the scheduler's whole call, with the routing hints and resident experts an expert-aware policy reads, its pick and the plan of the next steps.",
+      "Time spent forming steps, every policy: the scheduler's whole call, with the routing hints and resident experts an expert-aware policy reads, its pick and the list of the sequences of the next steps.",
       (b) => b.scheduleSeconds,
     );
   }
