@@ -69,7 +69,7 @@ import {
   type ReadBytes,
 } from './lib/engine-bench-common.js';
 import { disposeLlamaCpp, getLlamaCpp, measureLlamaCpp, type LlamaCppResult } from './lib/engine-bench-llamacpp.js';
-import { measureOursInChild, type OursResult } from './lib/engine-bench-ours.js';
+import { measureOursInChild, oursKvCache, type OursResult } from './lib/engine-bench-ours.js';
 import type { Figure } from './lib/figures.js';
 
 interface BenchCase {
@@ -124,6 +124,7 @@ for (const id of caseIds) if (!CASES.some((c) => c.id === id)) throw new Error(`
 const selected = CASES.filter((c) => caseIds.includes(c.id));
 const threads = intOption('BENCH_THREADS', 2, 1, flag('threads'));
 const budgetSeconds = intOption('BENCH_BUDGET_SECONDS', 600, 0);
+oursKvCache(); // a bad MOE_SERVE_KV_CACHE_TYPE fails here, before any work
 const mmapRaw = process.env.BENCH_LLAMA_MMAP ?? 'auto';
 const llamaMmap: boolean | 'auto' = mmapRaw === '0' ? false : mmapRaw === '1' ? true : 'auto';
 const workload = makeWorkload({

@@ -4,7 +4,7 @@
 import { fork } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { loadSettings } from '../../src/config.js';
-import { NativeRunner, type WeightFormat } from '../../src/engine/native-runner.js';
+import { NativeRunner, type KvCacheType, type WeightFormat } from '../../src/engine/native-runner.js';
 import type { StepSequence } from '../../src/engine/runner.js';
 import {
   argmaxBelow,
@@ -23,12 +23,15 @@ import {
 
 export const KV_BLOCK_SIZE = 16;
 /**
- * The KV cache type: the server's setting (kvCacheType, default f16 as llama.cpp's cache,
- * which the bench compares with), MOE_SERVE_KV_CACHE_TYPE=f32 as for the server.
+ * Our KV cache type and how it was chosen: the server's setting (kvCacheType, default f16
+ * as llama.cpp's cache, which the bench compares with), MOE_SERVE_KV_CACHE_TYPE=f32 as for
+ * the server. Throws the setting's error on a bad value (bench/engine.ts checks it first).
  */
-const KV_ENV = process.env.MOE_SERVE_KV_CACHE_TYPE;
-const KV_CACHE_TYPE = loadSettings({ env: KV_ENV ? { MOE_SERVE_KV_CACHE_TYPE: KV_ENV } : {} }).kvCacheType;
-const KV_SETUP = `KV cache ${KV_CACHE_TYPE} (${KV_ENV ? 'MOE_SERVE_KV_CACHE_TYPE' : "the server's default"})`;
+export function oursKvCache(): { type: KvCacheType; setup: string } {
+  const env = process.env.MOE_SERVE_KV_CACHE_TYPE;
+  const type = loadSettings({ env: env ? { MOE_SERVE_KV_CACHE_TYPE: env } : {} }).kvCacheType;
+  return { type, setup: `KV cache ${type} (${env ? 'MOE_SERVE_KV_CACHE_TYPE' : "the server's default"})` };
+}
 
 /** Hands out disjoint ranges of KV block ids, one per sequence. */
 class BlockRanges {
@@ -80,9 +83,10 @@ export interface OursResult extends EngineResult {
 export async function measureOurs(dir: string, weights: WeightFormat, threads: number, w: Workload): Promise<OursResult> {
   const memBefore = procMemory();
   const kvBlocks = blocksNeeded(w);
+  const kv = oursKvCache();
   const t0 = performance.now();
   // Each step's logits are read at once (greedy choice), as the server's engine loop does: one reused buffer.
-  const runner = await NativeRunner.open(dir, { weights, threads, kvBlockSize: KV_BLOCK_SIZE, kvBlocks, kvCacheType: KV_CACHE_TYPE, reuseLogits: true });
+  const runner = await NativeRunner.open(dir, { weights, threads, kvBlockSize: KV_BLOCK_SIZE, kvBlocks, kvCacheType: kv.type, reuseLogits: true });
   const loadSeconds = (performance.now() - t0) / 1000;
   let result: OursResult;
   try {
@@ -182,7 +186,7 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
       for (let i = 0; i < w.longPrompt.length; i += LONG_PREFILL_CHUNK) step([s], [w.longPrompt.slice(i, i + LONG_PREFILL_CHUNK)]);
       const prefillSeconds = (performance.now() - t) / 1000;
       const decodeSeconds = decodeSteps([s], w.longDecodeSteps);
-      long = { context: w.longPrompt.length, prefillSeconds, decodeSteps: w.longDecodeSteps, decodeSeconds, setup: KV_SETUP };
+      long = { context: w.longPrompt.length, prefillSeconds, decodeSteps: w.longDecodeSteps, decodeSeconds, setup: kv.setup };
     }
     result = {
       engine: 'ours',
@@ -194,7 +198,7 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
       bandwidthBefore,
       bandwidthAfter,
       bandwidth: (bandwidthBefore + bandwidthAfter) / 2,
-      notes: [`isa ${info.isa}, ${info.threads} threads, ${KV_SETUP}, ${kvBlocks} blocks of ${KV_BLOCK_SIZE}`],
+      notes: [`isa ${info.isa}, ${info.threads} threads, ${kv.setup}, ${kvBlocks} blocks of ${KV_BLOCK_SIZE}`],
       info,
       memBefore,
       memLoaded,
