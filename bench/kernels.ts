@@ -28,7 +28,7 @@ const figures: Figure[] = [];
 const round = (v: number, digits = 2) => Number(v.toFixed(digits));
 
 console.log(
-  `kernels: isa=${info.active} (best ${info.best}, vnni ${info.vnni}, bf16 ${info.bf16}, amx ${info.amx}), threads=${threads}`,
+  `kernels: isa=${info.active} (best ${info.best}, vnni ${info.vnni}, bf16 ${info.bf16}, amx ${info.amx}: ${info.amxStatus}), threads=${threads}`,
 );
 
 // The probe: a plain streaming read of a 512 MB buffer, split over the pool's threads.

@@ -147,7 +147,15 @@ t.test('kernelInfo and setIsa', async (t) => {
   t.ok(ALL_ISAS.includes(info.active), `active ${info.active}`);
   t.type(info.vnni, 'boolean');
   t.type(info.bf16, 'boolean');
-  t.equal(info.amx, false);
+  t.type(info.amx, 'boolean');
+  t.type(info.amxStatus, 'string');
+  if (!addon.cpuFeatures().amxInt8) {
+    t.equal(info.amx, false, 'no AMX on this CPU: not in use');
+    t.match(info.amxStatus, /not supported by this CPU/, `status: ${info.amxStatus}`);
+  } else {
+    t.comment(`AMX: ${info.amxStatus}`);
+    if (info.amx) t.match(info.amxStatus, /^in use/);
+  }
   t.ok(ISAS.includes('scalar') && ISAS.includes(info.best), `runnable: ${ISAS.join(', ')}`);
   t.throws(() => addon.setIsa('sse9' as KernelIsa), /scalar avx2 avx512/);
   t.equal(addon.kernelInfo().active, initialIsa, 'a refused name changes nothing');
@@ -532,6 +540,22 @@ for (const type of TYPES) {
 }
 
 /**
+ * A random Q8_0 product (weights rows x cols, n tokens): the weights' bytes, the inputs,
+ * the values the kernels multiply (dequantized), and the scalar kernel's outputs.
+ */
+function q8Case(seed: number, rows: number, cols: number, n: number) {
+  const w = randomMatrix(seed, rows * cols, 0.05);
+  const x = randomMatrix(seed + 1, n * cols, 1);
+  const bytes = addon.quantizeRows('q8_0', w, rows, cols);
+  const wd = dequantizeAll('q8_0', bytes, rows, cols);
+  addon.setIsa('scalar');
+  const xd = addon.actsDequantize('q8_0', x, n, cols);
+  const scalar = addon.matmulTest('q8_0', bytes, rows, cols, x, n, 1);
+  addon.setIsa(initialIsa);
+  return { bytes, x, wd, xd, scalar };
+}
+
+/**
  * Q8_0 matmuls of every ISA against the scalar kernel over rows × {32, 96, 2048} columns ×
  * token counts (`skip` leaves out large cases to keep the suite fast): the worst
  * |difference| relative to the sum of the absolute products of each output.
@@ -543,13 +567,8 @@ function q8AgainstScalar(seed: number, rowCounts: number[], tokenCounts: number[
     for (const cols of [32, 96, 2048]) {
       for (const n of tokenCounts) {
         if (skip(rows, cols, n)) continue;
-        const w = randomMatrix(seed++, rows * cols, 0.05);
-        const x = randomMatrix(seed++, n * cols, 1);
-        const bytes = addon.quantizeRows('q8_0', w, rows, cols);
-        const wd = dequantizeAll('q8_0', bytes, rows, cols);
-        addon.setIsa('scalar');
-        const xd = addon.actsDequantize('q8_0', x, n, cols);
-        const scalar = addon.matmulTest('q8_0', bytes, rows, cols, x, n, 1);
+        const { bytes, x, wd, xd, scalar } = q8Case(seed, rows, cols, n);
+        seed += 2;
         for (const isa of ISAS) {
           if (isa === 'scalar') continue;
           addon.setIsa(isa);
@@ -586,6 +605,67 @@ t.test('matmul q8_0, 1..9 tokens over 8-row tiles: every ISA vs scalar', async (
 t.test('matmul q8_0, 31..70 tokens over 16-token groups: every ISA vs scalar', async (t) => {
   const { worst, checked } = q8AgainstScalar(1900, [1, 3, 4, 5, 9, 17], [31, 32, 33, 37, 45, 48, 64, 70], (rows, cols, n) => cols === 2048 && rows > 5 && n !== 37 && n !== 64);
   t.ok(worst <= 1e-5, `vs scalar: worst |diff| / sum|terms| = ${worst.toExponential(2)} (${checked} runs)`);
+});
+
+// The AMX Q8_0 kernel (kernels_amx.cc) serves the 16-token groups where the CPU has AMX;
+// here its tile instructions are modelled in C++ (kernels_amx_emu.cc), so its tiling (16
+// weight rows per A tile, the last rows zero-padded; two 16-token B tiles per pass) and its
+// scaling run on any host: against the scalar kernel and a float64 dot product, row counts
+// around its 16-row tiles, odd block counts, token counts around the 32-token pairs (the
+// tokens after the last pair are not its: they stay NaN). On an AVX-512 VNNI CPU it must
+// also give the VNNI kernel's bits, which is what the start-up self-test checks on AMX CPUs.
+t.test('matmul q8_0 on AMX tiles (instructions modelled): 16-token groups vs scalar, float64 and VNNI', async (t) => {
+  let seed = 4100;
+  let worstScalar = 0;
+  let worstF64 = 0;
+  let checked = 0;
+  let vnniChecked = 0;
+  let vnniDiffering = 0;
+  const vnni = ISAS.includes('avx512') && addon.kernelInfo().vnni;
+  for (const rows of [1, 15, 16, 17, 40]) {
+    for (const cols of [32, 96, 2048]) {
+      for (const n of [31, 32, 40, 64, 70]) {
+        if (cols === 2048 && rows > 17 && n !== 64) continue;
+        const { bytes, x, wd, xd, scalar } = q8Case(seed, rows, cols, n);
+        seed += 2;
+        const y = addon.amxMatmulTest(bytes, rows, cols, x, n);
+        const grouped = Math.floor(n / 32) * 32;
+        let untouched = 0;
+        for (let tk = grouped; tk < n; tk++) for (let r = 0; r < rows; r++) if (Number.isNaN(y[tk * rows + r])) untouched++;
+        t.equal(untouched, (n - grouped) * rows, `${rows}x${cols}, ${n} tokens: the ${n - grouped} tokens after the pairs are left alone`);
+        for (let tk = 0; tk < grouped; tk++) {
+          for (let r = 0; r < rows; r++) {
+            let s = 0;
+            let m = 1e-30;
+            for (let k = 0; k < cols; k++) {
+              const p = wd[r * cols + k] * xd[tk * cols + k];
+              s += p;
+              m += Math.abs(p);
+            }
+            const i = tk * rows + r;
+            worstScalar = Math.max(worstScalar, Math.abs(y[i] - scalar[i]) / m);
+            worstF64 = Math.max(worstF64, Math.abs(y[i] - s) / m);
+          }
+        }
+        if (grouped > 0) checked++;
+        if (vnni && grouped > 0) {
+          addon.setIsa('avx512');
+          const v = addon.matmulTest('q8_0', bytes, rows, cols, x, n, 2);
+          addon.setIsa(initialIsa);
+          for (let i = 0; i < grouped * rows; i++) if (!Object.is(v[i], y[i])) vnniDiffering++;
+          vnniChecked++;
+        }
+      }
+    }
+  }
+  t.ok(checked >= 40, `${checked} cases with 16-token groups`);
+  t.ok(worstScalar <= 1e-5, `vs scalar: worst |diff| / sum|terms| = ${worstScalar.toExponential(2)}`);
+  t.ok(worstF64 <= 1e-5, `vs float64: worst |diff| / sum|terms| = ${worstF64.toExponential(2)}`);
+  if (vnni) t.equal(vnniDiffering, 0, `bitwise the AVX-512 VNNI kernel's outputs (${vnniChecked} cases)`);
+  else t.comment('no AVX-512 VNNI here: the bitwise comparison with the VNNI kernel is left to the start-up self-test of AMX CPUs');
+  // Shapes the kernel refuses as matmulTest does.
+  t.throws(() => addon.amxMatmulTest(new Uint8Array(34), 1, 33, new Float32Array(33 * 32), 32), /cols|32/);
+  t.throws(() => addon.amxMatmulTest(new Uint8Array(10), 1, 32, new Float32Array(32 * 32), 32), /weights/);
 });
 
 // The scalar kernel, and the AVX2 per-token tiles (one-token decode tiles, two blocks per

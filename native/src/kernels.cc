@@ -5,7 +5,10 @@
 // support (cpu_features), unless the environment variable
 //   MOE_SERVE_ISA=scalar|avx2|avx512
 // names another one (a variant the CPU cannot run is ignored, with a warning on stderr).
-// set_isa() overrides both at run time (tests, benchmarks). Packing weights at load
+// set_isa() overrides both at run time (tests, benchmarks). Inside the avx512 family,
+// Q8_0 products of 32 tokens and more go through Intel AMX tiles where usable
+// (kernels_amx.cc: CPU and OS support, a self-test and a timing against the VNNI kernel at
+// first use; MOE_SERVE_AMX=0 turns it off). Packing weights at load
 // (quantize_rows into Q8_0 / Q4_0, dequantize_row from BF16) takes the AVX-512 code when
 // that variant is active, byte for byte the scalar definitions below (about 3x faster
 // loading of a bf16 checkpoint into q8).
@@ -525,6 +528,14 @@ bool set_isa(Isa isa) {
   if (!can_run(isa)) return false;
   g_isa.store(static_cast<int>(isa), std::memory_order_relaxed);
   return true;
+}
+
+bool amx_in_use() { return current() == Isa::Avx512 && kdetail::amx_q8_active(); }
+
+const char* amx_status() {
+  // kernels_amx.cc is built with AVX-512 flags: reached only where the CPU has AVX-512.
+  if (!can_run(Isa::Avx512)) return "not supported by this CPU (no AVX-512, no AMX)";
+  return kdetail::amx_q8_status();
 }
 
 const char* isa_name(Isa isa) {

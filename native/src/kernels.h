@@ -66,6 +66,13 @@ Isa active_isa();               // what is in use
 bool set_isa(Isa isa);
 const char* isa_name(Isa isa);
 
+// Intel AMX for Q8_0 products of 32 tokens and more (prefill, batched decode), inside the
+// avx512 family: whether the active kernels use it, and why or why not ("in use", "not
+// supported by this CPU", the OS refusing the tile state, a failed start-up self-test,
+// MOE_SERVE_AMX=0). The first call decides (and runs the self-test where the CPU has AMX).
+bool amx_in_use();
+const char* amx_status();
+
 }  // namespace moe
 
 // ---- Additions ----------------------------------------------------------------------
@@ -168,6 +175,19 @@ void matmul_avx512(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* 
 void prepare_avx512(WType t, const float* x, int64_t n, int64_t cols, int64_t ldx, Acts& out);
 uint64_t stream_avx512(const uint8_t* p, size_t bytes);
 uint64_t int8_peak_avx512(int64_t iters, int64_t* macs);
+
+// Intel AMX (kernels_amx.cc), reached only from AVX-512 code or after can_run(Avx512):
+// the Q8_0 product for the tokens [0, n / 32 * 32) (every 16-token group of x), rows
+// [r0, r1); bitwise the VNNI kernel's results for those tokens. amx_q8_active() decides
+// once (CPU and OS support, MOE_SERVE_AMX=0 to turn it off, a self-test and a timing
+// against the VNNI kernel) whether matmul_avx512 uses it; amx_q8_status() says why or why not.
+void matmul_q8_amx(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
+bool amx_q8_active();
+bool amx_q8_usable();
+const char* amx_q8_status();
+// The same kernel with the tile instructions modelled in C++ (kernels_amx_emu.cc): any
+// CPU, for tests only.
+void matmul_q8_amx_emulated(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
 
 }  // namespace kdetail
 }  // namespace moe

@@ -756,9 +756,13 @@ void matmul_q(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, in
     // 4 KB: one L1 set), evicted each other's lines between tiles (one thread, 2048 x 768
     // with 32 tokens: 81 GMAC/s with them, 137 without any).
     constexpr int RS = 16;
+    // With AMX (kernels_amx.cc) the 16-token groups go through the tile unit instead of
+    // q8_tile_g16, with the same results; the other tokens as below.
+    const bool amx = done16 > 0 && amx_q8_active();
+    if (amx) matmul_q8_amx(w, x, r0, r1, y, ldy);
     for (int64_t rs = r0; rs < r1; rs += RS) {
       const int64_t re = std::min<int64_t>(r1, rs + RS);
-      for (int64_t t0 = 0; t0 < done16; t0 += 32) {
+      for (int64_t t0 = 0; t0 < (amx ? 0 : done16); t0 += 32) {
         alignas(64) float buf[32 * RS];
         const uint8_t* grp = a.groups16 + (t0 / 16) * kGroup16BlockBytes;
         for (int64_t r = rs; r < re; r += GR) {

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -95,7 +96,8 @@ Napi::Value KernelInfo(const Napi::CallbackInfo& info) {
   o.Set("active", isa_name(active_isa()));
   o.Set("vnni", f.avx512vnni && best_isa() == Isa::Avx512);
   o.Set("bf16", f.avx512bf16 && best_isa() == Isa::Avx512);
-  o.Set("amx", false);  // no AMX kernels yet (the development host has no AMX to test them on)
+  o.Set("amx", amx_in_use());
+  o.Set("amxStatus", amx_status());
   return o;
 }
 
@@ -175,6 +177,30 @@ Napi::Value MatmulTest(const Napi::CallbackInfo& info) {
   const WMat m{t, rows, cols, w.Data()};
   ThreadPool pool(static_cast<int>(threads));
   matmul_parallel(pool, m, acts, y.Data(), rows);
+  return y;
+}
+
+// amxMatmulTest(weights, rows, cols, x, n) -> Float32Array(n * rows): the AMX Q8_0 kernel
+// with its tile instructions modelled in C++ (kernels_amx_emu.cc), one thread, for the
+// tokens [0, n / 32 * 32); the other tokens' outputs are left NaN.
+Napi::Value AmxMatmulTest(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int64_t rows = int_arg(info, 1, "rows", 0, kMaxDim);
+  const int64_t cols = int_arg(info, 2, "cols", 0, kMaxDim);
+  const int64_t n = int_arg(info, 4, "n", 0, 1 << 20);
+  check_cols(env, WType::Q8_0, cols);
+  Napi::Uint8Array w = u8_arg(info, 0, "weights", static_cast<size_t>(rows) * row_bytes(WType::Q8_0, cols));
+  Napi::Float32Array x = f32_arg(info, 3, "x", static_cast<size_t>(n * cols));
+  Acts acts;
+  prepare_acts(WType::Q8_0, x.Data(), n, cols, cols, acts);
+  Napi::Float32Array y = Napi::Float32Array::New(env, static_cast<size_t>(n * rows));
+  std::fill(y.Data(), y.Data() + n * rows, std::numeric_limits<float>::quiet_NaN());
+  const WMat m{WType::Q8_0, rows, cols, w.Data()};
+  try {
+    kdetail::matmul_q8_amx_emulated(m, acts, 0, rows, y.Data(), rows);
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
   return y;
 }
 
@@ -517,6 +543,7 @@ void RegisterKernels(Napi::Env env, Napi::Object exports) {
   exports.Set("dequantizeRow", Napi::Function::New(env, DequantizeRow, "dequantizeRow"));
   exports.Set("actsDequantize", Napi::Function::New(env, ActsDequantize, "actsDequantize"));
   exports.Set("matmulTest", Napi::Function::New(env, MatmulTest, "matmulTest"));
+  exports.Set("amxMatmulTest", Napi::Function::New(env, AmxMatmulTest, "amxMatmulTest"));
   exports.Set("attendTest", Napi::Function::New(env, AttendTest, "attendTest"));
   exports.Set("siluMulTest", Napi::Function::New(env, SiluMulTest, "siluMulTest"));
   exports.Set("expWeights", Napi::Function::New(env, ExpWeights, "expWeights"));

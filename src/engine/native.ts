@@ -273,8 +273,15 @@ export interface KernelInfo {
   vnni: boolean;
   /** The avx512 family uses vdpbf16ps for bf16. */
   bf16: boolean;
-  /** AMX tile kernels in use (not implemented yet: always false). */
+  /**
+   * The avx512 family's Q8_0 products of 32 tokens and more go through Intel AMX tiles
+   * (TDPBSSD; bitwise the VNNI kernel's results): the CPU and OS support them, a start-up
+   * self-test against the VNNI kernel passed, a start-up timing found them faster than it,
+   * and MOE_SERVE_AMX is not 0.
+   */
   amx: boolean;
+  /** Why AMX is or is not used ("in use", "not supported by this CPU ...", ...). */
+  amxStatus: string;
 }
 
 /** Result of kernelBench: one matmul over all rows, timed natively. */
@@ -352,6 +359,12 @@ export interface NativeAddon {
     n: number,
     threads: number,
   ): Float32Array;
+  /**
+   * The AMX Q8_0 kernel with its tile instructions modelled in C++ (any CPU; for tests):
+   * like matmulTest for q8_0 on one thread, for the tokens [0, n / 32 * 32) (its 16-token
+   * groups); the outputs of the other tokens are NaN.
+   */
+  amxMatmulTest(weights: Uint8Array, rows: number, cols: number, x: Float32Array, n: number): Float32Array;
   /**
    * The engine's attention of one token for `nq` query heads of KV head `g`, with the
    * active ISA, over a paged cache in the engine's layout (native/src/vecops.h: keys

@@ -1,0 +1,456 @@
+// Q8_0 x Q8_0 matrix product on Intel AMX (AMX-TILE + AMX-INT8), for the tokens the
+// AVX-512 kernel takes in 16-token groups (prefill, batched decode: 32 tokens and more).
+//
+// This file is compiled twice:
+//   - as itself, with the AMX and AVX-512 flags (CMakeLists.txt): the tile instructions
+//     (LDTILECFG, TILELOADD, TILEZERO, TDPBSSD, TILESTORED); kernels_avx512.cc calls it
+//     once amx_q8_active() has found that the CPU and the OS support them, that a
+//     start-up self-test gives the VNNI kernel's exact results (a fault in it is caught)
+//     and that a start-up timing finds it faster than the VNNI kernel;
+//   - as kernels_amx_emu.cc (MOE_AMX_EMULATED), with the baseline flags: the same kernel
+//     with each tile instruction carried out by a plain C++ model of its definition (Intel
+//     SDM, "Intel AMX instruction set reference"), so that its tiling, its layouts and its
+//     scaling are tested on any host (test/kernels.test.ts, through amxMatmulTest).
+//
+// Per block b (32 columns), per 16 weight rows and per pair of 16-token groups:
+//   A  (tmm0) = 16 rows x 32 bytes: the rows' int8 weights, loaded straight from the Q8_0
+//               blocks (stride: the row's bytes), or from a zero-padded copy for the last
+//               rows of a matrix whose row count is not a multiple of 16;
+//   B0, B1 (tmm1, tmm2) = 8 rows x 64 bytes: the activations' 16-token groups as
+//               prepare_acts lays them out (kernels.h, "groups of 16 tokens": row k holds
+//               bytes 4k..4k+3 of each token's block, which is TDPBSSD's B layout);
+//   C0, C1 (tmm3, tmm4) = 16 x 16 int32: TDPBSSD (signed x signed) gives each (row,
+//               token) block dot product exactly, stored and then scaled in AVX-512:
+//               acc = fma(float(dot), dw * dx, acc), blocks in order.
+// That float arithmetic is q8_tile_g16's (kernels_avx512.cc) operation for operation, so
+// the outputs are bitwise those of the VNNI kernel; the self-test checks it on the CPU.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+
+// The hardware build needs a compiler with AMX support (CMakeLists.txt passes its flags
+// only then); without it this file only says so (amx_q8_status).
+#if !defined(MOE_AMX_EMULATED) && !(defined(__AMX_TILE__) && defined(__AMX_INT8__))
+#define MOE_AMX_UNAVAILABLE 1
+#endif
+
+#if !defined(MOE_AMX_EMULATED) && !defined(MOE_AMX_UNAVAILABLE)
+#include <immintrin.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <random>
+#include <vector>
+
+#include "cpu_features.h"
+#endif
+
+namespace moe {
+namespace kdetail {
+
+#ifdef MOE_AMX_UNAVAILABLE
+
+bool amx_q8_active() { return false; }
+bool amx_q8_usable() { return false; }
+const char* amx_q8_status() { return "not built (the compiler has no AMX support)"; }
+void matmul_q8_amx(const WMat&, const Acts&, int64_t, int64_t, float*, int64_t) {
+  throw std::logic_error("matmul_q8_amx: not built");
+}
+
+#else
+
+namespace {
+
+// Tile numbers (literals: the intrinsics paste them into the instruction's register name).
+#define MOE_TA 0
+#define MOE_TB0 1
+#define MOE_TB1 2
+#define MOE_TC0 3
+#define MOE_TC1 4
+constexpr int kA = MOE_TA, kB0 = MOE_TB0, kB1 = MOE_TB1, kC0 = MOE_TC0, kC1 = MOE_TC1;
+
+// The palette-1 configuration (64 bytes): palette, start row, then bytes per row of tiles
+// 0..15 (uint16) at byte 16, rows of tiles 0..15 (uint8) at byte 48.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+TileConfig make_config() {
+  TileConfig c;
+  c.colsb[kA] = 32;
+  c.rows[kA] = 16;
+  c.colsb[kB0] = c.colsb[kB1] = 64;
+  c.rows[kB0] = c.rows[kB1] = 8;
+  c.colsb[kC0] = c.colsb[kC1] = 64;
+  c.rows[kC0] = c.rows[kC1] = 16;
+  return c;
+}
+
+#ifdef MOE_AMX_EMULATED
+
+// ---- The tile instructions, modelled -------------------------------------------------
+// Each tile register: rows x colsb bytes as configured (palette 1: at most 16 x 64). Bytes
+// beyond the configured shape read as zero and are never stored, as on the hardware.
+struct TileReg {
+  int rows = 0;
+  int colsb = 0;
+  alignas(64) uint8_t d[16][64];
+};
+thread_local TileReg g_tiles[8];
+thread_local bool g_configured = false;
+
+void check(bool ok, const char* what) {
+  if (!ok) throw std::logic_error(std::string("emulated AMX: ") + what);
+}
+
+void tile_loadconfig(const TileConfig& c) {
+  check(c.palette == 1, "palette must be 1");
+  for (int t = 0; t < 8; ++t) {
+    check(c.rows[t] <= 16 && c.colsb[t] <= 64 && (c.rows[t] == 0) == (c.colsb[t] == 0), "tile shape out of palette 1");
+    g_tiles[t].rows = c.rows[t];
+    g_tiles[t].colsb = c.colsb[t];
+    std::memset(g_tiles[t].d, 0, sizeof g_tiles[t].d);
+  }
+  g_configured = true;
+}
+void tile_release() { g_configured = false; }
+
+template <int T>
+void tile_load(const void* base, size_t stride) {
+  check(g_configured, "TILELOADD before LDTILECFG");
+  TileReg& r = g_tiles[T];
+  std::memset(r.d, 0, sizeof r.d);
+  for (int i = 0; i < r.rows; ++i) std::memcpy(r.d[i], static_cast<const uint8_t*>(base) + i * stride, static_cast<size_t>(r.colsb));
+}
+template <int T>
+void tile_zero() {
+  check(g_configured, "TILEZERO before LDTILECFG");
+  std::memset(g_tiles[T].d, 0, sizeof g_tiles[T].d);
+}
+template <int T>
+void tile_store(void* base, size_t stride) {
+  check(g_configured, "TILESTORED before LDTILECFG");
+  const TileReg& r = g_tiles[T];
+  for (int i = 0; i < r.rows; ++i) std::memcpy(static_cast<uint8_t*>(base) + i * stride, r.d[i], static_cast<size_t>(r.colsb));
+}
+// TDPBSSD C, A, B: C[m][n] += sum over k < colsb(A) / 4, i < 4 of A[m][4k + i] * B[k][4n + i]
+// (signed bytes, int32 sums), for m < rows(C), n < colsb(C) / 4. Shapes must agree:
+// rows(A) = rows(C), colsb(B) = colsb(C), rows(B) = colsb(A) / 4.
+template <int C, int A, int B>
+void tile_dpbssd() {
+  check(g_configured, "TDPBSSD before LDTILECFG");
+  TileReg& c = g_tiles[C];
+  const TileReg& a = g_tiles[A];
+  const TileReg& b = g_tiles[B];
+  check(a.rows == c.rows && b.colsb == c.colsb && b.rows * 4 == a.colsb, "TDPBSSD shapes do not agree");
+  for (int m = 0; m < c.rows; ++m) {
+    for (int n = 0; n < c.colsb / 4; ++n) {
+      int32_t s;
+      std::memcpy(&s, c.d[m] + 4 * n, 4);
+      for (int k = 0; k < a.colsb / 4; ++k)
+        for (int i = 0; i < 4; ++i) s += static_cast<int8_t>(a.d[m][4 * k + i]) * static_cast<int8_t>(b.d[k][4 * n + i]);
+      std::memcpy(c.d[m] + 4 * n, &s, 4);
+    }
+  }
+}
+
+#define MOE_TILE_LOAD(T, base, stride) tile_load<T>(base, stride)
+#define MOE_TILE_ZERO(T) tile_zero<T>()
+#define MOE_TILE_STORE(T, base, stride) tile_store<T>(base, stride)
+#define MOE_TILE_DPBSSD(C, A, B) tile_dpbssd<C, A, B>()
+
+// acc[t] = fma(float(dot[t]), dw * dx[t], acc[t]) for the 16 tokens: IEEE single
+// operations, one rounding each, as the AVX-512 instructions do.
+inline void scale_row(float* acc, const int32_t* dot, float dw, const float* dx) {
+  for (int t = 0; t < 16; ++t) acc[t] = std::fma(static_cast<float>(dot[t]), dw * dx[t], acc[t]);
+}
+inline float f16_value(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return f16_to_f32(h);
+}
+
+#else  // the tile instructions themselves
+
+void tile_loadconfig(const TileConfig& c) { _tile_loadconfig(&c); }
+void tile_release() { _tile_release(); }
+#define MOE_TILE_LOAD(T, base, stride) _tile_loadd(T, base, stride)
+#define MOE_TILE_ZERO(T) _tile_zero(T)
+#define MOE_TILE_STORE(T, base, stride) _tile_stored(T, base, stride)
+#define MOE_TILE_DPBSSD(C, A, B) _tile_dpbssd(C, A, B)
+inline void scale_row(float* acc, const int32_t* dot, float dw, const float* dx) {
+  const __m512 s = _mm512_mul_ps(_mm512_set1_ps(dw), _mm512_loadu_ps(dx));
+  _mm512_storeu_ps(acc, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(dot)), s, _mm512_loadu_ps(acc)));
+}
+inline float f16_value(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+#endif
+
+// Tokens [0, n16) (n16 a multiple of 32, every 16-token group of x) for rows [r0, r1).
+void amx_q8_impl(const WMat& w, const QActs& a, int64_t n16, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  constexpr size_t BB = 34;
+  const size_t rb = row_bytes(WType::Q8_0, w.cols);
+  const int64_t nb = w.cols / 32;
+  const int64_t groups = n16 / 16;  // 16-token groups (an even count: the kernel takes them in pairs)
+  const size_t bstride = static_cast<size_t>(groups) * kGroup16BlockBytes;
+  const TileConfig cfg = make_config();
+  tile_loadconfig(cfg);
+  alignas(64) int32_t c0[16][16];
+  alignas(64) int32_t c1[16][16];
+  alignas(64) float acc0[16][16];
+  alignas(64) float acc1[16][16];
+  alignas(64) uint8_t pad[16][32];  // the last rows' weights of a block, zero-padded
+  float dw[16];
+  for (int64_t rs = r0; rs < r1; rs += 16) {
+    const int R = static_cast<int>(std::min<int64_t>(16, r1 - rs));
+    const uint8_t* w0 = w.data + rs * rb;
+    for (int64_t g = 0; g < groups; g += 2) {
+      std::memset(acc0, 0, sizeof acc0);
+      std::memset(acc1, 0, sizeof acc1);
+      const uint8_t* gb = a.groups16 + g * kGroup16BlockBytes;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = w0 + b * BB;
+        if (R == 16) {
+          MOE_TILE_LOAD(MOE_TA, blk + 2, rb);
+        } else {
+          std::memset(pad, 0, sizeof pad);
+          for (int i = 0; i < R; ++i) std::memcpy(pad[i], blk + i * rb + 2, 32);
+          MOE_TILE_LOAD(MOE_TA, pad, 32);
+        }
+        const uint8_t* g0 = gb + b * bstride;
+        const uint8_t* g1 = g0 + kGroup16BlockBytes;
+        MOE_TILE_LOAD(MOE_TB0, g0, 64);
+        MOE_TILE_LOAD(MOE_TB1, g1, 64);
+        MOE_TILE_ZERO(MOE_TC0);
+        MOE_TILE_ZERO(MOE_TC1);
+        MOE_TILE_DPBSSD(MOE_TC0, MOE_TA, MOE_TB0);
+        MOE_TILE_DPBSSD(MOE_TC1, MOE_TA, MOE_TB1);
+        MOE_TILE_STORE(MOE_TC0, c0, 64);
+        MOE_TILE_STORE(MOE_TC1, c1, 64);
+        const float* dx0 = reinterpret_cast<const float*>(g0 + 512);
+        const float* dx1 = reinterpret_cast<const float*>(g1 + 512);
+        for (int i = 0; i < R; ++i) dw[i] = f16_value(blk + i * rb);
+        for (int i = 0; i < R; ++i) {
+          scale_row(acc0[i], c0[i], dw[i], dx0);
+          scale_row(acc1[i], c1[i], dw[i], dx1);
+        }
+      }
+      for (int t = 0; t < 16; ++t) {
+        float* y0 = y + (g * 16 + t) * ldy + rs;
+        float* y1 = y + (g * 16 + 16 + t) * ldy + rs;
+        for (int i = 0; i < R; ++i) {
+          y0[i] = acc0[i][t];
+          y1[i] = acc1[i][t];
+        }
+      }
+    }
+  }
+  tile_release();
+}
+
+}  // namespace
+
+#ifdef MOE_AMX_EMULATED
+
+void matmul_q8_amx_emulated(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  const int64_t n16 = x.n / 32 * 32;
+  if (n16 > 0) amx_q8_impl(w, qacts(x), n16, r0, r1, y, ldy);
+}
+
+#else
+
+void matmul_q8_amx(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  const int64_t n16 = x.n / 32 * 32;
+  if (n16 > 0) amx_q8_impl(w, qacts(x), n16, r0, r1, y, ldy);
+}
+
+namespace {
+
+// ---- Enabling it: CPU, OS permission, self-test ---------------------------------------
+
+std::once_flag g_amx_once;
+// -1: not decided yet; 0: the AVX-512 Q8_0 kernel does not use matmul_q8_amx (also while
+// the self-test runs, which compares the two); 1: it does.
+std::atomic<int> g_amx{-1};
+bool g_amx_usable = false;
+const char* g_amx_status = "not checked";
+char g_amx_status_buf[200];
+
+thread_local sigjmp_buf* t_guard = nullptr;
+struct sigaction g_old_ill, g_old_segv, g_old_bus;
+
+void guard_handler(int sig, siginfo_t* si, void* ctx) {
+  if (t_guard != nullptr) siglongjmp(*t_guard, sig);
+  // Not ours: hand it to the previous handler (or the default action).
+  const struct sigaction* old = sig == SIGILL ? &g_old_ill : sig == SIGSEGV ? &g_old_segv : &g_old_bus;
+  if (old->sa_flags & SA_SIGINFO) {
+    old->sa_sigaction(sig, si, ctx);
+  } else if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN) {
+    old->sa_handler(sig);
+  } else {
+    signal(sig, SIG_DFL);
+    raise(sig);
+  }
+}
+
+// A random Q8_0 product for the start-up checks: weights (rows, cols), n tokens.
+struct Problem {
+  std::vector<uint8_t> w;
+  Acts acts;
+  WMat m;
+  Problem(int64_t rows, int64_t cols, int64_t n, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> wf(static_cast<size_t>(rows * cols)), xf(static_cast<size_t>(n * cols));
+    for (float& v : wf) v = u(rng) * 0.05f;
+    for (float& v : xf) v = u(rng);
+    w.resize(static_cast<size_t>(rows) * row_bytes(WType::Q8_0, cols));
+    quantize_rows(WType::Q8_0, wf.data(), rows, cols, w.data());
+    prepare_avx512(WType::Q8_0, xf.data(), n, cols, cols, acts);
+    m = WMat{WType::Q8_0, rows, cols, w.data()};
+  }
+};
+
+// Runs matmul_q8_amx against the VNNI kernel on random Q8_0 weights (rows that are not a
+// multiple of 16 included) with 64 tokens; a fault in the tile instructions is caught.
+bool self_test() {
+  const int64_t rows = 40, n = 64;
+  const Problem p(rows, 256, n, 7);
+  const WMat& m = p.m;
+  const Acts& acts = p.acts;
+  std::vector<float> want(static_cast<size_t>(n * rows)), got(static_cast<size_t>(n * rows), -1.0f);
+  matmul_avx512(m, acts, 0, rows, want.data(), rows);  // g_amx is 0 during the test
+  struct sigaction sa {};
+  sa.sa_sigaction = guard_handler;
+  sa.sa_flags = SA_SIGINFO;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGILL, &sa, &g_old_ill);
+  sigaction(SIGSEGV, &sa, &g_old_segv);
+  sigaction(SIGBUS, &sa, &g_old_bus);
+  sigjmp_buf jb;
+  volatile bool ran = false;
+  if (sigsetjmp(jb, 1) == 0) {
+    t_guard = &jb;
+    matmul_q8_amx(m, acts, 0, rows, got.data(), rows);
+    ran = true;
+  }
+  t_guard = nullptr;
+  sigaction(SIGILL, &g_old_ill, nullptr);
+  sigaction(SIGSEGV, &g_old_segv, nullptr);
+  sigaction(SIGBUS, &g_old_bus, nullptr);
+  if (!ran) {
+    g_amx_status = "the tile instructions faulted in the self-test";
+    return false;
+  }
+  // Tokens [0, 64) are all in 16-token groups: every output must be the VNNI kernel's.
+  if (std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) != 0) {
+    g_amx_status = "the self-test's results differ from the AVX-512 kernel's";
+    return false;
+  }
+  return true;
+}
+
+// Best of a few timed runs of each kernel on a prefill-sized product (128 x 2048, 64
+// tokens, one thread): AMX is used only where it is the faster, as measured on this CPU.
+bool faster_than_vnni(double* amx_gmacs, double* vnni_gmacs) {
+  const int64_t rows = 128, cols = 2048, n = 64;
+  const Problem p(rows, cols, n, 11);
+  const WMat& m = p.m;
+  const Acts& acts = p.acts;
+  std::vector<float> y(static_cast<size_t>(n * rows));
+  const auto best_of = [&](bool amx) {
+    double best = 1e30;
+    for (int rep = 0; rep < 7; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      if (amx) matmul_q8_amx(m, acts, 0, rows, y.data(), rows);
+      else matmul_avx512(m, acts, 0, rows, y.data(), rows);  // g_amx is 0 meanwhile
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return static_cast<double>(rows * cols * n) / best / 1e9;
+  };
+  *vnni_gmacs = best_of(false);
+  *amx_gmacs = best_of(true);
+  return *amx_gmacs > *vnni_gmacs;
+}
+
+void init_amx() {
+  const CpuFeatures& f = cpu_features();
+  // VNNI too: the self-test compares with the VNNI kernel, which every AMX CPU has.
+  if (!(f.amx_tile && f.amx_int8 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni)) {
+    g_amx_status = "not supported by this CPU";
+    return;
+  }
+  const char* env = std::getenv("MOE_SERVE_AMX");
+  if (env != nullptr && std::strcmp(env, "0") == 0) {
+    g_amx_status = "off (MOE_SERVE_AMX=0)";
+    return;
+  }
+  // Linux: the tile data state must be requested per process (arch_prctl
+  // ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18) before the first tile instruction.
+  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) {
+    g_amx_status = "the OS refused the tile data permission";
+    return;
+  }
+  if (!self_test()) {
+    std::fprintf(stderr, "moe-serve: AMX not used: %s\n", g_amx_status);
+    return;
+  }
+  double amx = 0, vnni = 0;
+  g_amx_usable = faster_than_vnni(&amx, &vnni);
+  std::snprintf(g_amx_status_buf, sizeof g_amx_status_buf, "%s (start-up check, one thread, 128 x 2048 Q8_0 with 64 tokens: AMX %.1f GMAC/s, VNNI %.1f)",
+                g_amx_usable ? "in use" : "not used: slower than the VNNI kernel on this CPU", amx, vnni);
+  g_amx_status = g_amx_status_buf;
+}
+
+void decide() {
+  std::call_once(g_amx_once, [] {
+    g_amx.store(0);
+    init_amx();
+    g_amx.store(g_amx_usable ? 1 : 0);
+  });
+}
+
+}  // namespace
+
+bool amx_q8_active() {
+  const int s = g_amx.load(std::memory_order_acquire);
+  if (s >= 0) return s == 1;
+  decide();
+  return g_amx.load(std::memory_order_acquire) == 1;
+}
+
+bool amx_q8_usable() {
+  decide();
+  return g_amx_usable;
+}
+
+const char* amx_q8_status() {
+  decide();
+  return g_amx_status;
+}
+
+#endif  // MOE_AMX_EMULATED
+#endif  // MOE_AMX_UNAVAILABLE
+
+}  // namespace kdetail
+}  // namespace moe
