@@ -322,7 +322,7 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
 async function main(): Promise<void> {
   const addon = loadNative();
   const k = addon.kernelInfo();
-  log(`engine benchmark: ${cpus().length} CPUs (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 2 ** 30).toFixed(1)} GiB RAM, kernels ${k.active} (vnni ${k.vnni}), threads ${threads}`);
+  log(`engine benchmark: ${cpus().length} CPUs (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 2 ** 30).toFixed(1)} GiB RAM, kernels ${k.active} (vnni ${k.vnni}; amx ${k.amx}: ${k.amxStatus}), threads ${threads}`);
   log(`native addon ${nativeAddonPath()} built ${statSync(nativeAddonPath()).mtime.toISOString()}`);
   log(`load average ${loadavg().map((v) => v.toFixed(2)).join(' ')} (other processes on these ${cpus().length} cores distort every figure)`);
   log(`cases: ${selected.map((c) => c.id).join(', ')}; budget ${budgetSeconds} s for optional cases; models in ${benchModelsDir()}`);

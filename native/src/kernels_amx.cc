@@ -79,7 +79,6 @@ namespace {
 #define MOE_TB1 2
 #define MOE_TC0 3
 #define MOE_TC1 4
-constexpr int kA = MOE_TA, kB0 = MOE_TB0, kB1 = MOE_TB1, kC0 = MOE_TC0, kC1 = MOE_TC1;
 
 // The palette-1 configuration (64 bytes): palette, start row, then bytes per row of tiles
 // 0..15 (uint16) at byte 16, rows of tiles 0..15 (uint8) at byte 48.
@@ -93,12 +92,12 @@ struct alignas(64) TileConfig {
 
 TileConfig make_config() {
   TileConfig c;
-  c.colsb[kA] = 32;
-  c.rows[kA] = 16;
-  c.colsb[kB0] = c.colsb[kB1] = 64;
-  c.rows[kB0] = c.rows[kB1] = 8;
-  c.colsb[kC0] = c.colsb[kC1] = 64;
-  c.rows[kC0] = c.rows[kC1] = 16;
+  c.colsb[MOE_TA] = 32;
+  c.rows[MOE_TA] = 16;
+  c.colsb[MOE_TB0] = c.colsb[MOE_TB1] = 64;
+  c.rows[MOE_TB0] = c.rows[MOE_TB1] = 8;
+  c.colsb[MOE_TC0] = c.colsb[MOE_TC1] = 64;
+  c.rows[MOE_TC0] = c.rows[MOE_TC1] = 16;
   return c;
 }
 
@@ -121,6 +120,10 @@ void check(bool ok, const char* what) {
 
 void tile_loadconfig(const TileConfig& c) {
   check(c.palette == 1, "palette must be 1");
+  check(c.start_row == 0, "start_row must be 0");
+  for (uint8_t r : c.reserved) check(r == 0, "bytes 2-15 are reserved (zero)");
+  // Palette 1 names 8 tiles; the fields of tiles 8-15 are reserved (zero).
+  for (int t = 8; t < 16; ++t) check(c.colsb[t] == 0 && c.rows[t] == 0, "palette 1 has 8 tiles");
   for (int t = 0; t < 8; ++t) {
     check(c.rows[t] <= 16 && c.colsb[t] <= 64 && (c.rows[t] == 0) == (c.colsb[t] == 0), "tile shape out of palette 1");
     g_tiles[t].rows = c.rows[t];
