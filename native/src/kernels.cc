@@ -535,6 +535,7 @@ bool amx_in_use() { return current() == Isa::Avx512 && kdetail::amx_q8_active();
 const char* amx_status() {
   // kernels_amx.cc is built with AVX-512 flags: reached only where the CPU has AVX-512.
   if (!can_run(Isa::Avx512)) return "not supported by this CPU (no AVX-512, no AMX)";
+  if (current() != Isa::Avx512) return "not used: the active kernels are not the avx512 family";
   return kdetail::amx_q8_status();
 }
 
