@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -27,6 +28,29 @@ t.test('the addon loads once and reports a version', async (t) => {
   t.match(a.version(), /^\d+\.\d+\.\d+$/);
   const n = a.hardwareConcurrency();
   t.ok(Number.isInteger(n) && n >= 1, `hardwareConcurrency ${n}`);
+});
+
+// The files built with wider ISA flags (native/CMakeLists.txt: *_avx2.cc, *_avx512.cc,
+// kernels_amx.cc) must define nothing a linker merges with other objects' copies (weak or
+// unique symbols: out-of-line template and inline functions), or the copy compiled with
+// those flags may be the one every caller gets, on every CPU. It happened: a std::mt19937
+// instantiated in kernels_amx.cc served kernels_napi.cc's, and kernelBench stopped an AVX2
+// host with an illegal instruction.
+t.test('ISA-flagged objects define no symbol a linker could merge across objects', async (t) => {
+  const dir = path.join(path.dirname(path.dirname(nativeAddonPath())), 'CMakeFiles', 'moe_native.dir', 'src');
+  const objects = fs.readdirSync(dir).filter((f) => /_(avx2|avx512)\.cc\.o$|^kernels_amx\.cc\.o$/.test(f));
+  t.ok(objects.length >= 5, `ISA-flagged objects in ${dir}: ${objects.join(', ')}`);
+  for (const f of objects) {
+    const out = execFileSync('nm', ['-C', '--defined-only', path.join(dir, f)], { encoding: 'utf8' });
+    const merged = out
+      .split('\n')
+      .filter((l) => /^\S*\s+[WwVvu]\s/.test(l))
+      .filter((l) => !l.endsWith('DW.ref.__gxx_personality_v0')); // a reference to the C++ runtime's routine, not code of this file
+    t.same(merged, [], `${f}: no weak or unique symbols`);
+  }
+  // And the call that found it: the kernel benchmark on the active ISA.
+  const r = loadNative().kernelBench('q8_0', 64, 64, 1, 1, 1 << 16, 0.001);
+  t.ok(r.seconds > 0 && Number.isFinite(r.checksum), 'kernelBench runs');
 });
 
 t.test('cpuFeatures: every flag a boolean, implications hold', async (t) => {

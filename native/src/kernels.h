@@ -182,6 +182,8 @@ uint64_t int8_peak_avx512(int64_t iters, int64_t* macs);
 // once (CPU and OS support, MOE_SERVE_AMX=0 to turn it off, a self-test and a timing
 // against the VNNI kernel) whether matmul_avx512 uses it; amx_q8_status() says why or why not.
 void matmul_q8_amx(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* y, int64_t ldy);
+bool amx_q8_built();  // false when the compiler had no AMX support (matmul_q8_amx then does nothing)
+// kernels_amx_runtime.cc:
 bool amx_q8_active();
 bool amx_q8_usable();
 const char* amx_q8_status();
