@@ -185,7 +185,6 @@ void matmul_q8_amx(const WMat& w, const Acts& x, int64_t r0, int64_t r1, float* 
 bool amx_q8_built();  // false when the compiler had no AMX support (matmul_q8_amx then does nothing)
 // kernels_amx_runtime.cc:
 bool amx_q8_active();
-bool amx_q8_usable();
 const char* amx_q8_status();
 // The same kernel with the tile instructions modelled in C++ (kernels_amx_emu.cc): any
 // CPU, for tests only.

@@ -184,11 +184,6 @@ bool amx_q8_active() {
   return g_amx.load(std::memory_order_acquire) == 1;
 }
 
-bool amx_q8_usable() {
-  decide();
-  return g_amx_usable;
-}
-
 const char* amx_q8_status() {
   decide();
   return g_amx_status;
