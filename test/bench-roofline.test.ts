@@ -1,8 +1,8 @@
 // The engine benchmark's roofline arithmetic (bench/lib/engine-bench-common.ts): weight
 // MACs per token, expected distinct experts of a batch and the per-step roofline, against
-// hand-computed values for a small spec.
+// hand-computed values for a small spec; and the stage-chain bound of a step.
 import t from 'tap';
-import { bytesPerToken, expectedDistinct, expertMacsPerToken, macsPerToken, stepRoofline } from '../bench/lib/engine-bench-common.js';
+import { bytesPerToken, expectedDistinct, expertMacsPerToken, macsPerToken, rowBytes, stageChainBound, stepRoofline } from '../bench/lib/engine-bench-common.js';
 import type { ModelSpec } from '../src/model/spec.js';
 
 const spec = {
@@ -65,4 +65,42 @@ t.test('step roofline: routed experts at their own MAC peak', async (t) => {
   t.ok(Math.abs(q4.computeSeconds - (rest / 1e6 + experts / 2e6)) < 1e-9 * q4.computeSeconds, 'other MACs at gmacs, expert MACs at expertGmacs');
   t.equal(q4.macs, same.macs, 'the MAC count does not change');
   t.ok(q4.tokensPerSecond > same.tokensPerSecond, 'a faster expert peak raises a compute-bound roofline');
+});
+
+t.test('stage-chain bound: each stage at its own larger cost, summed in data order', async (t) => {
+  const gbps = 10;
+  const gmacs = 1e-3; // 1 MMAC/s: every stage compute-bound
+  const slow = stageChainBound(spec, 'q8_0', 4, gbps, gmacs);
+  const byName = Object.fromEntries(slow.stages.map((s) => [s.name, s]));
+  t.same(Object.keys(byName), ['embedding', 'qkv', 'o_proj', 'router', 'experts', 'lm_head']);
+  // MACs per stage (4 tokens, 2 layers): q 64x64 + k, v 64x32 each; o 64x64; router 64x8;
+  // 2 experts x 3 x 64x32 per token; LM head 1000x64.
+  const mac = (m: number) => m / 1e6;
+  t.ok(Math.abs(byName.qkv.seconds - mac(2 * 4 * 64 * (64 + 2 * 32))) < 1e-9);
+  t.ok(Math.abs(byName.o_proj.seconds - mac(2 * 4 * 64 * 64)) < 1e-9);
+  t.ok(Math.abs(byName.router.seconds - mac(2 * 4 * 64 * 8)) < 1e-9);
+  t.ok(Math.abs(byName.experts.seconds - mac(2 * 4 * 2 * 3 * 64 * 32)) < 1e-9);
+  t.ok(Math.abs(byName.lm_head.seconds - mac(4 * 1000 * 64)) < 1e-9);
+  t.ok(slow.stages.every((s) => s.bound === (s.name === 'embedding' ? 'memory' : 'compute')));
+  t.ok(Math.abs(slow.seconds - byName.embedding.seconds - mac(4 * macsPerToken(spec))) < 1e-9, 'all compute-bound: the MACs of a token x 4 at the peak');
+  // Every stage memory-bound: the traffic of the step, the experts at the expected distinct count.
+  const fast = stageChainBound(spec, 'q8_0', 4, gbps, 1e9);
+  t.ok(fast.stages.every((s) => s.bound === 'memory'));
+  const q8 = (rows: number, cols: number) => rows * rowBytes('q8_0', cols);
+  const perExpert = 2 * q8(32, 64) + q8(64, 32);
+  const read = bytesPerToken(spec, 'q8_0');
+  const bytes = read.nonExpert + 3 * read.embedRow + 2 * expectedDistinct(8, 2, 4) * perExpert;
+  t.ok(Math.abs(fast.seconds - bytes / 10e9) < 1e-12, 'all memory-bound: the weights the step reads at the bandwidth (those stepRoofline counts)');
+  t.ok(Math.abs(fast.seconds - stepRoofline(spec, read, 4, gbps, 1e9).memorySeconds) < 1e-12);
+  t.equal(fast.tokensPerSecond, 4 / fast.seconds);
+  // A mixed step: the chain is never faster than the whole-step roofline (max over the step).
+  for (const peak of [1e-3, 0.05, 1, 1e9]) {
+    const chain = stageChainBound(spec, 'q8_0', 4, gbps, peak);
+    const roof = stepRoofline(spec, bytesPerToken(spec, 'q8_0'), 4, gbps, peak);
+    t.ok(chain.tokensPerSecond <= roof.tokensPerSecond * (1 + 1e-9), `peak ${peak}: chain ${chain.tokensPerSecond} <= roofline ${roof.tokensPerSecond}`);
+  }
+  // Q4_0 experts: their traffic in Q4_0 rows and their MACs at the experts' own peak.
+  const q4 = stageChainBound(spec, 'q4_0', 4, gbps, gmacs, 2 * gmacs);
+  const q4experts = q4.stages.find((s) => s.name === 'experts')!;
+  t.ok(Math.abs(q4experts.seconds - byName.experts.seconds / 2) < 1e-9, 'the experts at twice the peak take half the time');
 });

@@ -346,6 +346,64 @@ export function stepRoofline(s: ModelSpec, read: ReadBytes, n: number, gbps: num
   return { bytes, macs, memorySeconds, computeSeconds, tokensPerSecond: n / Math.max(memorySeconds, computeSeconds) };
 }
 
+/**
+ * A tighter bound for a decode step than stepRoofline: the step's stages in the order
+ * their data depend on each other, each at the larger of its weight traffic at `gbps`
+ * and its weight MACs at the int8 peak, summed. Per layer: q/k/v projections, then o_proj
+ * (after attention), then the router, then the experts (the routed experts its tokens
+ * activate and the shared expert, which may overlap each other); after the last layer the
+ * LM head. A stage cannot start before the one it reads from ends, so a compute-bound
+ * stage (the LM head of 32 tokens) cannot hide behind a memory-bound one (the experts):
+ * no engine that moves the whole batch through the layers together, reading each weight
+ * once per step, gets past it. It reads the bytes stepRoofline counts, so it is never
+ * above that roofline. Left out, so that it stays a bound: attention over the cache, the
+ * norms' arithmetic and the time between stages.
+ */
+export interface StageBound {
+  /** Seconds of each stage kind over the whole step (summed over layers). */
+  stages: { name: string; seconds: number; bound: 'memory' | 'compute' }[];
+  seconds: number;
+  tokensPerSecond: number;
+}
+
+export function stageChainBound(s: ModelSpec, format: 'q8_0' | 'q4_0', n: number, gbps: number, gmacs: number, expertGmacs = gmacs): StageBound {
+  const h = s.hiddenSize;
+  const q = s.numHeads * s.headDim;
+  const kv = s.numKvHeads * s.headDim;
+  const L = s.numLayers;
+  const dense = 'q8_0';
+  const stage = (name: string, bytes: number, macs: number, peak = gmacs) => {
+    const mem = bytes / (gbps * 1e9);
+    const cpu = macs / (peak * 1e9);
+    return { name, seconds: Math.max(mem, cpu), bound: cpu > mem ? ('compute' as const) : ('memory' as const) };
+  };
+  // Small tensors go with the stage that reads them: the input norm, q/k/v biases and q/k
+  // norms with qkv, the post-attention norm with the router, the final norm with the LM head.
+  let qkvExtra = h * 4;
+  if (s.qkvBias) qkvExtra += (q + 2 * kv) * 4;
+  if (s.qkNorm === 'per_head') qkvExtra += 2 * s.headDim * 4;
+  if (s.qkNorm === 'full') qkvExtra += (q + kv) * 4;
+  const perLayer = [
+    stage('qkv', (q + 2 * kv) * rowBytes(dense, h) + qkvExtra, n * h * (q + 2 * kv)),
+    stage('o_proj', h * rowBytes(dense, q), n * q * h),
+    stage('router', s.numExperts * h * 4 + h * 4, n * h * s.numExperts),
+  ];
+  const w = s.expertIntermediateSize;
+  const sw = s.sharedExpertIntermediateSize;
+  const perExpert = 2 * w * rowBytes(format, h) + h * rowBytes(format, w);
+  const sharedBytes = sw > 0 ? 2 * sw * rowBytes(format, h) + h * rowBytes(format, sw) + h * 4 : 0;
+  const expertBytes = expectedDistinct(s.numExperts, s.topK, n) * perExpert + sharedBytes;
+  const expertMacs = n * s.topK * 3 * h * w;
+  const sharedMacs = n * 3 * h * sw;
+  const mem = expertBytes / (gbps * 1e9);
+  const cpu = (expertMacs + sharedMacs) / (expertGmacs * 1e9);
+  perLayer.push({ name: 'experts', seconds: Math.max(mem, cpu), bound: cpu > mem ? 'compute' : 'memory' });
+  const stages = [stage('embedding', n * rowBytes(dense, h), 0), ...perLayer.map((st) => ({ ...st, seconds: st.seconds * L }))];
+  stages.push(stage('lm_head', s.vocabSize * rowBytes(dense, h) + h * 4, n * s.vocabSize * h));
+  const seconds = stages.reduce((a, st) => a + st.seconds, 0);
+  return { stages, seconds, tokensPerSecond: n / seconds };
+}
+
 // ---------------------------------------------------------------------------------
 // Memory of this process
 
