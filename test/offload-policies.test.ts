@@ -19,8 +19,9 @@ import { simCommand } from '../src/cli/sim-cmd.js';
 import { UsageError } from '../src/cli/args.js';
 import { Rng } from '../src/model/prng.js';
 import { tempDir } from './helpers/models.js';
+import { realTrace } from './helpers/real-traces.js';
 
-const TRACES = ['qwen3-30b-a3b', 'gemma4-26b-a4b'].map((f) => join(import.meta.dirname, '..', '..', 'shared', 'traces', `${f}.trace.csv`));
+const TRACES = ['qwen3-30b-a3b', 'gemma4-26b-a4b'].map(realTrace);
 
 function replay(p: SlotCache, seq: number[][]) {
   let hits = 0;

@@ -6,8 +6,9 @@ import t from 'tap';
 import { compareStats, makeRng, RequestRenamer, synthesizeTrace, TraceStats } from '../src/offload/synth-trace.js';
 import { loadTrace, tokenExperts } from '../src/offload/trace.js';
 import { tempDir } from './helpers/models.js';
+import { realTrace } from './helpers/real-traces.js';
 
-const REAL = join(import.meta.dirname, '..', '..', 'shared', 'traces', 'qwen3-30b-a3b.trace.csv');
+const REAL = realTrace('qwen3-30b-a3b');
 
 t.test('synthetic trace matches the real statistics and is deterministic', async (t) => {
   const dir = tempDir(t);

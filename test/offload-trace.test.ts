@@ -7,6 +7,7 @@ import { Readable } from 'node:stream';
 import t from 'tap';
 import { loadTrace, readTrace, TraceFormatError, tokenExperts } from '../src/offload/trace.js';
 import { tempDir } from './helpers/models.js';
+import { realTrace } from './helpers/real-traces.js';
 
 const HEAD = '# moe-trace v1\n# model=tiny layers=2 experts=8 top_k=2 source=unit test (generated)\nrequest,phase,position,layer,experts,weights\n';
 const GOOD =
@@ -95,7 +96,7 @@ t.test('the shipped real traces', async (t) => {
     ['qwen3-30b-a3b', 48, 28, 128],
     ['gemma4-26b-a4b', 30, 29, 128],
   ] as const) {
-    const { header, requests } = await loadTrace(join(import.meta.dirname, '..', '..', 'shared', 'traces', `${f}.trace.csv`));
+    const { header, requests } = await loadTrace(realTrace(f));
     t.equal(header.layers, L);
     t.equal(header.topK, 6);
     t.equal(requests.length, 1);
