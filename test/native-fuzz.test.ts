@@ -5,6 +5,8 @@
 // an accepted file must keep what st_parse promises (tensors inside the data section,
 // sizes matching shapes, exact tiling). Fixed seeds: the same files every run.
 import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import t from 'tap';
 import { tempDir } from './helpers/models.js';
@@ -14,13 +16,22 @@ const src = path.join(root, 'native', 'src');
 const cxx = process.env.CXX || 'g++';
 const SANITIZE = ['-fsanitize=address,undefined', '-fno-sanitize-recover=all'];
 
-t.test('safetensors header validation under the sanitizer fuzzer', async (t) => {
-  const dir = tempDir(t);
-  const probe = spawnSync(cxx, ['-x', 'c++', '-', ...SANITIZE, '-o', path.join(dir, 'probe')], { input: 'int main() { return 0; }\n', encoding: 'utf8' });
-  if (probe.error || probe.status !== 0) {
-    t.skip(`${cxx} cannot build with AddressSanitizer and UBSan here: ${probe.error?.message ?? probe.stderr.trim().split('\n')[0]}`);
-    return;
+// Whether the compiler can build with the sanitizers here (a probe program); the test is
+// skipped, saying why, where it cannot.
+function sanitizerProblem(): string | false {
+  const dir = mkdtempSync(path.join(tmpdir(), 'moe-serve-fuzz-probe-'));
+  try {
+    const probe = spawnSync(cxx, ['-x', 'c++', '-', ...SANITIZE, '-o', path.join(dir, 'probe')], { input: 'int main() { return 0; }\n', encoding: 'utf8' });
+    if (probe.error) return `${cxx} cannot build with AddressSanitizer and UBSan here: ${probe.error.message}`;
+    if (probe.status !== 0) return `${cxx} cannot build with AddressSanitizer and UBSan here: ${probe.stderr.trim().split('\n')[0]}`;
+    return false;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
+}
+
+t.test('safetensors header validation under the sanitizer fuzzer', { skip: sanitizerProblem() }, async (t) => {
+  const dir = tempDir(t);
   const exe = path.join(dir, 'fuzz_safetensors');
   const build = spawnSync(
     cxx,
