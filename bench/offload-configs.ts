@@ -9,7 +9,8 @@
 // prompt; the configurations run REPS times (default 2), in reverse order on odd passes,
 // and the figures are medians. Per run it prints tokens/s, the wait for reads, the time
 // reads were in flight, loads per token and prefetches issued / used.
-// Options (environment): CONFIGS ("policy:lookahead:minProbability:co,..."; co 1 or 0),
+// Options (environment): CONFIGS ("policy:lookahead:minProbability:co,..."; co 1 or 0;
+// minProbability "auto": measured before each run as the server does, read-cost.ts),
 // REPS, BENCH_OFFLOAD_CAPACITY ("0.25"), BENCH_OFFLOAD_TRACE, BENCH_THREADS (2).
 // The last line is JSON: `figures`, each configuration's median tokens/s compared with
 // the first configuration's (on-demand LRU by default).
@@ -19,6 +20,7 @@ import { openModel } from '../src/model/checkpoint.js';
 import type { NativeEngine } from '../src/engine/native.js';
 import type { StepSequence } from '../src/engine/runner.js';
 import { OffloadRunner } from '../src/offload/offload-runner.js';
+import { measureReadCost, prefetchThreshold } from '../src/offload/read-cost.js';
 import { RoutingReplay } from '../src/offload/replay.js';
 import { BENCH_MODELS, ensureCheckpoint } from './lib/bench-models.js';
 import { tokenIds } from './lib/engine-bench-common.js';
@@ -58,10 +60,13 @@ try {
     for (const c of rep % 2 ? [...CONFIGS].reverse() : CONFIGS) {
       const [policy, lookahead, minProb, co] = c.split(':');
       for (let l = 0; l < spec.numLayers; l++) for (let s = 0; s < first.slotsByLayer[l]; s++) engine.evictSlot(l, s);
+      // 'auto': measured now, on the empty slots, as the server does when a model loads.
+      const threshold = minProb === 'auto' ? prefetchThreshold(measureReadCost(engine, spec, first.slotsByLayer, 'q8_0', THREADS)) : Number(minProb);
+      if (minProb === 'auto') console.log(`${c}: measured prefetch threshold ${threshold.toFixed(2)}`);
       const r = new OffloadRunner(spec, first.kv, first.engine, first.slotsByLayer, {
         policy,
         lookahead: Number(lookahead),
-        prefetchMinProbability: Number(minProb),
+        prefetchMinProbability: threshold,
         coOccurrence: co === '1',
         replay,
         reuseLogits: true,

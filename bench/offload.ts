@@ -11,7 +11,9 @@
 //     O_DIRECT, cold), measured before and after the decode runs;
 //   - single-stream decode tokens/s with every expert resident (same replayed routing);
 //   - offloaded decode on demand (LRU, no prefetch) and with our policy (the project's
-//     default policy with pre-gating prefetch), each from a cold cache, in the order
+//     default policy with pre-gating prefetch, at the server's default prefetch threshold:
+//     offloadPrefetchMinProbability auto, measured as read-cost.ts does when a model
+//     loads), each from a cold cache, in the order
 //     on-demand, ours, ours, on-demand (figures: the means of each policy's two runs);
 //   - the offload limit: Belady's loads for the decode steps' expert visits as they were
 //     recorded, read at the slow tier's bandwidth (the best of the cold fill, the re-read
@@ -35,7 +37,7 @@
 import { existsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { NativeRunner, packBatch, type NativeRunnerOptions } from '../src/engine/native-runner.js';
+import { NativeRunner, packBatch, WEIGHT_FORMATS, type NativeRunnerOptions } from '../src/engine/native-runner.js';
 import { loadNative, type NativeEngine } from '../src/engine/native.js';
 import type { OffloadStats } from '../src/engine/protocol.js';
 import type { ModelRunner, RoutingEvent, StepSequence } from '../src/engine/runner.js';
@@ -43,6 +45,7 @@ import { openModel } from '../src/model/checkpoint.js';
 import type { ModelSpec } from '../src/model/spec.js';
 import { BeladyPolicy } from '../src/offload/belady.js';
 import { OffloadRunner } from '../src/offload/offload-runner.js';
+import { measureReadCost, PREFETCH_MIN_PROBABILITY_FLOOR, prefetchThreshold } from '../src/offload/read-cost.js';
 import { DEFAULT_ONLINE_POLICY } from '../src/offload/policies.js';
 import { measurePregating, type PredictionStats } from '../src/offload/prediction.js';
 import { RoutingReplay } from '../src/offload/replay.js';
@@ -271,11 +274,22 @@ async function main(): Promise<void> {
   try {
     const diskBw0 = slowTierBandwidth(engine, spec, slots, 0);
     log(`slow tier (cold fill): ${(diskBw0 / 1e9).toFixed(3)} GB/s (direct ${engine.storeStats().direct}); memory: ${memBw0.toFixed(1)} GB/s`);
+    // Ours runs with the server's default prefetch threshold (offloadPrefetchMinProbability
+    // auto): the read cost measured as the server measures it when the model loads.
+    const readCost = measureReadCost(engine, spec, slots, WEIGHT_FORMATS[base.weights], THREADS);
+    const oursMinProb = prefetchThreshold(readCost);
+    log(
+      `ours' prefetch threshold (auto): ${oursMinProb.toFixed(2)}; the start-up probe found the compute at x${(1 - readCost.slowdown).toFixed(2)} ` +
+        `of its speed (${readCost.readingGBs.toFixed(2)} against ${readCost.quietGBs.toFixed(2)} GB/s, reads in flight for ${(100 * readCost.coverage).toFixed(0)}% of the window) ` +
+        `while ${readCost.expertsRead} experts were read, in ${readCost.seconds.toFixed(2)} s`,
+    );
+    figure('ours_prefetch_min_probability', oursMinProb, 'fraction', `max(${PREFETCH_MIN_PROBABILITY_FLOOR}, the compute's slowdown under reads measured at start-up, ${readCost.slowdown.toFixed(3)})`);
 
     const stallOf = (x: ReturnType<NativeEngine['storeStats']>) => x.stallSeconds.reduce((a, v) => a + v, 0);
     const runPolicy = (name: string, policy: string, lookahead: number) => {
       const visits = new VisitLog(L);
-      const runner = new OffloadRunner(spec, first.kv, first.engine, slots, { policy, lookahead, replay, onRouting: visits.onRouting, reuseLogits: true });
+      const prefetchMinProbability = lookahead > 0 ? oursMinProb : undefined;
+      const runner = new OffloadRunner(spec, first.kv, first.engine, slots, { policy, lookahead, prefetchMinProbability, replay, onRouting: visits.onRouting, reuseLogits: true });
       // Loads of the decode steps only (demand and prefetch reads): the store's count
       // after the run minus its count once the prompt step is done.
       let loadsAfterPrompt = 0;

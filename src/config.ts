@@ -39,6 +39,7 @@ export interface ServeSettings {
   offloadSplit: string;
   offloadPolicy: 'lru' | 'lfu' | 'lfu-decay' | 'predictive' | 'forecast';
   offloadLookahead: number;
+  offloadPrefetchMinProbability: string;
   offloadPlanSteps: number;
   offloadIoThreads: number;
   offloadDir: string;
@@ -87,7 +88,7 @@ export class ConfigError extends Error {
 const KEYS: readonly (keyof ServeSettings)[] = [
   'config', 'model', 'demo', 'modelId', 'host', 'port', 'apiKeys', 'bodyLimitBytes', 'drainGraceSeconds',
   'allowSpecialTokensInChat', 'runner', 'weights', 'threads',
-  'offloadCapacity', 'offloadSplit', 'offloadPolicy', 'offloadLookahead', 'offloadPlanSteps', 'offloadIoThreads', 'offloadDir', 'offloadReplayTrace',
+  'offloadCapacity', 'offloadSplit', 'offloadPolicy', 'offloadLookahead', 'offloadPrefetchMinProbability', 'offloadPlanSteps', 'offloadIoThreads', 'offloadDir', 'offloadReplayTrace',
   'kvBlockSize', 'kvBlocks', 'kvCacheType', 'maxBatchTokens', 'maxRunning', 'maxWaiting',
   'policy', 'policyMaxExtraWaitSteps', 'policyMaxExtraWaitMs', 'policyMaxGapFactor', 'policyMissPenalty', 'prefillFirst', 'logLevel', 'cacheDir',
 ];
@@ -195,12 +196,22 @@ function readConfigFile(file: string): Record<string, unknown> {
   return parsed as Record<string, unknown>;
 }
 
+/** offloadPrefetchMinProbability: 'auto' or a probability in [0, 1]. */
+export function parsePrefetchMinProbability(v: string): number | 'auto' {
+  const t = v.trim();
+  if (t === 'auto') return 'auto';
+  const p = t === '' ? NaN : Number(t);
+  if (!(p >= 0 && p <= 1)) throw new ConfigError(`setting offloadPrefetchMinProbability must be "auto" or a number in [0, 1], got ${JSON.stringify(v)}`);
+  return p;
+}
+
 /**
  * Checks that go across settings: offloading and replay need the native runner; the
  * capacity and the split must parse (the split's number of weights is checked against
  * the model's layers when it loads).
  */
 function checkOffload(s: ServeSettings): void {
+  parsePrefetchMinProbability(s.offloadPrefetchMinProbability);
   let split: SplitSpec;
   try {
     split = parseSplit(s.offloadSplit);

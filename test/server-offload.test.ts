@@ -182,10 +182,15 @@ t.test('bad offload settings fail clearly', async (t) => {
   const s = loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '12GiB', MOE_SERVE_OFFLOAD_LOOKAHEAD: '3', MOE_SERVE_DEMO: '1' } });
   t.equal(s.offloadSplit, 'equal', 'the split is equal by default');
   const o = engineOptions(s, '/m', 'm');
-  t.same(o.offload, { capacity: '12GiB', policy: 'forecast', lookahead: 3, planSteps: 4, ioThreads: 2 });
+  t.same(o.offload, { capacity: '12GiB', policy: 'forecast', lookahead: 3, prefetchMinProbability: 'auto', planSteps: 4, ioThreads: 2 });
+  // The prefetch threshold: auto (measured at start-up) by default, or a probability; checked when the settings load.
+  t.equal(engineOptions(loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5', MOE_SERVE_OFFLOAD_PREFETCH_MIN_PROBABILITY: '0.55' } }), '/m', 'm').offload?.prefetchMinProbability, 0.55);
+  t.equal(settingsFromArgv(['--demo', '--offload-capacity', '0.5', '--offload-prefetch-min-probability', '0.4'], {})!.offloadPrefetchMinProbability, '0.4');
+  t.throws(() => loadSettings({ env: { MOE_SERVE_OFFLOAD_PREFETCH_MIN_PROBABILITY: 'often' } }), /setting offloadPrefetchMinProbability must be "auto" or a number in \[0, 1\], got "often"/);
+  t.throws(() => settingsFromArgv(['--demo', '--offload-prefetch-min-probability', '1.2'], {}), UsageError);
   // The split: from the environment or the flag; its form is checked at start-up.
   const withSplit = loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5', MOE_SERVE_OFFLOAD_SPLIT: '2,1,1,1' } });
-  t.same(engineOptions(withSplit, '/m', 'm').offload, { capacity: '0.5', split: '2,1,1,1', policy: 'forecast', lookahead: 2, planSteps: 4, ioThreads: 2 });
+  t.same(engineOptions(withSplit, '/m', 'm').offload, { capacity: '0.5', split: '2,1,1,1', policy: 'forecast', lookahead: 2, prefetchMinProbability: 'auto', planSteps: 4, ioThreads: 2 });
   t.equal(engineOptions(loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5', MOE_SERVE_OFFLOAD_PLAN_STEPS: '0' } }), '/m', 'm').offload?.planSteps, 0, 'plan steps from the environment');
   t.throws(() => loadSettings({ env: {}, flags: { offloadPlanSteps: '-1' } }), /offloadPlanSteps/);
   t.equal(loadSettings({ env: { MOE_SERVE_OFFLOAD_CAPACITY: '0.5' }, flags: { offloadSplit: '1,2' } }).offloadSplit, '1,2');

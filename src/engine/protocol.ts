@@ -155,6 +155,13 @@ export interface OffloadStats {
   slotBytes: number;
   /** Layers ahead that are prefetched (0: no prefetch). */
   lookahead: number;
+  /**
+   * Smallest estimated probability of use for a prefetch, as set or measured at start-up
+   * (offloadPrefetchMinProbability), and the measured fraction of its speed the compute
+   * loses while the slow tier reads (null: not measured, the threshold was set).
+   */
+  prefetchMinProbability?: number;
+  readSlowdown?: number | null;
   /** Reads bypass the page cache (O_DIRECT). */
   direct: boolean;
   /** Expert reads completed by the store, and the bytes read (completed reads, and what abandoned prefetch reads read). */
@@ -220,6 +227,8 @@ export interface OffloadOptions {
   policy: string;
   /** Layers ahead to prefetch from pre-gating and recent routing; 0 turns prefetching off. */
   lookahead: number;
+  /** Smallest probability of use for a prefetch, or 'auto': measured at start-up (read-cost.ts; default 0.3 when absent). */
+  prefetchMinProbability?: number | 'auto';
   /** Steps ahead whose sequences' expected experts eviction keeps (upcoming.ts; default 4, 0: off). */
   planSteps?: number;
   /** I/O threads of the expert store. */

@@ -95,6 +95,7 @@ import { NeedCalibration, PredictionCounters, topKIds } from './prediction.js';
 import type { RoutingReplay, StepTokens } from './replay.js';
 import { RecentRouting } from '../scheduler/recent-routing.js';
 import { DEFAULT_PLAN_STEPS, upcomingWeights } from './upcoming.js';
+import { measureReadCost, PREFETCH_MIN_PROBABILITY_FLOOR, prefetchThreshold, type ReadCost } from './read-cost.js';
 
 /** The engine calls the runner makes (a NativeEngine built with `offload`, or a test double). */
 export type OffloadEngine = Pick<
@@ -123,8 +124,14 @@ export interface OffloadSettings {
   policy?: string;
   /** Layers ahead to prefetch; 0 turns prefetching off (default 2). */
   lookahead?: number;
-  /** Smallest estimated probability of use for a prefetch (default 0.3). */
-  prefetchMinProbability?: number;
+  /**
+   * Smallest estimated probability of use for a prefetch (default 0.3). 'auto' (the
+   * server's default): measured when the engine starts (read-cost.ts), the fraction of
+   * its speed the compute loses while the slow tier reads, at least 0.3; a prefetch pays
+   * only when it is more likely to be used than that. fromCheckpoint measures it; a runner
+   * built directly over an engine takes 'auto' as 0.3.
+   */
+  prefetchMinProbability?: number | 'auto';
   /** Prefetch reads queued (not started) at most, over all layers (default 16; demand reads start first either way). */
   maxQueuedPrefetches?: number;
   /**
@@ -250,6 +257,12 @@ export class OffloadRunner implements ModelRunner {
   private readonly policyTime = { visit: 0, prefetch: 0, learn: 0, idle: 0 };
   private readonly onRouting?: (e: RoutingEvent) => void;
   private readonly minProb: number;
+  /** The read-cost probe behind an 'auto' prefetch threshold (fromCheckpoint), or null. */
+  readCost: ReadCost | null = null;
+  /** Smallest estimated probability of use for a prefetch, as set or measured. */
+  get prefetchMinProbability(): number {
+    return this.minProb;
+  }
   private readonly maxQueued: number;
   private readonly nextStep: boolean;
   private readonly residentFirst: boolean;
@@ -330,7 +343,9 @@ export class OffloadRunner implements ModelRunner {
     for (let l = 0; l < this.L; l++) this.slotBase[l + 1] = this.slotBase[l] + perLayer[l];
     this.totalSlots = this.slotBase[this.L];
     this.lookahead = Math.min(lookahead, this.L - 1);
-    this.minProb = o.prefetchMinProbability ?? 0.3;
+    const minProb = o.prefetchMinProbability === 'auto' || o.prefetchMinProbability === undefined ? PREFETCH_MIN_PROBABILITY_FLOOR : o.prefetchMinProbability;
+    if (!(minProb >= 0 && minProb <= 1)) throw new Error(`prefetch minimum probability must be in [0, 1] or 'auto', got ${o.prefetchMinProbability}`);
+    this.minProb = minProb;
     this.maxQueued = Math.max(1, o.maxQueuedPrefetches ?? DEFAULT_MAX_QUEUED_PREFETCHES);
     this.nextStep = this.lookahead > 0 && (o.nextStepPrefetch ?? true);
     this.nextStepMin = o.nextStepMinProbability ?? this.minProb;
@@ -453,7 +468,20 @@ export class OffloadRunner implements ModelRunner {
       engine.close();
       throw e;
     }
-    return new OffloadRunner(spec, { blockSize: o.kvBlockSize, numBlocks: o.kvBlocks }, engine, slots, o);
+    let readCost: ReadCost | null = null;
+    let opts = o;
+    if (o.prefetchMinProbability === 'auto' && (o.lookahead ?? DEFAULT_LOOKAHEAD) > 0) {
+      try {
+        readCost = measureReadCost(engine, spec, slots, format, engine.info().threads);
+      } catch (e) {
+        engine.close();
+        throw e;
+      }
+      opts = { ...o, prefetchMinProbability: prefetchThreshold(readCost) };
+    }
+    const runner = new OffloadRunner(spec, { blockSize: o.kvBlockSize, numBlocks: o.kvBlocks }, engine, slots, opts);
+    runner.readCost = readCost;
+    return runner;
   }
 
   step(batch: StepSequence[]): StepOutput {
@@ -962,6 +990,8 @@ export class OffloadRunner implements ModelRunner {
       totalSlots: this.totalSlots,
       slotBytes: s.slotBytes,
       lookahead: this.lookahead,
+      prefetchMinProbability: this.minProb,
+      readSlowdown: this.readCost ? this.readCost.slowdown : null,
       direct: s.direct,
       loads: s.loads,
       bytesLoaded: s.bytesRead,

@@ -5,7 +5,7 @@
 import { basename, resolve } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { ensureDemoModel } from '../cli/demo-cmd.js';
-import type { ServeSettings } from '../config.js';
+import { parsePrefetchMinProbability, type ServeSettings } from '../config.js';
 import { startEngine } from '../engine/engine-client.js';
 import type { EngineClient, EngineOptions } from '../engine/protocol.js';
 import { MoeTokenizer } from '../model/tokenizer.js';
@@ -55,6 +55,7 @@ export function engineOptions(s: Readonly<ServeSettings>, modelDir: string, mode
             ...(parseSplit(s.offloadSplit).kind !== 'equal' ? { split: s.offloadSplit } : {}),
             policy: s.offloadPolicy,
             lookahead: s.offloadLookahead,
+            prefetchMinProbability: parsePrefetchMinProbability(s.offloadPrefetchMinProbability),
             planSteps: s.offloadPlanSteps,
             ioThreads: s.offloadIoThreads,
             ...(s.offloadDir !== '' ? { dir: s.offloadDir } : {}),
@@ -83,7 +84,7 @@ export async function startServer(s: Readonly<ServeSettings>, log: (line: string
   log(`starting the engine (runner ${s.runner}${s.runner === 'native' ? `, weights ${s.weights}` : ''}, ${s.kvBlocks} KV blocks of ${s.kvBlockSize} tokens${s.runner === 'native' ? ` (${s.kvCacheType})` : ''}, up to ${s.maxRunning} running / ${s.maxWaiting} waiting)`);
   if (s.offloadCapacity !== '') {
     const split = parseSplit(s.offloadSplit);
-    log(`expert offloading: capacity ${s.offloadCapacity} split across layers ${split.kind === 'equal' ? 'equally' : `by the weights ${splitText(split)}`}, policy ${s.offloadPolicy}, lookahead ${s.offloadLookahead}, plan steps ${s.offloadPlanSteps}, ${s.offloadIoThreads} I/O threads, expert file in ${s.offloadDir || 'the OS temporary directory'}`);
+    log(`expert offloading: capacity ${s.offloadCapacity} split across layers ${split.kind === 'equal' ? 'equally' : `by the weights ${splitText(split)}`}, policy ${s.offloadPolicy}, lookahead ${s.offloadLookahead}, prefetch threshold ${s.offloadPrefetchMinProbability}, plan steps ${s.offloadPlanSteps}, ${s.offloadIoThreads} I/O threads, expert file in ${s.offloadDir || 'the OS temporary directory'}`);
   }
   if (s.offloadReplayTrace !== '') log(`routing replay from ${s.offloadReplayTrace}`);
   const engine = startEngine(engineOptions(s, modelDir, modelId));
@@ -130,6 +131,15 @@ export async function startServer(s: Readonly<ServeSettings>, log: (line: string
   try {
     const info = await engine.ready;
     log(`model ${info.id} loaded in ${secs()} s (context ${info.contextLength} tokens, vocabulary ${info.vocabSize})`);
+    if (s.offloadCapacity !== '' && engine.expertCache) {
+      const st = (await engine.expertCache())?.stats;
+      if (st?.prefetchMinProbability !== undefined) {
+        log(
+          `expert offloading: prefetch threshold ${st.prefetchMinProbability.toFixed(2)}` +
+            (st.readSlowdown != null ? ` (measured: the compute runs at x${(1 - st.readSlowdown).toFixed(2)} of its speed while the slow tier reads)` : ''),
+        );
+      }
+    }
     log(`ready: serving ${info.id} at ${address}/v1`);
   } catch (e) {
     log(`the model failed to load: ${(e as Error).message}`);
