@@ -131,8 +131,9 @@ export async function startServer(s: Readonly<ServeSettings>, log: (line: string
   try {
     const info = await engine.ready;
     log(`model ${info.id} loaded in ${secs()} s (context ${info.contextLength} tokens, vocabulary ${info.vocabSize})`);
-    if (s.offloadCapacity !== '' && engine.expertCache) {
-      const st = (await engine.expertCache())?.stats;
+    if (s.offloadCapacity !== '' && s.offloadLookahead > 0 && engine.expertCache) {
+      // Informational: the threshold the engine measured (or was given); never a reason not to start.
+      const st = await engine.expertCache().then((c) => c?.stats, () => undefined);
       if (st?.prefetchMinProbability !== undefined) {
         log(
           `expert offloading: prefetch threshold ${st.prefetchMinProbability.toFixed(2)}` +
