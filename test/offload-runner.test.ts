@@ -845,4 +845,14 @@ t.test('moe-serve generate: --offload-* flags give the same greedy text as the r
   await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-split', '1,-1']), /--offload-split: expert cache split "1,-1": weight 2 \("-1"\) is negative/);
   await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-split', '1,1']), /^--offload-split: expert cache split "1,1": 2 weights, but the model has 4 layers/, 'generate names its flag');
   await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-policy', 'belady']), /--offload-policy must be one of lru, lfu, lfu-decay, predictive/);
+  // The prefetch threshold: auto by default (measured at load), a set probability, or a usage error.
+  const autoText = await run({ offload: { capacity: '0.25', policy: 'forecast', lookahead: 2, prefetchMinProbability: 'auto', ioThreads: 1, dir: tempDir(t) } });
+  t.equal(autoText, plain, 'auto threshold: the same text');
+  const setText = await run({ offload: { capacity: '0.25', policy: 'forecast', lookahead: 2, prefetchMinProbability: 0.7, ioThreads: 1, dir: tempDir(t) } });
+  t.equal(setText, plain, 'a set threshold: the same text');
+  await t.rejects(generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-prefetch-min-probability', '0.5']), /--offload-prefetch-min-probability needs --offload-capacity/);
+  await t.rejects(
+    generateCommand.run(['--model', x.dir, '--prompt', 'x', '--offload-capacity', '0.5', '--offload-prefetch-min-probability', 'often']),
+    /--offload-prefetch-min-probability must be auto or a number in \[0, 1\], got "often"/,
+  );
 });

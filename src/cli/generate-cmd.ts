@@ -12,6 +12,7 @@ import { OffloadRunner } from '../offload/offload-runner.js';
 import { ONLINE_POLICY_NAMES, DEFAULT_ONLINE_POLICY } from '../offload/policies.js';
 import { RoutingReplay } from '../offload/replay.js';
 import type { OffloadOptions } from '../engine/protocol.js';
+import { ConfigError, parsePrefetchMinProbability } from '../config.js';
 
 export const WEIGHT_CHOICES = ['auto', ...Object.keys(WEIGHT_FORMATS)] as readonly string[] as readonly ('auto' | WeightFormat)[];
 
@@ -70,6 +71,9 @@ options:
                            in proportion to the weights, 1 to all experts per layer [equal]
   --offload-policy P       expert cache policy: ${ONLINE_POLICY_NAMES.join(' | ')} [${DEFAULT_ONLINE_POLICY}]
   --offload-lookahead N    layers ahead to prefetch; 0: no prefetch [2]
+  --offload-prefetch-min-probability P
+                           prefetch an expert only this likely to be used; auto: the compute's
+                           slowdown while the slow tier reads, measured at load, at least 0.3 [auto]
   --offload-io-threads N   expert reader threads [2]
   --offload-dir DIR        directory of the expert file [OS temporary directory]
   --offload-replay-trace F take each token's experts from a moe-trace v1 file
@@ -134,10 +138,21 @@ export async function runGenerate(a: GenerateArgs, out: (s: string) => void): Pr
   }
 }
 
+/** --offload-prefetch-min-probability: auto (the default, as the server's) or a probability. */
+function prefetchMinOpt(v: string | boolean | undefined): number | 'auto' {
+  if (v === undefined) return 'auto';
+  try {
+    return parsePrefetchMinProbability(String(v));
+  } catch (e) {
+    if (e instanceof ConfigError) throw new UsageError(`--offload-prefetch-min-probability must be auto or a number in [0, 1], got ${JSON.stringify(v)}`);
+    throw e;
+  }
+}
+
 /** --offload-* flags → offload options (undefined without --offload-capacity). */
 function offloadFlags(v: Record<string, string | boolean | undefined>): OffloadOptions | undefined {
   const cap = v['offload-capacity'];
-  const others = ['offload-split', 'offload-policy', 'offload-lookahead', 'offload-io-threads', 'offload-dir'].filter((f) => v[f] !== undefined);
+  const others = ['offload-split', 'offload-policy', 'offload-lookahead', 'offload-prefetch-min-probability', 'offload-io-threads', 'offload-dir'].filter((f) => v[f] !== undefined);
   if (typeof cap !== 'string' || cap === '') {
     if (others.length > 0) throw new UsageError(`--${others[0]} needs --offload-capacity`);
     return undefined;
@@ -156,6 +171,7 @@ function offloadFlags(v: Record<string, string | boolean | undefined>): OffloadO
     ...(typeof split === 'string' && parseSplit(split).kind !== 'equal' ? { split, splitName: '--offload-split' } : {}),
     policy: choiceOpt(v, 'offload-policy', ONLINE_POLICY_NAMES, DEFAULT_ONLINE_POLICY),
     lookahead: intOpt(v, 'offload-lookahead', 2, 0, 64),
+    prefetchMinProbability: prefetchMinOpt(v['offload-prefetch-min-probability']),
     ioThreads: intOpt(v, 'offload-io-threads', 2, 1, 256),
     ...(typeof v['offload-dir'] === 'string' && v['offload-dir'] !== '' ? { dir: v['offload-dir'] } : {}),
   };
@@ -182,6 +198,7 @@ export const generateCommand = {
       'offload-split': { type: 'string' },
       'offload-policy': { type: 'string' },
       'offload-lookahead': { type: 'string' },
+      'offload-prefetch-min-probability': { type: 'string' },
       'offload-io-threads': { type: 'string' },
       'offload-dir': { type: 'string' },
       'offload-replay-trace': { type: 'string' },
