@@ -54,7 +54,7 @@
 // simulator's among them (sim_*; distinct_reduction_share_of_oracle: the measured
 // distinct-experts saving over the simulated oracle's).
 
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -93,6 +93,7 @@ const THREADS = Number(env.BENCH_THREADS ?? 2);
 const VARIATION = Number(env.BENCH_BATCHING_REQUEST_VARIATION ?? 0);
 const TOPICS = env.BENCH_BATCHING_TOPICS === undefined ? undefined : Number(env.BENCH_BATCHING_TOPICS);
 const TRACE = resolve(env.BENCH_BATCHING_TRACE ?? join(here, '..', '..', 'shared', 'traces', 'qwen3-30b-a3b.trace.csv'));
+if (!existsSync(TRACE)) throw new Error(`routing trace ${TRACE} not found; set BENCH_BATCHING_TRACE to a moe-trace v1 file (the default is ../shared/traces beside the project)`);
 const MODEL_ID = 'qwen3-30b-a3b-8l';
 type PolicyName = 'fcfs' | 'expert-aware';
 

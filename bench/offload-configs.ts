@@ -14,6 +14,7 @@
 // REPS, BENCH_OFFLOAD_CAPACITY ("0.25"), BENCH_OFFLOAD_TRACE, BENCH_THREADS (2).
 // The last line is JSON: `figures`, each configuration's median tokens/s compared with
 // the first configuration's (on-demand LRU by default).
+import { existsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { openModel } from '../src/model/checkpoint.js';
@@ -28,6 +29,7 @@ import type { Figure } from './lib/figures.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const TRACE = resolve(process.env.BENCH_OFFLOAD_TRACE ?? join(here, '..', '..', 'shared', 'traces', 'qwen3-30b-a3b.trace.csv'));
+if (!existsSync(TRACE)) throw new Error(`routing trace ${TRACE} not found; set BENCH_OFFLOAD_TRACE to a moe-trace v1 file (the default is ../shared/traces beside the project)`);
 const CAPACITY = process.env.BENCH_OFFLOAD_CAPACITY ?? '0.25';
 const THREADS = Number(process.env.BENCH_THREADS ?? 2);
 const CONFIGS = (process.env.CONFIGS ?? 'lru:0:0.3:1,forecast:0:0.3:1,forecast:2:0.3:0,forecast:2:0.3:1,forecast:2:0.15:1,forecast:2:0.5:1').split(',');
