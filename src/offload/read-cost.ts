@@ -94,12 +94,14 @@ export function measureReadCost(engine: ProbeEngine, spec: ModelSpec, slots: rea
   const maxSlots = Math.max(...slots);
   for (let s = 0; s < maxSlots; s++) for (let l = 0; l < slots.length; l++) if (s < slots[l]) order.push({ layer: l, slot: s });
   const expertOf = (i: number) => order[i].slot % spec.numExperts;
-  const fill = (from: number, to: number) => {
-    for (let i = from; i < to; i++) engine.loadExpert(order[i].layer, expertOf(i), order[i].slot);
+  const fill = (n: number) => {
+    for (let i = 0; i < n; i++) engine.loadExpert(order[i].layer, expertOf(i), order[i].slot);
   };
-  const drain = (from: number, to: number) => {
-    for (let i = from; i < to; i++) engine.waitExpert(order[i].layer, expertOf(i));
-    for (let i = from; i < to; i++) engine.evictSlot(order[i].layer, order[i].slot);
+  const wait = (n: number) => {
+    for (let i = 0; i < n; i++) engine.waitExpert(order[i].layer, expertOf(i));
+  };
+  const evict = (n: number) => {
+    for (let i = 0; i < n; i++) engine.evictSlot(order[i].layer, order[i].slot);
   };
   const stats = () => engine.storeStats();
 
@@ -107,10 +109,10 @@ export function measureReadCost(engine: ProbeEngine, spec: ModelSpec, slots: rea
   const nb = Math.min(BANDWIDTH_EXPERTS, order.length);
   const s0 = stats();
   const tb = performance.now();
-  fill(0, nb);
-  for (let i = 0; i < nb; i++) engine.waitExpert(order[i].layer, expertOf(i));
+  fill(nb);
+  wait(nb);
   const readGBs = (stats().bytesRead - s0.bytesRead) / Math.max(1e-6, (performance.now() - tb) / 1000) / 1e9;
-  drain(0, nb);
+  evict(nb);
   const perExpert = engine.info().expertBytes;
   // PAIRS alternations of a quiet call and one under reads; the median pair decides.
   const pairs: { quiet: number; reading: number; coverage: number; k: number }[] = [];
@@ -120,12 +122,12 @@ export function measureReadCost(engine: ProbeEngine, spec: ModelSpec, slots: rea
     const want = Math.ceil((READ_COVER * quiet.wall * readGBs * 1e9) / Math.max(1, perExpert));
     const k = Math.max(1, Math.min(order.length, want));
     const s1 = stats();
-    fill(0, k);
+    fill(k);
     const reading = timed();
     // Busy seconds once every read is done (a read still in flight is not counted yet).
-    for (let i = 0; i < k; i++) engine.waitExpert(order[i].layer, expertOf(i));
+    wait(k);
     const busy = (stats().busySeconds ?? 0) - (s1.busySeconds ?? 0);
-    drain(0, k);
+    evict(k);
     // Reads ran from the call's start for `busy` seconds (the store reads back to back); the
     // window is the call's [wall - tail - window, wall - tail]. Its share with reads in flight:
     const windowStart = reading.wall - PREPARE_TAIL_SECONDS - reading.window;
