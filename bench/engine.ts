@@ -25,7 +25,11 @@
 //     and the stage chain (stageChainBound): the step's stages in data order (q/k/v, o_proj,
 //     router, experts per layer, then the LM head), each at the larger of its traffic and
 //     its MACs, summed, since a stage waits for the one before it: a tighter bound for an
-//     engine that moves the whole batch through the layers together;
+//     engine that moves the whole batch through the layers together; and, next to it,
+//     where our steps' time went (the engine's phase profile, MOE_SERVE_PROFILE=1 in the
+//     measuring child, over the single-stream and 32-sequence steps alone): each stage's
+//     milliseconds per step and its bound over them (measuredStages), so that a run shows
+//     which stage keeps a figure from its bound;
 //   - the resident memory of the process running our engine, after load, against the
 //     engine's weights + KV cache. Our engine is measured in a fresh child process per case
 //     (engine-bench-ours-child.ts), so its RSS is not that of whatever ran before, and all
@@ -68,6 +72,7 @@ import {
   PROBE_BYTES,
   probeMacPeak,
   stageChainBound,
+  measuredStages,
   stepRoofline,
   type EngineResult,
   type LongContextResult,
@@ -246,6 +251,23 @@ function report(o: CaseOutcome, spec: ModelSpec): void {
   );
   log(`     1 stream: ${fmt(chain1.tokensPerSecond)} tok/s (${stagesText(chain1)}); ours ${fmt((100 * decodeO) / chain1.tokensPerSecond, 0)}% of it`);
   log(`    32 sequences: ${fmt(chain32.tokensPerSecond)} tok/s (${stagesText(chain32)}); ours ${fmt((100 * oursBatch(32)) / chain32.tokensPerSecond, 0)}% of it`);
+  // Where each step's time goes (the engine's phase profile of the measured steps): each
+  // stage against its own bound, so that the stage that keeps a figure from its bound shows.
+  const measured = (label: string, bound: StageBound, profileMs: Record<string, number>, steps: number, tag: string) => {
+    const st = measuredStages(profileMs, steps);
+    const total = st.reduce((a, x) => a + x.ms, 0);
+    if (!(total > 0)) return;
+    const parts = st.map((x) => {
+      const b = bound.stages.find((y) => y.name === x.name);
+      if (b) fig(`${tag} ${x.name} ms per step`, x.ms, 'ms', `its stage-chain bound ${fmt(b.seconds * 1e3, 2)} ms (${b.bound})`);
+      else fig(`${tag} ${x.name} ms per step`, x.ms, 'ms', 'not in the stage chain (reads none of its weights)');
+      return b && b.seconds * 1e3 >= 0.05 ? `${x.name} ${fmt(x.ms)} ms (${fmt((100 * b.seconds * 1e3) / x.ms, 0)}% eff.)` : `${x.name} ${fmt(x.ms)} ms`;
+    });
+    log(`  ${label} measured (phase profile, ${steps} steps): ${fmt(total)} ms per step: ${parts.join(', ')}`);
+  };
+  const prof = ours.profile;
+  measured('   1 stream', chain1, prof.single, prof.singleSteps, `${label} ours 1 stream`);
+  if (prof.sequences === 32) measured('  32 sequences', chain32, prof.batch, prof.batchSteps, `${label} ours 32 sequences`);
   log(
     `  32-sequence stage-chain bound / our single stream: ${fmt(chain32.tokensPerSecond / decodeO, 2)}x; ` +
       `over the single stream's own bound: ${fmt(chain32.tokensPerSecond / chain1.tokensPerSecond, 2)}x (both engines at their bounds)`,

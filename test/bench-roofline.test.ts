@@ -2,7 +2,7 @@
 // MACs per token, expected distinct experts of a batch and the per-step roofline, against
 // hand-computed values for a small spec; and the stage-chain bound of a step.
 import t from 'tap';
-import { bytesPerToken, expectedDistinct, expertMacsPerToken, macsPerToken, rowBytes, stageChainBound, stepRoofline } from '../bench/lib/engine-bench-common.js';
+import { bytesPerToken, expectedDistinct, expertMacsPerToken, macsPerToken, measuredStages, rowBytes, stageChainBound, stepRoofline } from '../bench/lib/engine-bench-common.js';
 import type { ModelSpec } from '../src/model/spec.js';
 
 const spec = {
@@ -103,4 +103,27 @@ t.test('stage-chain bound: each stage at its own larger cost, summed in data ord
   const q4 = stageChainBound(spec, 'q4_0', 4, gbps, gmacs, 2 * gmacs);
   const q4experts = q4.stages.find((s) => s.name === 'experts')!;
   t.ok(Math.abs(q4experts.seconds - byName.experts.seconds / 2) < 1e-9, 'the experts at twice the peak take half the time');
+});
+
+t.test('measured stages: the engine phase profile per step, in the stage chain\'s stages', async (t) => {
+  // Milliseconds summed over 4 steps, as Engine::take_profile reports them.
+  const profile = { embed: 0.4, qkv: 8, rope_kv: 1, attention: 2, o_proj: 4, router: 0.8, moe_prep: 0.4, gate_up: 40, act: 1.2, down: 20, combine: 0.8, lm_head: 12, later_phase: 0.4 };
+  const got = measuredStages(profile, 4);
+  t.same(
+    got.map((s) => s.name),
+    ['embedding', 'qkv', 'o_proj', 'router', 'experts', 'lm_head', 'other'],
+    'the chain stages in data order, then what reads none of its weights',
+  );
+  const by = Object.fromEntries(got.map((s) => [s.name, s.ms]));
+  t.ok(Math.abs(by.embedding - 0.1) < 1e-12);
+  t.ok(Math.abs(by.qkv - 2) < 1e-12);
+  t.ok(Math.abs(by.o_proj - 1) < 1e-12);
+  t.ok(Math.abs(by.router - 0.2) < 1e-12);
+  t.ok(Math.abs(by.experts - 15) < 1e-12, 'experts: gate_up and down');
+  t.ok(Math.abs(by.lm_head - 3) < 1e-12);
+  t.ok(Math.abs(by.other - (1 + 2 + 0.4 + 1.2 + 0.8 + 0.4) / 4) < 1e-12, 'other: rope_kv, attention, moe_prep, act, combine and unknown phases');
+  const total = got.reduce((a, s) => a + s.ms, 0);
+  t.ok(Math.abs(total - 91 / 4) < 1e-12, 'nothing lost or counted twice');
+  // No profile (MOE_SERVE_PROFILE unset): zeros, and no division by zero steps.
+  t.ok(measuredStages({}, 0).every((s) => s.ms === 0));
 });

@@ -404,6 +404,24 @@ export function stageChainBound(s: ModelSpec, format: 'q8_0' | 'q4_0', n: number
   return { stages, seconds, tokensPerSecond: n / seconds };
 }
 
+/**
+ * The engine's phase profile (Engine::take_profile, milliseconds per phase summed over
+ * steps; MOE_SERVE_PROFILE=1) as the stage chain's stages, in milliseconds per step: each
+ * chain stage next to the phases that read its weights (experts: gate_up and down), and
+ * what reads no weights of the chain (RoPE and the KV cache, attention, the expert jobs'
+ * preparation, SiLU, the combine) as `other`. Phases it does not know count as `other`.
+ */
+export function measuredStages(profileMs: Readonly<Record<string, number>>, steps: number): { name: string; ms: number }[] {
+  const stageOf: Record<string, string> = { embed: 'embedding', qkv: 'qkv', o_proj: 'o_proj', router: 'router', gate_up: 'experts', down: 'experts', lm_head: 'lm_head' };
+  const order = ['embedding', 'qkv', 'o_proj', 'router', 'experts', 'lm_head', 'other'];
+  const ms = new Map<string, number>(order.map((n) => [n, 0]));
+  for (const [phase, v] of Object.entries(profileMs)) {
+    const name = stageOf[phase] ?? 'other';
+    ms.set(name, ms.get(name)! + v / Math.max(1, steps));
+  }
+  return order.map((name) => ({ name, ms: ms.get(name)! }));
+}
+
 // ---------------------------------------------------------------------------------
 // Memory of this process
 

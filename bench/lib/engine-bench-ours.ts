@@ -78,6 +78,12 @@ export interface OursResult extends EngineResult {
   memAfter: ProcMemory;
   /** After the runner was closed (filled in by measureOurs before it returns). */
   memReleased: ProcMemory;
+  /**
+   * The engine's phase profile (milliseconds per phase, summed) over the single-stream
+   * decode steps and over the largest batch's steps, with the step counts; all zeros
+   * unless MOE_SERVE_PROFILE=1 (measureOursInChild sets it).
+   */
+  profile: { single: Record<string, number>; singleSteps: number; batch: Record<string, number>; batchSteps: number; sequences: number };
 }
 
 export async function measureOurs(dir: string, weights: WeightFormat, threads: number, w: Workload): Promise<OursResult> {
@@ -153,8 +159,17 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
     const big = batchSeqs(interleaved, perRound * rounds);
     let bigSeconds = 0;
     let bigSteps = 0;
+    // The phase profile of the measured steps alone: whatever ran before is dropped.
+    const profile = { single: {} as Record<string, number>, singleSteps: 0, batch: {} as Record<string, number>, batchSteps: 0, sequences: interleaved };
+    const profiled = (into: Record<string, number>, run: () => void) => {
+      runner.engine.takeProfile();
+      run();
+      for (const [k, v] of Object.entries(runner.engine.takeProfile())) into[k] = (into[k] ?? 0) + v;
+    };
     const runBig = () => {
-      bigSeconds += decodeSteps(big, perRound);
+      profiled(profile.batch, () => {
+        bigSeconds += decodeSteps(big, perRound);
+      });
       bigSteps += perRound;
     };
 
@@ -166,7 +181,8 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
       threads,
       w.decodeSteps,
       (n) => {
-        decodeSteps([single], n);
+        profiled(profile.single, () => decodeSteps([single], n));
+        profile.singleSteps += n;
       },
       runBig,
     );
@@ -174,6 +190,7 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
     const decodeSeconds = dec.seconds;
     batches.push({ sequences: interleaved, steps: bigSteps, seconds: bigSeconds, tokensPerSecond: (interleaved * bigSteps) / bigSeconds });
 
+    profile.batchSteps = bigSteps;
     const bandwidthAfter = probeBandwidth(threads);
     const memAfter = procMemory();
 
@@ -204,6 +221,7 @@ export async function measureOurs(dir: string, weights: WeightFormat, threads: n
       memLoaded,
       memAfter,
       memReleased: memAfter,
+      profile,
     };
   } finally {
     runner.close();
@@ -222,6 +240,8 @@ export type OursChildReply = { ok: true; result: OursResult } | { ok: false; err
 export function measureOursInChild(dir: string, weights: WeightFormat, threads: number, workload: Workload): Promise<OursResult> {
   const child = fork(fileURLToPath(new URL('./engine-bench-ours-child.ts', import.meta.url)), [], {
     execArgv: ['--import=tsx'],
+    // The engine's phase profile (a clock reading per phase and layer: microseconds per step).
+    env: { ...process.env, MOE_SERVE_PROFILE: '1' },
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
   });
   return new Promise<OursResult>((resolve, reject) => {
