@@ -46,7 +46,14 @@ t.test('400s with param naming the field', async (t) => {
     ['/v1/chat/completions', chat({ top_logprobs: 2 }), 'top_logprobs', 'invalid_value'],
     ['/v1/chat/completions', chat({ stream_options: { include_usage: true } }), 'stream_options', 'invalid_value'],
     ['/v1/chat/completions', chat({ frobnicate: 1 }), 'frobnicate', 'unknown_parameter'],
-    ['/v1/chat/completions', chat({ tools: [] }), 'tools', 'unknown_parameter'],
+    ['/v1/chat/completions', chat({ tools: [] }), 'tools', 'unsupported_parameter'],
+    ['/v1/chat/completions', chat({ tool_choice: 'auto' }), 'tool_choice', 'unsupported_parameter'],
+    ['/v1/chat/completions', chat({ messages: [{ role: 'user', content: 'x', tool_call_id: 'c1' }] }), 'messages[0].tool_call_id', 'unsupported_parameter'],
+    ['/v1/chat/completions', chat({ messages: [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'http://x/y.png' } }] }] }), 'messages[0].content[0].image_url', 'unsupported_parameter'],
+    ['/v1/chat/completions', chat({ messages: [{ role: 'user', content: [{ type: 'text', text: 'a' }, { type: 'input_image' }] }] }), 'messages[0].content[1].type', 'unsupported_parameter'],
+    ['/v1/chat/completions', chat({ messages: [{ role: 'user', content: [{ type: 'text' }] }] }), 'messages[0].content[0].text', 'missing_required_parameter'],
+    ['/v1/chat/completions', chat({ store: true }), 'store', 'unsupported_parameter'],
+    ['/v1/chat/completions', chat({ metadata: { a: 1 } }), 'metadata.a', 'invalid_type'],
     ['/v1/chat/completions', chat({ messages: [] }), 'messages', 'invalid_value'],
     ['/v1/chat/completions', chat({ messages: [{ role: 'wizard', content: 'x' }] }), 'messages[0].role', 'invalid_value'],
     ['/v1/chat/completions', chat({ messages: [{ role: 'user' }] }), 'messages[0].content', 'missing_required_parameter'],
@@ -58,6 +65,9 @@ t.test('400s with param naming the field', async (t) => {
     ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: [] }), 'prompt', 'invalid_value'],
     ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', echo: true, logprobs: 1 }), 'echo', 'unsupported_parameter'],
     ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', seed: 'seven' }), 'seed', 'invalid_type'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', best_of: 3 }), 'best_of', 'unsupported_parameter'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', n: 2, best_of: 1 }), 'best_of', 'invalid_value'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', suffix: ' end' }), 'suffix', 'unsupported_parameter'],
     ['/v1/completions', '[1, 2]', null, 'invalid_type'],
   ];
   for (const [path, body, param, code] of cases) {
@@ -68,6 +78,23 @@ t.test('400s with param naming the field', async (t) => {
     t.equal(r.json.error.param, param, `param of ${body.slice(0, 80)}`);
     if (code) t.equal(r.json.error.code, code, `code of ${body.slice(0, 80)}`);
   }
+});
+
+t.test('known OpenAI fields set to values that change nothing are accepted', async (t) => {
+  const ok = async (path: string, body: Record<string, unknown>) => {
+    const r = await call('POST', path, JSON.stringify({ model: MODEL_ID, max_tokens: 2, temperature: 0, ...body }));
+    t.equal(r.status, 200, `${JSON.stringify(body).slice(0, 100)} → 200`);
+    return r.json as unknown as { choices: { index: number; text?: string; message?: { content: string } }[] };
+  };
+  const one = await ok('/v1/completions', { prompt: 'a b', best_of: 1, suffix: '' });
+  t.equal(one.choices.length, 1);
+  const two = await ok('/v1/completions', { prompt: 'a b', n: 2, best_of: 2, suffix: null });
+  t.same(two.choices.map((c) => c.index), [0, 1], 'best_of equal to n: the n completions');
+  const plain = await ok('/v1/completions', { prompt: 'a b' });
+  t.equal(one.choices[0].text, plain.choices[0].text, 'best_of 1 and an empty suffix: the same greedy text as without them');
+  const chatOk = await ok('/v1/chat/completions', { messages: [{ role: 'user', content: [{ type: 'text', text: 'hi' }] }], store: false, metadata: { team: 'a' } });
+  const chatPlain = await ok('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] });
+  t.equal(chatOk.choices[0].message!.content, chatPlain.choices[0].message!.content, 'store: false, metadata and a text part: the same reply as the plain request');
 });
 
 t.test('unknown model → 404 model_not_found', async (t) => {

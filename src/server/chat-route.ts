@@ -78,6 +78,9 @@ export function chatRoute(app: FastifyInstance, ctx: RouteContext): void {
           `'response_format' of type ${JSON.stringify(body.response_format.type)} is not supported: the server has no constrained decoding and produces plain text ({"type": "text"}).`,
         );
       }
+      if (body.store === true) {
+        throw Errors.unsupported('store', "'store' is not supported: the server keeps no record of completions (store: false is accepted).");
+      }
       if (body.top_logprobs != null && body.logprobs !== true) {
         throw Errors.invalidValue('top_logprobs', "'top_logprobs' requires 'logprobs' to be true.");
       }

@@ -84,8 +84,17 @@ export function completionsRoute(app: FastifyInstance, ctx: RouteContext): void 
       if (body.echo === true && body.logprobs != null) {
         throw Errors.unsupported('echo', "'echo' together with 'logprobs' is not supported: the engine does not compute prompt logprobs.");
       }
-      const prompts: Prompt[] = completionPrompts(body, m);
       const n = body.n ?? 1;
+      if (body.best_of != null && body.best_of < n) {
+        throw Errors.invalidValue('best_of', `'best_of' (${body.best_of}) must be at least 'n' (${n}).`);
+      }
+      if (body.best_of != null && body.best_of > n) {
+        throw Errors.unsupported('best_of', `'best_of' above 'n' is not supported: the server returns every completion it generates; ask for them with 'n' (best_of equal to n is accepted).`);
+      }
+      if (body.suffix != null && body.suffix !== '') {
+        throw Errors.unsupported('suffix', "'suffix' is not supported: the server has no fill-in-the-middle mode.");
+      }
+      const prompts: Prompt[] = completionPrompts(body, m);
       const id = newRequestId('cmpl');
       const specs = choiceSpecs(id, body, prompts, m.model, body.logprobs ?? null, 'prompt');
       const includeUsage = body.stream === true && body.stream_options?.include_usage === true;

@@ -24,12 +24,41 @@ export function paramPath(instancePath: string, extra?: string): string {
   return out;
 }
 
+/**
+ * Fields of OpenAI's request bodies that this server knows and does not implement, by name
+ * (at any depth): a request that sets one gets unsupported_parameter and the reason, not
+ * "Unrecognized request argument" as for a misspelt field. (Fields accepted as no-ops,
+ * such as best_of equal to n or store: false, are in the schemas and checked in the routes.)
+ */
+const UNSUPPORTED_FIELDS: Record<string, string> = {
+  tools: 'function calling is not supported: the server generates plain text',
+  tool_choice: 'function calling is not supported: the server generates plain text',
+  parallel_tool_calls: 'function calling is not supported: the server generates plain text',
+  functions: 'function calling is not supported: the server generates plain text',
+  function_call: 'function calling is not supported: the server generates plain text',
+  tool_calls: 'function calling is not supported: the server generates plain text, so no message carries tool calls',
+  tool_call_id: 'function calling is not supported: the server generates plain text, so no message answers a tool call',
+  audio: 'the model reads and writes text only',
+  modalities: 'the model reads and writes text only',
+  image_url: 'the model reads text only',
+  input_audio: 'the model reads text only',
+  file: 'the model reads text only',
+  prediction: 'predicted outputs are not supported',
+  reasoning_effort: 'the served model has no reasoning mode',
+  web_search_options: 'web search is not supported',
+  service_tier: 'the server has a single service tier',
+};
+
 function fromValidation(e: AjvError): ApiError {
   const param = paramPath(e.instancePath);
   const name = param === '' ? 'the request body' : `'${param}'`;
   switch (e.keyword) {
-    case 'additionalProperties':
-      return Errors.unknownParam(paramPath(e.instancePath, String(e.params.additionalProperty)));
+    case 'additionalProperties': {
+      const field = String(e.params.additionalProperty);
+      const path = paramPath(e.instancePath, field);
+      const why = Object.hasOwn(UNSUPPORTED_FIELDS, field) ? UNSUPPORTED_FIELDS[field] : undefined;
+      return why === undefined ? Errors.unknownParam(path) : Errors.unsupported(path, `'${path}' is not supported: ${why}.`);
+    }
     case 'required':
       return Errors.missingParam(paramPath(e.instancePath, String(e.params.missingProperty)));
     case 'type': {

@@ -33,16 +33,20 @@ export interface CommonBody {
 }
 
 export interface ChatBody extends CommonBody {
-  messages: { role: string; content: string | { type: 'text'; text: string }[] | null; name?: string }[];
+  messages: { role: string; content: string | { type: string; text?: string }[] | null; name?: string }[];
   logprobs?: boolean | null;
   top_logprobs?: number | null;
   response_format?: { type: string; [k: string]: unknown } | null;
+  store?: boolean | null;
+  metadata?: Record<string, string> | null;
 }
 
 export interface CompletionBody extends CommonBody {
   prompt: string | (string | number | number[])[];
   logprobs?: number | null;
   echo?: boolean | null;
+  best_of?: number | null;
+  suffix?: string | null;
 }
 
 export interface Prompt {
@@ -85,14 +89,27 @@ function stopList(body: CommonBody): string[] {
   return typeof body.stop === 'string' ? [body.stop] : body.stop;
 }
 
+/** Content parts must be text parts with their text (the schema lets other types through to say why here). */
+export function checkContentParts(body: ChatBody): void {
+  body.messages.forEach((m, i) => {
+    if (!Array.isArray(m.content)) return;
+    m.content.forEach((p, j) => {
+      const at = `messages[${i}].content[${j}]`;
+      if (p.type !== 'text') throw Errors.unsupported(`${at}.type`, `Content parts of type ${JSON.stringify(p.type)} are not supported: the model reads text only (parts of type "text").`);
+      if (typeof p.text !== 'string') throw Errors.missingParam(`${at}.text`);
+    });
+  });
+}
+
 function messageText(m: ChatBody['messages'][number]): string {
   if (m.content == null) return '';
   if (typeof m.content === 'string') return m.content;
-  return m.content.map((p) => p.text).join('');
+  return m.content.map((p) => p.text ?? '').join('');
 }
 
 /** Renders and tokenizes the chat; rejects special-token strings in content unless allowed. */
 export function chatPrompt(body: ChatBody, ctx: MappingContext): Prompt {
+  checkContentParts(body);
   const messages: ChatMessage[] = body.messages.map((m, i) => {
     const content = messageText(m);
     if (!ctx.allowSpecialTokensInChat) {

@@ -35,11 +35,13 @@ const commonParams = {
   user: { type: 'string' },
 } as const;
 
+// Text parts only; another part type, or a text part without its text, is refused in code
+// (chat-route: checkContentParts) with the part's own reason.
 const contentPart = {
   type: 'object',
   additionalProperties: false,
-  required: ['type', 'text'],
-  properties: { type: { type: 'string', enum: ['text'] }, text: { type: 'string' } },
+  required: ['type'],
+  properties: { type: { type: 'string' }, text: { type: 'string' } },
 } as const;
 
 const message = {
@@ -69,6 +71,9 @@ export const chatRequestSchema = {
     },
     logprobs: nullable('boolean'),
     top_logprobs: { type: ['integer', 'null'], minimum: 0, maximum: 20 },
+    // Stored completions: store: true is refused in code; metadata (tags for them) is accepted and unused.
+    store: nullable('boolean'),
+    metadata: { type: ['object', 'null'], additionalProperties: { type: 'string', maxLength: 512 }, maxProperties: 16 },
   },
 } as const;
 
@@ -86,6 +91,9 @@ export const completionRequestSchema = {
     },
     logprobs: { type: ['integer', 'null'], minimum: 0, maximum: 5 },
     echo: nullable('boolean'),
+    // Accepted where they change nothing (best_of equal to n, an empty suffix), refused in code otherwise.
+    best_of: { type: ['integer', 'null'], minimum: 1, maximum: 128 },
+    suffix: nullable('string'),
   },
 } as const;
 
