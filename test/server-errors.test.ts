@@ -65,7 +65,8 @@ t.test('400s with param naming the field', async (t) => {
     ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: [] }), 'prompt', 'invalid_value'],
     ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', echo: true, logprobs: 1 }), 'echo', 'unsupported_parameter'],
     ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', seed: 'seven' }), 'seed', 'invalid_type'],
-    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', best_of: 3 }), 'best_of', 'unsupported_parameter'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', best_of: 3, stream: true }), 'best_of', 'invalid_value'],
+    ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: ['x', 'y'], best_of: 65 }), 'best_of', 'invalid_value'],
     ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', n: 2, best_of: 1 }), 'best_of', 'invalid_value'],
     ['/v1/completions', JSON.stringify({ model: MODEL_ID, prompt: 'x', suffix: ' end' }), 'suffix', 'unsupported_parameter'],
     ['/v1/completions', '[1, 2]', null, 'invalid_type'],
@@ -95,6 +96,34 @@ t.test('known OpenAI fields set to values that change nothing are accepted', asy
   const chatOk = await ok('/v1/chat/completions', { messages: [{ role: 'user', content: [{ type: 'text', text: 'hi' }] }], store: false, metadata: { team: 'a' } });
   const chatPlain = await ok('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] });
   t.equal(chatOk.choices[0].message!.content, chatPlain.choices[0].message!.content, 'store: false, metadata and a text part: the same reply as the plain request');
+});
+
+t.test('best_of: the n of best_of completions with the highest mean log probability per token', async (t) => {
+  interface Choice { index: number; text: string; logprobs: { token_logprobs: number[] } | null; finish_reason: string }
+  interface Res { choices: Choice[]; usage: { completion_tokens: number } }
+  const post = async (body: Record<string, unknown>) => {
+    const r = await call('POST', '/v1/completions', JSON.stringify({ model: MODEL_ID, max_tokens: 6, temperature: 1, seed: 11, ...body }));
+    t.equal(r.status, 200, JSON.stringify(body));
+    return r.json as unknown as Res;
+  };
+  // The same seeds give the same candidates: n = 4 with logprobs shows all of them.
+  const all = await post({ prompt: ['one two', 'three'], n: 4, logprobs: 0 });
+  const best = await post({ prompt: ['one two', 'three'], n: 2, best_of: 4 });
+  t.same(best.choices.map((c) => c.index), [0, 1, 2, 3], 'n choices per prompt, indexed prompt × n + j');
+  t.ok(best.choices.every((c) => c.logprobs === null), 'logprobs only when asked for');
+  t.equal(best.usage.completion_tokens, all.usage.completion_tokens, 'usage counts every generated completion');
+  const mean = (c: Choice) => (c.logprobs!.token_logprobs.length ? c.logprobs!.token_logprobs.reduce((a, b) => a + b, 0) / c.logprobs!.token_logprobs.length : -Infinity);
+  for (const p of [0, 1]) {
+    const candidates = all.choices.filter((c) => Math.floor(c.index / 4) === p).sort((a, b) => mean(b) - mean(a) || a.index - b.index);
+    t.same(
+      best.choices.filter((c) => Math.floor(c.index / 2) === p).map((c) => c.text),
+      candidates.slice(0, 2).map((c) => c.text),
+      `prompt ${p}: the two candidates of highest mean log probability, best first`,
+    );
+  }
+  const withLp = await post({ prompt: 'one two', n: 1, best_of: 3, logprobs: 1 });
+  t.equal(withLp.choices.length, 1);
+  t.equal(withLp.choices[0].logprobs!.token_logprobs.length > 0, true, 'logprobs shown when asked for');
 });
 
 t.test('unknown model → 404 model_not_found', async (t) => {

@@ -5,6 +5,8 @@
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import t from 'tap';
+import { selectBestOf } from '../src/server/completions-route.js';
+import type { ChoiceRun } from '../src/server/generation.js';
 import { ConfigError, loadSettings, settingSpecs } from '../src/config.js';
 import { MoeTokenizer } from '../src/model/tokenizer.js';
 import { buildApp } from '../src/server/app.js';
@@ -114,4 +116,29 @@ t.test('fake engine (cannot be done with the real one): an engine error mid-stre
   const gen = await app2.inject({ method: 'POST', url: '/v1/completions', payload: body });
   t.equal(gen.statusCode, 500);
   t.equal(gen.json().error.type, 'server_error');
+});
+
+t.test('selectBestOf: per prompt, the n highest mean log probabilities; ties to the lower index; no tokens last', async (t) => {
+  const run = (index: number, lps: number[]) => ({ index, tokens: lps.map((logprob) => ({ logprob })) }) as unknown as ChoiceRun;
+  const runs = [
+    run(0, [-1, -1]), // mean -1
+    run(1, []), // no tokens: last
+    run(2, [-0.5, -1.5]), // mean -1: ties with 0, which comes first
+    run(3, [-0.2]), // best
+    run(4, [-3]),
+    run(5, [-2, -2]),
+    run(6, []),
+    run(7, [-2.5]),
+  ];
+  const got = selectBestOf(runs, 4, 2);
+  t.same(
+    got.map((x) => [x.run.index, x.index]),
+    [
+      [3, 0],
+      [0, 1],
+      [5, 2],
+      [7, 3],
+    ],
+  );
+  t.same(selectBestOf([run(0, []), run(1, [])], 2, 1).map((x) => x.run.index), [0], 'all empty: the lower index');
 });

@@ -17,6 +17,31 @@ function completionLogprobs(tokens: TokenInfo[], offsetBase: number) {
   };
 }
 
+/**
+ * best_of: of each prompt's `perPrompt` completions (choice indices p × perPrompt + j), the
+ * `n` with the highest mean log probability per token, best first (ties: the lower index),
+ * as choices p × n + j. A completion of no tokens ranks last.
+ */
+export function selectBestOf(runs: readonly ChoiceRun[], perPrompt: number, n: number): { run: ChoiceRun; index: number }[] {
+  const mean = (r: ChoiceRun) => (r.tokens.length === 0 ? -Infinity : r.tokens.reduce((s, t) => s + t.logprob, 0) / r.tokens.length);
+  const byPrompt = new Map<number, ChoiceRun[]>();
+  for (const r of runs) {
+    const p = Math.floor(r.index / perPrompt);
+    let list = byPrompt.get(p);
+    if (!list) byPrompt.set(p, (list = []));
+    list.push(r);
+  }
+  const out: { run: ChoiceRun; index: number }[] = [];
+  for (const p of [...byPrompt.keys()].sort((a, b) => a - b)) {
+    const ranked = byPrompt
+      .get(p)!
+      .map((run) => ({ run, m: mean(run) }))
+      .sort((a, b) => (b.m === a.m ? a.run.index - b.run.index : b.m > a.m ? 1 : -1));
+    ranked.slice(0, n).forEach((x, j) => out.push({ run: x.run, index: p * n + j }));
+  }
+  return out;
+}
+
 function completionFormatter(
   id: string,
   model: string,
@@ -25,6 +50,8 @@ function completionFormatter(
   includeUsage: boolean,
   /** The echoed prompt text of each choice ('' without echo). */
   echoOf: (run: ChoiceRun) => string,
+  /** The choices of the response and their indices (all runs as they are, or best_of's pick). */
+  choose: (runs: ChoiceRun[]) => { run: ChoiceRun; index: number }[] = (runs) => runs.map((run) => ({ run, index: run.index })),
 ): Formatter {
   const created = Math.floor(Date.now() / 1000);
   const chunk = (index: number, text: string, lp: object | null, finish: string | null) => ({
@@ -61,8 +88,8 @@ function completionFormatter(
       created,
       model,
       system_fingerprint: fingerprint,
-      choices: runs.map((r) => ({
-        index: r.index,
+      choices: choose(runs).map(({ run: r, index }) => ({
+        index,
         text: echoOf(r) + r.text,
         logprobs: logprobs ? completionLogprobs(r.tokens, echoOf(r).length) : null,
         finish_reason: r.finish,
@@ -88,15 +115,18 @@ export function completionsRoute(app: FastifyInstance, ctx: RouteContext): void 
       if (body.best_of != null && body.best_of < n) {
         throw Errors.invalidValue('best_of', `'best_of' (${body.best_of}) must be at least 'n' (${n}).`);
       }
-      if (body.best_of != null && body.best_of > n) {
-        throw Errors.unsupported('best_of', `'best_of' above 'n' is not supported: the server returns every completion it generates; ask for them with 'n' (best_of equal to n is accepted).`);
+      const bestOf = body.best_of ?? n;
+      if (bestOf > n && body.stream === true) {
+        throw Errors.invalidValue('best_of', "'best_of' above 'n' cannot be streamed: the best completions are known only when all have finished.");
       }
       if (body.suffix != null && body.suffix !== '') {
         throw Errors.unsupported('suffix', "'suffix' is not supported: the server has no fill-in-the-middle mode.");
       }
       const prompts: Prompt[] = completionPrompts(body, m);
       const id = newRequestId('cmpl');
-      const specs = choiceSpecs(id, body, prompts, m.model, body.logprobs ?? null, 'prompt');
+      // best_of ranks completions by their tokens' log probabilities: they are computed
+      // (logprobs 0: the chosen token's alone) even when the response does not show them.
+      const specs = choiceSpecs(id, body, prompts, m.model, bestOf > n ? (body.logprobs ?? 0) : (body.logprobs ?? null), 'prompt', bestOf);
       const includeUsage = body.stream === true && body.stream_options?.include_usage === true;
       const echo = body.echo === true;
       return runGeneration(ctx.deps, request, reply, {
@@ -104,8 +134,14 @@ export function completionsRoute(app: FastifyInstance, ctx: RouteContext): void 
         promptTokens: prompts.reduce((s, p) => s + p.ids.length, 0),
         stream: body.stream === true,
         includeUsage,
-        formatter: completionFormatter(id, m.model.id, ctx.fingerprint(), body.logprobs != null, includeUsage, (run) =>
-          echo ? prompts[Math.floor(run.index / n)].text : '',
+        formatter: completionFormatter(
+          id,
+          m.model.id,
+          ctx.fingerprint(),
+          body.logprobs != null,
+          includeUsage,
+          (run) => (echo ? prompts[Math.floor(run.index / bestOf)].text : ''),
+          bestOf > n ? (runs) => selectBestOf(runs, bestOf, n) : undefined,
         ),
       });
     },

@@ -184,9 +184,14 @@ export function choiceSpecs(
   model: ModelInfo,
   logprobs: number | null,
   param: string,
+  /** Completions generated per prompt (completions' best_of; default n). */
+  perPrompt: number = body.n ?? 1,
 ): ChoiceSpec[] {
-  const n = body.n ?? 1;
-  if (prompts.length * n > 128) throw Errors.invalidValue('n', `At most 128 choices per request; ${prompts.length} prompts × n=${n} asks for ${prompts.length * n}.`);
+  const n = perPrompt;
+  if (prompts.length * n > 128) {
+    const what = n === (body.n ?? 1) ? `n=${n}` : `best_of=${n}`;
+    throw Errors.invalidValue(n === (body.n ?? 1) ? 'n' : 'best_of', `At most 128 choices per request; ${prompts.length} prompts × ${what} asks for ${prompts.length * n}.`);
+  }
   const topK = body.top_k ?? 0;
   const stop = stopList(body);
   const logitBias = logitBiasOf(body, model);
