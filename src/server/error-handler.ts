@@ -27,8 +27,9 @@ export function paramPath(instancePath: string, extra?: string): string {
 /**
  * Fields of OpenAI's request bodies that this server knows and does not implement, by name
  * (at any depth): a request that sets one gets unsupported_parameter and the reason, not
- * "Unrecognized request argument" as for a misspelt field. (Fields accepted as no-ops,
- * such as best_of equal to n or store: false, are in the schemas and checked in the routes.)
+ * "Unrecognized request argument" as for a misspelt field. (Fields implemented, or accepted
+ * where they change nothing, such as best_of, an empty suffix or store: false, are in the
+ * schemas and checked in the routes.)
  */
 const UNSUPPORTED_FIELDS: Record<string, string> = {
   tools: 'function calling is not supported: the server generates plain text',

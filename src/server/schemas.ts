@@ -36,7 +36,7 @@ const commonParams = {
 } as const;
 
 // Text parts only; another part type, or a text part without its text, is refused in code
-// (chat-route: checkContentParts) with the part's own reason.
+// (request-mapping: checkContentParts) with the part's own reason.
 const contentPart = {
   type: 'object',
   additionalProperties: false,
@@ -91,7 +91,7 @@ export const completionRequestSchema = {
     },
     logprobs: { type: ['integer', 'null'], minimum: 0, maximum: 5 },
     echo: nullable('boolean'),
-    // Accepted where they change nothing (best_of equal to n, an empty suffix), refused in code otherwise.
+    // best_of: at least n, not streamed above n (checked in code). suffix: only empty (no fill-in-the-middle).
     best_of: { type: ['integer', 'null'], minimum: 1, maximum: 128 },
     suffix: nullable('string'),
   },
