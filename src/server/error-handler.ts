@@ -32,21 +32,21 @@ export function paramPath(instancePath: string, extra?: string): string {
  * schemas and checked in the routes.)
  */
 const UNSUPPORTED_FIELDS: Record<string, string> = {
-  tools: 'function calling is not supported: the server generates plain text',
-  tool_choice: 'function calling is not supported: the server generates plain text',
-  parallel_tool_calls: 'function calling is not supported: the server generates plain text',
-  functions: 'function calling is not supported: the server generates plain text',
-  function_call: 'function calling is not supported: the server generates plain text',
-  tool_calls: 'function calling is not supported: the server generates plain text, so no message carries tool calls',
-  tool_call_id: 'function calling is not supported: the server generates plain text, so no message answers a tool call',
+  tools: 'the server has no function calling (it generates plain text)',
+  tool_choice: 'the server has no function calling (it generates plain text)',
+  parallel_tool_calls: 'the server has no function calling (it generates plain text)',
+  functions: 'the server has no function calling (it generates plain text)',
+  function_call: 'the server has no function calling (it generates plain text)',
+  tool_calls: 'the server has no function calling (it generates plain text), so no message carries tool calls',
+  tool_call_id: 'the server has no function calling (it generates plain text), so no message answers a tool call',
   audio: 'the model reads and writes text only',
   modalities: 'the model reads and writes text only',
   image_url: 'the model reads text only',
   input_audio: 'the model reads text only',
   file: 'the model reads text only',
-  prediction: 'predicted outputs are not supported',
+  prediction: 'the server has no predicted outputs',
   reasoning_effort: 'the served model has no reasoning mode',
-  web_search_options: 'web search is not supported',
+  web_search_options: 'the server has no web search',
   service_tier: 'the server has a single service tier',
 };
 
